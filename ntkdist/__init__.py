@@ -1,0 +1,25 @@
+"""ntkdist: distributed large-N spectral solver for Neural Tangent Kernel Gram matrices."""
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from .errors import InputError, NtkdistError, OutputError, SpecError
+from .kernels import kernel_tile, nngp, ntk, relu_hermite_coefficient, row_block
+
+try:
+    __version__ = _version("ntkdist")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "InputError",
+    "NtkdistError",
+    "OutputError",
+    "SpecError",
+    "__version__",
+    "kernel_tile",
+    "nngp",
+    "ntk",
+    "relu_hermite_coefficient",
+    "row_block",
+]

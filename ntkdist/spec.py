@@ -1,0 +1,97 @@
+"""The run description: what data, which kernel, how it is solved, and its content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from .data import SYNTHETIC, check_rows, file_sha256, load_array, synthetic_rows
+from .errors import SpecError
+from .kernels.limiting import KERNELS, NORMALIZATIONS
+
+METHODS = ("dense",)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a result depends on. Two runs with equal specs give the same numbers."""
+
+    data: str  # "sphere", "gaussian" or the input file's absolute path
+    n: int
+    d: int
+    depth: int
+    kernel: str = "ntk"
+    normalization: str = "paper"
+    seed: int | None = None  # synthetic data only
+    input_sha256: str | None = None  # file data only
+    method: str = "dense"
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data in SYNTHETIC
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        """SHA-256 of the canonical JSON form of the spec."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def rows(self, start: int = 0, stop: int | None = None):
+        """Rows [start, stop) of the input, float64."""
+        import numpy as np
+
+        stop = self.n if stop is None else stop
+        if self.synthetic:
+            return synthetic_rows(self.data, self.d, self.seed, start, stop)
+        return np.asarray(load_array(self.data)[start:stop], dtype=np.float64)
+
+
+def _positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = None,
+              depth: int, kernel: str = "ntk", normalization: str = "paper",
+              seed: int | None = None, method: str = "dense") -> RunSpec:
+    """Validate user choices and build a :class:`RunSpec` (reads a file input's shape and hash)."""
+    depth = _positive_int(depth, "depth")
+    if kernel not in KERNELS:
+        raise SpecError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if normalization not in NORMALIZATIONS:
+        raise SpecError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                        f"got {normalization!r}")
+    if method not in METHODS:
+        raise SpecError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if data in SYNTHETIC:
+        if n is None or d is None:
+            raise SpecError(f"synthetic data {data!r} needs --n and --d")
+        n = _positive_int(n, "n", 2)
+        d = _positive_int(d, "d")
+        seed = 0 if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise SpecError(f"seed must be an integer >= 0, got {seed!r}")
+        return RunSpec(data=data, n=n, d=d, depth=depth, kernel=kernel,
+                       normalization=normalization, seed=seed, method=method)
+    if seed is not None:
+        raise SpecError("--seed applies to synthetic data only, not to an input file")
+    path = os.path.abspath(data)
+    arr = load_array(path)
+    shape = getattr(arr, "shape", ())
+    if len(shape) != 2:
+        check_rows(arr, name=data)  # raises the one-line shape error
+    rows, cols = (int(v) for v in shape)
+    if d is not None and d != cols:
+        raise SpecError(f"--d {d} does not match the {cols} columns of {data!r}")
+    if n is not None:
+        n = _positive_int(n, "n", 2)
+        if n > rows:
+            raise SpecError(f"--n {n} exceeds the {rows} rows of {data!r}")
+    n = rows if n is None else n
+    return RunSpec(data=path, n=n, d=cols, depth=depth, kernel=kernel,
+                   normalization=normalization, input_sha256=file_sha256(path), method=method)
