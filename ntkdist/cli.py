@@ -17,6 +17,29 @@ class _Parser(argparse.ArgumentParser):
         raise NtkdistError(f"{message} (see '{self.prog} --help')")
 
 
+def _add_data_args(p) -> None:
+    p.add_argument("--data", default="sphere",
+                   help="sphere | gaussian | PATH (.npy without pickles, or a Zarr array)")
+    p.add_argument("--n", type=int, help="number of rows (synthetic: required; file: first N rows)")
+    p.add_argument("--d", type=int, help="input dimension (synthetic: required; file: checked)")
+    p.add_argument("--depth", type=int, required=True, help="network depth L (>= 1)")
+    p.add_argument("--seed", type=int, help="seed of synthetic data (default 0)")
+    p.add_argument("--kernel", default="ntk", choices=["ntk", "nngp"])
+    p.add_argument("--normalization", default="paper", choices=["paper", "nt"],
+                   help="paper: K_ii = L||x||^2; nt: neural-tangents' stack, (2/d)K")
+
+
+def _add_store_args(p, required: bool) -> None:
+    p.add_argument("--store", required=required, help="Zarr store of the kernel (PATH.zarr)")
+    p.add_argument("--tile", type=int, help="tile side T (default: from worker memory, <= 4096)")
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="storage dtype (default float64 up to N=25000, float32 above)")
+    p.add_argument("--scheduler", help="address of a running Dask scheduler to attach to")
+    p.add_argument("--scheduler-file", help="scheduler file of a running Dask cluster")
+    p.add_argument("--workers", type=int, help="local cluster: worker processes (default: cores)")
+    p.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -24,40 +47,107 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ntkdist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="compute λ_min of a kernel Gram matrix with the paper's bounds")
-    run.add_argument("--data", default="sphere",
-                     help="sphere | gaussian | PATH (.npy without pickles, or a Zarr array)")
-    run.add_argument("--n", type=int, help="number of rows (synthetic: required; file: first N rows)")
-    run.add_argument("--d", type=int, help="input dimension (synthetic: required; file: checked)")
-    run.add_argument("--depth", type=int, required=True, help="network depth L (≥ 1)")
-    run.add_argument("--seed", type=int, help="seed of synthetic data (default 0)")
-    run.add_argument("--kernel", default="ntk", choices=["ntk", "nngp"])
-    run.add_argument("--normalization", default="paper", choices=["paper", "nt"],
-                     help="paper: K_ii = L‖x‖²; nt: neural-tangents' stack, (2/d)·K")
+    _add_data_args(run)
     run.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
+    _add_store_args(run, required=False)
+    asm = sub.add_parser("assemble", help="assemble the kernel's tiles into a Zarr store (resumable)")
+    _add_data_args(asm)
+    _add_store_args(asm, required=True)
+    info = sub.add_parser("info", help="spec, size and progress of a kernel store")
+    info.add_argument("--store", required=True)
+    ver = sub.add_parser("verify", help="check every tile of a store against its checksum")
+    ver.add_argument("--store", required=True)
+    ver.add_argument("--recompute", type=int, default=0, metavar="K",
+                     help="also recompute K random tiles from the data and compare")
+    ver.add_argument("--seed", type=int, help="seed for choosing the recomputed tiles")
     return parser
 
 
-def _cmd_run(args) -> None:
-    from .pipeline import run, summary
+def _spec(args):
     from .spec import make_spec
 
-    spec = make_spec(data=args.data, n=args.n, d=args.d, depth=args.depth, kernel=args.kernel,
+    return make_spec(data=args.data, n=args.n, d=args.d, depth=args.depth, kernel=args.kernel,
                      normalization=args.normalization, seed=args.seed)
-    result = run(spec, args.out, log=lambda msg: print(msg, flush=True))
+
+
+def _cluster(args) -> dict:
+    return {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
+            "workers": args.workers, "memory_limit": args.memory_limit}
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import run, summary
+
+    spec = _spec(args)
+    result = run(spec, args.out, log=lambda msg: print(msg, flush=True), store=args.store,
+                 cluster=_cluster(args), tile=args.tile, dtype=args.dtype)
     print(summary(result, args.out))
+    return 0
+
+
+def _cmd_assemble(args) -> int:
+    from .assemble import assemble, resolve_store_spec
+    from .cluster import connect
+    from .data import check_rows
+
+    spec = _spec(args)
+    check_rows(spec.rows(), name=spec.data)
+    with connect(**_cluster(args)) as client:
+        store_spec = resolve_store_spec(spec, args.store, client, args.tile, args.dtype)
+        print(f"store {args.store}: N={spec.n} d={spec.d} tile {store_spec.tile} "
+              f"({store_spec.blocks}x{store_spec.blocks} blocks), {store_spec.dtype}", flush=True)
+        report = assemble(store_spec, args.store, client)
+    print(f"done: {report['tiles_computed']} tiles computed now, {report['tiles_total']} in all, "
+          f"{report['seconds']:.1f} s")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .store import KernelStore
+
+    store = KernelStore.open(args.store)
+    spec = store.spec
+    rows, tiles = store.pending()
+    total = len(store.upper_tiles())
+    p = spec.problem
+    source = f"seed {p['seed']}" if p["seed"] is not None else f"sha256 {p['input_sha256']}"
+    print(f"store      {args.store}")
+    print(f"kernel     {p['kernel']} depth {p['depth']} ({p['normalization']} normalization)")
+    print(f"data       {p['data']} ({source}), N={p['n']} d={p['d']}")
+    print(f"tiles      {total - len(tiles)}/{total} done, tile {spec.tile}, {spec.dtype}"
+          f"{'' if not rows else f'; {len(rows)} row blocks missing'}")
+    print(f"on disk    {store.bytes_on_disk() / 1e9:.3f} GB")
+    print(f"spec hash  {spec.hash()}  (ntkdist {spec.ntkdist_version})")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .assemble import verify
+
+    report = verify(args.store, recompute=args.recompute, seed=args.seed)
+    for r in report["recomputed"]:
+        print(f"recomputed tile {tuple(r['tile'])}: max |diff| {r['max_abs_diff']:.3g}")
+    if report["bad"]:
+        print(f"ntkdist: {len(report['bad'])} bad piece(s) in {args.store}: "
+              f"{', '.join(report['bad'])}", file=sys.stderr)
+        return 1
+    state = "complete" if not report["missing"] else f"incomplete, {len(report['missing'])} missing"
+    print(f"sound: {report['checked']} pieces match their checksums ({state})")
+    return 0
 
 
 def main(argv=None) -> int:
     try:
         args = _build_parser().parse_args(argv)
-        {"run": _cmd_run}[args.command](args)
+        commands = {"run": _cmd_run, "assemble": _cmd_assemble, "info": _cmd_info,
+                    "verify": _cmd_verify}
+        return commands[args.command](args)
     except NtkdistError as exc:
         print(f"ntkdist: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("ntkdist: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from . import __version__
 from .bounds import lambda_min_bounds
 from .data import check_rows
@@ -18,8 +20,14 @@ from .spec import RunSpec
 DENSE_MAX_N = 25000
 
 
-def run(spec: RunSpec, out: str, log=print) -> dict:
-    """Compute λ_min for ``spec`` and write ``out/result.json`` and ``out/eigvec.npy``."""
+def run(spec: RunSpec, out: str, log=print, store: str | None = None,
+        cluster: dict | None = None, tile: int | None = None, dtype: str | None = None) -> dict:
+    """Compute λ_min for ``spec`` and write ``out/result.json`` and ``out/eigvec.npy``.
+
+    With ``store``, the kernel is first assembled (or resumed) into that Zarr store on a Dask
+    cluster (``cluster``: keyword arguments of :func:`ntkdist.cluster.connect`) and solved
+    from there; without it the kernel is built in memory.
+    """
     if spec.method == "dense" and spec.n > DENSE_MAX_N:
         raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}")
     start = time.perf_counter()
@@ -28,8 +36,11 @@ def run(spec: RunSpec, out: str, log=print) -> dict:
     spec_hash = spec.hash()
     claim_out_dir(out, spec.to_dict(), spec_hash)
     log(f"data: {spec.data} N={spec.n} d={spec.d}; kernel {spec.kernel} depth {spec.depth}")
-    gram = ntk if spec.kernel == "ntk" else nngp
-    K = gram(X, depth=spec.depth, normalization=spec.normalization)
+    if store is None:
+        gram = ntk if spec.kernel == "ntk" else nngp
+        K = gram(X, depth=spec.depth, normalization=spec.normalization)
+    else:
+        K = _kernel_from_store(spec, store, cluster or {}, tile, dtype, log)
     eig = dense_smallest(K, k=1)
     del K
     bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
@@ -54,12 +65,25 @@ def run(spec: RunSpec, out: str, log=print) -> dict:
         "bounds": bounds,
         "wall_seconds": wall,
         "ntkdist_version": __version__,
+        "store": os.path.abspath(store) if store else None,
         "spec": spec.to_dict(),
         "spec_hash": spec_hash,
     }
     write_npy(os.path.join(out, EIGVEC_FILE), eig.vectors[:, 0])
     write_json(os.path.join(out, RESULT_FILE), result)
     return result
+
+
+def _kernel_from_store(spec, store, cluster, tile, dtype, log):
+    from .assemble import assemble, resolve_store_spec
+    from .cluster import connect
+    from .store import open_kernel
+
+    with connect(**cluster) as client:
+        store_spec = resolve_store_spec(spec, store, client, tile, dtype)
+        log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
+        assemble(store_spec, store, client)
+        return np.asarray(open_kernel(store).compute(scheduler="threads"), dtype=np.float64)
 
 
 def summary(result: dict, out: str) -> str:

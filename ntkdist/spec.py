@@ -12,6 +12,13 @@ from .errors import SpecError
 from .kernels.limiting import KERNELS, NORMALIZATIONS
 
 METHODS = ("dense",)
+DTYPES = ("float32", "float64")
+
+
+def content_hash(obj: dict) -> str:
+    """SHA-256 of the canonical JSON form of a spec dict."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,13 @@ class RunSpec:
         return asdict(self)
 
     def hash(self) -> str:
-        """SHA-256 of the canonical JSON form of the spec."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return content_hash(self.to_dict())
+
+    def problem(self) -> dict:
+        """The fields that define the kernel matrix (everything but the solver)."""
+        out = self.to_dict()
+        del out["method"]
+        return out
 
     def rows(self, start: int = 0, stop: int | None = None):
         """Rows [start, stop) of the input, float64."""
@@ -95,3 +106,44 @@ def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = Non
     n = rows if n is None else n
     return RunSpec(data=path, n=n, d=cols, depth=depth, kernel=kernel,
                    normalization=normalization, input_sha256=file_sha256(path), method=method)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a kernel store holds: the matrix (``problem``), its tiling and storage dtype.
+
+    Tiles depend only on this spec and their indices, so a store is resumable exactly when
+    the spec hash of the command matches the one recorded in the store.
+    """
+
+    problem: dict
+    tile: int
+    dtype: str
+    ntkdist_version: str
+
+    @property
+    def n(self) -> int:
+        return int(self.problem["n"])
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.n // self.tile)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        return content_hash(self.to_dict())
+
+    def run_spec(self) -> RunSpec:
+        return RunSpec(**self.problem)
+
+
+def make_store_spec(run_spec: RunSpec, tile: int, dtype: str) -> StoreSpec:
+    from . import __version__
+
+    tile = _positive_int(tile, "tile")
+    if dtype not in DTYPES:
+        raise SpecError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return StoreSpec(problem=run_spec.problem(), tile=min(tile, run_spec.n), dtype=dtype,
+                     ntkdist_version=__version__)

@@ -186,7 +186,7 @@ def kernel_tile(A: RowBlock, B: RowBlock, depth: int, kernel: str = "ntk",
     xp = array_module(A.unit)
     if A.d != B.d:
         raise ValueError(f"row blocks have different dimensions: {A.d} and {B.d}")
-    rho = A.unit @ B.unit.T
+    rho = _correlations(A.unit, B.unit, xp)
     ii, jj = close_pairs(rho)
     use_fused = _want_fused(fused, xp)
     if use_fused:
@@ -204,6 +204,23 @@ def kernel_tile(A: RowBlock, B: RowBlock, depth: int, kernel: str = "ntk",
     if factor != 1.0:
         k *= factor
     return k
+
+
+_blas_controller = None
+
+
+def _correlations(U, V, xp):
+    """U Vᵀ. On the CPU the GEMM runs on one BLAS thread: multi-threaded BLAS may round
+    differently with the thread count, and a tile's bytes must depend only on its inputs."""
+    global _blas_controller
+    if xp is not np:
+        return U @ V.T
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=1, user_api="blas"):
+        return U @ V.T
 
 
 def _want_fused(fused, xp) -> bool:

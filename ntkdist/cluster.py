@@ -1,0 +1,73 @@
+"""Dask clusters: a LocalCluster sized to the machine, or a running scheduler to attach to."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from .errors import NtkdistError
+
+
+class ClusterError(NtkdistError):
+    """A scheduler cannot be reached or a cluster cannot be started."""
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, scheduler_file: str | None = None,
+            workers: int | None = None, memory_limit: str | None = None):
+    """Yield a ``distributed.Client``.
+
+    With ``scheduler`` (an address) or ``scheduler_file`` attach to a running cluster, the way
+    batch jobs run it; otherwise start a ``LocalCluster`` of ``workers`` processes (default:
+    one per core) with one thread each, and numba/BLAS threads split among them.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler and scheduler_file:
+        raise ClusterError("give either --scheduler or --scheduler-file, not both")
+    if scheduler or scheduler_file:
+        if scheduler_file and not os.path.exists(scheduler_file):
+            raise ClusterError(f"scheduler file {scheduler_file!r} does not exist")
+        try:
+            client = Client(address=scheduler, scheduler_file=scheduler_file, timeout="20s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            where = scheduler or scheduler_file
+            raise ClusterError(f"cannot reach the Dask scheduler at {where!r} ({exc})") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cores = _cpu_count()
+    n_workers = workers or cores
+    if n_workers < 1:
+        raise ClusterError(f"--workers must be >= 1, got {n_workers}")
+    threads = str(max(1, cores // n_workers))
+    env = {"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
+           "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    try:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               memory_limit=memory_limit or "auto", dashboard_address=None,
+                               silence_logs=logging.ERROR, env=env)
+    except (ValueError, TypeError) as exc:
+        raise ClusterError(f"cannot start a local Dask cluster ({exc})") from None
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def worker_memory_limit(client) -> int | None:
+    """The smallest memory limit (bytes) among the client's workers, or None if unlimited."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    limits = [m for m in limits if m > 0]
+    return min(limits) if limits else None
