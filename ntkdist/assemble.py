@@ -82,15 +82,17 @@ class Progress:
         self.start_done = done
         self.entries = entries_per_tile
         self.t0 = time.perf_counter()
-        self.last = 0.0
+        self.last = time.perf_counter()
+        self.shown = done
         self.tty = getattr(stream, "isatty", lambda: False)()
 
     def update(self, step: int = 1, final: bool = False) -> None:
         self.done += step
         now = time.perf_counter()
-        if not final and now - self.last < (0.5 if self.tty else 10.0):
+        if (not final and now - self.last < (0.5 if self.tty else 10.0)) or (
+                final and self.shown == self.done and not self.tty and self.done > self.start_done):
             return
-        self.last = now
+        self.last, self.shown = now, self.done
         elapsed = max(now - self.t0, 1e-9)
         rate = (self.done - self.start_done) / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
@@ -104,52 +106,37 @@ class Progress:
 
 def assemble(spec: StoreSpec, path: str, client, progress: bool = True) -> dict:
     """Assemble (or finish) the store at ``path`` for ``spec`` on ``client``'s workers."""
-    from distributed import as_completed
-
     store = KernelStore.create_or_resume(path, spec)
     t0 = time.perf_counter()
     rows, tiles = store.pending()
     total = len(store.upper_tiles())
-    _run(client, [client.submit(write_rows, path, i, key=f"ntkdist-rows-{spec.hash()[:12]}-{i}",
-                                retries=2, pure=False) for i in rows], "row block")
+    _run({client.submit(write_rows, path, i, retries=2, pure=False): f"row block {i}"
+          for i in rows})
     bar = Progress(total, total - len(tiles), spec.tile ** 2) if progress else None
-    futures = [client.submit(write_tile, path, i, j, retries=2, pure=False,
-                             key=f"ntkdist-tile-{spec.hash()[:12]}-{i}-{j}")
-               for i, j in tiles]
-    try:
-        for future in as_completed(futures):
-            if future.status == "error":
-                _fail(futures, future, "tile")
-            future.release()
-            if bar:
-                bar.update()
-    finally:
-        for f in futures:
-            f.cancel()
+    futures = {client.submit(write_tile, path, i, j, retries=2, pure=False): f"tile ({i}, {j})"
+               for i, j in tiles}
+    _run(futures, bar)
     if bar:
         bar.update(0, final=True)
     return {"tiles_total": total, "tiles_computed": len(tiles), "rows_computed": len(rows),
             "seconds": time.perf_counter() - t0}
 
 
-def _run(client, futures, what: str) -> None:
+def _run(futures: dict, bar: Progress | None = None) -> None:
+    """Wait for ``futures`` (future → label); on the first failure cancel the rest and raise."""
     from distributed import as_completed
 
     try:
-        for future in as_completed(futures):
+        for future in as_completed(list(futures)):
             if future.status == "error":
-                _fail(futures, future, what)
+                exc = future.exception()
+                raise AssemblyError(f"{futures[future]} failed: {type(exc).__name__}: {exc}; "
+                                    "done tiles are kept, rerun the same command to resume")
+            if bar:
+                bar.update()
     finally:
         for f in futures:
             f.cancel()
-
-
-def _fail(futures, future, what: str) -> None:
-    exc = future.exception()
-    for f in futures:
-        f.cancel()
-    raise AssemblyError(f"{what} task {future.key} failed: {type(exc).__name__}: {exc}; done "
-                        "tiles are kept, rerun the same command to resume") from None
 
 
 def resolve_store_spec(run_spec: RunSpec, path: str, client, tile: int | None,
@@ -165,10 +152,11 @@ def resolve_store_spec(run_spec: RunSpec, path: str, client, tile: int | None,
     except StoreError:
         existing = None
     if existing is not None and existing.problem == run_spec.problem():
-        tile = tile or existing.tile
-        dtype = dtype or existing.dtype
-    tile = tile or default_tile(run_spec.n, worker_memory_limit(client))
-    return make_store_spec(run_spec, tile, dtype or default_dtype(run_spec.n))
+        tile = existing.tile if tile is None else tile
+        dtype = existing.dtype if dtype is None else dtype
+    if tile is None:
+        tile = default_tile(run_spec.n, worker_memory_limit(client))
+    return make_store_spec(run_spec, tile, default_dtype(run_spec.n) if dtype is None else dtype)
 
 
 def verify(path: str, recompute: int = 0, seed: int | None = None, log=None) -> dict:
