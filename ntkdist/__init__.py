@@ -5,6 +5,8 @@ from importlib.metadata import version as _version
 
 from .errors import InputError, NtkdistError, OutputError, SpecError
 from .kernels import kernel_tile, nngp, ntk, relu_hermite_coefficient, row_block
+from .kernels.taylor import kernel_coefficients
+from .store import open_kernel
 
 try:
     __version__ = _version("ntkdist")
@@ -17,9 +19,11 @@ __all__ = [
     "OutputError",
     "SpecError",
     "__version__",
+    "kernel_coefficients",
     "kernel_tile",
     "nngp",
     "ntk",
+    "open_kernel",
     "relu_hermite_coefficient",
     "row_block",
 ]
