@@ -9,7 +9,8 @@ import pytest
 import ntkdist
 from ntkdist.assemble import assemble, verify
 from ntkdist.spec import make_spec, make_store_spec
-from ntkdist.store import KernelStore, StoreError, open_kernel
+from ntkdist import open_kernel
+from ntkdist.store import KernelStore, StoreError
 
 
 def _spec(n=40, d=6, depth=3, kernel="ntk", tile=9, dtype="float64", seed=5, data="gaussian"):
