@@ -12,7 +12,7 @@ $(BIN)/python:
 
 demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
-	$(BIN)/ntkdist run --data sphere --n 3000 --d 64 --depth 3 --seed 0 --out $(DEMO_OUT)
+	$(BIN)/ntkdist run --data sphere --n 8000 --d 64 --depth 3 --seed 0 --store $(DEMO_OUT).zarr --out $(DEMO_OUT)
 
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'

@@ -77,8 +77,8 @@ def write_tile(path: str, i: int, j: int) -> str:
 class Progress:
     """Tiles done / total, rate and ETA on stderr (one updating line on a terminal)."""
 
-    def __init__(self, total: int, done: int, entries_per_tile: float, stream=sys.stderr):
-        self.total, self.done, self.stream = total, done, stream
+    def __init__(self, total: int, done: int, entries_per_tile: float, stream=None):
+        self.total, self.done, self.stream = total, done, stream or sys.stderr
         self.start_done = done
         self.entries = entries_per_tile
         self.t0 = time.perf_counter()

@@ -40,6 +40,30 @@ def _add_store_args(p, required: bool) -> None:
     p.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
 
 
+def _add_solver_args(p) -> None:
+    p.add_argument("--method", choices=["lobpcg", "lanczos", "dense"],
+                   help="eigensolver (default: dense in memory up to N=25000 without --store, "
+                        "else lobpcg)")
+    p.add_argument("--k", type=int, default=1, help="number of smallest eigenvalues (default 1)")
+    p.add_argument("--tol", type=float, default=1e-8,
+                   help="relative accuracy of the k eigenvalues to certify (default 1e-8)")
+    p.add_argument("--block", type=int, help="LOBPCG block size (default max(16, 2k+8))")
+    p.add_argument("--precond", default="auto",
+                   help="auto | harmonic | nystrom[:RANK] | none (default auto: harmonic)")
+    p.add_argument("--operator", default="auto", choices=["auto", "store", "memory", "recompute"],
+                   help="how K·V is computed (default auto: memory if the tiles fit, else store)")
+    p.add_argument("--max-products", type=int, default=600,
+                   help="cap on passes over the kernel (default 600)")
+
+
+def _solver_options(args, n: int, store) -> dict:
+    from .pipeline import default_method
+
+    return {"method": args.method or default_method(n, store), "k": args.k, "tol": args.tol,
+            "block": args.block, "precond": args.precond, "operator": args.operator,
+            "max_products": args.max_products}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -50,6 +74,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_args(run)
     run.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
     _add_store_args(run, required=False)
+    _add_solver_args(run)
+    sol = sub.add_parser("solve", help="smallest eigenvalues of the kernel in a complete store")
+    sol.add_argument("--store", required=True, help="a complete kernel store (PATH.zarr)")
+    sol.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
+    sol.add_argument("--scheduler", help="address of a running Dask scheduler to attach to")
+    sol.add_argument("--scheduler-file", help="scheduler file of a running Dask cluster")
+    sol.add_argument("--workers", type=int, help="local cluster: worker processes (default: cores)")
+    sol.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
+    _add_solver_args(sol)
     asm = sub.add_parser("assemble", help="assemble the kernel's tiles into a Zarr store (resumable)")
     _add_data_args(asm)
     _add_store_args(asm, required=True)
@@ -79,8 +112,20 @@ def _cmd_run(args) -> int:
     from .pipeline import run, summary
 
     spec = _spec(args)
+    spec = spec.with_solver(**_solver_options(args, spec.n, args.store))
     result = run(spec, args.out, log=lambda msg: print(msg, flush=True), store=args.store,
                  cluster=_cluster(args), tile=args.tile, dtype=args.dtype)
+    print(summary(result, args.out))
+    return 0
+
+
+def _cmd_solve(args) -> int:
+    from .pipeline import solve, summary
+    from .store import KernelStore
+
+    n = KernelStore.open(args.store).spec.n
+    result = solve(args.store, args.out, log=lambda msg: print(msg, flush=True),
+                   cluster=_cluster(args), **_solver_options(args, n, args.store))
     print(summary(result, args.out))
     return 0
 
@@ -139,8 +184,8 @@ def _cmd_verify(args) -> int:
 def main(argv=None) -> int:
     try:
         args = _build_parser().parse_args(argv)
-        commands = {"run": _cmd_run, "assemble": _cmd_assemble, "info": _cmd_info,
-                    "verify": _cmd_verify}
+        commands = {"run": _cmd_run, "solve": _cmd_solve, "assemble": _cmd_assemble,
+                    "info": _cmd_info, "verify": _cmd_verify}
         return commands[args.command](args)
     except NtkdistError as exc:
         print(f"ntkdist: error: {exc}", file=sys.stderr)

@@ -1,56 +1,147 @@
-"""The main job: data → kernel → λ_min → result folder with bounds."""
+"""The main jobs: data → kernel (in memory, or tiles in a store) → λ_min → result folder."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import numpy as np
 
 from . import __version__
-from .bounds import lambda_min_bounds
+from .bounds import lambda_min_bounds, upper_bounds
 from .data import check_rows
 from .errors import SpecError
 from .kernels.limiting import nngp, ntk
 from .results import EIGVEC_FILE, RESULT_FILE, claim_out_dir, write_json, write_npy
-from .solvers.dense import dense_smallest
+from .solvers.driver import smallest_eigenpairs
+from .solvers.precond import make_preconditioner
 from .spec import RunSpec
 
 #: Largest N for the in-memory dense path (three N×N float64 copies must fit in RAM).
 DENSE_MAX_N = 25000
+#: Largest N for which the lower-bound chain (an O(N² L) pass over the data) is computed.
+BOUNDS_MAX_N = 25000
+
+
+def default_method(n: int, store: str | None) -> str:
+    return "dense" if store is None and n <= DENSE_MAX_N else "lobpcg"
 
 
 def run(spec: RunSpec, out: str, log=print, store: str | None = None,
         cluster: dict | None = None, tile: int | None = None, dtype: str | None = None) -> dict:
-    """Compute λ_min for ``spec`` and write ``out/result.json`` and ``out/eigvec.npy``.
+    """Compute the k smallest eigenvalues for ``spec``; write ``out/result.json`` and
+    ``out/eigvec.npy``.
 
-    With ``store``, the kernel is first assembled (or resumed) into that Zarr store on a Dask
+    With ``store`` the kernel is first assembled (or resumed) into that Zarr store on a Dask
     cluster (``cluster``: keyword arguments of :func:`ntkdist.cluster.connect`) and solved
-    from there; without it the kernel is built in memory.
+    from there. Without it, ``dense`` builds the kernel in memory and iterative methods
+    recompute tiles on the cluster's workers every pass.
     """
     if spec.method == "dense" and spec.n > DENSE_MAX_N:
-        raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}")
-    start = time.perf_counter()
+        raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}; "
+                        "use --method lobpcg")
+    t0 = time.perf_counter()
     X = spec.rows()
     check = check_rows(X, name=spec.data)
-    spec_hash = spec.hash()
-    claim_out_dir(out, spec.to_dict(), spec_hash)
+    claim_out_dir(out, spec.to_dict(), spec.hash())
     log(f"data: {spec.data} N={spec.n} d={spec.d}; kernel {spec.kernel} depth {spec.depth}")
-    if store is None:
+    if store is None and spec.method == "dense":
         gram = ntk if spec.kernel == "ntk" else nngp
         K = gram(X, depth=spec.depth, normalization=spec.normalization)
+        return _solve_and_write(spec, X, check, out, lambda V: K @ V, lambda: K, None, t0, log)
+    from .assemble import assemble, resolve_store_spec
+    from .cluster import connect
+    from .operator import KernelOperator
+
+    with connect(**(cluster or {})) as client:
+        if store is not None:
+            store_spec = resolve_store_spec(spec, store, client, tile, dtype)
+            log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
+            assemble(store_spec, store, client)
+            op = KernelOperator(client, spec.operator, store=store)
+        else:
+            op = KernelOperator(client, spec.operator, rows=X, problem=spec.problem(),
+                                tile=tile or 4096)
+        with contextlib.closing(op):
+            return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
+                                    op, t0, log, store=store)
+
+
+def solve(store: str, out: str, log=print, cluster: dict | None = None, **options) -> dict:
+    """Solve for the smallest eigenvalues of the kernel in a complete ``store``."""
+    from .cluster import connect
+    from .operator import KernelOperator
+    from .store import KernelStore
+
+    t0 = time.perf_counter()
+    kstore = KernelStore.open(store)
+    spec = kstore.spec.run_spec().with_solver(**options)
+    if spec.method == "dense" and spec.n > DENSE_MAX_N:
+        raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}")
+    X = kstore.array("X")[:]
+    check = check_rows(X, name=store)
+    with connect(**(cluster or {})) as client:
+        op = KernelOperator(client, spec.operator, store=store)
+        claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
+                      _out_hash(spec, kstore))
+        with contextlib.closing(op):
+            return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
+                                    op, t0, log, store=store)
+
+
+def _out_hash(spec: RunSpec, kstore) -> str:
+    from .spec import content_hash
+
+    return content_hash({**spec.to_dict(), "store_spec_hash": kstore.spec.hash()})
+
+
+def _dense_from(op, X, spec):
+    if op.store is not None:
+        from .store import open_kernel
+
+        return np.asarray(open_kernel(op.store.path).compute(scheduler="threads"), dtype=np.float64)
+    gram = ntk if spec.kernel == "ntk" else nngp
+    return gram(X, depth=spec.depth, normalization=spec.normalization)
+
+
+def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, store=None):
+    precond = None
+    if spec.method == "lobpcg":
+        precond = make_preconditioner(spec.precond, X, spec.depth, spec.kernel, spec.normalization)
+        log(f"preconditioner {precond.name} (rank {precond.rank}), "
+            f"set-up {precond.setup_seconds:.1f} s")
+    cheap = upper_bounds(X, spec.depth, spec.kernel, spec.normalization)
+    sol = smallest_eigenpairs(matmat, spec.n, spec.method, k=spec.k, tol=spec.tol,
+                              block=spec.block, precond=precond.apply if precond else None,
+                              max_products=spec.max_products, dense_matrix=dense_matrix,
+                              scale=cheap["upper_trace_over_n"],
+                              log=log if spec.method == "lobpcg" else None)
+    if spec.n <= BOUNDS_MAX_N:
+        bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
     else:
-        K = _kernel_from_store(spec, store, cluster or {}, tile, dtype, log)
-    eig = dense_smallest(K, k=1)
-    del K
-    bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
-    wall = time.perf_counter() - start
-    lam, res = eig.lambda_min, float(eig.residuals[0])
+        bounds = cheap
+    lam, res = float(sol.values[0]), float(sol.residuals[0])
+    cert = sol.certificate()
     result = {
         "lambda_min": lam,
         "residual_norm": res,
-        "relative_accuracy": res / abs(lam) if lam != 0 else None,
-        "method": eig.method,
+        "relative_accuracy": cert["rel_error_bound_residual"][0],
+        "relative_accuracy_kato_temple": cert["rel_error_bound_kato_temple"][0],
+        "method": sol.method,
+        "converged": sol.converged,
+        "k": spec.k,
+        "eigenvalues": [float(v) for v in sol.values],
+        "residual_norms": [float(v) for v in sol.residuals],
+        "gaps": [float(v) if np.isfinite(v) else None for v in sol.gaps],
+        "accuracy": cert,
+        "iterations": sol.iterations,
+        "passes": op.passes if op is not None else None,
+        "matvecs": op.matvecs if op is not None else None,
+        "bytes_read": op.bytes_read if op is not None else None,
+        "operator": op.mode if op is not None else "memory (dense, in process)",
+        "preconditioner": precond.describe() if precond else None,
+        "solver_seconds": sol.solver_seconds,
         "n": spec.n,
         "d": spec.d,
         "depth": spec.depth,
@@ -63,41 +154,44 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
         "parallel_rows": check.parallel_rows,
         "singular_expected": check.parallel_rows > 0,
         "bounds": bounds,
-        "wall_seconds": wall,
+        "wall_seconds": time.perf_counter() - t0,
         "ntkdist_version": __version__,
         "store": os.path.abspath(store) if store else None,
         "spec": spec.to_dict(),
-        "spec_hash": spec_hash,
+        "spec_hash": spec.hash(),
     }
-    write_npy(os.path.join(out, EIGVEC_FILE), eig.vectors[:, 0])
+    write_npy(os.path.join(out, EIGVEC_FILE), sol.vectors[:, 0] if spec.k == 1 else sol.vectors)
     write_json(os.path.join(out, RESULT_FILE), result)
     return result
-
-
-def _kernel_from_store(spec, store, cluster, tile, dtype, log):
-    from .assemble import assemble, resolve_store_spec
-    from .cluster import connect
-    from .store import open_kernel
-
-    with connect(**cluster) as client:
-        store_spec = resolve_store_spec(spec, store, client, tile, dtype)
-        log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
-        assemble(store_spec, store, client)
-        return np.asarray(open_kernel(store).compute(scheduler="threads"), dtype=np.float64)
 
 
 def summary(result: dict, out: str) -> str:
     """A short human summary of a result."""
     b = result["bounds"]
+    kt = result.get("relative_accuracy_kato_temple")
+    acc = f"rel. error ≤ {result['relative_accuracy']:.1e}" + (
+        f" (Kato–Temple {kt:.1e})" if kt is not None else "")
     lines = [
         f"λ_min = {result['lambda_min']:.10g}  (residual ‖Kv−λv‖ = {result['residual_norm']:.2e}, "
-        f"method: {result['method'].split(':')[0]})",
+        f"{acc}; method: {result['method'].split(' (')[0].split(':')[0]})",
         f"λ_min/d = {result['lambda_min'] / result['d']:.6g}",
-        f"bounds: {b['lower']:.4g} (proof chain, rigorous) ≤ λ_min ≤ "
-        f"{b['upper_min_diagonal']:.6g} (min_i K_ii)",
     ]
+    if result.get("passes") is not None:
+        lines.append(f"passes over the kernel {result['passes']}, matvecs {result['matvecs']}, "
+                     f"operator {result['operator']}"
+                     + (f", preconditioner {result['preconditioner']['name']}"
+                        if result.get("preconditioner") else ""))
+    if not result.get("converged", True):
+        lines.append("warning: the solver stopped at its product limit before certifying tol")
+    lower = b.get("lower")
+    lines.append(f"bounds: {lower:.4g} (proof chain, rigorous) ≤ λ_min ≤ "
+                 f"{b['upper_min_diagonal']:.6g} (min_i K_ii)" if lower is not None else
+                 f"bounds: λ_min ≤ {b['upper_min_diagonal']:.6g} (min_i K_ii); lower chain "
+                 "not computed at this N")
     if result["singular_expected"]:
         lines.append(f"note: {result['parallel_rows']} row(s) repeat or are parallel to another "
                      "row, so K is singular and λ_min ≈ 0 is expected")
+    if result.get("store"):
+        lines.append(f"store: {result['store']}")
     lines.append(f"wall time {result['wall_seconds']:.2f} s; results in {out}/{RESULT_FILE}")
     return "\n".join(lines)

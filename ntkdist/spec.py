@@ -11,7 +11,10 @@ from .data import SYNTHETIC, check_rows, file_sha256, load_array, synthetic_rows
 from .errors import SpecError
 from .kernels.limiting import KERNELS, NORMALIZATIONS
 
-METHODS = ("dense",)
+METHODS = ("dense", "lobpcg", "lanczos")
+OPERATORS = ("auto", "store", "memory", "recompute")
+#: Fields of RunSpec that choose the solver, not the matrix.
+SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "max_products")
 DTYPES = ("float32", "float64")
 
 
@@ -34,6 +37,12 @@ class RunSpec:
     seed: int | None = None  # synthetic data only
     input_sha256: str | None = None  # file data only
     method: str = "dense"
+    k: int = 1
+    tol: float = 1e-8
+    block: int | None = None
+    precond: str = "auto"
+    operator: str = "auto"
+    max_products: int = 600
 
     @property
     def synthetic(self) -> bool:
@@ -48,8 +57,17 @@ class RunSpec:
     def problem(self) -> dict:
         """The fields that define the kernel matrix (everything but the solver)."""
         out = self.to_dict()
-        del out["method"]
+        for name in SOLVER_FIELDS:
+            del out[name]
         return out
+
+    def with_solver(self, **options) -> "RunSpec":
+        """This problem with other (validated) solver options."""
+        from dataclasses import replace
+
+        spec = replace(self, **options)
+        check_solver(spec)
+        return spec
 
     def rows(self, start: int = 0, stop: int | None = None):
         """Rows [start, stop) of the input, float64."""
@@ -65,6 +83,28 @@ def _positive_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SpecError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check_solver(spec: RunSpec) -> None:
+    """Refuse solver options that cannot work, with one line."""
+    if spec.method not in METHODS:
+        raise SpecError(f"method must be one of {', '.join(METHODS)}, got {spec.method!r}")
+    if isinstance(spec.k, bool) or not isinstance(spec.k, int) or not 1 <= spec.k < spec.n:
+        raise SpecError(f"k must be an integer in [1, N-1] = [1, {spec.n - 1}], got {spec.k!r}")
+    if not (isinstance(spec.tol, (int, float)) and 0 < spec.tol < 1):
+        raise SpecError(f"tol must be in (0, 1), got {spec.tol!r}")
+    if spec.block is not None:
+        _positive_int(spec.block, "block")
+        if spec.block < spec.k:
+            raise SpecError(f"block ({spec.block}) must be at least k ({spec.k})")
+    base, _, arg = spec.precond.partition(":")
+    if base not in ("auto", "harmonic", "nystrom", "none") or (arg and base != "nystrom") or (
+            arg and not (arg.isdigit() and int(arg) >= 1)):
+        raise SpecError(f"precond must be auto, harmonic, nystrom[:RANK] or none, "
+                        f"got {spec.precond!r}")
+    if spec.operator not in OPERATORS:
+        raise SpecError(f"operator must be one of {', '.join(OPERATORS)}, got {spec.operator!r}")
+    _positive_int(spec.max_products, "max_products")
 
 
 def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = None,
@@ -136,6 +176,7 @@ class StoreSpec:
         return content_hash(self.to_dict())
 
     def run_spec(self) -> RunSpec:
+        """The problem of this store, with default solver options."""
         return RunSpec(**self.problem)
 
 

@@ -1,0 +1,123 @@
+"""Preconditioners for the smallest eigenvalues of kernel Gram matrices (approximate K⁻¹).
+
+Both are built from the data alone, without a pass over the stored matrix.
+
+* ``harmonic`` (theory.md): K = s D κ(X̂X̂ᵀ) D with κ(ρ) = Σ_r a_r ρ^r (a_r ≥ 0 from
+  :func:`ntkdist.kernel_coefficients`), D = diag ‖x_i‖ and s the normalisation factor. Degrees
+  r ≤ 2 are kept exactly through explicit features Φ = [√a₀·1, √a₁·X̂, √a₂·sym(X̂ ⊗ X̂)]
+  (rank 1 + d + d(d+1)/2) and the tail as c·I, c = κ(1) − a₀ − a₁ − a₂, since
+  (X̂X̂ᵀ)^∘r ≈ I for r > 2 in high dimension. Then K ≈ s D (ΦΦᵀ + cI) D, inverted by
+  Woodbury: (cI + ΦΦᵀ)⁻¹ = (I − Φ (cI + ΦᵀΦ)⁻¹ Φᵀ)/c. When d(d+1)/2 exceeds
+  ``max_rank`` the degree-2 block joins the tail. c is then lowered by ``HARMONIC_SHIFT``
+  (a shift towards λ_min: the preconditioner stays positive definite for any shift < 1).
+* ``nystrom``: m landmark rows S drawn with a seed, C = K(X, X_S) computed from the data,
+  K̂ = C K_SS⁻¹ Cᵀ = U Λ̂ Uᵀ (stabilised Cholesky + SVD, Frangella, Tropp & Udell 2023), and
+  P⁻¹ = (λ̂_m + μ) U (Λ̂ + μI)⁻¹ Uᵀ + (I − UUᵀ) with μ = λ̂_m. Works for any kernel.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from ..kernels.limiting import kernel_tile, normalization_factor, row_block
+from ..kernels.taylor import kernel_coefficients
+
+PRECONDITIONERS = ("auto", "harmonic", "nystrom", "none")
+DEFAULT_NYSTROM_RANK = 1000
+#: Fraction of the tail c removed from the harmonic model: the model then approximates
+#: (K − σI)⁻¹ with σ ≈ 0.9·s·c·‖x‖², a shift towards the bottom of the spectrum that, measured
+#: at N = 5000 (d = 64, L = 3, block 8), cut LOBPCG's passes to a certified 1e-8 from 162 to 67.
+HARMONIC_SHIFT = 0.9
+
+
+@dataclass
+class Preconditioner:
+    """An applicable approximation of K⁻¹ with its description and set-up time."""
+
+    name: str
+    apply: object  # callable (N, b) -> (N, b), or None for the identity
+    setup_seconds: float
+    rank: int
+
+    def describe(self) -> dict:
+        return {"name": self.name, "rank": self.rank, "setup_seconds": self.setup_seconds}
+
+
+def _sym_square_features(U: np.ndarray) -> np.ndarray:
+    """Rows φ(x̂) with ⟨φ(x̂), φ(ŷ)⟩ = (x̂·ŷ)²: x̂_k² and √2 x̂_k x̂_l (k < l)."""
+    n, d = U.shape
+    iu, ju = np.triu_indices(d, 1)
+    return np.hstack([U * U, np.sqrt(2.0) * U[:, iu] * U[:, ju]])
+
+
+def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
+             max_rank: int = 6000, shift: float = HARMONIC_SHIFT) -> Preconditioner:
+    t0 = time.perf_counter()
+    block = row_block(X)
+    U, norms = block.unit, block.norms
+    n, d = U.shape
+    a = kernel_coefficients(depth, kernel, 2)
+    total = float(depth if kernel == "ntk" else 1.0)
+    use_square = 1 + d + d * (d + 1) // 2 <= max_rank
+    kept = a if use_square else a[:2]
+    c = total - float(kept.sum())
+    if c <= 1e-12 * total:
+        c = 1e-6 * total  # depth 1: κ(ρ) = ρ exactly; keep the Woodbury system definite
+    c = c * (1.0 - shift)
+    feats = [np.full((n, 1), np.sqrt(a[0])), np.sqrt(a[1]) * U]
+    if use_square:
+        feats.append(np.sqrt(a[2]) * _sym_square_features(U))
+    Phi = np.hstack(feats)
+    chol = scipy.linalg.cho_factor(c * np.eye(Phi.shape[1]) + Phi.T @ Phi)
+    scale = normalization_factor(normalization, d)
+    inv_d = 1.0 / norms
+
+    def apply(R):
+        Z = R * inv_d[:, None]
+        Z = (Z - Phi @ scipy.linalg.cho_solve(chol, Phi.T @ Z)) / c
+        return Z * inv_d[:, None] / scale
+
+    return Preconditioner("harmonic", apply, time.perf_counter() - t0, Phi.shape[1])
+
+
+def nystrom(X: np.ndarray, depth: int, kernel: str, normalization: str,
+            rank: int = DEFAULT_NYSTROM_RANK, seed: int = 0) -> Preconditioner:
+    t0 = time.perf_counter()
+    n = X.shape[0]
+    m = min(rank, n)
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+    C = kernel_tile(row_block(X), row_block(X[idx]), depth, kernel, normalization)
+    W = C[idx]
+    W = (W + W.T) / 2
+    shift = np.finfo(float).eps * np.trace(W)
+    L = scipy.linalg.cholesky(W + shift * np.eye(m), lower=True)
+    B = scipy.linalg.solve_triangular(L, C.T, lower=True).T
+    U, sig, _ = scipy.linalg.svd(B, full_matrices=False)
+    lam = np.clip(sig ** 2 - shift, 0.0, None)
+    mu = max(lam[-1], 1e-12 * lam[0])
+    weights = (lam[-1] + mu) / (lam + mu) - 1.0
+
+    def apply(R):
+        return R + U @ (weights[:, None] * (U.T @ R))
+
+    return Preconditioner(f"nystrom:{m}", apply, time.perf_counter() - t0, m)
+
+
+def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: str,
+                        seed: int = 0) -> Preconditioner:
+    """``auto`` | ``harmonic`` | ``nystrom[:RANK]`` | ``none``."""
+    base, _, arg = name.partition(":")
+    if base == "auto":
+        base = "harmonic" if depth >= 2 else "none"
+    if base == "none":
+        return Preconditioner("none", None, 0.0, 0)
+    if base == "harmonic":
+        return harmonic(np.asarray(X, dtype=np.float64), depth, kernel, normalization)
+    if base == "nystrom":
+        rank = int(arg) if arg else DEFAULT_NYSTROM_RANK
+        return nystrom(np.asarray(X, dtype=np.float64), depth, kernel, normalization, rank, seed)
+    raise ValueError(f"unknown preconditioner {name!r}")

@@ -1,0 +1,134 @@
+"""Iterative λ_min against the dense reference; preconditioners; operator modes; the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+import ntkdist
+from ntkdist.cli import main
+from ntkdist.data import synthetic_rows
+from ntkdist.solvers.driver import smallest_eigenpairs
+from ntkdist.solvers.precond import make_preconditioner
+
+SEED = 6021
+
+
+def _dense_bottom(K, k):
+    return scipy.linalg.eigh(K, subset_by_index=[0, k - 1], eigvals_only=True)
+
+
+@pytest.mark.parametrize("kind, n, d, depth, k", [
+    ("sphere", 1500, 64, 3, 1),
+    ("gaussian", 1200, 32, 2, 3),
+    ("sphere", 800, 16, 4, 2),
+    ("gaussian", 40, 64, 1, 2),
+    ("sphere", 4000, 64, 3, 2),
+])
+def test_lobpcg_matches_dense(kind, n, d, depth, k):
+    X = synthetic_rows(kind, d, SEED + n, 0, n)
+    K = ntkdist.ntk(X, depth=depth)
+    ref = _dense_bottom(K, k)
+    P = make_preconditioner("auto", X, depth, "ntk", "paper")
+    sol = smallest_eigenpairs(lambda V: K @ V, n, "lobpcg", k=k, tol=1e-8, precond=P.apply,
+                              scale=np.trace(K) / n)
+    assert sol.converged
+    np.testing.assert_allclose(sol.values, ref, rtol=1e-6)
+    direct = np.linalg.norm(K @ sol.vectors - sol.vectors * sol.values, axis=0)
+    np.testing.assert_allclose(sol.residuals, direct, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("precond", ["nystrom:300", "none", "harmonic"])
+def test_preconditioners_and_nngp(precond):
+    X = synthetic_rows("sphere", 24, SEED, 0, 600)
+    K = ntkdist.nngp(X, depth=3)
+    P = make_preconditioner(precond, X, 3, "nngp", "paper")
+    sol = smallest_eigenpairs(lambda V: K @ V, 600, "lobpcg", k=1, tol=1e-8,
+                              precond=P.apply, max_products=2000, scale=np.trace(K) / 600)
+    assert sol.converged
+    assert sol.values[0] == pytest.approx(_dense_bottom(K, 1)[0], rel=1e-6)
+
+
+def test_harmonic_preconditioner_saves_passes():
+    X = synthetic_rows("sphere", 64, SEED, 0, 1500)
+    K = ntkdist.ntk(X, depth=3)
+    counts = {}
+    for name in ("harmonic", "none"):
+        P = make_preconditioner(name, X, 3, "ntk", "paper")
+        sol = smallest_eigenpairs(lambda V: K @ V, 1500, "lobpcg", tol=1e-6, precond=P.apply,
+                                  max_products=400, scale=np.trace(K) / 1500)
+        counts[name] = (sol.converged, sol.iterations)
+    assert counts["harmonic"][0] and counts["harmonic"][1] < counts["none"][1] / 3
+
+
+def test_duplicate_rows_give_zero(tmp_path):
+    X = synthetic_rows("sphere", 16, SEED, 0, 300)
+    X[200] = X[17]
+    K = ntkdist.ntk(X, depth=3)
+    P = make_preconditioner("auto", X, 3, "ntk", "paper")
+    sol = smallest_eigenpairs(lambda V: K @ V, 300, "lobpcg", precond=P.apply,
+                              scale=np.trace(K) / 300)
+    assert sol.converged and abs(sol.values[0]) < 1e-9 * np.trace(K) / 300
+
+
+def test_lanczos_and_dense_methods():
+    X = synthetic_rows("gaussian", 10, SEED, 0, 200)
+    K = ntkdist.ntk(X, depth=2)
+    ref = _dense_bottom(K, 2)
+    lan = smallest_eigenpairs(lambda V: K @ V, 200, "lanczos", k=2, tol=1e-10, max_products=5000)
+    np.testing.assert_allclose(lan.values, ref, rtol=1e-6)
+    den = smallest_eigenpairs(lambda V: K @ V, 200, "dense", k=2, dense_matrix=lambda: K)
+    np.testing.assert_allclose(den.values, ref, rtol=1e-12)
+    assert den.residuals.max() < 1e-10 * K.max()
+
+
+def test_operator_modes_agree_and_cli_solve(client, tmp_path, capsys):
+    addr = client.scheduler.address
+    store = str(tmp_path / "k.zarr")
+    args = ["--n", "700", "--d", "32", "--depth", "3", "--seed", "4"]
+    assert main(["assemble", *args, "--store", store, "--tile", "256", "--scheduler", addr]) == 0
+    X = synthetic_rows("sphere", 32, 4, 0, 700)
+    ref = _dense_bottom(ntkdist.ntk(X, depth=3), 2)
+    results = {}
+    for mode in ("store", "memory", "recompute"):
+        out = str(tmp_path / mode)
+        assert main(["solve", "--store", store, "--out", out, "--operator", mode, "--k", "2",
+                     "--scheduler", addr]) == 0
+        r = json.load(open(os.path.join(out, "result.json")))
+        results[mode] = r
+        np.testing.assert_allclose(r["eigenvalues"], ref, rtol=1e-7)
+        assert r["operator"] == mode and r["passes"] >= 2 and r["k"] == 2
+        assert r["matvecs"] >= r["passes"] and r["preconditioner"]["name"] == "harmonic"
+        assert r["preconditioner"]["setup_seconds"] >= 0 and r["converged"]
+        v = np.load(os.path.join(out, "eigvec.npy"))
+        assert v.shape == (700, 2)
+    sizes = [256, 256, 188]
+    per_pass = sum(sizes[i] * sizes[j] * 8 for i in range(3) for j in range(i, 3))
+    assert results["store"]["bytes_read"] == results["store"]["passes"] * per_pass
+    assert results["memory"]["bytes_read"] == per_pass
+    assert results["recompute"]["bytes_read"] == 0
+    out = capsys.readouterr().out
+    assert "passes over the kernel" in out
+
+
+def test_solve_refuses_incomplete_store(client, tmp_path, capsys):
+    addr = client.scheduler.address
+    store = str(tmp_path / "k.zarr")
+    assert main(["assemble", "--n", "60", "--d", "8", "--depth", "2", "--store", store,
+                 "--tile", "20", "--scheduler", addr]) == 0
+    os.remove(os.path.join(store, "done", "K.0.1"))
+    capsys.readouterr()
+    assert main(["solve", "--store", store, "--out", str(tmp_path / "o"), "--scheduler", addr]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_solver_options_refused(capsys, tmp_path):
+    base = ["run", "--n", "50", "--d", "8", "--depth", "2", "--out", str(tmp_path / "o")]
+    for extra in (["--k", "0"], ["--tol", "2"], ["--precond", "magic"], ["--precond", "nystrom:x"],
+                  ["--block", "1", "--k", "3"], ["--method", "power"]):
+        assert main([*base, *extra]) == 2, extra
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
