@@ -23,6 +23,7 @@ import numpy as np
 
 from .kernels.hermite import relu_hermite_coefficient
 from .kernels.limiting import RowBlock, kernel_tile, normalization_factor, row_block
+from .kernels.taylor import kernel_coefficients
 
 #: Even Hermite orders r used in the lower bound.
 HERMITE_ORDERS = tuple(range(2, 21, 2))
@@ -101,3 +102,24 @@ def lambda_min_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "
     out["lower_note"] = ("Σ over layers l and even r of 2μ_r² min‖x‖² (1 − max_i Σ_j≠i "
                          "|P^(l−1)_ij|^r)₊; Theorem 3.2's Ω(d) constant is not computable")
     return out
+
+
+def staircase_prediction(n: int, d: int, depth: int, kernel: str = "ntk",
+                         normalization: str = "paper") -> dict:
+    """theory.md's heuristic for data on the sphere of radius √d (not a bound).
+
+    With D_r = C(d+r−1, r) and ℓ such that D_ℓ ≤ N < D_{ℓ+1}:
+    λ_min ≈ d·[Σ_{r>ℓ+1} a_r + a_{ℓ+1} (1 − √(N/D_{ℓ+1}))₊²].
+    """
+    from math import comb
+
+    ell = 0
+    while comb(d + ell, ell + 1) <= n:
+        ell += 1
+    a = kernel_coefficients(depth, kernel, ell + 1)
+    total = float(depth if kernel == "ntk" else 1.0)
+    tail = total - float(a.sum())
+    D_next = comb(d + ell, ell + 1)
+    value = d * (tail + a[ell + 1] * max(0.0, 1.0 - (n / D_next) ** 0.5) ** 2)
+    return {"value": value * normalization_factor(normalization, d), "degree": ell,
+            "D_next": D_next, "note": "heuristic for sphere data (theory.md), not a bound"}

@@ -24,12 +24,24 @@ from .store import KernelStore, StoreError
 MODES = ("auto", "store", "memory", "recompute")
 
 
+#: Rows of a tile handled at once: both products of a strip run while it is in cache, and a
+#: float32 strip is widened to float64 there, so the tile is read from memory once.
+STRIP = 256
+
+
 def _products(tile, V, i, j, t):
-    vi, vj = V[i * t:i * t + tile.shape[0]], V[j * t:j * t + tile.shape[1]]
-    yi = tile @ vj if tile.dtype == np.float64 else tile.astype(np.float64) @ vj
-    if i == j:
-        return i, j, yi, None
-    yj = (tile.T @ vi) if tile.dtype == np.float64 else tile.T.astype(np.float64) @ vi
+    """(i, j, K_IJ V_J, K_IJᵀ V_I) in float64; the second is None on the diagonal."""
+    rows, cols = tile.shape
+    vi, vj = V[i * t:i * t + rows], V[j * t:j * t + cols]
+    yi = np.empty((rows, V.shape[1]))
+    yj = None if i == j else np.zeros((cols, V.shape[1]))
+    for a in range(0, rows, STRIP):
+        strip = tile[a:a + STRIP]
+        if strip.dtype != np.float64:
+            strip = strip.astype(np.float64)
+        yi[a:a + STRIP] = strip @ vj
+        if yj is not None:
+            yj += strip.T @ vi[a:a + STRIP]
     return i, j, yi, yj
 
 

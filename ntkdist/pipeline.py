@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from . import __version__
-from .bounds import lambda_min_bounds, upper_bounds
+from .bounds import lambda_min_bounds, staircase_prediction, upper_bounds
 from .data import check_rows
 from .errors import SpecError
 from .kernels.limiting import nngp, ntk
@@ -121,6 +121,9 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
     else:
         bounds = cheap
+    if spec.data == "sphere":
+        bounds["prediction_staircase"] = staircase_prediction(
+            spec.n, spec.d, spec.depth, spec.kernel, spec.normalization)
     lam, res = float(sol.values[0]), float(sol.residuals[0])
     cert = sol.certificate()
     result = {

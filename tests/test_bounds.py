@@ -39,3 +39,14 @@ def test_duplicate_rows_give_zero_lower_bound():
     X = synthetic_rows("sphere", 16, 1, 0, 30)
     X[7] = X[3]
     assert lambda_min_bounds(X, 3)["lower"] == 0.0
+
+
+def test_staircase_prediction_matches_theory_md():
+    from ntkdist.bounds import staircase_prediction
+
+    values = [staircase_prediction(n, 64, 3)["value"] for n in (5000, 10000, 20000)]
+    np.testing.assert_allclose(values, [40.90, 38.96, 36.98], atol=0.006)
+    p = staircase_prediction(5000, 64, 3)
+    assert p["degree"] == 2 and p["D_next"] == 45760
+    assert staircase_prediction(5000, 64, 3, normalization="nt")["value"] == pytest.approx(
+        values[0] * 2 / 64)

@@ -61,7 +61,7 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     min(‖r‖, ‖r‖²/δ) ≤ max(tol·|λ|, abs_tol), or after ``max_products`` block products
     (``abs_tol`` lets a singular matrix, λ ≈ 0, stop).
     """
-    block = block or max(16, 2 * k + 8)
+    block = block or max(32, 2 * k + 16)
     block = min(block, max(k, n // 4))
     block = min(block, n)
     if not 1 <= k <= block:

@@ -1,0 +1,151 @@
+"""λ_min solvers side by side, the float32-storage effect, and a solve from a large store.
+
+    python benchmarks/solver.py side-by-side --n 20000     # dense eigh, scipy lobpcg, ntkdist
+    python benchmarks/solver.py dtypes --n 10000           # float32 vs float64 storage
+    python benchmarks/solver.py store --store PATH.zarr     # e.g. the N=100000 assembly store
+
+All on sphere data, d = 64, L = 3, seed 0, a LocalCluster of 2 single-threaded workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse.linalg as sla
+
+from ntkdist.assemble import assemble
+from ntkdist.cluster import connect
+from ntkdist.data import synthetic_rows
+from ntkdist.operator import KernelOperator
+from ntkdist.solvers.driver import smallest_eigenpairs
+from ntkdist.solvers.precond import make_preconditioner
+from ntkdist.spec import make_spec, make_store_spec
+from ntkdist.store import KernelStore
+
+
+def ntkdist_solve(client, store, mode, precond_name, X, depth=3, tol=1e-8, max_products=600):
+    op = KernelOperator(client, mode, store=store)
+    t0 = time.perf_counter()
+    P = make_preconditioner(precond_name, X, depth, "ntk", "paper")
+    sol = smallest_eigenpairs(op.matmat, len(X), "lobpcg", tol=tol, precond=P.apply,
+                              max_products=max_products, scale=depth * X.shape[1])
+    seconds = time.perf_counter() - t0
+    out = {"seconds": seconds, "lambda": float(sol.values[0]), "passes": op.passes,
+           "matvecs": op.matvecs, "residual": float(sol.residuals[0]),
+           "bound": sol.certificate()["rel_error_bound_kato_temple"][0],
+           "converged": sol.converged, "setup": P.setup_seconds, "bytes": op.bytes_read}
+    op.close()
+    return out
+
+
+def build_store(client, folder, n, dtype, tile=4096):
+    path = os.path.join(folder, f"k{n}-{dtype}.zarr")
+    spec = make_store_spec(make_spec(data="sphere", n=n, d=64, depth=3, seed=0), tile, dtype)
+    assemble(spec, path, client, progress=False)
+    return path
+
+
+def side_by_side(args):
+    folder = tempfile.mkdtemp(prefix="ntkdist-solver-")
+    X = synthetic_rows("sphere", 64, 0, 0, args.n)
+    rows = []
+    with connect(workers=2) as client:
+        t0 = time.perf_counter()
+        store = build_store(client, folder, args.n, "float64")
+        print(f"store assembled in {time.perf_counter() - t0:.1f} s")
+        for mode in ("memory", "store"):
+            for pc in ("harmonic", "nystrom:1000", "none"):
+                if mode == "store" and pc != "harmonic":
+                    continue
+                cap = 150 if pc == "none" else 600
+                r = ntkdist_solve(client, store, mode, pc, X, max_products=cap)
+                rows.append((f"ntkdist lobpcg, {mode}, {pc}", r))
+                print(rows[-1], flush=True)
+    K = KernelStore.open(store)
+    from ntkdist import open_kernel
+
+    Kd = np.asarray(open_kernel(store).compute(scheduler="threads"))
+    shutil.rmtree(folder)
+    del K
+    t0 = time.perf_counter()
+    w = scipy.linalg.eigh(Kd, subset_by_index=[0, 0], eigvals_only=True)
+    t_dense = time.perf_counter() - t0
+    rows.insert(0, ("dense scipy.linalg.eigh subset [0,0]", {"seconds": t_dense, "lambda": float(w[0]),
+                                                           "passes": None, "matvecs": None}))
+    print(rows[0], flush=True)
+    count = [0]
+
+    def mv(V):
+        count[0] += V.shape[1] if V.ndim == 2 else 1
+        return Kd @ V
+
+    op = sla.LinearOperator(Kd.shape, matvec=mv, matmat=mv, dtype=np.float64)
+    t0 = time.perf_counter()
+    vals, _ = sla.lobpcg(op, np.random.default_rng(0).standard_normal((args.n, 1)), largest=False,
+                         tol=1e-8 * w[0], maxiter=args.scipy_cap)
+    rows.insert(1, (f"scipy lobpcg, no precond, block 1, capped {args.scipy_cap}",
+                    {"seconds": time.perf_counter() - t0, "lambda": float(vals[0]),
+                     "passes": count[0], "matvecs": count[0]}))
+    print(f"\nN={args.n} d=64 L=3 sphere seed 0; dense λ_min = {w[0]:.12g}")
+    print(f"{'method':45s} {'seconds':>8s} {'passes':>7s} {'matvecs':>8s} {'rel err':>9s} "
+          f"{'speed-up':>9s} {'KT bound':>9s}")
+    for name, r in rows:
+        err = abs(r["lambda"] - w[0]) / w[0]
+        print(f"{name:45s} {r['seconds']:8.1f} {str(r['passes']):>7s} {str(r['matvecs']):>8s} "
+              f"{err:9.1e} {t_dense / r['seconds']:8.1f}x {_fmt(r.get('bound')):>9s}")
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.1e}"
+
+
+def dtypes(args):
+    folder = tempfile.mkdtemp(prefix="ntkdist-dtypes-")
+    X = synthetic_rows("sphere", 64, 0, 0, args.n)
+    out = {}
+    with connect(workers=2) as client:
+        for dtype in ("float64", "float32"):
+            store = build_store(client, folder, args.n, dtype)
+            out[dtype] = ntkdist_solve(client, store, "memory", "harmonic", X, tol=1e-10)
+            print(dtype, out[dtype], flush=True)
+    shutil.rmtree(folder)
+    a, b = out["float64"]["lambda"], out["float32"]["lambda"]
+    print(f"N={args.n}: λ_min float64 storage {a:.12g}, float32 storage {b:.12g}, "
+          f"relative difference {abs(a - b) / a:.2e}")
+
+
+def from_store(args):
+    X = KernelStore.open(args.store).array("X")[:]
+    with connect(workers=2) as client:
+        r = ntkdist_solve(client, args.store, "store", "harmonic", X, max_products=args.max_products)
+    per_pass = r["seconds"] / r["passes"]
+    gb = r["bytes"] / r["passes"] / 1e9
+    print(f"N={len(X)}: λ_min = {r['lambda']:.12g}, residual {r['residual']:.2e}, Kato-Temple "
+          f"rel. bound {r['bound']}, converged {r['converged']}, passes {r['passes']}, "
+          f"matvecs {r['matvecs']}, wall {r['seconds']:.0f} s, {per_pass:.1f} s per pass reading "
+          f"{gb:.2f} GB ({gb / per_pass:.2f} GB/s)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("side-by-side")
+    s.add_argument("--n", type=int, default=20000)
+    s.add_argument("--scipy-cap", type=int, default=300)
+    t = sub.add_parser("dtypes")
+    t.add_argument("--n", type=int, default=10000)
+    f = sub.add_parser("store")
+    f.add_argument("--store", required=True)
+    f.add_argument("--max-products", type=int, default=600)
+    args = p.parse_args()
+    {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
