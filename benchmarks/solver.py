@@ -63,7 +63,7 @@ def side_by_side(args):
             for pc in ("harmonic", "nystrom:1000", "none"):
                 if mode == "store" and pc != "harmonic":
                     continue
-                cap = 150 if pc == "none" else 600
+                cap = {"none": 100, "nystrom:1000": 300}.get(pc, 600)
                 r = ntkdist_solve(client, store, mode, pc, X, max_products=cap)
                 rows.append((f"ntkdist lobpcg, {mode}, {pc}", r))
                 print(rows[-1], flush=True)
