@@ -41,6 +41,8 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
     if spec.method == "dense" and spec.n > DENSE_MAX_N:
         raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}; "
                         "use --method lobpcg")
+    if store is None and spec.operator in ("store", "memory"):
+        raise SpecError(f"--operator {spec.operator} needs --store")
     t0 = time.perf_counter()
     X = spec.rows()
     check = check_rows(X, name=spec.data)

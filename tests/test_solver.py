@@ -132,3 +132,19 @@ def test_bad_solver_options_refused(capsys, tmp_path):
                   ["--block", "1", "--k", "3"], ["--method", "power"]):
         assert main([*base, *extra]) == 2, extra
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_run_without_store_recomputes_on_workers(client, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", "--n", "400", "--d", "16", "--depth", "3", "--method", "lobpcg",
+                 "--k", "2", "--scheduler", client.scheduler.address, "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    X = synthetic_rows("sphere", 16, 0, 0, 400)
+    np.testing.assert_allclose(r["eigenvalues"], _dense_bottom(ntkdist.ntk(X, depth=3), 2),
+                               rtol=1e-7)
+    assert r["operator"] == "recompute" and r["bytes_read"] == 0 and r["store"] is None
+    assert r["bounds"]["prediction_staircase"]["degree"] == 2
+    assert r["bounds"]["lower"] <= r["lambda_min"] <= r["bounds"]["upper_min_diagonal"]
+    assert main(["run", "--n", "400", "--d", "16", "--depth", "3", "--operator", "store",
+                 "--method", "lobpcg", "--out", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p").exists()
