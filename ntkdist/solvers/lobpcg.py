@@ -76,7 +76,7 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     X, AX = S @ C[:, :block], AS @ C[:, :block]
     lam = lam[:block]
     P = AP = None
-    history, converged, it = [], False, 0
+    history, converged, it, restarts = [], False, 0, 0
     t0 = time.perf_counter()
     while True:
         R = AX - X * lam
@@ -108,11 +108,27 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         S, AS = _svqb(np.hstack(parts), np.hstack(aparts))
         H = S.T @ AS
         lam_all, C = scipy.linalg.eigh((H + H.T) / 2)
+        scale = max(abs(lam_all[-1]), abs(lam[-1]), 1e-300)
+        if lam_all[0] > lam[0] + 1e-10 * scale or lam_all[0] < -1e-8 * scale:
+            # The basis contains X, so the smallest Ritz value cannot rise (nor fall below 0
+            # for a PSD operator): rounding in the implicitly updated A·X, A·P broke down.
+            # Restart from X with a fresh product and no P.
+            X, _ = np.linalg.qr(X)
+            AX = matmat(X)
+            products += 1
+            matvecs += X.shape[1]
+            H = X.T @ AX
+            lam, C = scipy.linalg.eigh((H + H.T) / 2)
+            X, AX = X @ C, AX @ C
+            P = AP = None
+            restarts += 1
+            it += 1
+            continue
         Xn, AXn = S @ C[:, :block], AS @ C[:, :block]
         coef = X.T @ Xn
         P, AP = Xn - X @ coef, AXn - AX @ coef
         pn = np.linalg.norm(P, axis=0)
-        keep = pn > 1e-12
+        keep = pn > 1e-8
         P, AP = P[:, keep] / pn[keep], AP[:, keep] / pn[keep]
         if P.shape[1] == 0:
             P = AP = None
