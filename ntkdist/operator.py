@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import NtkdistError
 from .kernels.limiting import kernel_tile, row_block
-from .store import KernelStore, StoreError
+from .store import KernelStore
 
 MODES = ("auto", "store", "memory", "recompute")
 
@@ -76,12 +76,7 @@ class KernelOperator:
         self.passes = self.matvecs = self.bytes_read = 0
         self._tiles = None
         if store is not None:
-            s = KernelStore.open(store)
-            rows_missing, tiles_missing = s.pending()
-            if rows_missing or tiles_missing:
-                raise StoreError(f"store {store!r} is incomplete ({len(tiles_missing)} of "
-                                 f"{len(s.upper_tiles())} tiles missing); finish it with "
-                                 "'ntkdist assemble' first")
+            s = KernelStore.open(store).require_complete()
             self.store, self.problem, self.tile = s, s.spec.problem, s.spec.tile
             self.n = s.spec.n
             self.pairs = s.upper_tiles()

@@ -190,9 +190,14 @@ class KernelStore:
                  if self.tile_key(i, j) not in done or not self.chunk_intact("K", i, j)]
         return rows, tiles
 
-    def complete(self) -> bool:
+    def require_complete(self) -> "KernelStore":
+        """This store, or a one-line StoreError if any row block or tile is not done."""
         rows, tiles = self.pending()
-        return not rows and not tiles
+        if rows or tiles:
+            raise StoreError(f"store {self.path!r} is incomplete ({len(tiles)} of "
+                             f"{len(self.upper_tiles())} tiles missing); run 'ntkdist "
+                             "assemble' with the same arguments to finish it")
+        return self
 
     def bytes_on_disk(self) -> int:
         total = 0
@@ -228,12 +233,7 @@ def open_kernel(path: str):
     """
     import dask.array as da
 
-    store = KernelStore.open(path)
-    rows, tiles = store.pending()
-    if rows or tiles:
-        raise StoreError(f"store {path!r} is incomplete ({len(tiles)} of "
-                         f"{len(store.upper_tiles())} tiles missing); run 'ntkdist assemble' "
-                         "with the same arguments to finish it")
+    store = KernelStore.open(path).require_complete()
     t = store.spec.tile
     upper = da.from_zarr(store.array("K"), chunks=(t, t))
     b = store.spec.blocks

@@ -6,6 +6,16 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def file_tree(path):
+    """Every file under ``path`` with its bytes, to show that nothing was touched."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = open(full, "rb").read()
+    return out
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """An in-process Dask cluster shared by the tests (two workers, one thread each)."""

@@ -11,20 +11,12 @@ import numpy as np
 import pytest
 
 import ntkdist
+from conftest import file_tree
 from ntkdist import assemble as assemble_mod
 from ntkdist.assemble import AssemblyError, assemble
 from ntkdist.cli import main
 from ntkdist.spec import make_spec, make_store_spec
 from ntkdist.store import KernelStore, open_kernel
-
-
-def _tree(path):
-    out = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            out[os.path.relpath(full, path)] = open(full, "rb").read()
-    return out
 
 
 def test_sigkill_then_rerun_gives_identical_store(client, tmp_path):
@@ -55,7 +47,7 @@ def test_sigkill_then_rerun_gives_identical_store(client, tmp_path):
 
     clean = str(tmp_path / "clean.zarr")
     assert main(["assemble", *args, "--store", clean, "--scheduler", client.scheduler.address]) == 0
-    assert _tree(killed) == _tree(clean)
+    assert file_tree(killed) == file_tree(clean)
 
 
 def test_cli_attach_info_verify_and_run_from_store(client, tmp_path, capsys):
@@ -89,7 +81,7 @@ def test_cli_refusals_are_one_line(client, tmp_path, capsys):
     path = str(tmp_path / "k.zarr")
     base = ["--n", "30", "--d", "4", "--depth", "2", "--scheduler", addr]
     assert main(["assemble", *base, "--store", path]) == 0
-    before = _tree(path)
+    before = file_tree(path)
     capsys.readouterr()
     cases = [
         ["assemble", "--n", "30", "--d", "4", "--depth", "3", "--store", path, "--scheduler", addr],
@@ -104,7 +96,7 @@ def test_cli_refusals_are_one_line(client, tmp_path, capsys):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("ntkdist: error:"), err
-    assert _tree(path) == before
+    assert file_tree(path) == before
 
 
 def test_failing_task_reports_and_store_stays_resumable(client, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ntkdist
+from conftest import file_tree
 from ntkdist.assemble import assemble, verify
 from ntkdist.spec import make_spec, make_store_spec
 from ntkdist import open_kernel
@@ -16,15 +17,6 @@ from ntkdist.store import KernelStore, StoreError
 def _spec(n=40, d=6, depth=3, kernel="ntk", tile=9, dtype="float64", seed=5, data="gaussian"):
     run = make_spec(data=data, n=n, d=d, depth=depth, kernel=kernel, seed=seed)
     return run, make_store_spec(run, tile, dtype)
-
-
-def _tree(path):
-    out = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            out[os.path.relpath(full, path)] = open(full, "rb").read()
-    return out
 
 
 @pytest.mark.parametrize("n, tile, depth, kernel", [
@@ -87,23 +79,23 @@ def test_truncated_chunk_with_marker_is_redone(client, tmp_path):
     _, spec = _spec(n=30, tile=10)
     path = str(tmp_path / "k.zarr")
     assemble(spec, path, client, progress=False)
-    before = _tree(path)
+    before = file_tree(path)
     chunk = KernelStore.open(path).chunk_file("K", 0, 1)
     with open(chunk, "r+b") as f:
         f.truncate(100)
     assert assemble(spec, path, client, progress=False)["tiles_computed"] == 1
-    assert _tree(path) == before
+    assert file_tree(path) == before
 
 
 def test_other_spec_and_foreign_paths_are_refused_untouched(client, tmp_path):
     _, spec = _spec()
     path = str(tmp_path / "k.zarr")
     assemble(spec, path, client, progress=False)
-    before = _tree(path)
+    before = file_tree(path)
     _, other = _spec(depth=4)
     with pytest.raises(StoreError, match="another spec"):
         assemble(other, path, client, progress=False)
-    assert _tree(path) == before
+    assert file_tree(path) == before
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "a.txt").write_text("keep")
