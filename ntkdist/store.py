@@ -17,6 +17,7 @@ This module knows the layout only; it never computes kernel entries.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -112,7 +113,19 @@ class KernelStore:
         if "K" not in group:
             group.create_array("K", shape=(n, n), chunks=(t, t), dtype=self.spec.dtype,
                                compressors=None, fill_value=np.nan)
-        os.makedirs(os.path.join(self.path, DONE_DIR), exist_ok=True)
+        done_dir = os.path.join(self.path, DONE_DIR)
+        os.makedirs(done_dir, exist_ok=True)
+        self._remove_partial_writes()
+
+    def _remove_partial_writes(self) -> None:
+        """Delete what a killed run left half-written: markers are renamed into place when
+        complete (``*.tmpPID``), and Zarr's local store does the same with chunks
+        (``*.partial``)."""
+        for root, _, files in os.walk(self.path):
+            for name in files:
+                if name.endswith(".partial") or (root.endswith(DONE_DIR) and ".tmp" in name):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(root, name))
 
     # --- arrays --------------------------------------------------------------------------
     def array(self, name: str, mode: str = "r"):
@@ -182,12 +195,17 @@ class KernelStore:
         return size == int(np.prod(arr_chunks)) * itemsize
 
     def pending(self) -> tuple[list[int], list[tuple[int, int]]]:
-        """Row blocks and upper tiles still to do (a marker without its intact chunk is redone)."""
+        """Row blocks and upper tiles still to do: no marker, an unreadable marker, or a chunk
+        file that is missing or of the wrong size."""
         done = self.done_keys()
-        rows = [i for i in range(self.spec.blocks)
-                if self.rows_key(i) not in done or not self.chunk_intact("X", i, 0)]
+
+        def finished(key, name, *index):
+            return (key in done and self.recorded_checksum(key) is not None
+                    and self.chunk_intact(name, *index))
+
+        rows = [i for i in range(self.spec.blocks) if not finished(self.rows_key(i), "X", i, 0)]
         tiles = [(i, j) for i, j in self.upper_tiles()
-                 if self.tile_key(i, j) not in done or not self.chunk_intact("K", i, j)]
+                 if not finished(self.tile_key(i, j), "K", i, j)]
         return rows, tiles
 
     def require_complete(self) -> "KernelStore":

@@ -85,6 +85,15 @@ def test_truncated_chunk_with_marker_is_redone(client, tmp_path):
         f.truncate(100)
     assert assemble(spec, path, client, progress=False)["tiles_computed"] == 1
     assert file_tree(path) == before
+    with open(os.path.join(path, "done", "K.1.2"), "w") as f:
+        f.write("{not json")
+    with open(os.path.join(path, "done", "K.2.2.tmp4242"), "w") as f:
+        f.write("{")
+    with open(chunk + ".0123abcd.partial", "wb") as f:
+        f.write(b"half a chunk")
+    assert KernelStore.open(path).pending()[1] == [(1, 2)]
+    assert assemble(spec, path, client, progress=False)["tiles_computed"] == 1
+    assert file_tree(path) == before
 
 
 def test_other_spec_and_foreign_paths_are_refused_untouched(client, tmp_path):
