@@ -54,10 +54,6 @@ def _load_tile(path, i, j):
     return KernelStore.open(path).read_tile(i, j)
 
 
-def _memory_product(tile, V, i, j, t):
-    return _products(tile, V, i, j, t)
-
-
 def _recompute_product(A, B, V, i, j, t, depth, kernel, normalization):
     tile = kernel_tile(A, B, depth, kernel, normalization)
     if i == j:
@@ -128,7 +124,7 @@ class KernelOperator:
                        for i, j in self.pairs]
             self.bytes_read += self.tile_bytes
         elif self.mode == "memory":
-            futures = [self.client.submit(_memory_product, self._tiles[(i, j)], Vf, i, j, t,
+            futures = [self.client.submit(_products, self._tiles[(i, j)], Vf, i, j, t,
                                           pure=False) for i, j in self.pairs]
         else:
             futures = [self.client.submit(_recompute_product, self._blocks[i], self._blocks[j], Vf,

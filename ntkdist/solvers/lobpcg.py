@@ -37,18 +37,29 @@ class LobpcgResult:
     products: int  # block products A·V (passes)
     matvecs: int  # columns multiplied
     converged: bool
+    restarts: int = 0  # restarts after rounding broke Ritz monotonicity (each costs a product)
     history: list = field(default_factory=list)  # λ_1 per iteration
 
 
-def _svqb(S: np.ndarray, AS: np.ndarray, drop: float = 1e-10):
-    """Orthonormalise the columns of S (and map AS alike); drop near-dependent directions."""
+def _svqb(S: np.ndarray, AS: np.ndarray | None, drop: float = 1e-10):
+    """Orthonormalise the columns of S (and map AS alike, if given); drop near-dependent
+    directions."""
     G = S.T @ S
     d = np.sqrt(np.clip(np.diag(G), 1e-300, None))
     G = G / np.outer(d, d)
     w, V = np.linalg.eigh(G)
     keep = w > drop * w.max()
     T = (V[:, keep] / np.sqrt(w[keep])) / d[:, None]
-    return S @ T, AS @ T
+    return S @ T, (None if AS is None else AS @ T)
+
+
+def _fresh_ritz(X: np.ndarray, matmat):
+    """Rayleigh–Ritz on span(X) with a fresh product: Ritz vectors, A times them, values."""
+    X, _ = np.linalg.qr(X)
+    AX = matmat(X)
+    H = X.T @ AX
+    lam, C = scipy.linalg.eigh((H + H.T) / 2)
+    return X @ C, AX @ C, lam
 
 
 def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
@@ -68,23 +79,16 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         raise ValueError(f"need 1 <= k <= block <= n, got k={k}, block={block}, n={n}")
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, block)) if X0 is None else np.array(X0, dtype=np.float64)
-    X, _ = np.linalg.qr(X)
-    AX = matmat(X)
+    X, AX, lam = _fresh_ritz(X, matmat)
     products, matvecs = 1, X.shape[1]
-    S, AS = _svqb(X, AX)
-    lam, C = scipy.linalg.eigh(S.T @ AS, overwrite_a=True)
-    X, AX = S @ C[:, :block], AS @ C[:, :block]
-    lam = lam[:block]
     P = AP = None
     history, converged, it, restarts = [], False, 0, 0
     t0 = time.perf_counter()
     while True:
         R = AX - X * lam
         rnorm = np.linalg.norm(R, axis=0)
-        gaps = np.full(block, np.inf)
-        gaps[:-1] = lam[1:] - lam[:-1]
-        gap_k = np.array([lam[i + 1] - lam[i] if i + 1 < block else np.inf for i in range(k)])
-        bound = np.minimum(rnorm[:k], rnorm[:k] ** 2 / np.where(gap_k > 0, gap_k, np.inf))
+        gaps = np.append(np.diff(lam), np.inf)
+        bound = np.minimum(rnorm[:k], rnorm[:k] ** 2 / np.where(gaps[:k] > 0, gaps[:k], np.inf))
         history.append(float(lam[0]))
         if log and it % 10 == 0:
             log(f"iteration {it}: λ_1 = {lam[0]:.12g}, ‖r_1‖ = {rnorm[0]:.2e}, "
@@ -99,7 +103,7 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         W -= X @ (X.T @ W)
         if P is not None:
             W -= P @ (P.T @ W)
-        W, _ = _svqb(W, W)
+        W, _ = _svqb(W, None)
         AW = matmat(W)
         products += 1
         matvecs += W.shape[1]
@@ -113,13 +117,9 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
             # The basis contains X, so the smallest Ritz value cannot rise (nor fall below 0
             # for a PSD operator): rounding in the implicitly updated A·X, A·P broke down.
             # Restart from X with a fresh product and no P.
-            X, _ = np.linalg.qr(X)
-            AX = matmat(X)
+            X, AX, lam = _fresh_ritz(X, matmat)
             products += 1
             matvecs += X.shape[1]
-            H = X.T @ AX
-            lam, C = scipy.linalg.eigh((H + H.T) / 2)
-            X, AX = X @ C, AX @ C
             P = AP = None
             restarts += 1
             it += 1
@@ -136,4 +136,4 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         it += 1
     return LobpcgResult(values=lam[:k].copy(), vectors=X[:, :k].copy(), residuals=rnorm[:k].copy(),
                         gaps=gaps[:k].copy(), iterations=it, products=products, matvecs=matvecs,
-                        converged=converged, history=history)
+                        converged=converged, restarts=restarts, history=history)
