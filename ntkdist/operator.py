@@ -24,24 +24,29 @@ from .store import KernelStore
 MODES = ("auto", "store", "memory", "recompute")
 
 
-#: Rows of a tile handled at once: both products of a strip run while it is in cache, and a
-#: float32 strip is widened to float64 there, so the tile is read from memory once.
-STRIP = 256
+#: Rows of a float32 tile widened to float64 at once (in cache, so the tile is read once).
+STRIP = 512
 
 
-def _products(tile, V, i, j, t):
-    """(i, j, K_IJ V_J, K_IJᵀ V_I) in float64; the second is None on the diagonal."""
+def _products(tile, VT, i, j, t):
+    """(i, j, (K_IJ V_J)ᵀ, (K_IJᵀ V_I)ᵀ) in float64; the second is None on the diagonal.
+
+    The vectors travel transposed (b×N): Vᵀ·K and Vᵀ·Kᵀ with a C-ordered tile run at ~1.6× the
+    speed of K·V with a thin V on one core (OpenBLAS, measured in benchmarks/RESULTS.md).
+    """
     rows, cols = tile.shape
-    vi, vj = V[i * t:i * t + rows], V[j * t:j * t + cols]
-    yi = np.empty((rows, V.shape[1]))
-    yj = None if i == j else np.zeros((cols, V.shape[1]))
+    vi, vj = VT[:, i * t:i * t + rows], VT[:, j * t:j * t + cols]
+    if tile.dtype == np.float64:
+        yi = vj @ tile.T
+        yj = None if i == j else vi @ tile
+        return i, j, yi, yj
+    yi = np.empty((VT.shape[0], rows))
+    yj = None if i == j else np.zeros((VT.shape[0], cols))
     for a in range(0, rows, STRIP):
-        strip = tile[a:a + STRIP]
-        if strip.dtype != np.float64:
-            strip = strip.astype(np.float64)
-        yi[a:a + STRIP] = strip @ vj
+        strip = tile[a:a + STRIP].astype(np.float64)
+        yi[:, a:a + STRIP] = vj @ strip.T
         if yj is not None:
-            yj += strip.T @ vi[a:a + STRIP]
+            yj += vi[:, a:a + STRIP] @ strip
     return i, j, yi, yj
 
 
@@ -113,11 +118,12 @@ class KernelOperator:
     def matmat(self, V: np.ndarray) -> np.ndarray:
         from distributed import as_completed
 
-        V = np.ascontiguousarray(V, dtype=np.float64)
+        V = np.asarray(V, dtype=np.float64)
         squeeze = V.ndim == 1
         if squeeze:
             V = V[:, None]
-        Vf = self.client.scatter(V, broadcast=True, hash=False)
+        b = V.shape[1]
+        Vf = self.client.scatter(np.ascontiguousarray(V.T), broadcast=True, hash=False)
         t, p = self.tile, self.problem
         if self.mode == "store":
             futures = [self.client.submit(_store_product, self.store.path, i, j, Vf, pure=False)
@@ -130,12 +136,12 @@ class KernelOperator:
             futures = [self.client.submit(_recompute_product, self._blocks[i], self._blocks[j], Vf,
                                           i, j, t, p["depth"], p["kernel"], p["normalization"],
                                           pure=False) for i, j in self.pairs]
-        Y = np.zeros_like(V)
+        YT = np.zeros((b, self.n))
         try:
             for _, (i, j, yi, yj) in as_completed(futures, with_results=True):
-                Y[i * t:i * t + yi.shape[0]] += yi
+                YT[:, i * t:i * t + yi.shape[1]] += yi
                 if yj is not None:
-                    Y[j * t:j * t + yj.shape[0]] += yj
+                    YT[:, j * t:j * t + yj.shape[1]] += yj
         except NtkdistError:
             raise
         except Exception as exc:  # a worker's failure, reported as one line
@@ -146,8 +152,8 @@ class KernelOperator:
                 f.cancel()
             del Vf
         self.passes += 1
-        self.matvecs += V.shape[1]
-        return Y[:, 0] if squeeze else Y
+        self.matvecs += b
+        return YT[0].copy() if squeeze else np.ascontiguousarray(YT.T)
 
     def close(self) -> None:
         if self._tiles:

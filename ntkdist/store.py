@@ -49,6 +49,41 @@ def _tile_bounds(i: int, tile: int, n: int) -> slice:
     return slice(i * tile, min(n, (i + 1) * tile))
 
 
+def _read_raw_chunk(A, coords: tuple[int, ...]) -> np.ndarray | None:
+    """One whole chunk of an uncompressed Zarr v3 array, read through the array's own store
+    and chunk-key encoding and decoded with ``np.frombuffer`` (no copy).
+
+    Zarr's generic read path copies each element into a fresh output buffer: measured
+    0.2 s for a 64 MiB float32 chunk from the page cache, against 0.02 s here. Returns None
+    when the array has any codec other than ``bytes`` (the caller then reads through Zarr);
+    a missing chunk reads as the fill value; a chunk of the wrong size is an error.
+    """
+    from zarr.codecs import BytesCodec
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    meta = A.metadata
+    codecs = getattr(meta, "codecs", ())
+    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return None
+    dtype = np.dtype(A.dtype)
+    endian = getattr(codecs[0].endian, "value", None)
+    if dtype.itemsize > 1:
+        dtype = dtype.newbyteorder("<" if endian in (None, "little") else ">")
+    shape = tuple(meta.chunk_grid.chunk_shape)
+    key = meta.encode_chunk_key(coords)
+    buf = sync((A.store_path / key).get(prototype=default_buffer_prototype()))
+    if buf is None:
+        return np.full(shape, A.fill_value, dtype=A.dtype)
+    raw = buf.as_numpy_array()
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if raw.nbytes != expected:
+        raise StoreError(f"chunk {key!r} of {A.store_path} has {raw.nbytes} bytes, expected "
+                         f"{expected}: the store is damaged (run ntkdist verify)")
+    out = raw.view(dtype).reshape(shape)
+    return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
+
+
 @dataclass
 class KernelStore:
     """An opened store: its path, spec and the Zarr arrays. Cheap to re-open on workers."""
@@ -141,7 +176,14 @@ class KernelStore:
         return _tile_bounds(i, t, n), _tile_bounds(j, t, n)
 
     def read_tile(self, i: int, j: int) -> np.ndarray:
-        return self.array("K")[self.tile_slices(i, j)]
+        """Tile (I, J) of K as stored (NaN where never written)."""
+        A = self.array("K")
+        rows, cols = self.tile_slices(i, j)
+        whole = _read_raw_chunk(A, (i, j))
+        if whole is None:
+            return A[rows, cols]
+        r, c = rows.stop - rows.start, cols.stop - cols.start
+        return whole if whole.shape == (r, c) else np.ascontiguousarray(whole[:r, :c])
 
     # --- done record ---------------------------------------------------------------------
     @staticmethod

@@ -55,7 +55,8 @@ def _sym_square_features(U: np.ndarray) -> np.ndarray:
 
 
 def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
-             max_rank: int = 6000, shift: float = HARMONIC_SHIFT) -> Preconditioner:
+             max_rank: int = 6000, shift: float = HARMONIC_SHIFT,
+             feature_dtype=np.float32) -> Preconditioner:
     t0 = time.perf_counter()
     block = row_block(X)
     U, norms = block.unit, block.norms
@@ -73,13 +74,15 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
         feats.append(np.sqrt(a[2]) * _sym_square_features(U))
     Phi = np.hstack(feats)
     chol = scipy.linalg.cho_factor(c * np.eye(Phi.shape[1]) + Phi.T @ Phi)
+    Phi = Phi.astype(feature_dtype)
     scale = normalization_factor(normalization, d)
     inv_d = 1.0 / norms
 
     def apply(R):
         Z = R * inv_d[:, None]
-        Z = (Z - Phi @ scipy.linalg.cho_solve(chol, Phi.T @ Z)) / c
-        return Z * inv_d[:, None] / scale
+        G = scipy.linalg.cho_solve(chol, (Phi.T @ Z.astype(feature_dtype)).astype(np.float64))
+        Z -= Phi @ G.astype(feature_dtype)
+        return Z * (inv_d / (c * scale))[:, None]
 
     return Preconditioner("harmonic", apply, time.perf_counter() - t0, Phi.shape[1])
 
