@@ -212,7 +212,8 @@ class KernelOperator:
         for a in self._assign.values():
             a["cached"].sort()
             a["other"].sort()
-        self._streamed_bytes = sum(self._tile_bytes[p] for p in rest) if self.mode == "store" else 0
+        streamed = rest if self.mode == "store" else []
+        self.streamed_bytes_per_pass = sum(self._tile_bytes[p] for p in streamed)
 
     @property
     def shape(self):
@@ -253,13 +254,13 @@ class KernelOperator:
             del Vf
         self.passes += 1
         self.matvecs += b
-        self.bytes_read += self._streamed_bytes
+        self.bytes_read += self.streamed_bytes_per_pass
         return YT[0].copy() if squeeze else np.ascontiguousarray(YT.T)
 
     def describe(self) -> dict:
         return {"mode": self.mode, "tile_bytes": self.tile_bytes,
                 "cached_bytes": self.cached_bytes,
-                "streamed_bytes_per_pass": self._streamed_bytes}
+                "streamed_bytes_per_pass": self.streamed_bytes_per_pass}
 
     def close(self) -> None:
         for f in self._cache.values():

@@ -109,7 +109,7 @@ def _dense_from(op, X, spec):
 
 def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, store=None):
     precond = None
-    if spec.method == "lobpcg":
+    if spec.method in ("lobpcg", "davidson"):
         precond = make_preconditioner(spec.precond, X, spec.depth, spec.kernel, spec.normalization)
         log(f"preconditioner {precond.name} (rank {precond.rank}), "
             f"set-up {precond.setup_seconds:.1f} s")
@@ -118,7 +118,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                               block=spec.block, precond=precond.apply if precond else None,
                               max_products=spec.max_products, dense_matrix=dense_matrix,
                               scale=cheap["upper_trace_over_n"],
-                              log=log if spec.method == "lobpcg" else None)
+                              log=log if spec.method in ("lobpcg", "davidson") else None)
     if spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
     else:
@@ -145,6 +145,9 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "matvecs": op.matvecs if op is not None else None,
         "bytes_read": op.bytes_read if op is not None else None,
         "operator": op.mode if op is not None else "memory (dense, in process)",
+        "operator_memory": ({"tile_bytes": op.tile_bytes, "cached_bytes": op.cached_bytes,
+                             "streamed_bytes_per_pass": op.streamed_bytes_per_pass}
+                            if op is not None else None),
         "preconditioner": precond.describe() if precond else None,
         "solver_seconds": sol.solver_seconds,
         "n": spec.n,

@@ -11,7 +11,7 @@ from .data import SYNTHETIC, check_rows, file_sha256, load_array, synthetic_rows
 from .errors import SpecError
 from .kernels.limiting import KERNELS, NORMALIZATIONS
 
-METHODS = ("dense", "lobpcg", "lanczos")
+METHODS = ("dense", "lobpcg", "davidson", "lanczos")
 OPERATORS = ("auto", "store", "memory", "recompute")
 #: Fields of RunSpec that choose the solver, not the matrix.
 SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "max_products")

@@ -20,19 +20,24 @@ def _dense_bottom(K, k):
     return scipy.linalg.eigh(K, subset_by_index=[0, k - 1], eigvals_only=True)
 
 
-@pytest.mark.parametrize("kind, n, d, depth, k", [
+CASES = [
     ("sphere", 1500, 64, 3, 1),
     ("gaussian", 1200, 32, 2, 3),
     ("sphere", 800, 16, 4, 2),
     ("gaussian", 40, 64, 1, 2),
     ("sphere", 4000, 64, 3, 2),
-])
-def test_lobpcg_matches_dense(kind, n, d, depth, k):
+]
+
+
+@pytest.mark.parametrize("kind, n, d, depth, k, method",
+                         [(*c, "lobpcg") for c in CASES]
+                         + [(*c, "davidson") for c in CASES if c[1] <= 1500])
+def test_iterative_matches_dense(kind, n, d, depth, k, method):
     X = synthetic_rows(kind, d, SEED + n, 0, n)
     K = ntkdist.ntk(X, depth=depth)
     ref = _dense_bottom(K, k)
     P = make_preconditioner("auto", X, depth, "ntk", "paper")
-    sol = smallest_eigenpairs(lambda V: K @ V, n, "lobpcg", k=k, tol=1e-8, precond=P.apply,
+    sol = smallest_eigenpairs(lambda V: K @ V, n, method, k=k, tol=1e-8, precond=P.apply,
                               scale=np.trace(K) / n)
     assert sol.converged
     np.testing.assert_allclose(sol.values, ref, rtol=1e-6)
@@ -40,13 +45,15 @@ def test_lobpcg_matches_dense(kind, n, d, depth, k):
     np.testing.assert_allclose(sol.residuals, direct, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("precond", ["nystrom:300", "none", "harmonic"])
-def test_preconditioners_and_nngp(precond):
+@pytest.mark.parametrize("precond, method", [("nystrom:300", "lobpcg"), ("none", "lobpcg"),
+                                             ("harmonic", "lobpcg"), ("none", "davidson"),
+                                             ("nystrom:300", "davidson")])
+def test_preconditioners_and_nngp(precond, method):
     X = synthetic_rows("sphere", 24, SEED, 0, 600)
     K = ntkdist.nngp(X, depth=3)
     P = make_preconditioner(precond, X, 3, "nngp", "paper")
     # Without a preconditioner (condition ~7000) a block of 16 certifies in ~1400 products.
-    sol = smallest_eigenpairs(lambda V: K @ V, 600, "lobpcg", k=1, tol=1e-8, block=16,
+    sol = smallest_eigenpairs(lambda V: K @ V, 600, method, k=1, tol=1e-8, block=16,
                               precond=P.apply, max_products=2000, scale=np.trace(K) / 600)
     assert sol.converged
     assert sol.values[0] == pytest.approx(_dense_bottom(K, 1)[0], rel=1e-6)
@@ -64,12 +71,13 @@ def test_harmonic_preconditioner_saves_passes():
     assert counts["harmonic"][0] and counts["harmonic"][1] < counts["none"][1] / 3
 
 
-def test_duplicate_rows_give_zero(tmp_path):
+@pytest.mark.parametrize("method", ["lobpcg", "davidson"])
+def test_duplicate_rows_give_zero(method):
     X = synthetic_rows("sphere", 16, SEED, 0, 300)
     X[200] = X[17]
     K = ntkdist.ntk(X, depth=3)
     P = make_preconditioner("auto", X, 3, "ntk", "paper")
-    sol = smallest_eigenpairs(lambda V: K @ V, 300, "lobpcg", precond=P.apply,
+    sol = smallest_eigenpairs(lambda V: K @ V, 300, method, precond=P.apply,
                               scale=np.trace(K) / 300)
     assert sol.converged and abs(sol.values[0]) < 1e-9 * np.trace(K) / 300
 
@@ -105,6 +113,13 @@ def test_operator_modes_agree_and_cli_solve(client, tmp_path, capsys):
         assert r["preconditioner"]["setup_seconds"] >= 0 and r["converged"]
         v = np.load(os.path.join(out, "eigvec.npy"))
         assert v.shape == (700, 2)
+    out = str(tmp_path / "davidson")
+    assert main(["solve", "--store", store, "--out", out, "--method", "davidson", "--k", "2",
+                 "--scheduler", addr]) == 0
+    r = json.load(open(os.path.join(out, "result.json")))
+    np.testing.assert_allclose(r["eigenvalues"], ref, rtol=1e-7)
+    assert r["method"].startswith("davidson") and r["converged"]
+    assert r["operator_memory"]["cached_bytes"] == r["operator_memory"]["tile_bytes"]
     sizes = [256, 256, 188]
     per_pass = sum(sizes[i] * sizes[j] * 8 for i in range(3) for j in range(i, 3))
     assert results["store"]["bytes_read"] == results["store"]["passes"] * per_pass

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .davidson import davidson_smallest
 from .dense import dense_smallest
 from .lobpcg import lobpcg_smallest
 
-METHODS = ("lobpcg", "lanczos", "dense")
+METHODS = ("lobpcg", "davidson", "lanczos", "dense")
 
 
 @dataclass
@@ -45,7 +46,8 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     """The k smallest eigenpairs of the PSD operator ``matmat`` (N×b ↦ K·V).
 
     ``lobpcg``: :func:`ntkdist.solvers.lobpcg.lobpcg_smallest` with ``precond``, stopping on
-    the k eigenvalues (to ``tol`` relative, or to tol·1e-6·``scale`` absolute where λ ≈ 0;
+    the k eigenvalues (``davidson``: :func:`ntkdist.solvers.davidson.davidson_smallest`, the
+    same interface and stopping rule) (to ``tol`` relative, or to tol·1e-6·``scale`` absolute where λ ≈ 0;
     pass ``scale`` = tr(K)/N). ``lanczos``: ARPACK (``scipy.sparse.linalg.eigsh``, which='SA'),
     unpreconditioned, one product per Lanczos step. ``dense``: ``scipy.linalg.eigh`` on
     ``dense_matrix()``. Residuals are always recomputed with one fresh product.
@@ -56,13 +58,15 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         values, vectors = res.values[:k], res.vectors[:, :k]
         gaps = np.append(np.diff(res.values), np.inf)[:k] if len(res.values) > k else np.full(k, np.inf)
         converged, iterations, name = True, 0, res.method
-    elif method == "lobpcg":
-        r = lobpcg_smallest(matmat, n, k=k, block=block, precond=precond, tol=tol,
-                            max_products=max_products, seed=seed, abs_tol=tol * 1e-6 * scale,
-                            log=log)
+    elif method in ("lobpcg", "davidson"):
+        solver = lobpcg_smallest if method == "lobpcg" else davidson_smallest
+        r = solver(matmat, n, k=k, block=block, precond=precond, tol=tol,
+                   max_products=max_products, seed=seed, abs_tol=tol * 1e-6 * scale, log=log)
         values, vectors, gaps = r.values, r.vectors, r.gaps
         converged, iterations = r.converged, r.iterations
-        name = (f"lobpcg (ntkdist block LOBPCG, block {block or 'auto'}, "
+        what = ("ntkdist block LOBPCG" if method == "lobpcg"
+                else "ntkdist block generalized Davidson, GD+k")
+        name = (f"{method} ({what}, block {block or 'auto'}, "
                 f"{'preconditioned' if precond is not None else 'no preconditioner'})")
     elif method == "lanczos":
         import scipy.sparse.linalg as sla

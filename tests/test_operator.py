@@ -1,0 +1,89 @@
+"""The distributed operator's pieces: tile products, whole-chunk reads, the worker cache."""
+
+import os
+
+import numpy as np
+import pytest
+
+from ntkdist.assemble import assemble
+from ntkdist.errors import NtkdistError
+from ntkdist.operator import KernelOperator, _products
+from ntkdist.spec import make_spec, make_store_spec
+from ntkdist.store import KernelStore, StoreError
+
+SEED = 9127
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tile_products_match_dense(dtype):
+    rng = np.random.default_rng(SEED)
+    n, t, b = 700, 256, 5
+    A = rng.standard_normal((n, n))
+    K = (A + A.T).astype(dtype).astype(np.float64)  # the stored values, exactly
+    V = rng.standard_normal((n, b))
+    VT = np.ascontiguousarray(V.T)
+    for i, j in [(0, 0), (0, 1), (1, 2), (2, 2), (0, 2)]:
+        I, J = slice(i * t, min(n, (i + 1) * t)), slice(j * t, min(n, (j + 1) * t))
+        tile = K[I, J].astype(dtype)
+        _, _, yi, yj = _products(tile, VT, i, j, t)
+        np.testing.assert_allclose(yi.T, K[I, J] @ V[J], rtol=0, atol=1e-12 * np.abs(K).max() * n)
+        if i == j:
+            assert yj is None
+        else:
+            np.testing.assert_allclose(yj.T, K[I, J].T @ V[I], rtol=0,
+                                       atol=1e-12 * np.abs(K).max() * n)
+
+
+def _store(client, tmp_path, dtype="float32", n=700, tile=256):
+    path = str(tmp_path / f"k-{dtype}.zarr")
+    spec = make_store_spec(make_spec(data="sphere", n=n, d=16, depth=3, seed=5), tile, dtype)
+    assemble(spec, path, client, progress=False)
+    return path
+
+
+def test_whole_chunk_reads_match_zarr_and_refuse_damage(client, tmp_path):
+    path = _store(client, tmp_path)
+    store = KernelStore.open(path)
+    K = store.array("K")
+    for i, j in store.upper_tiles():
+        fast = store.read_tile(i, j)
+        np.testing.assert_array_equal(fast, K[store.tile_slices(i, j)])
+        assert fast.dtype == np.float32 and fast.flags.c_contiguous
+    chunk = os.path.join(path, "K", "c", "0", "1")
+    with open(chunk, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(StoreError, match="damaged"):
+        store.read_tile(0, 1)
+    os.remove(chunk)
+    assert np.isnan(store.read_tile(0, 1)).all()
+
+
+def test_partial_cache_streams_the_rest_and_agrees(client, tmp_path):
+    path = _store(client, tmp_path)
+    from ntkdist import open_kernel
+
+    K = np.asarray(open_kernel(path).compute(scheduler="threads"), dtype=np.float64)
+    V = np.random.default_rng(SEED).standard_normal((700, 6))
+    total = sum(w["memory_limit"] for w in client.scheduler_info()["workers"].values())
+    probe = KernelOperator(client, "store", store=path)
+    assert probe.mode == "store" and probe.cached_bytes == 0
+    fraction = 0.5 * probe.tile_bytes / total  # room for about half of the tiles
+    op = KernelOperator(client, "auto", store=path, cache_fraction=fraction)
+    assert op.mode == "store" and 0 < op.cached_bytes < op.tile_bytes
+    assert op.cached_bytes + op.streamed_bytes_per_pass == op.tile_bytes
+    before = op.bytes_read
+    for _ in range(2):
+        np.testing.assert_allclose(op.matmat(V), K @ V, rtol=1e-13, atol=1e-11)
+    assert op.bytes_read - before == 2 * op.streamed_bytes_per_pass
+    np.testing.assert_array_equal(op.matmat(V), op.matmat(V))  # a fixed summation order
+    np.testing.assert_allclose(op.matmat(V), probe.matmat(V), rtol=1e-13, atol=1e-11)
+    np.testing.assert_allclose(op.matmat(V[:, 0]), K @ V[:, 0], rtol=1e-13, atol=1e-11)
+    op.close()
+    probe.close()
+    with pytest.raises(NtkdistError, match="do not fit"):
+        KernelOperator(client, "memory", store=path, cache_fraction=fraction)
+    whole = KernelOperator(client, "auto", store=path)
+    assert whole.mode == "memory" and whole.cached_bytes == whole.tile_bytes
+    assert whole.streamed_bytes_per_pass == 0
+    np.testing.assert_allclose(whole.matmat(V), K @ V, rtol=1e-13, atol=1e-11)
+    whole.close()
