@@ -30,14 +30,14 @@ from ntkdist.store import KernelStore
 
 
 def ntkdist_solve(client, store, mode, precond_name, X, depth=3, tol=1e-8, max_products=600,
-                  block=None, log=None):
+                  block=None, log=None, method="lobpcg"):
     """Wall time from the operator's creation (memory: includes loading the tiles) to the
     certified result."""
     t0 = time.perf_counter()
     op = KernelOperator(client, mode, store=store)
     t_op = time.perf_counter() - t0
     P = make_preconditioner(precond_name, X, depth, "ntk", "paper")
-    sol = smallest_eigenpairs(op.matmat, len(X), "lobpcg", tol=tol, precond=P.apply,
+    sol = smallest_eigenpairs(op.matmat, len(X), method, tol=tol, precond=P.apply,
                               block=block, max_products=max_products, scale=depth * X.shape[1],
                               log=log)
     seconds = time.perf_counter() - t0
@@ -65,14 +65,15 @@ def side_by_side(args):
         t0 = time.perf_counter()
         store = build_store(client, folder, args.n, "float64")
         print(f"store assembled in {time.perf_counter() - t0:.1f} s")
-        for mode in ("memory", "store"):
-            for pc in ("harmonic", "nystrom:1000", "none"):
-                if mode == "store" and pc != "harmonic":
-                    continue
-                cap = {"none": 100, "nystrom:1000": 300}.get(pc, 600)
-                r = ntkdist_solve(client, store, mode, pc, X, max_products=cap)
-                rows.append((f"ntkdist lobpcg, {mode}, {pc}", r))
-                print(rows[-1], flush=True)
+        runs = [("lobpcg", "memory", "harmonic"), ("davidson", "memory", "harmonic"),
+                ("lobpcg", "store", "harmonic"), ("davidson", "store", "harmonic"),
+                ("lobpcg", "memory", "nystrom:1000"), ("lobpcg", "memory", "none")]
+        for method, mode, pc in runs:
+            cap = {"none": 100, "nystrom:1000": 300}.get(pc, 600)
+            r = ntkdist_solve(client, store, mode, pc, X, max_products=cap, method=method,
+                              block=args.block)
+            rows.append((f"ntkdist {method}, {mode}, {pc}", r))
+            print(rows[-1], flush=True)
     K = KernelStore.open(store)
     from ntkdist import open_kernel
 
@@ -130,7 +131,8 @@ def from_store(args):
     X = KernelStore.open(args.store).array("X")[:]
     with connect(workers=2) as client:
         r = ntkdist_solve(client, args.store, args.operator, "harmonic", X,
-                          max_products=args.max_products, block=args.block,
+                          max_products=args.max_products, block=args.block, method=args.method,
+                          tol=args.tol,
                           log=lambda m: print(m, flush=True))
     per_pass = (r["seconds"] - r["operator_setup"]) / r["passes"]
     gb = r["streamed_bytes_per_pass"] / 1e9
@@ -148,6 +150,7 @@ def main():
     s = sub.add_parser("side-by-side")
     s.add_argument("--n", type=int, default=20000)
     s.add_argument("--scipy-cap", type=int, default=300)
+    s.add_argument("--block", type=int, default=None)
     t = sub.add_parser("dtypes")
     t.add_argument("--n", type=int, default=10000)
     f = sub.add_parser("store")
@@ -155,6 +158,8 @@ def main():
     f.add_argument("--max-products", type=int, default=600)
     f.add_argument("--operator", default="auto", choices=["auto", "store"])
     f.add_argument("--block", type=int, default=None)
+    f.add_argument("--method", default="lobpcg", choices=["lobpcg", "davidson"])
+    f.add_argument("--tol", type=float, default=1e-8)
     args = p.parse_args()
     {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store}[args.what](args)
 

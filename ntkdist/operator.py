@@ -164,7 +164,13 @@ class KernelOperator:
                     cache.append(p)
                     used += self._tile_bytes[p]
         if cache:
-            futs = {p: client.submit(_load_tile, self.store.path, *p, pure=False) for p in cache}
+            load = {w: 0.0 for w in workers}  # spread the cached work evenly, largest first
+            futs = {}
+            for p in sorted(cache, key=lambda p: -_cost(*p, *size[p])):
+                w = min(load, key=load.get)
+                load[w] += _cost(*p, *size[p])
+                futs[p] = client.submit(_load_tile, self.store.path, *p, workers=[w],
+                                        allow_other_workers=True, pure=False)
             from distributed import wait
 
             wait(list(futs.values()))

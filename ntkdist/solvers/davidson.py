@@ -81,7 +81,7 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
         AW = matmat(W)
         products += 1
         matvecs += W.shape[1]
-        m, b = V.shape[1], W.shape[1]
+        b = W.shape[1]
         VAW = V.T @ AW
         WAW = W.T @ AW
         H = np.block([[H, VAW], [VAW.T, (WAW + WAW.T) / 2]])

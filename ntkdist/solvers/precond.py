@@ -7,7 +7,7 @@ Both are built from the data alone, without a pass over the stored matrix.
   r ≤ 2 are kept exactly through explicit features Φ = [√a₀·1, √a₁·X̂, √a₂·sym(X̂ ⊗ X̂)]
   (rank 1 + d + d(d+1)/2) and the tail as c·I, c = κ(1) − a₀ − a₁ − a₂, since
   (X̂X̂ᵀ)^∘r ≈ I for r > 2 in high dimension. Then K ≈ s D (ΦΦᵀ + cI) D, inverted by
-  Woodbury: (cI + ΦΦᵀ)⁻¹ = (I − Φ (cI + ΦᵀΦ)⁻¹ Φᵀ)/c. When d(d+1)/2 exceeds
+  Woodbury: (cI + ΦΦᵀ)⁻¹ = (I − Φ (cI + ΦᵀΦ)⁻¹ Φᵀ)/c = (I − ΨΨᵀ)/c, Ψ = Φ L⁻ᵀ. When d(d+1)/2 exceeds
   ``max_rank`` the degree-2 block joins the tail. c is then lowered by ``HARMONIC_SHIFT``
   (a shift towards λ_min: the preconditioner stays positive definite for any shift < 1).
 * ``nystrom``: m landmark rows S drawn with a seed, C = K(X, X_S) computed from the data,
@@ -73,18 +73,20 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
     if use_square:
         feats.append(np.sqrt(a[2]) * _sym_square_features(U))
     Phi = np.hstack(feats)
-    chol = scipy.linalg.cho_factor(c * np.eye(Phi.shape[1]) + Phi.T @ Phi)
-    Phi = Phi.astype(feature_dtype)
+    # (cI + ΦΦᵀ)⁻¹ = (I − Ψ Ψᵀ)/c with Ψ = Φ L⁻ᵀ, L Lᵀ = cI + ΦᵀΦ: two GEMMs per application,
+    # and Ψ (singular values < 1) is stored in float32 without the column scales of Φ.
+    L = scipy.linalg.cholesky(c * np.eye(Phi.shape[1]) + Phi.T @ Phi, lower=True)
+    Psi = scipy.linalg.solve_triangular(L, Phi.T, lower=True).T.astype(feature_dtype)
+    del Phi
     scale = normalization_factor(normalization, d)
     inv_d = 1.0 / norms
 
     def apply(R):
         Z = R * inv_d[:, None]
-        G = scipy.linalg.cho_solve(chol, (Phi.T @ Z.astype(feature_dtype)).astype(np.float64))
-        Z -= Phi @ G.astype(feature_dtype)
+        Z -= Psi @ (Psi.T @ Z.astype(feature_dtype))
         return Z * (inv_d / (c * scale))[:, None]
 
-    return Preconditioner("harmonic", apply, time.perf_counter() - t0, Phi.shape[1])
+    return Preconditioner("harmonic", apply, time.perf_counter() - t0, Psi.shape[1])
 
 
 def nystrom(X: np.ndarray, depth: int, kernel: str, normalization: str,
