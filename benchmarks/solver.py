@@ -30,16 +30,19 @@ from ntkdist.store import KernelStore
 
 
 def ntkdist_solve(client, store, mode, precond_name, X, depth=3, tol=1e-8, max_products=600,
-                  block=None, log=None, method="lobpcg"):
+                  block=None, log=None, method="lobpcg", budget=None):
     """Wall time from the operator's creation (memory: includes loading the tiles) to the
     certified result."""
     t0 = time.perf_counter()
     op = KernelOperator(client, mode, store=store)
     t_op = time.perf_counter() - t0
     P = make_preconditioner(precond_name, X, depth, "ntk", "paper")
+    # With a wall-clock budget: stop iterating a minute early, in time for the last
+    # iteration and the final residual product (~2 passes at N = 100000).
+    left = None if budget is None else budget - (time.perf_counter() - t0) - 60.0
     sol = smallest_eigenpairs(op.matmat, len(X), method, tol=tol, precond=P.apply,
                               block=block, max_products=max_products, scale=depth * X.shape[1],
-                              log=log)
+                              log=log, max_seconds=left)
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "lambda": float(sol.values[0]), "passes": op.passes,
            "matvecs": op.matvecs, "residual": float(sol.residuals[0]),
@@ -132,7 +135,7 @@ def from_store(args):
     with connect(workers=2) as client:
         r = ntkdist_solve(client, args.store, args.operator, "harmonic", X,
                           max_products=args.max_products, block=args.block, method=args.method,
-                          tol=args.tol,
+                          tol=args.tol, budget=args.budget,
                           log=lambda m: print(m, flush=True))
     per_pass = (r["seconds"] - r["operator_setup"]) / r["passes"]
     gb = r["streamed_bytes_per_pass"] / 1e9
@@ -160,6 +163,8 @@ def main():
     f.add_argument("--block", type=int, default=None)
     f.add_argument("--method", default="lobpcg", choices=["lobpcg", "davidson"])
     f.add_argument("--tol", type=float, default=1e-8)
+    f.add_argument("--budget", type=float, default=None,
+                   help="wall-clock seconds for the whole solve (stop iterating in time)")
     args = p.parse_args()
     {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store}[args.what](args)
 

@@ -164,3 +164,15 @@ def test_run_without_store_recomputes_on_workers(client, tmp_path, capsys):
     assert main(["run", "--n", "400", "--d", "16", "--depth", "3", "--operator", "store",
                  "--method", "lobpcg", "--out", str(tmp_path / "p")]) == 2
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("method", ["lobpcg", "davidson"])
+def test_time_limit_stops_unconverged_with_fresh_residual(method):
+    X = synthetic_rows("sphere", 32, SEED, 0, 500)
+    K = ntkdist.ntk(X, depth=3)
+    sol = smallest_eigenpairs(lambda V: K @ V, 500, method, tol=1e-12, max_seconds=0.0,
+                              scale=np.trace(K) / 500)
+    assert not sol.converged and sol.iterations == 0
+    assert sol.values[0] >= _dense_bottom(K, 1)[0] * (1 - 1e-12)  # a Ritz value: an upper bound
+    direct = np.linalg.norm(K @ sol.vectors - sol.vectors * sol.values, axis=0)
+    np.testing.assert_allclose(sol.residuals, direct, rtol=1e-8)

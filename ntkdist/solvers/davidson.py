@@ -29,6 +29,7 @@ def _orthonormalize_against(V, W, passes: int = 2):
 def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
                       tol: float = 1e-8, max_products: int = 500, seed: int = 0,
                       X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None,
+                      max_seconds: float | None = None,
                       basis: int | None = None, keep: int | None = None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
     the largest search space ``basis`` (default 4·block) and the Ritz vectors ``keep``
@@ -62,7 +63,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
         if np.all(bound <= np.maximum(tol * np.abs(theta[:k]), abs_tol)):
             converged = True
             break
-        if products >= max_products:
+        if products >= max_products or (max_seconds is not None
+                                        and time.perf_counter() - t0 >= max_seconds):
             break
         if V.shape[1] + block > basis:  # restart: smallest Ritz vectors + the previous ones
             Q = C[:, :keep]

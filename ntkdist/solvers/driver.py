@@ -42,7 +42,7 @@ class Eigensolution:
 def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol: float = 1e-8,
                         block: int | None = None, precond=None, max_products: int = 600,
                         seed: int = 0, dense_matrix=None, scale: float = 0.0,
-                        log=None) -> Eigensolution:
+                        log=None, max_seconds: float | None = None) -> Eigensolution:
     """The k smallest eigenpairs of the PSD operator ``matmat`` (N×b ↦ K·V).
 
     ``lobpcg``: :func:`ntkdist.solvers.lobpcg.lobpcg_smallest` with ``precond``, stopping on
@@ -61,7 +61,8 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     elif method in ("lobpcg", "davidson"):
         solver = lobpcg_smallest if method == "lobpcg" else davidson_smallest
         r = solver(matmat, n, k=k, block=block, precond=precond, tol=tol,
-                   max_products=max_products, seed=seed, abs_tol=tol * 1e-6 * scale, log=log)
+                   max_products=max_products, seed=seed, abs_tol=tol * 1e-6 * scale, log=log,
+                   max_seconds=max_seconds)
         values, vectors, gaps = r.values, r.vectors, r.gaps
         converged, iterations = r.converged, r.iterations
         what = ("ntkdist block LOBPCG" if method == "lobpcg"

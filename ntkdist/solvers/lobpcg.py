@@ -64,7 +64,8 @@ def _fresh_ritz(X: np.ndarray, matmat):
 
 def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
                     tol: float = 1e-8, max_products: int = 500, seed: int = 0,
-                    X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None) -> LobpcgResult:
+                    X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None,
+                    max_seconds: float | None = None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric positive semidefinite operator.
 
     ``matmat(V)`` returns A·V for an (n, b) float64 block; ``precond(R)`` applies an
@@ -96,7 +97,8 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         if np.all(bound <= np.maximum(tol * np.abs(lam[:k]), abs_tol)):
             converged = True
             break
-        if products >= max_products:
+        if products >= max_products or (max_seconds is not None
+                                        and time.perf_counter() - t0 >= max_seconds):
             break
         # Converged directions beyond k keep their place in the basis; all are refined.
         W = precond(R) if precond is not None else R.copy()
