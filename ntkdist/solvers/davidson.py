@@ -2,7 +2,8 @@
 
 Stathopoulos & McCombs, "Nearly optimal preconditioned methods for Hermitian eigenproblems
 under limited memory" (SIAM J. Sci. Comput. 29, 2007; PRIMME's default): the search space
-grows by one preconditioned residual block W = M·R per product up to ``basis`` columns, and
+grows by one preconditioned residual block W = M·R per product up to ``basis`` columns (6
+blocks by default, so the space is restarted every third iteration), and
 restarts to the ``keep`` smallest Ritz vectors plus the previous iteration's Ritz vectors
 (which carry the conjugate direction that LOBPCG keeps in P). One product A·W per
 iteration, as LOBPCG, but Rayleigh–Ritz sees a larger space, which is what the dense bottom
@@ -32,13 +33,13 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
                       max_seconds: float | None = None,
                       basis: int | None = None, keep: int | None = None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
-    the largest search space ``basis`` (default 4·block) and the Ritz vectors ``keep``
+    the largest search space ``basis`` (default 6·block) and the Ritz vectors ``keep``
     at restart (default 2·block; the previous iteration's block is kept as well)."""
     block = block or max(32, 2 * k + 16)
     block = min(block, max(k, n // 4), n)
     if not 1 <= k <= block:
         raise ValueError(f"need 1 <= k <= block <= n, got k={k}, block={block}, n={n}")
-    basis = min(basis or 4 * block, n)
+    basis = min(basis or 6 * block, n)
     keep = min(keep or 2 * block, basis - 2 * block) if basis >= 3 * block else block
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, block)) if X0 is None else np.array(X0, dtype=np.float64)
