@@ -17,7 +17,7 @@ import time
 import numpy as np
 import scipy.linalg
 
-from .lobpcg import LobpcgResult, _fresh_ritz, _svqb
+from .lobpcg import LobpcgResult, _certify, _fresh_ritz, _svqb
 
 
 def _orthonormalize_against(V, W, passes: int = 2):
@@ -53,16 +53,9 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
         X, AX = V @ C[:, :block], AV @ C[:, :block]
         theta = lam[:block]
         R = AX - X * theta
-        rnorm = np.linalg.norm(R, axis=0)
-        gaps = np.append(np.diff(theta), np.inf)
-        bound = np.minimum(rnorm[:k], rnorm[:k] ** 2 / np.where(gaps[:k] > 0, gaps[:k], np.inf))
         history.append(float(theta[0]))
-        if log and it % 10 == 0:
-            log(f"iteration {it}: λ_1 = {theta[0]:.12g}, ‖r_1‖ = {rnorm[0]:.2e}, "
-                f"bound {bound[0] / max(abs(theta[0]), 1e-300):.1e} rel, "
-                f"{time.perf_counter() - t0:.0f} s")
-        if np.all(bound <= np.maximum(tol * np.abs(theta[:k]), abs_tol)):
-            converged = True
+        rnorm, gaps, converged = _certify(R, theta, k, tol, abs_tol, it, t0, log)
+        if converged:
             break
         if products >= max_products or (max_seconds is not None
                                         and time.perf_counter() - t0 >= max_seconds):

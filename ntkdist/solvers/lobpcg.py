@@ -62,6 +62,18 @@ def _fresh_ritz(X: np.ndarray, matmat):
     return X @ C, AX @ C, lam
 
 
+def _certify(R, lam, k: int, tol: float, abs_tol: float, it: int, t0: float, log):
+    """Residual norms, Ritz gaps, and whether the k smallest Ritz values meet
+    min(‖r‖, ‖r‖²/δ) ≤ max(tol·|λ|, abs_tol); logs every 10 iterations."""
+    rnorm = np.linalg.norm(R, axis=0)
+    gaps = np.append(np.diff(lam), np.inf)
+    bound = np.minimum(rnorm[:k], rnorm[:k] ** 2 / np.where(gaps[:k] > 0, gaps[:k], np.inf))
+    if log and it % 10 == 0:
+        log(f"iteration {it}: λ_1 = {lam[0]:.12g}, ‖r_1‖ = {rnorm[0]:.2e}, "
+            f"bound {bound[0] / max(abs(lam[0]), 1e-300):.1e} rel, {time.perf_counter() - t0:.0f} s")
+    return rnorm, gaps, bool(np.all(bound <= np.maximum(tol * np.abs(lam[:k]), abs_tol)))
+
+
 def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
                     tol: float = 1e-8, max_products: int = 500, seed: int = 0,
                     X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None,
@@ -87,15 +99,9 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     t0 = time.perf_counter()
     while True:
         R = AX - X * lam
-        rnorm = np.linalg.norm(R, axis=0)
-        gaps = np.append(np.diff(lam), np.inf)
-        bound = np.minimum(rnorm[:k], rnorm[:k] ** 2 / np.where(gaps[:k] > 0, gaps[:k], np.inf))
         history.append(float(lam[0]))
-        if log and it % 10 == 0:
-            log(f"iteration {it}: λ_1 = {lam[0]:.12g}, ‖r_1‖ = {rnorm[0]:.2e}, "
-                f"bound {bound[0] / max(abs(lam[0]), 1e-300):.1e} rel, {time.perf_counter() - t0:.0f} s")
-        if np.all(bound <= np.maximum(tol * np.abs(lam[:k]), abs_tol)):
-            converged = True
+        rnorm, gaps, converged = _certify(R, lam, k, tol, abs_tol, it, t0, log)
+        if converged:
             break
         if products >= max_products or (max_seconds is not None
                                         and time.perf_counter() - t0 >= max_seconds):
