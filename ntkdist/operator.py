@@ -31,7 +31,7 @@ STRIP = 256
 
 
 def _products(tile, VT, i, j, t, buf=None):
-    """(i, j, (K_IJ V_J)ᵀ, (K_IJᵀ V_I)ᵀ) in float64; the second is None on the diagonal.
+    """((K_IJ V_J)ᵀ, (K_IJᵀ V_I)ᵀ) in float64; the second is None on the diagonal.
 
     The vectors travel transposed (b×N): Vᵀ·K and Vᵀ·Kᵀ with a C-ordered tile run at ~1.6× the
     speed of K·V with a thin V on one core (OpenBLAS, measured in benchmarks/RESULTS.md).
@@ -42,7 +42,7 @@ def _products(tile, VT, i, j, t, buf=None):
     if tile.dtype == np.float64:
         yi = vj @ tile.T
         yj = None if i == j else vi @ tile
-        return i, j, yi, yj
+        return yi, yj
     if buf is None or buf.shape[1] < cols:
         buf = np.empty((STRIP, cols))
     yi = np.empty((VT.shape[0], rows))
@@ -53,7 +53,7 @@ def _products(tile, VT, i, j, t, buf=None):
         yi[:, a:a + STRIP] = vj @ strip.T
         if yj is not None:
             yj += vi[:, a:a + STRIP] @ strip
-    return i, j, yi, yj
+    return yi, yj
 
 
 def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem):
@@ -70,7 +70,7 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
     buf = np.empty((STRIP, t))
 
     def add(i, j, tile):
-        _, _, yi, yj = _products(tile, VT, i, j, t, buf)
+        yi, yj = _products(tile, VT, i, j, t, buf)
         YT[:, i * t:i * t + yi.shape[1]] += yi
         if yj is not None:
             YT[:, j * t:j * t + yj.shape[1]] += yj
@@ -178,7 +178,6 @@ class KernelOperator:
             self._cache = futs
             self.cached_bytes = sum(self._tile_bytes[p] for p in cache)
             self.bytes_read += self.cached_bytes
-        self.cached_fraction = self.cached_bytes / self.tile_bytes if self.tile_bytes else 0.0
         self._plan(workers, size)
         self._blocks = None
         if mode == "recompute":
@@ -207,7 +206,6 @@ class KernelOperator:
                 w = (where.get(f.key) or [None])[0]
                 if w not in load:
                     w = min(load, key=load.get)
-                    load.setdefault(w, 0.0)
                 self._assign[w]["cached"].append(p)
                 load[w] += _cost(*p, *size[p])
         rest = [p for p in self.pairs if p not in self._cache]

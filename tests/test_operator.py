@@ -25,7 +25,7 @@ def test_tile_products_match_dense(dtype):
     for i, j in [(0, 0), (0, 1), (1, 2), (2, 2), (0, 2)]:
         I, J = slice(i * t, min(n, (i + 1) * t)), slice(j * t, min(n, (j + 1) * t))
         tile = K[I, J].astype(dtype)
-        _, _, yi, yj = _products(tile, VT, i, j, t)
+        yi, yj = _products(tile, VT, i, j, t)
         np.testing.assert_allclose(yi.T, K[I, J] @ V[J], rtol=0, atol=1e-12 * np.abs(K).max() * n)
         if i == j:
             assert yj is None

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import scipy.linalg
 
-from .lobpcg import LobpcgResult, _certify, _fresh_ritz, _svqb
+from .lobpcg import LobpcgResult, _check, _fresh_ritz, _svqb
 
 
 def _orthonormalize_against(V, W, passes: int = 2):
@@ -47,18 +47,16 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     H, C = np.diag(lam), np.eye(block)  # projected matrix, its eigenvectors
     prev = None  # the previous iteration's Ritz vectors, as coefficients on V
     products, matvecs, restarts, it = 1, block, 0, 0
-    history, converged = [], False
+    history = []
     t0 = time.perf_counter()
     while True:
         X, AX = V @ C[:, :block], AV @ C[:, :block]
         theta = lam[:block]
         R = AX - X * theta
         history.append(float(theta[0]))
-        rnorm, gaps, converged = _certify(R, theta, k, tol, abs_tol, it, t0, log)
-        if converged:
-            break
-        if products >= max_products or (max_seconds is not None
-                                        and time.perf_counter() - t0 >= max_seconds):
+        rnorm, gaps, converged, stop = _check(R, theta, k, tol, abs_tol, it, t0, log, products,
+                                              max_products, max_seconds)
+        if stop:
             break
         if V.shape[1] + block > basis:  # restart: smallest Ritz vectors + the previous ones
             Q = C[:, :keep]

@@ -62,16 +62,20 @@ def _fresh_ritz(X: np.ndarray, matmat):
     return X @ C, AX @ C, lam
 
 
-def _certify(R, lam, k: int, tol: float, abs_tol: float, it: int, t0: float, log):
-    """Residual norms, Ritz gaps, and whether the k smallest Ritz values meet
-    min(‖r‖, ‖r‖²/δ) ≤ max(tol·|λ|, abs_tol); logs every 10 iterations."""
+def _check(R, lam, k: int, tol: float, abs_tol: float, it: int, t0: float, log,
+           products: int, max_products: int, max_seconds: float | None):
+    """Residual norms, Ritz gaps, whether the k smallest Ritz values meet
+    min(‖r‖, ‖r‖²/δ) ≤ max(tol·|λ|, abs_tol), and whether to stop (converged, or out of
+    products or time); logs every 10 iterations."""
     rnorm = np.linalg.norm(R, axis=0)
     gaps = np.append(np.diff(lam), np.inf)
     bound = np.minimum(rnorm[:k], rnorm[:k] ** 2 / np.where(gaps[:k] > 0, gaps[:k], np.inf))
     if log and it % 10 == 0:
         log(f"iteration {it}: λ_1 = {lam[0]:.12g}, ‖r_1‖ = {rnorm[0]:.2e}, "
             f"bound {bound[0] / max(abs(lam[0]), 1e-300):.1e} rel, {time.perf_counter() - t0:.0f} s")
-    return rnorm, gaps, bool(np.all(bound <= np.maximum(tol * np.abs(lam[:k]), abs_tol)))
+    converged = bool(np.all(bound <= np.maximum(tol * np.abs(lam[:k]), abs_tol)))
+    out_of_time = max_seconds is not None and time.perf_counter() - t0 >= max_seconds
+    return rnorm, gaps, converged, converged or products >= max_products or out_of_time
 
 
 def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
@@ -95,16 +99,14 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     X, AX, lam = _fresh_ritz(X, matmat)
     products, matvecs = 1, X.shape[1]
     P = AP = None
-    history, converged, it, restarts = [], False, 0, 0
+    history, it, restarts = [], 0, 0
     t0 = time.perf_counter()
     while True:
         R = AX - X * lam
         history.append(float(lam[0]))
-        rnorm, gaps, converged = _certify(R, lam, k, tol, abs_tol, it, t0, log)
-        if converged:
-            break
-        if products >= max_products or (max_seconds is not None
-                                        and time.perf_counter() - t0 >= max_seconds):
+        rnorm, gaps, converged, stop = _check(R, lam, k, tol, abs_tol, it, t0, log, products,
+                                              max_products, max_seconds)
+        if stop:
             break
         # Converged directions beyond k keep their place in the basis; all are refined.
         W = precond(R) if precond is not None else R.copy()
