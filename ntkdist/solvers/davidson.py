@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import scipy.linalg
 
 from .lobpcg import LobpcgResult, _check, _fresh_ritz, _svqb
 
@@ -66,7 +65,7 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
             V, AV = V @ Q, AV @ Q
             H = Q.T @ H @ Q
             H = (H + H.T) / 2
-            lam, C = scipy.linalg.eigh(H)
+            lam, C = np.linalg.eigh(H)
             prev = None
         W = precond(R) if precond is not None else R.copy()
         W = _orthonormalize_against(V, W)
@@ -81,7 +80,7 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
         H = np.block([[H, VAW], [VAW.T, (WAW + WAW.T) / 2]])
         V, AV = np.hstack([V, W]), np.hstack([AV, AW])
         prev = np.vstack([C[:, :block], np.zeros((b, block))])
-        lam_new, C_new = scipy.linalg.eigh(H)
+        lam_new, C_new = np.linalg.eigh(H)
         scale = max(abs(lam_new[-1]), 1e-300)
         if lam_new[0] > theta[0] + 1e-10 * scale or lam_new[0] < -1e-8 * scale:
             # The space contains the previous Ritz vectors, so λ_1 cannot rise (nor fall below

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg
 
 
 @dataclass
@@ -58,7 +57,7 @@ def _fresh_ritz(X: np.ndarray, matmat):
     X, _ = np.linalg.qr(X)
     AX = matmat(X)
     H = X.T @ AX
-    lam, C = scipy.linalg.eigh((H + H.T) / 2)
+    lam, C = np.linalg.eigh((H + H.T) / 2)
     return X @ C, AX @ C, lam
 
 
@@ -121,7 +120,7 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         aparts = [AX, AW] if P is None else [AX, AW, AP]
         S, AS = _svqb(np.hstack(parts), np.hstack(aparts))
         H = S.T @ AS
-        lam_all, C = scipy.linalg.eigh((H + H.T) / 2)
+        lam_all, C = np.linalg.eigh((H + H.T) / 2)
         scale = max(abs(lam_all[-1]), abs(lam[-1]), 1e-300)
         if lam_all[0] > lam[0] + 1e-10 * scale or lam_all[0] < -1e-8 * scale:
             # The basis contains X, so the smallest Ritz value cannot rise (nor fall below 0
