@@ -54,6 +54,9 @@ def _add_solver_args(p) -> None:
                    help="how K·V is computed (default auto: memory if the tiles fit, else store)")
     p.add_argument("--max-products", type=int, default=600,
                    help="cap on passes over the kernel (default 600)")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="save the solver's Ritz block to OUT/checkpoint.npz this often; a rerun "
+                        "with the same --out resumes from it (default 60)")
 
 
 def _solver_options(args, n: int, store) -> dict:
@@ -108,13 +111,23 @@ def _cluster(args) -> dict:
             "workers": args.workers, "memory_limit": args.memory_limit}
 
 
+def _checkpoint_every(args) -> float:
+    from .errors import SpecError
+
+    every = args.checkpoint_every
+    if not (every >= 0 and every != float("inf")):
+        raise SpecError(f"--checkpoint-every must be a finite number of seconds >= 0, got {every}")
+    return every
+
+
 def _cmd_run(args) -> int:
     from .pipeline import run, summary
 
     spec = _spec(args)
     spec = spec.with_solver(**_solver_options(args, spec.n, args.store))
     result = run(spec, args.out, log=lambda msg: print(msg, flush=True), store=args.store,
-                 cluster=_cluster(args), tile=args.tile, dtype=args.dtype)
+                 cluster=_cluster(args), tile=args.tile, dtype=args.dtype,
+                 checkpoint_every=_checkpoint_every(args))
     print(summary(result, args.out))
     return 0
 
@@ -125,7 +138,8 @@ def _cmd_solve(args) -> int:
 
     n = KernelStore.open(args.store).spec.n
     result = solve(args.store, args.out, log=lambda msg: print(msg, flush=True),
-                   cluster=_cluster(args), **_solver_options(args, n, args.store))
+                   cluster=_cluster(args), checkpoint_every=_checkpoint_every(args),
+                   **_solver_options(args, n, args.store))
     print(summary(result, args.out))
     return 0
 

@@ -14,6 +14,7 @@ from .data import check_rows
 from .errors import SpecError
 from .kernels.limiting import nngp, ntk
 from .results import EIGVEC_FILE, RESULT_FILE, claim_out_dir, write_json, write_npy
+from .solvers.checkpoint import CHECKPOINT_FILE, Checkpoint
 from .solvers.driver import smallest_eigenpairs
 from .solvers.precond import make_preconditioner
 from .spec import RunSpec
@@ -29,14 +30,16 @@ def default_method(n: int, store: str | None) -> str:
 
 
 def run(spec: RunSpec, out: str, log=print, store: str | None = None,
-        cluster: dict | None = None, tile: int | None = None, dtype: str | None = None) -> dict:
+        cluster: dict | None = None, tile: int | None = None, dtype: str | None = None,
+        checkpoint_every: float = 60.0) -> dict:
     """Compute the k smallest eigenvalues for ``spec``; write ``out/result.json`` and
     ``out/eigvec.npy``.
 
     With ``store`` the kernel is first assembled (or resumed) into that Zarr store on a Dask
     cluster (``cluster``: keyword arguments of :func:`ntkdist.cluster.connect`) and solved
     from there. Without it, ``dense`` builds the kernel in memory and iterative methods
-    recompute tiles on the cluster's workers every pass.
+    recompute tiles on the cluster's workers every pass. Iterative solves save their Ritz
+    block to ``out/checkpoint.npz`` every ``checkpoint_every`` seconds and resume from it.
     """
     if spec.method == "dense" and spec.n > DENSE_MAX_N:
         raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}; "
@@ -51,7 +54,8 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
     if store is None and spec.method == "dense":
         gram = ntk if spec.kernel == "ntk" else nngp
         K = gram(X, depth=spec.depth, normalization=spec.normalization)
-        return _solve_and_write(spec, X, check, out, lambda V: K @ V, lambda: K, None, t0, log)
+        return _solve_and_write(spec, X, check, out, lambda V: K @ V, lambda: K, None, t0, log,
+                                ckpt=(spec.hash(), checkpoint_every))
     from .assemble import assemble, resolve_store_spec
     from .cluster import connect
     from .operator import KernelOperator
@@ -67,10 +71,11 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
                                 tile=tile or 4096)
         with contextlib.closing(op):
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
-                                    op, t0, log, store=store)
+                                    op, t0, log, store=store, ckpt=(spec.hash(), checkpoint_every))
 
 
-def solve(store: str, out: str, log=print, cluster: dict | None = None, **options) -> dict:
+def solve(store: str, out: str, log=print, cluster: dict | None = None,
+          checkpoint_every: float = 60.0, **options) -> dict:
     """Solve for the smallest eigenvalues of the kernel in a complete ``store``."""
     from .cluster import connect
     from .operator import KernelOperator
@@ -89,7 +94,8 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None, **option
                       _out_hash(spec, kstore))
         with contextlib.closing(op):
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
-                                    op, t0, log, store=store)
+                                    op, t0, log, store=store,
+                                    ckpt=(_out_hash(spec, kstore), checkpoint_every))
 
 
 def _out_hash(spec: RunSpec, kstore) -> str:
@@ -107,9 +113,14 @@ def _dense_from(op, X, spec):
     return gram(X, depth=spec.depth, normalization=spec.normalization)
 
 
-def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, store=None):
-    precond = None
+def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, store=None,
+                     ckpt=None):
+    precond = checkpoint = None
     if spec.method in ("lobpcg", "davidson"):
+        if ckpt is not None:
+            checkpoint = Checkpoint(os.path.join(out, CHECKPOINT_FILE),
+                                    {"out_hash": ckpt[0], "method": spec.method, "n": spec.n},
+                                    every=ckpt[1], log=log)
         precond = make_preconditioner(spec.precond, X, spec.depth, spec.kernel, spec.normalization)
         log(f"preconditioner {precond.name} (rank {precond.rank}), "
             f"set-up {precond.setup_seconds:.1f} s")
@@ -118,7 +129,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                               block=spec.block, precond=precond.apply if precond else None,
                               max_products=spec.max_products, dense_matrix=dense_matrix,
                               scale=cheap["upper_trace_over_n"],
-                              log=log if spec.method in ("lobpcg", "davidson") else None)
+                              log=log if spec.method in ("lobpcg", "davidson") else None,
+                              checkpoint=checkpoint)
     if spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
     else:
@@ -144,6 +156,9 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "passes": op.passes if op is not None else None,
         "matvecs": op.matvecs if op is not None else None,
         "bytes_read": op.bytes_read if op is not None else None,
+        "resumed_from_checkpoint": sol.resumed,
+        "passes_total": (op.passes + (sol.resumed or {}).get("passes", 0)
+                         if op is not None else None),
         "operator": op.mode if op is not None else "memory (dense, in process)",
         "operator_memory": ({"tile_bytes": op.tile_bytes, "cached_bytes": op.cached_bytes,
                              "streamed_bytes_per_pass": op.streamed_bytes_per_pass}
@@ -170,6 +185,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     }
     write_npy(os.path.join(out, EIGVEC_FILE), sol.vectors[:, 0] if spec.k == 1 else sol.vectors)
     write_json(os.path.join(out, RESULT_FILE), result)
+    if checkpoint is not None:
+        checkpoint.remove()
     return result
 
 

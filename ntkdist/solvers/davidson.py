@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .lobpcg import LobpcgResult, _check, _fresh_ritz, _svqb
+from .lobpcg import LobpcgResult, _check, _fresh_ritz, _svqb, block_size
 
 
 def _orthonormalize_against(V, W, passes: int = 2):
@@ -29,15 +29,12 @@ def _orthonormalize_against(V, W, passes: int = 2):
 def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
                       tol: float = 1e-8, max_products: int = 500, seed: int = 0,
                       X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None,
-                      max_seconds: float | None = None,
+                      max_seconds: float | None = None, on_iterate=None,
                       basis: int | None = None, keep: int | None = None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
     the largest search space ``basis`` (default 6·block) and the Ritz vectors ``keep``
     at restart (default 2·block; the previous iteration's block is kept as well)."""
-    block = block or max(32, 2 * k + 16)
-    block = min(block, max(k, n // 4), n)
-    if not 1 <= k <= block:
-        raise ValueError(f"need 1 <= k <= block <= n, got k={k}, block={block}, n={n}")
+    block = block_size(n, k, block)
     basis = min(basis or 6 * block, n)
     keep = min(keep or 2 * block, basis - 2 * block) if basis >= 3 * block else block
     rng = np.random.default_rng(seed)
@@ -57,6 +54,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
                                               max_products, max_seconds)
         if stop:
             break
+        if on_iterate is not None:
+            on_iterate(X, theta, it, products)
         if V.shape[1] + block > basis:  # restart: smallest Ritz vectors + the previous ones
             Q = C[:, :keep]
             if prev is not None:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .davidson import davidson_smallest
 from .dense import dense_smallest
-from .lobpcg import lobpcg_smallest
+from .lobpcg import block_size, lobpcg_smallest
 
 METHODS = ("lobpcg", "davidson", "lanczos", "dense")
 
@@ -24,6 +24,7 @@ class Eigensolution:
     converged: bool
     iterations: int
     solver_seconds: float
+    resumed: dict | None = None  # the checkpoint this solve started from (iterations, passes)
 
     def certificate(self) -> dict:
         """Residual-based bounds on |λ − λ_true| for each λ (see README, 'Accuracy')."""
@@ -42,7 +43,8 @@ class Eigensolution:
 def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol: float = 1e-8,
                         block: int | None = None, precond=None, max_products: int = 600,
                         seed: int = 0, dense_matrix=None, scale: float = 0.0,
-                        log=None, max_seconds: float | None = None) -> Eigensolution:
+                        log=None, max_seconds: float | None = None,
+                        checkpoint=None) -> Eigensolution:
     """The k smallest eigenpairs of the PSD operator ``matmat`` (N×b ↦ K·V).
 
     ``lobpcg``: :func:`ntkdist.solvers.lobpcg.lobpcg_smallest` with ``precond``, stopping on
@@ -51,6 +53,10 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     pass ``scale`` = tr(K)/N). ``lanczos``: ARPACK (``scipy.sparse.linalg.eigsh``, which='SA'),
     unpreconditioned, one product per Lanczos step. ``dense``: ``scipy.linalg.eigh`` on
     ``dense_matrix()``. Residuals are always recomputed with one fresh product.
+
+    ``checkpoint`` (a :class:`ntkdist.solvers.checkpoint.Checkpoint`, LOBPCG and Davidson
+    only): start from its saved Ritz block if it holds a usable one, and save the block as
+    the solve goes.
     """
     t0 = time.perf_counter()
     if method == "dense":
@@ -60,9 +66,12 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         converged, iterations, name = True, 0, res.method
     elif method in ("lobpcg", "davidson"):
         solver = lobpcg_smallest if method == "lobpcg" else davidson_smallest
+        block = block_size(n, k, block)
+        X0 = checkpoint.load(n, block) if checkpoint is not None else None
         r = solver(matmat, n, k=k, block=block, precond=precond, tol=tol,
                    max_products=max_products, seed=seed, abs_tol=tol * 1e-6 * scale, log=log,
-                   max_seconds=max_seconds)
+                   max_seconds=max_seconds, X0=X0,
+                   on_iterate=checkpoint.save if checkpoint is not None else None)
         values, vectors, gaps = r.values, r.vectors, r.gaps
         converged, iterations = r.converged, r.iterations
         what = ("ntkdist block LOBPCG" if method == "lobpcg"
@@ -97,4 +106,5 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     return Eigensolution(values=np.asarray(values), vectors=np.asarray(vectors),
                          residuals=np.linalg.norm(fresh, axis=0), gaps=np.asarray(gaps),
                          method=name, converged=converged, iterations=iterations,
-                         solver_seconds=seconds)
+                         solver_seconds=seconds,
+                         resumed=checkpoint.resumed if checkpoint is not None else None)

@@ -77,22 +77,28 @@ def _check(R, lam, k: int, tol: float, abs_tol: float, it: int, t0: float, log,
     return rnorm, gaps, converged, converged or products >= max_products or out_of_time
 
 
+def block_size(n: int, k: int, block: int | None) -> int:
+    """The block the solvers use: ``block`` or max(32, 2k+16), at most max(k, n/4) and n."""
+    block = block or max(32, 2 * k + 16)
+    block = min(block, max(k, n // 4), n)
+    if not 1 <= k <= block:
+        raise ValueError(f"need 1 <= k <= block <= n, got k={k}, block={block}, n={n}")
+    return block
+
+
 def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
                     tol: float = 1e-8, max_products: int = 500, seed: int = 0,
                     X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None,
-                    max_seconds: float | None = None) -> LobpcgResult:
+                    max_seconds: float | None = None, on_iterate=None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric positive semidefinite operator.
 
     ``matmat(V)`` returns A·V for an (n, b) float64 block; ``precond(R)`` applies an
     approximation of A⁻¹ (or None). Stops when, for each of the k smallest Ritz pairs,
     min(‖r‖, ‖r‖²/δ) ≤ max(tol·|λ|, abs_tol), or after ``max_products`` block products
-    (``abs_tol`` lets a singular matrix, λ ≈ 0, stop).
+    (``abs_tol`` lets a singular matrix, λ ≈ 0, stop). ``on_iterate(X, λ, iteration,
+    products)`` is called after every iteration that does not stop (checkpoints).
     """
-    block = block or max(32, 2 * k + 16)
-    block = min(block, max(k, n // 4))
-    block = min(block, n)
-    if not 1 <= k <= block:
-        raise ValueError(f"need 1 <= k <= block <= n, got k={k}, block={block}, n={n}")
+    block = block_size(n, k, block)
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, block)) if X0 is None else np.array(X0, dtype=np.float64)
     X, AX, lam = _fresh_ritz(X, matmat)
@@ -107,6 +113,8 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
                                               max_products, max_seconds)
         if stop:
             break
+        if on_iterate is not None:
+            on_iterate(X, lam, it, products)
         # Converged directions beyond k keep their place in the basis; all are refined.
         W = precond(R) if precond is not None else R.copy()
         W -= X @ (X.T @ W)

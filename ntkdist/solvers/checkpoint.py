@@ -1,0 +1,87 @@
+"""Snapshots of an iterative solve, so that a killed solve resumes where it stopped.
+
+LOBPCG and Davidson hand their block of Ritz vectors to :meth:`Checkpoint.save` after every
+iteration; it is written (atomically: a temporary file, then a rename) at most every
+``every`` seconds, to ``OUT/checkpoint.npz``. A rerun with the same ``--out`` (so the same
+spec: the folder is claimed by the spec's hash) loads it and starts from those vectors
+instead of random ones. The snapshot keeps the Ritz block only, not the search space or
+the conjugate directions, so a resumed run spends a few extra passes rebuilding them; it
+does not start over. A snapshot that cannot be read, or that belongs to another problem
+(size, block, method), is reported and ignored, never trusted. After the result is written
+the snapshot is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zipfile
+
+import numpy as np
+
+CHECKPOINT_FILE = "checkpoint.npz"
+
+
+class Checkpoint:
+    """The snapshot file of one solve; ``key`` names what it must match on load."""
+
+    def __init__(self, path: str, key: dict, every: float = 60.0, log=None):
+        self.path = path
+        self.key = {k: str(v) for k, v in key.items()}
+        self.every = float(every)
+        self.log = log
+        self._last = time.perf_counter()
+        self.saves = 0
+        self.resumed: dict | None = None  # what was loaded, for the result
+
+    def load(self, n: int, block: int) -> np.ndarray | None:
+        """The saved Ritz block if a usable snapshot of this problem exists, else None."""
+        if not os.path.exists(self.path):
+            return None
+        why = None
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                meta = {k[5:]: str(f[k]) for k in f.files if k.startswith("meta_")}
+                X = np.array(f["X"], dtype=np.float64)
+                iterations, products = int(f["iterations"]), int(f["products"])
+                lam = float(f["lambda"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            why = f"unreadable ({type(exc).__name__})"
+        else:
+            if any(meta.get(k) != v for k, v in self.key.items()):
+                why = "of another problem"
+            elif X.shape != (n, block):
+                why = f"of shape {X.shape}, not ({n}, {block})"
+            elif not np.all(np.isfinite(X)) or np.linalg.matrix_rank(X) < block:
+                why = "not a usable basis (non-finite or rank-deficient)"
+        if why is not None:
+            if self.log:
+                self.log(f"checkpoint {self.path} is {why}: ignored, starting afresh")
+            return None
+        self.resumed = {"iterations": iterations, "passes": products, "lambda_1": lam}
+        if self.log:
+            self.log(f"resuming from checkpoint {self.path}: {iterations} iterations and "
+                     f"{products} passes done, λ_1 = {lam:.12g}")
+        return X
+
+    def save(self, X: np.ndarray, lam: np.ndarray, iterations: int, products: int,
+             force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last < self.every:
+            return
+        done = self.resumed or {"iterations": 0, "passes": 0}
+        tmp = self.path + ".tmp.npz"
+        np.savez(tmp, X=np.asarray(X, dtype=np.float64),
+                 iterations=done["iterations"] + iterations, products=done["passes"] + products,
+                 **{"lambda": float(lam[0])},
+                 **{f"meta_{k}": np.array(v) for k, v in self.key.items()})
+        os.replace(tmp, self.path)
+        self._last = now
+        self.saves += 1
+
+    def remove(self) -> None:
+        for p in (self.path, self.path + ".tmp.npz"):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
