@@ -68,14 +68,17 @@ def side_by_side(args):
         t0 = time.perf_counter()
         store = build_store(client, folder, args.n, "float64")
         print(f"store assembled in {time.perf_counter() - t0:.1f} s")
-        runs = [("lobpcg", "memory", "harmonic"), ("davidson", "memory", "harmonic"),
-                ("lobpcg", "store", "harmonic"), ("davidson", "store", "harmonic"),
-                ("lobpcg", "memory", "nystrom:1000"), ("lobpcg", "memory", "none")]
-        for method, mode, pc in runs:
+        runs = [("lobpcg", "memory", "harmonic", None), ("davidson", "memory", "harmonic", None),
+                ("davidson", "memory", "harmonic", 16),
+                ("lobpcg", "store", "harmonic", None), ("davidson", "store", "harmonic", None),
+                ("lobpcg", "memory", "nystrom:1000", None), ("lobpcg", "memory", "none", None)]
+        for method, mode, pc, block in runs:
             cap = {"none": 100, "nystrom:1000": 300}.get(pc, 600)
+            block = block or args.block
             r = ntkdist_solve(client, store, mode, pc, X, max_products=cap, method=method,
-                              block=args.block)
-            rows.append((f"ntkdist {method}, {mode}, {pc}", r))
+                              block=block)
+            rows.append((f"ntkdist {method}, {mode}, {pc}" + (f", block {block}" if block else ""),
+                         r))
             print(rows[-1], flush=True)
     K = KernelStore.open(store)
     from ntkdist import open_kernel

@@ -16,7 +16,44 @@ import time
 
 import numpy as np
 
-from .lobpcg import LobpcgResult, _check, _fresh_ritz, _svqb, block_size
+from .lobpcg import LobpcgResult, _check, _fresh_ritz, _start_block, _svqb, block_size
+
+
+class _Basis:
+    """The search space V and A·V in preallocated column-major buffers (no copies of the
+    whole space when it grows; a restart multiplies into the spare pair and swaps)."""
+
+    def __init__(self, n: int, cols: int):
+        self._buf = [np.empty((n, cols), order="F") for _ in range(2)]
+        self._abuf = [np.empty((n, cols), order="F") for _ in range(2)]
+        self.m = 0
+
+    @property
+    def V(self):
+        return self._buf[0][:, :self.m]
+
+    @property
+    def AV(self):
+        return self._abuf[0][:, :self.m]
+
+    def set(self, V, AV):
+        self.m = V.shape[1]
+        self._buf[0][:, :self.m] = V
+        self._abuf[0][:, :self.m] = AV
+
+    def transform(self, Q):
+        q = Q.shape[1]
+        np.matmul(self.V, Q, out=self._buf[1][:, :q])
+        np.matmul(self.AV, Q, out=self._abuf[1][:, :q])
+        self._buf.reverse()
+        self._abuf.reverse()
+        self.m = q
+
+    def append(self, W, AW):
+        b = W.shape[1]
+        self._buf[0][:, self.m:self.m + b] = W
+        self._abuf[0][:, self.m:self.m + b] = AW
+        self.m += b
 
 
 def _orthonormalize_against(V, W, passes: int = 2):
@@ -38,15 +75,17 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     basis = min(basis or 6 * block, n)
     keep = min(keep or 2 * block, basis - 2 * block) if basis >= 3 * block else block
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, block)) if X0 is None else np.array(X0, dtype=np.float64)
-    V, AV, lam = _fresh_ritz(X, matmat)
+    X = _start_block(rng, n, block, precond) if X0 is None else np.array(X0, dtype=np.float64)
+    space = _Basis(n, basis)
+    Xf, AXf, lam = _fresh_ritz(X, matmat)
+    space.set(Xf, AXf)
     H, C = np.diag(lam), np.eye(block)  # projected matrix, its eigenvectors
     prev = None  # the previous iteration's Ritz vectors, as coefficients on V
     products, matvecs, restarts, it = 1, block, 0, 0
     history = []
     t0 = time.perf_counter()
     while True:
-        X, AX = V @ C[:, :block], AV @ C[:, :block]
+        X, AX = space.V @ C[:, :block], space.AV @ C[:, :block]
         theta = lam[:block]
         R = AX - X * theta
         history.append(float(theta[0]))
@@ -56,35 +95,36 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
             break
         if on_iterate is not None:
             on_iterate(X, theta, it, products)
-        if V.shape[1] + block > basis:  # restart: smallest Ritz vectors + the previous ones
+        if space.m + block > basis:  # restart: smallest Ritz vectors + the previous ones
             Q = C[:, :keep]
             if prev is not None:
                 extra = _svqb(prev - Q @ (Q.T @ prev), None)[0]
                 Q = np.hstack([Q, extra])
-            V, AV = V @ Q, AV @ Q
+            space.transform(Q)
             H = Q.T @ H @ Q
             H = (H + H.T) / 2
             lam, C = np.linalg.eigh(H)
             prev = None
         W = precond(R) if precond is not None else R.copy()
-        W = _orthonormalize_against(V, W)
+        W = _orthonormalize_against(space.V, W)
         if W.shape[1] == 0:  # the space is invariant: nothing new to add
             break
         AW = matmat(W)
         products += 1
         matvecs += W.shape[1]
         b = W.shape[1]
-        VAW = V.T @ AW
+        VAW = space.V.T @ AW
         WAW = W.T @ AW
         H = np.block([[H, VAW], [VAW.T, (WAW + WAW.T) / 2]])
-        V, AV = np.hstack([V, W]), np.hstack([AV, AW])
+        space.append(W, AW)
         prev = np.vstack([C[:, :block], np.zeros((b, block))])
         lam_new, C_new = np.linalg.eigh(H)
         scale = max(abs(lam_new[-1]), 1e-300)
         if lam_new[0] > theta[0] + 1e-10 * scale or lam_new[0] < -1e-8 * scale:
             # The space contains the previous Ritz vectors, so λ_1 cannot rise (nor fall below
             # 0): rounding in the implicitly updated A·V broke down. Restart from X afresh.
-            V, AV, lam = _fresh_ritz(X, matmat)
+            Xf, AXf, lam = _fresh_ritz(X, matmat)
+            space.set(Xf, AXf)
             H, C, prev = np.diag(lam), np.eye(block), None
             products += 1
             matvecs += block
