@@ -56,13 +56,15 @@ def _products(tile, VT, i, j, t, buf=None):
     return yi, yj
 
 
-def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem):
+def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem,
+                    check=False):
     """One worker's share of a pass, summed into one b×N block.
 
     ``cached``: (i, j, tile) held in this worker's memory; ``streamed``: (i, j) read from the
     store at ``path``, the next tile read on a second thread while this one is multiplied
-    (file reads release the GIL); ``recompute``: (i, j) rebuilt from ``blocks`` (row blocks
-    by index) with the tile function.
+    (file reads release the GIL), and checked against its recorded checksum if ``check``
+    (the first pass); ``recompute``: (i, j) rebuilt from ``blocks`` (row blocks by index)
+    with the tile function.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -76,14 +78,15 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
             YT[:, j * t:j * t + yj.shape[1]] += yj
 
     store = KernelStore.open(path) if streamed else None
+    read = (store.read_tile_checked if check else store.read_tile) if streamed else None
     with ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(store.read_tile, *streamed[0]) if streamed else None
+        pending = reader.submit(read, *streamed[0]) if streamed else None
         for i, j, tile in cached:
             add(i, j, tile)
         for k, (i, j) in enumerate(streamed):
             tile = pending.result()
             if k + 1 < len(streamed):
-                pending = reader.submit(store.read_tile, *streamed[k + 1])
+                pending = reader.submit(read, *streamed[k + 1])
             add(i, j, tile)
             del tile
     for i, j in recompute:
@@ -96,8 +99,9 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
 
 
 def _load_tile(path, i, j):
-    """A tile copied into this worker's memory (a read may map the file's pages)."""
-    return np.array(KernelStore.open(path).read_tile(i, j))
+    """A tile copied into this worker's memory (a read may map the file's pages), checked
+    against its recorded checksum."""
+    return np.array(KernelStore.open(path).read_tile_checked(i, j))
 
 
 def _cost(i, j, rows, cols):
@@ -181,7 +185,7 @@ class KernelOperator:
         self._plan(workers, size)
         self._blocks = None
         if mode == "recompute":
-            X = np.asarray(rows if rows is not None else self.store.array("X")[:], dtype=np.float64)
+            X = np.asarray(rows if rows is not None else self.store.rows_checked(), dtype=np.float64)
             blocks = {i: row_block(X[i * t:(i + 1) * t]) for i in range(nb)}
             self._blocks = client.scatter(blocks, broadcast=True)
 
@@ -242,7 +246,8 @@ class KernelOperator:
                       if recompute else None)
             futures.append(self.client.submit(
                 _pass_on_worker, Vf, self.n, self.tile, cached, streamed, path, recompute,
-                blocks, self.problem, workers=[w], allow_other_workers=True, pure=False))
+                blocks, self.problem, self.passes == 0, workers=[w], allow_other_workers=True,
+                pure=False))
         YT = np.zeros((b, self.n))
         try:
             for f in futures:  # a fixed order: the sum does not depend on timing

@@ -86,7 +86,7 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
     spec = kstore.spec.run_spec().with_solver(**options)
     if spec.method == "dense" and spec.n > DENSE_MAX_N:
         raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}")
-    X = kstore.array("X")[:]
+    X = kstore.rows_checked()
     check = check_rows(X, name=store)
     with connect(**(cluster or {})) as client:
         op = KernelOperator(client, spec.operator, store=store)

@@ -211,6 +211,28 @@ class KernelStore:
         r, c = rows.stop - rows.start, cols.stop - cols.start
         return whole if whole.shape == (r, c) else np.ascontiguousarray(whole[:r, :c])
 
+    def read_tile_checked(self, i: int, j: int) -> np.ndarray:
+        """Tile (I, J) as stored, after checking it against its recorded checksum; a
+        one-line StoreError if it does not match (a chunk damaged after it was written)."""
+        tile = self.read_tile(i, j)
+        self._require_checksum(self.tile_key(i, j), tile)
+        return tile
+
+    def rows_checked(self) -> np.ndarray:
+        """All of X, each row block checked against its recorded checksum."""
+        blocks = []
+        for i in range(self.spec.blocks):
+            block = self.rows(i)
+            self._require_checksum(self.rows_key(i), block)
+            blocks.append(block)
+        return np.concatenate(blocks)
+
+    def _require_checksum(self, key: str, data: np.ndarray) -> None:
+        if checksum(data) != self.recorded_checksum(key):
+            raise StoreError(f"{key} of store {self.path!r} does not match its recorded "
+                             "checksum: the store is damaged (run 'ntkdist verify', then "
+                             "'ntkdist assemble' to recompute what it reports)")
+
     # --- done record ---------------------------------------------------------------------
     @staticmethod
     def tile_key(i: int, j: int) -> str:

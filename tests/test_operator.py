@@ -87,3 +87,38 @@ def test_partial_cache_streams_the_rest_and_agrees(client, tmp_path):
     assert whole.streamed_bytes_per_pass == 0
     np.testing.assert_allclose(whole.matmat(V), K @ V, rtol=1e-13, atol=1e-11)
     whole.close()
+
+
+@pytest.mark.parametrize("mode", ["store", "memory"])
+def test_damaged_tile_of_the_right_size_stops_the_solve(client, tmp_path, capsys, mode):
+    """A chunk overwritten in place after assembly (same size, so only its checksum tells)
+    stops the solve with one line instead of giving a wrong λ_min; so does damaged X."""
+    from ntkdist.cli import main
+
+    path = _store(client, tmp_path)
+    addr = client.scheduler.address
+    chunk = os.path.join(path, "K", "c", "1", "2")
+    with open(chunk, "r+b") as f:
+        f.seek(4 * 300)
+        f.write(np.full(50, 7.0, dtype=np.float32).tobytes())
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert main(["solve", "--store", path, "--out", str(out), "--operator", mode,
+                 "--scheduler", addr]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "K.1.2" in err[0] and "checksum" in err[0]
+    assert not (out / "result.json").exists()
+
+
+def test_damaged_rows_stop_the_solve(client, tmp_path, capsys):
+    from ntkdist.cli import main
+
+    path = _store(client, tmp_path)
+    with open(os.path.join(path, "X", "c", "1", "0"), "r+b") as f:
+        f.seek(8 * 10)
+        f.write(np.full(3, 0.5).tobytes())
+    capsys.readouterr()
+    assert main(["solve", "--store", path, "--out", str(tmp_path / "o"), "--operator", "store",
+                 "--scheduler", client.scheduler.address]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "X.1" in err[0] and "checksum" in err[0]

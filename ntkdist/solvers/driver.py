@@ -66,7 +66,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         converged, iterations, name = True, 0, res.method
     elif method in ("lobpcg", "davidson"):
         solver = lobpcg_smallest if method == "lobpcg" else davidson_smallest
-        block = block_size(n, k, block)
+        block = block_size(n, k, block, method)
         X0 = checkpoint.load(n, block) if checkpoint is not None else None
         r = solver(matmat, n, k=k, block=block, precond=precond, tol=tol,
                    max_products=max_products, seed=seed, abs_tol=tol * 1e-6 * scale, log=log,
