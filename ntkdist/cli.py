@@ -47,8 +47,7 @@ def _add_solver_args(p) -> None:
     p.add_argument("--k", type=int, default=1, help="number of smallest eigenvalues (default 1)")
     p.add_argument("--tol", type=float, default=1e-8,
                    help="relative accuracy of the k eigenvalues to certify (default 1e-8)")
-    p.add_argument("--block", type=int,
-                   help="block size (default: LOBPCG max(32, 2k+16), Davidson max(16, 2k+8))")
+    p.add_argument("--block", type=int, help="LOBPCG/Davidson block size (default max(32, 2k+16))")
     p.add_argument("--precond", default="auto",
                    help="auto | harmonic | nystrom[:RANK] | none (default auto: harmonic)")
     p.add_argument("--operator", default="auto", choices=["auto", "store", "memory", "recompute"],

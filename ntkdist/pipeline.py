@@ -105,10 +105,16 @@ def _out_hash(spec: RunSpec, kstore) -> str:
 
 
 def _dense_from(op, X, spec):
-    if op.store is not None:
-        from .store import open_kernel
-
-        return np.asarray(open_kernel(op.store.path).compute(scheduler="threads"), dtype=np.float64)
+    if op.store is not None:  # the whole kernel, tile by tile, each checked on the way
+        store = op.store
+        K = np.empty((spec.n, spec.n))
+        for i, j in store.upper_tiles():
+            rows, cols = store.tile_slices(i, j)
+            tile = store.read_tile_checked(i, j)
+            K[rows, cols] = tile
+            if i != j:
+                K[cols, rows] = tile.T
+        return K
     gram = ntk if spec.kernel == "ntk" else nngp
     return gram(X, depth=spec.depth, normalization=spec.normalization)
 

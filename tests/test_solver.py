@@ -176,3 +176,25 @@ def test_time_limit_stops_unconverged_with_fresh_residual(method):
     assert sol.values[0] >= _dense_bottom(K, 1)[0] * (1 - 1e-12)  # a Ritz value: an upper bound
     direct = np.linalg.norm(K @ sol.vectors - sol.vectors * sol.values, axis=0)
     np.testing.assert_allclose(sol.residuals, direct, rtol=1e-8)
+
+
+def test_lanczos_keeps_to_the_product_cap_and_fails_in_one_line(client, tmp_path, capsys):
+    X = synthetic_rows("sphere", 64, SEED, 0, 1500)
+    K = ntkdist.ntk(X, depth=3)
+    count = [0]
+
+    def mv(V):
+        count[0] += 1
+        return K @ V
+
+    with pytest.raises(ntkdist.NtkdistError, match="max-products"):
+        smallest_eigenpairs(mv, 1500, "lanczos", k=1, tol=1e-12, max_products=60)
+    assert count[0] <= 60 + 20  # ARPACK's restarts stay within the cap (up to one restart)
+    addr = client.scheduler.address
+    store = str(tmp_path / "k.zarr")
+    assert main(["assemble", "--n", "1500", "--d", "64", "--depth", "3", "--seed", str(SEED),
+                 "--store", store, "--tile", "500", "--scheduler", addr]) == 0
+    capsys.readouterr()
+    assert main(["solve", "--store", store, "--out", str(tmp_path / "o"), "--method", "lanczos",
+                 "--tol", "1e-12", "--max-products", "60", "--scheduler", addr]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -71,7 +71,7 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
     the largest search space ``basis`` (default 6·block) and the Ritz vectors ``keep``
     at restart (default 2·block; the previous iteration's block is kept as well)."""
-    block = block_size(n, k, block, "davidson")
+    block = block_size(n, k, block)
     basis = min(basis or 6 * block, n)
     keep = min(keep or 2 * block, basis - 2 * block) if basis >= 3 * block else block
     rng = np.random.default_rng(seed)

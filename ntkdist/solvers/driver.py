@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import NtkdistError
 from .davidson import davidson_smallest
 from .dense import dense_smallest
 from .lobpcg import block_size, lobpcg_smallest
@@ -66,7 +67,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         converged, iterations, name = True, 0, res.method
     elif method in ("lobpcg", "davidson"):
         solver = lobpcg_smallest if method == "lobpcg" else davidson_smallest
-        block = block_size(n, k, block, method)
+        block = block_size(n, k, block)
         X0 = checkpoint.load(n, block) if checkpoint is not None else None
         r = solver(matmat, n, k=k, block=block, precond=precond, tol=tol,
                    max_products=max_products, seed=seed, abs_tol=tol * 1e-6 * scale, log=log,
@@ -85,15 +86,21 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                                 matmat=matmat, dtype=np.float64)
         v0 = np.random.default_rng(seed).standard_normal(n)
         kk = min(k + 1, n - 1)
+        # ARPACK's maxiter counts implicit restarts, each of ncv − kk products: cap them so
+        # that the products stay within max_products.
+        ncv = min(n, max(2 * kk + 1, 20))
+        restarts = max(1, (max_products - kk) // max(1, ncv - kk))
         try:
-            w, V = sla.eigsh(op, k=kk, which="SA", tol=tol, v0=v0, maxiter=max_products)
+            w, V = sla.eigsh(op, k=kk, which="SA", tol=tol, v0=v0, ncv=ncv, maxiter=restarts)
             converged = True
         except sla.ArpackNoConvergence as exc:
             w, V = exc.eigenvalues, exc.eigenvectors
             converged = False
             if len(w) < k:
-                raise RuntimeError(f"ARPACK found {len(w)} of {k} eigenvalues in "
-                                   f"{max_products} iterations") from None
+                raise NtkdistError(
+                    f"lanczos (ARPACK) converged {len(w)} of {k} eigenvalues within "
+                    f"--max-products {max_products}; raise it, or use --method davidson or "
+                    "lobpcg (preconditioned)") from None
         order = np.argsort(w)
         w, V = w[order], V[:, order]
         values, vectors = w[:k], V[:, :k]

@@ -85,12 +85,13 @@ def _check(R, lam, k: int, tol: float, abs_tol: float, it: int, t0: float, log,
     return rnorm, gaps, converged, converged or products >= max_products or out_of_time
 
 
-def block_size(n: int, k: int, block: int | None, method: str = "lobpcg") -> int:
-    """The block the solvers use: ``block``, or by default max(32, 2k+16) for LOBPCG and
-    max(16, 2k+8) for Davidson (whose search space holds 6 blocks: at N = 20000 block 16 took
-    134 passes and 102 s, block 32 107 passes and 119 s); at most max(k, n/4) and n."""
-    default = max(16, 2 * k + 8) if method == "davidson" else max(32, 2 * k + 16)
-    block = block or default
+def block_size(n: int, k: int, block: int | None) -> int:
+    """The block the solvers use: ``block`` or max(32, 2k+16), at most max(k, n/4) and n.
+
+    A smaller block costs less per pass but needs more passes, the more so the denser the
+    bottom of the spectrum: Davidson with block 16 was faster at N = 20000 (102 s against
+    119 s) but far slower per pass to converge at N = 100000 (benchmarks/RESULTS.md)."""
+    block = block or max(32, 2 * k + 16)
     block = min(block, max(k, n // 4), n)
     if not 1 <= k <= block:
         raise ValueError(f"need 1 <= k <= block <= n, got k={k}, block={block}, n={n}")
