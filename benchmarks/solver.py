@@ -3,6 +3,7 @@
     python benchmarks/solver.py side-by-side --n 20000     # dense eigh, scipy lobpcg, ntkdist
     python benchmarks/solver.py dtypes --n 10000           # float32 vs float64 storage
     python benchmarks/solver.py store --store PATH.zarr     # e.g. the N=100000 assembly store
+    python benchmarks/solver.py pieces --n 20000           # preconditioner and thin GEMMs
 
 All on sphere data, d = 64, L = 3, seed 0, a LocalCluster of 2 single-threaded workers.
 """
@@ -150,6 +151,47 @@ def from_store(args):
           f"streaming {gb:.2f} GB ({gb / per_pass:.2f} GB/s)")
 
 
+def pieces(args):
+    """The client-side pieces of a pass and the thin products, one BLAS thread unless said."""
+    from threadpoolctl import threadpool_limits
+
+    from ntkdist.kernels.limiting import row_block
+    from ntkdist.solvers.precond import _sym_square_features
+
+    def best(f, repeat=3):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    X = synthetic_rows("sphere", 64, 0, 0, args.n)
+    UT = np.ascontiguousarray(row_block(X).unit.T)
+    print(f"N={args.n}: degree-2 features by rows (client, all threads): "
+          f"{best(lambda: _sym_square_features(UT)):.3f} s")
+    P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+    print(f"harmonic set-up {P.setup_seconds:.2f} s (rank {P.rank})")
+    rng = np.random.default_rng(0)
+    for b in (16, 32):
+        R = rng.standard_normal((args.n, b))
+        print(f"harmonic application, b={b}: {best(lambda: P.apply(R)):.3f} s")
+    t = 4096
+    K = rng.standard_normal((t, t))
+    with threadpool_limits(1):
+        A = rng.standard_normal((2048, 2048))
+        sq = best(lambda: A @ A)
+        A32 = A.astype(np.float32)
+        sq32 = best(lambda: A32 @ A32)
+        print(f"one core, square 2048 GEMM: float64 {2 * 2048 ** 3 / sq / 1e9:.1f} GFLOP/s, "
+              f"float32 {2 * 2048 ** 3 / sq32 / 1e9:.1f} GFLOP/s")
+        for b in (8, 16, 32, 64):
+            V = rng.standard_normal((b, t))
+            s1, s2 = best(lambda: V @ K), best(lambda: V @ K.T)
+            print(f"one core, b={b}: Vᵀ·K {2 * b * t * t / s1 / 1e9:.1f} GFLOP/s, "
+                  f"Vᵀ·Kᵀ {2 * b * t * t / s2 / 1e9:.1f} GFLOP/s")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -168,8 +210,11 @@ def main():
     f.add_argument("--tol", type=float, default=1e-8)
     f.add_argument("--budget", type=float, default=None,
                    help="wall-clock seconds for the whole solve (stop iterating in time)")
+    q = sub.add_parser("pieces")
+    q.add_argument("--n", type=int, default=20000)
     args = p.parse_args()
-    {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store}[args.what](args)
+    {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store,
+     "pieces": pieces}[args.what](args)
 
 
 if __name__ == "__main__":

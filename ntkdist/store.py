@@ -227,8 +227,13 @@ class KernelStore:
             blocks.append(block)
         return np.concatenate(blocks)
 
+    def checksum_ok(self, key: str, data: np.ndarray) -> bool:
+        """Whether ``data`` matches the checksum recorded in piece ``key``'s done marker."""
+        recorded = self.recorded_checksum(key)
+        return recorded is not None and checksum(data) == recorded
+
     def _require_checksum(self, key: str, data: np.ndarray) -> None:
-        if checksum(data) != self.recorded_checksum(key):
+        if not self.checksum_ok(key, data):
             raise StoreError(f"{key} of store {self.path!r} does not match its recorded "
                              "checksum: the store is damaged (run 'ntkdist verify', then "
                              "'ntkdist assemble' to recompute what it reports)")
@@ -336,15 +341,21 @@ def _read_attrs(path: str) -> dict | None:
 def open_kernel(path: str):
     """The full symmetric kernel of a complete store as a lazy ``dask.array`` (N×N).
 
-    Tiles I ≤ J are read from ``K``; tile (J, I) is the transpose of (I, J). An incomplete
-    store is refused, so missing tiles can never be read.
+    Tiles I ≤ J are read from ``K``, each once and checked against its recorded checksum
+    (a damaged chunk raises a one-line StoreError); tile (J, I) is the transpose of (I, J).
+    An incomplete store is refused, so missing tiles can never be read.
     """
+    import dask
     import dask.array as da
 
     store = KernelStore.open(path).require_complete()
-    t = store.spec.tile
-    upper = da.from_zarr(store.array("K"), chunks=(t, t))
+    read = dask.delayed(store.read_tile_checked, pure=True)
+    dtype = np.dtype(store.spec.dtype)
+    upper = {}
+    for i, j in store.upper_tiles():
+        rows, cols = store.tile_slices(i, j)
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        upper[i, j] = da.from_delayed(read(i, j), shape=shape, dtype=dtype)
     b = store.spec.blocks
-    blocks = [[upper.blocks[i, j] if i <= j else upper.blocks[j, i].T for j in range(b)]
-              for i in range(b)]
-    return da.block(blocks)
+    return da.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(b)]
+                     for i in range(b)])

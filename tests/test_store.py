@@ -149,3 +149,14 @@ def test_verify_recompute_catches_a_consistent_but_wrong_tile(client, tmp_path):
     store.mark_done("K.0.1", checksum(wrong))
     assert verify(path)["bad"] == []
     assert "K.0.1 (recomputed)" in verify(path, recompute=3)["bad"]
+
+
+def test_open_kernel_refuses_a_tile_damaged_in_place(client, tmp_path):
+    _, spec = _spec(n=30, tile=10)
+    path = str(tmp_path / "k.zarr")
+    assemble(spec, path, client, progress=False)
+    with open(KernelStore.open(path).chunk_file("K", 1, 2), "r+b") as f:
+        f.seek(40)
+        f.write(b"\x00" * 16)
+    with pytest.raises(StoreError, match="K.1.2 .*checksum"):
+        open_kernel(path).compute()

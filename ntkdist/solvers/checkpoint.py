@@ -31,7 +31,6 @@ class Checkpoint:
         self.every = float(every)
         self.log = log
         self._last = time.perf_counter()
-        self.saves = 0
         self.resumed: dict | None = None  # what was loaded, for the result
 
     def load(self, n: int, block: int) -> np.ndarray | None:
@@ -77,7 +76,6 @@ class Checkpoint:
                  **{f"meta_{k}": np.array(v) for k, v in self.key.items()})
         os.replace(tmp, self.path)
         self._last = now
-        self.saves += 1
 
     def remove(self) -> None:
         for p in (self.path, self.path + ".tmp.npz"):

@@ -90,7 +90,7 @@ def block_size(n: int, k: int, block: int | None) -> int:
 
     A smaller block costs less per pass but needs more passes, the more so the denser the
     bottom of the spectrum: Davidson with block 16 was faster at N = 20000 (102 s against
-    119 s) but far slower per pass to converge at N = 100000 (benchmarks/RESULTS.md)."""
+    119 s) but more slowly per pass to converge at N = 100000 (benchmarks/RESULTS.md)."""
     block = block or max(32, 2 * k + 16)
     block = min(block, max(k, n // 4), n)
     if not 1 <= k <= block:
