@@ -31,11 +31,11 @@ from ntkdist.store import KernelStore
 
 
 def ntkdist_solve(client, store, mode, precond_name, X, depth=3, tol=1e-8, max_products=600,
-                  block=None, log=None, method="lobpcg", budget=None):
-    """Wall time from the operator's creation (memory: includes loading the tiles) to the
-    certified result."""
+                  block=None, log=None, method="lobpcg", budget=None, precision="float64"):
+    """Wall time from the operator's creation (memory: includes loading the tiles, and with
+    mixed precision making their float32 deflated copies) to the certified result."""
     t0 = time.perf_counter()
-    op = KernelOperator(client, mode, store=store)
+    op = KernelOperator(client, mode, store=store, precision=precision)
     t_op = time.perf_counter() - t0
     P = make_preconditioner(precond_name, X, depth, "ntk", "paper")
     # With a wall-clock budget: stop iterating a minute early, in time for the last
@@ -43,13 +43,14 @@ def ntkdist_solve(client, store, mode, precond_name, X, depth=3, tol=1e-8, max_p
     left = None if budget is None else budget - (time.perf_counter() - t0) - 60.0
     sol = smallest_eigenpairs(op.matmat, len(X), method, tol=tol, precond=P.apply,
                               block=block, max_products=max_products, scale=depth * X.shape[1],
-                              log=log, max_seconds=left)
+                              log=log, max_seconds=left,
+                              fast_matmat=op.matmat_fast if op.mixed else None)
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "lambda": float(sol.values[0]), "passes": op.passes,
            "matvecs": op.matvecs, "residual": float(sol.residuals[0]),
            "bound": sol.certificate()["rel_error_bound_kato_temple"][0],
            "converged": sol.converged, "setup": P.setup_seconds, "bytes": op.bytes_read,
-           "operator_setup": t_op, **op.describe()}
+           "operator_setup": t_op, "passes_float32": op.passes_fast, **op.describe()}
     op.close()
     return out
 

@@ -52,6 +52,10 @@ def _add_solver_args(p) -> None:
                    help="auto | harmonic | nystrom[:RANK] | none (default auto: harmonic)")
     p.add_argument("--operator", default="auto", choices=["auto", "store", "memory", "recompute"],
                    help="how K·V is computed (default auto: memory if the tiles fit, else store)")
+    p.add_argument("--precision", default="auto", choices=["auto", "float64", "mixed"],
+                   help="products of LOBPCG/Davidson: mixed = float32 deflated products for "
+                        "most iterations, float64 to finish and certify (memory operator); "
+                        "default auto: mixed where the memory operator has room for it")
     p.add_argument("--max-products", type=int, default=600,
                    help="cap on passes over the kernel (default 600)")
     p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
@@ -64,7 +68,7 @@ def _solver_options(args, n: int, store) -> dict:
 
     return {"method": args.method or default_method(n, store), "k": args.k, "tol": args.tol,
             "block": args.block, "precond": args.precond, "operator": args.operator,
-            "max_products": args.max_products}
+            "precision": args.precision, "max_products": args.max_products}
 
 
 def _build_parser() -> argparse.ArgumentParser:

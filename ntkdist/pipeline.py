@@ -46,6 +46,8 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
                         "use --method lobpcg")
     if store is None and spec.operator in ("store", "memory"):
         raise SpecError(f"--operator {spec.operator} needs --store")
+    if store is None and spec.precision == "mixed":
+        raise SpecError("--precision mixed needs --store (its tiles kept in worker memory)")
     t0 = time.perf_counter()
     X = spec.rows()
     check = check_rows(X, name=spec.data)
@@ -64,7 +66,8 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
             store_spec = resolve_store_spec(spec, store, client, tile, dtype)
             log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
             assemble(store_spec, store, client)
-            op = KernelOperator(client, spec.operator, store=store)
+            op = KernelOperator(client, spec.operator, store=store,
+                                precision=_operator_precision(spec))
         else:
             op = KernelOperator(client, spec.operator, rows=X, problem=spec.problem(),
                                 tile=tile or 4096)
@@ -88,13 +91,19 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
     X = kstore.rows_checked()
     check = check_rows(X, name=store)
     with connect(**(cluster or {})) as client:
-        op = KernelOperator(client, spec.operator, store=store)
+        op = KernelOperator(client, spec.operator, store=store,
+                            precision=_operator_precision(spec))
         claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
                       _out_hash(spec, kstore))
         with contextlib.closing(op):
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
                                     op, t0, log, store=store,
                                     ckpt=(_out_hash(spec, kstore), checkpoint_every))
+
+
+def _operator_precision(spec: RunSpec) -> str:
+    """Mixed precision only serves LOBPCG and Davidson (two phases, see the driver)."""
+    return spec.precision if spec.method in ("lobpcg", "davidson") else "float64"
 
 
 def _out_hash(spec: RunSpec, kstore) -> str:
@@ -129,7 +138,9 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                               max_products=spec.max_products, dense_matrix=dense_matrix,
                               scale=cheap["upper_trace_over_n"],
                               log=log if spec.method in ("lobpcg", "davidson") else None,
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint,
+                              fast_matmat=(op.matmat_fast if op is not None and op.mixed
+                                           and spec.method in ("lobpcg", "davidson") else None))
     if spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
     else:
@@ -153,6 +164,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "accuracy": cert,
         "iterations": sol.iterations,
         "passes": op.passes if op is not None else None,
+        "precision": ("mixed" if sol.phases is not None else "float64"),
+        "phases": sol.phases,
         "matvecs": op.matvecs if op is not None else None,
         "bytes_read": op.bytes_read if op is not None else None,
         "resumed_from_checkpoint": sol.resumed,
@@ -160,6 +173,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                          if op is not None else None),
         "operator": op.mode if op is not None else "memory (dense, in process)",
         "operator_memory": ({"tile_bytes": op.tile_bytes, "cached_bytes": op.cached_bytes,
+                             "deflated_bytes": op.deflated_bytes,
                              "streamed_bytes_per_pass": op.streamed_bytes_per_pass}
                             if op is not None else None),
         "preconditioner": precond.describe() if precond else None,
@@ -205,6 +219,10 @@ def summary(result: dict, out: str) -> str:
                      f"operator {result['operator']}"
                      + (f", preconditioner {result['preconditioner']['name']}"
                         if result.get("preconditioner") else ""))
+    if result.get("phases"):
+        lines.append("mixed precision: " + ", then ".join(
+            f"{p['passes']} passes with {p['products']} products ({p['stopped']})"
+            for p in result["phases"]))
     if not result.get("converged", True):
         lines.append("warning: the solver stopped at its product limit before certifying tol")
     lower = b.get("lower")

@@ -14,7 +14,9 @@ from .kernels.limiting import KERNELS, NORMALIZATIONS
 METHODS = ("dense", "lobpcg", "davidson", "lanczos")
 OPERATORS = ("auto", "store", "memory", "recompute")
 #: Fields of RunSpec that choose the solver, not the matrix.
-SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "max_products")
+SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "precision",
+                 "max_products")
+PRECISIONS = ("auto", "float64", "mixed")
 DTYPES = ("float32", "float64")
 
 
@@ -42,6 +44,7 @@ class RunSpec:
     block: int | None = None
     precond: str = "auto"
     operator: str = "auto"
+    precision: str = "auto"
     max_products: int = 600
 
     @property
@@ -104,6 +107,15 @@ def check_solver(spec: RunSpec) -> None:
                         f"got {spec.precond!r}")
     if spec.operator not in OPERATORS:
         raise SpecError(f"operator must be one of {', '.join(OPERATORS)}, got {spec.operator!r}")
+    if spec.precision not in PRECISIONS:
+        raise SpecError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                        f"got {spec.precision!r}")
+    if spec.precision == "mixed" and spec.method not in ("lobpcg", "davidson"):
+        raise SpecError(f"--precision mixed applies to --method lobpcg or davidson, "
+                        f"not {spec.method}")
+    if spec.precision == "mixed" and spec.operator in ("store", "recompute"):
+        raise SpecError(f"--precision mixed needs the memory operator (tiles kept in worker "
+                        f"memory), not --operator {spec.operator}")
     _positive_int(spec.max_products, "max_products")
 
 

@@ -32,6 +32,7 @@ class Checkpoint:
         self.log = log
         self._last = time.perf_counter()
         self.resumed: dict | None = None  # what was loaded, for the result
+        self.stage = ""  # saved with the block: "float64" once a mixed solve is in its last phase
 
     def load(self, n: int, block: int) -> np.ndarray | None:
         """The saved Ritz block if a usable snapshot of this problem exists, else None."""
@@ -44,6 +45,7 @@ class Checkpoint:
                 X = np.array(f["X"], dtype=np.float64)
                 iterations, products = int(f["iterations"]), int(f["products"])
                 lam = float(f["lambda"])
+                stage = str(f["stage"]) if "stage" in f.files else ""
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             why = f"unreadable ({type(exc).__name__})"
         else:
@@ -57,7 +59,8 @@ class Checkpoint:
             if self.log:
                 self.log(f"checkpoint {self.path} is {why}: ignored, starting afresh")
             return None
-        self.resumed = {"iterations": iterations, "passes": products, "lambda_1": lam}
+        self.resumed = {"iterations": iterations, "passes": products, "lambda_1": lam,
+                        "stage": stage}
         if self.log:
             self.log(f"resuming from checkpoint {self.path}: {iterations} iterations and "
                      f"{products} passes done, λ_1 = {lam:.12g}")
@@ -72,7 +75,7 @@ class Checkpoint:
         tmp = self.path + ".tmp.npz"
         np.savez(tmp, X=np.asarray(X, dtype=np.float64),
                  iterations=done["iterations"] + iterations, products=done["passes"] + products,
-                 **{"lambda": float(lam[0])},
+                 **{"lambda": float(lam[0])}, stage=np.array(self.stage),
                  **{f"meta_{k}": np.array(v) for k, v in self.key.items()})
         os.replace(tmp, self.path)
         self._last = now

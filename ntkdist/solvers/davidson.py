@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .lobpcg import LobpcgResult, _check, _fresh_ritz, _start_block, _svqb, block_size
+from .lobpcg import LobpcgResult, _Stall, _check, _fresh_ritz, _start_block, _svqb, block_size
 
 
 class _Basis:
@@ -67,7 +67,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
                       tol: float = 1e-8, max_products: int = 500, seed: int = 0,
                       X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None,
                       max_seconds: float | None = None, on_iterate=None,
-                      basis: int | None = None, keep: int | None = None) -> LobpcgResult:
+                      basis: int | None = None, keep: int | None = None,
+                      stall: int | None = None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
     the largest search space ``basis`` (default 6·block) and the Ritz vectors ``keep``
     at restart (default 2·block; the previous iteration's block is kept as well)."""
@@ -83,6 +84,7 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     prev = None  # the previous iteration's Ritz vectors, as coefficients on V
     products, matvecs, restarts, it = 1, block, 0, 0
     history = []
+    stalling, stalled = _Stall(stall), False
     t0 = time.perf_counter()
     while True:
         X, AX = space.V @ C[:, :block], space.AV @ C[:, :block]
@@ -91,7 +93,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
         history.append(float(theta[0]))
         rnorm, gaps, converged, stop = _check(R, theta, k, tol, abs_tol, it, t0, log, products,
                                               max_products, max_seconds)
-        if stop:
+        stalled = not converged and stalling(rnorm[:k])
+        if stop or stalled:
             break
         if on_iterate is not None:
             on_iterate(X, theta, it, products)
@@ -136,4 +139,4 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     return LobpcgResult(values=theta[:k].copy(), vectors=X[:, :k].copy(),
                         residuals=rnorm[:k].copy(), gaps=gaps[:k].copy(), iterations=it,
                         products=products, matvecs=matvecs, converged=converged,
-                        restarts=restarts, history=history)
+                        restarts=restarts, history=history, block=X, stalled=stalled)

@@ -13,6 +13,9 @@ from .dense import dense_smallest
 from .lobpcg import block_size, lobpcg_smallest
 
 METHODS = ("lobpcg", "davidson", "lanczos", "dense")
+#: Iterations without a tenth's fall of the residuals that end a float32 phase (its noise
+#: floor: plain float32 tiles stall near ‖r‖ ≈ 3e-4 at N = 20000, deflated ones far lower).
+MIXED_STALL = 10
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Eigensolution:
     iterations: int
     solver_seconds: float
     resumed: dict | None = None  # the checkpoint this solve started from (iterations, passes)
+    phases: list | None = None  # mixed precision: products and outcome of each phase
 
     def certificate(self) -> dict:
         """Residual-based bounds on |λ − λ_true| for each λ (see README, 'Accuracy')."""
@@ -45,7 +49,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                         block: int | None = None, precond=None, max_products: int = 600,
                         seed: int = 0, dense_matrix=None, scale: float = 0.0,
                         log=None, max_seconds: float | None = None,
-                        checkpoint=None) -> Eigensolution:
+                        checkpoint=None, fast_matmat=None) -> Eigensolution:
     """The k smallest eigenpairs of the PSD operator ``matmat`` (N×b ↦ K·V).
 
     ``lobpcg``: :func:`ntkdist.solvers.lobpcg.lobpcg_smallest` with ``precond``, stopping on
@@ -58,6 +62,13 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     ``checkpoint`` (a :class:`ntkdist.solvers.checkpoint.Checkpoint`, LOBPCG and Davidson
     only): start from its saved Ritz block if it holds a usable one, and save the block as
     the solve goes.
+
+    ``fast_matmat`` (LOBPCG and Davidson only): a cheaper, inexact K·V (float32 deflated
+    products, :meth:`ntkdist.operator.KernelOperator.matmat_fast`). The solve then runs in two
+    phases: with ``fast_matmat`` until converged, stalled at its noise floor (residuals not
+    falling by a tenth in ``MIXED_STALL`` iterations) or out of four fifths of the products;
+    then with ``matmat`` from the first phase's Ritz block until the float64 products certify
+    ``tol``. Values, residuals and the certificate come from ``matmat`` alone.
     """
     t0 = time.perf_counter()
     if method == "dense":
@@ -69,16 +80,47 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         solver = lobpcg_smallest if method == "lobpcg" else davidson_smallest
         block = block_size(n, k, block)
         X0 = checkpoint.load(n, block) if checkpoint is not None else None
-        r = solver(matmat, n, k=k, block=block, precond=precond, tol=tol,
-                   max_products=max_products, seed=seed, abs_tol=tol * 1e-6 * scale, log=log,
-                   max_seconds=max_seconds, X0=X0,
-                   on_iterate=checkpoint.save if checkpoint is not None else None)
+        common = dict(k=k, block=block, precond=precond, tol=tol, seed=seed,
+                      abs_tol=tol * 1e-6 * scale)
+        phases, used, done_its = (None if fast_matmat is None else []), 0, 0
+
+        def saver(X, lam, it, products):  # counts continue across the phases
+            checkpoint.save(X, lam, it + done_its, products + used)
+        resumed_stage = (checkpoint.resumed or {}).get("stage") if checkpoint is not None else None
+        if fast_matmat is not None and resumed_stage != "float64":
+            if log:
+                log("phase 1: float32 deflated products")
+            r1 = solver(fast_matmat, n, max_products=max(1, max_products - max(10, max_products // 5)),
+                        max_seconds=None if max_seconds is None else 0.8 * max_seconds,
+                        X0=X0, log=log, stall=MIXED_STALL,
+                        on_iterate=saver if checkpoint is not None else None, **common)
+            used, done_its, X0 = r1.products, r1.iterations, r1.block
+            phases.append({"products": "float32 deflated", "passes": r1.products,
+                           "iterations": r1.iterations,
+                           "stopped": ("converged" if r1.converged else
+                                       "stalled" if r1.stalled else "limit"),
+                           "lambda_1": float(r1.values[0]),
+                           "residual_1": float(r1.residuals[0])})
+            if log:
+                log(f"phase 2: float64 products from the phase-1 block ({phases[0]['stopped']} "
+                    f"after {r1.products} passes)")
+        if checkpoint is not None and fast_matmat is not None:
+            checkpoint.stage = "float64"
+        left = None if max_seconds is None else max_seconds - (time.perf_counter() - t0)
+        r = solver(matmat, n, max_products=max(1, max_products - used), log=log,
+                   max_seconds=left, X0=X0, on_iterate=saver if checkpoint is not None else None,
+                   **common)
+        if phases is not None:
+            phases.append({"products": "float64", "passes": r.products,
+                           "iterations": r.iterations,
+                           "stopped": "converged" if r.converged else "limit"})
         values, vectors, gaps = r.values, r.vectors, r.gaps
-        converged, iterations = r.converged, r.iterations
+        converged, iterations = r.converged, r.iterations + done_its
         what = ("ntkdist block LOBPCG" if method == "lobpcg"
                 else "ntkdist block generalized Davidson, GD+k")
         name = (f"{method} ({what}, block {block or 'auto'}, "
-                f"{'preconditioned' if precond is not None else 'no preconditioner'})")
+                f"{'preconditioned' if precond is not None else 'no preconditioner'}"
+                f"{', mixed precision: float32 deflated then float64 products' if phases is not None else ''})")
     elif method == "lanczos":
         import scipy.sparse.linalg as sla
 
@@ -114,4 +156,5 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                          residuals=np.linalg.norm(fresh, axis=0), gaps=np.asarray(gaps),
                          method=name, converged=converged, iterations=iterations,
                          solver_seconds=seconds,
-                         resumed=checkpoint.resumed if checkpoint is not None else None)
+                         resumed=checkpoint.resumed if checkpoint is not None else None,
+                         phases=phases if method in ("lobpcg", "davidson") else None)

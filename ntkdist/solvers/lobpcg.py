@@ -38,6 +38,24 @@ class LobpcgResult:
     converged: bool
     restarts: int = 0  # restarts after rounding broke Ritz monotonicity (each costs a product)
     history: list = field(default_factory=list)  # λ_1 per iteration
+    block: np.ndarray | None = None  # (N, block) the whole final Ritz block (to start from)
+    stalled: bool = False  # stopped because the residuals stopped falling (``stall``)
+
+
+class _Stall:
+    """Whether the k smallest residual norms have stopped falling: no fall by a tenth for
+    ``window`` iterations (an inexact operator's noise floor; None: never)."""
+
+    def __init__(self, window: int | None):
+        self.window, self.best, self.since = window, np.inf, 0
+
+    def __call__(self, rnorm: np.ndarray) -> bool:
+        r = float(np.max(rnorm))
+        if r < 0.9 * self.best:
+            self.best, self.since = r, 0
+        else:
+            self.since += 1
+        return self.window is not None and self.since >= self.window
 
 
 def _svqb(S: np.ndarray, AS: np.ndarray | None, drop: float = 1e-10):
@@ -101,7 +119,8 @@ def block_size(n: int, k: int, block: int | None) -> int:
 def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
                     tol: float = 1e-8, max_products: int = 500, seed: int = 0,
                     X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None,
-                    max_seconds: float | None = None, on_iterate=None) -> LobpcgResult:
+                    max_seconds: float | None = None, on_iterate=None,
+                    stall: int | None = None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric positive semidefinite operator.
 
     ``matmat(V)`` returns A·V for an (n, b) float64 block; ``precond(R)`` applies an
@@ -117,13 +136,15 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     products, matvecs = 1, X.shape[1]
     P = AP = None
     history, it, restarts = [], 0, 0
+    stalling, stalled = _Stall(stall), False
     t0 = time.perf_counter()
     while True:
         R = AX - X * lam
         history.append(float(lam[0]))
         rnorm, gaps, converged, stop = _check(R, lam, k, tol, abs_tol, it, t0, log, products,
                                               max_products, max_seconds)
-        if stop:
+        stalled = not converged and stalling(rnorm[:k])
+        if stop or stalled:
             break
         if on_iterate is not None:
             on_iterate(X, lam, it, products)
@@ -165,4 +186,5 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         it += 1
     return LobpcgResult(values=lam[:k].copy(), vectors=X[:, :k].copy(), residuals=rnorm[:k].copy(),
                         gaps=gaps[:k].copy(), iterations=it, products=products, matvecs=matvecs,
-                        converged=converged, restarts=restarts, history=history)
+                        converged=converged, restarts=restarts, history=history, block=X,
+                        stalled=stalled)

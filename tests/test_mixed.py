@@ -1,0 +1,213 @@
+"""Mixed precision: float32 deflated products for the bulk of a solve, float64 to certify."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+import ntkdist
+from ntkdist.assemble import assemble
+from ntkdist.cli import main
+from ntkdist.data import synthetic_rows
+from ntkdist.errors import NtkdistError
+from ntkdist.kernels.limiting import normalization_factor, row_block
+from ntkdist.operator import KernelOperator, deflation_factor
+from ntkdist.solvers.checkpoint import Checkpoint
+from ntkdist.solvers.davidson import davidson_smallest
+from ntkdist.solvers.driver import smallest_eigenpairs
+from ntkdist.solvers.precond import make_preconditioner
+from ntkdist.spec import make_spec, make_store_spec
+from ntkdist.store import KernelStore
+
+SEED = 4409
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind, d, depth, kernel, normalization",
+                         [("sphere", 16, 3, "ntk", "paper"), ("gaussian", 24, 2, "nngp", "nt"),
+                          ("gaussian", 12, 4, "ntk", "nt")])
+def test_deflation_leaves_the_degree_two_and_higher_terms(kind, d, depth, kernel, normalization):
+    X = synthetic_rows(kind, d, SEED, 0, 300)
+    gram = ntkdist.ntk if kernel == "ntk" else ntkdist.nngp
+    K = gram(X, depth=depth, normalization=normalization)
+    F = deflation_factor(X, {"depth": depth, "kernel": kernel, "normalization": normalization})
+    assert F.shape == (300, d + 1)
+    R = K - F @ F.T
+    # Independently: the Taylor tail Σ_{r≥2} a_r s D ρ^r D, where the series converges fast.
+    blk = row_block(X)
+    rho = np.clip(blk.unit @ blk.unit.T, -1, 1)
+    a = ntkdist.kernel_coefficients(depth, kernel, 80)
+    tail = sum(a[r] * rho ** r for r in range(2, 81))
+    tail *= normalization_factor(normalization, d) * np.outer(blk.norms, blk.norms)
+    mask = np.abs(rho) < 0.5
+    np.fill_diagonal(mask, False)
+    np.testing.assert_allclose(R[mask], tail[mask], rtol=0, atol=1e-10 * np.abs(K).max())
+    off = ~np.eye(300, dtype=bool)
+    assert np.sqrt(np.mean(R[off] ** 2)) < 0.3 * np.sqrt(np.mean(K[off] ** 2))
+
+
+def _store(client, tmp_path, dtype, n=700, d=24, tile=256):
+    path = str(tmp_path / f"k-{dtype}.zarr")
+    spec = make_store_spec(make_spec(data="gaussian", n=n, d=d, depth=3, seed=7), tile, dtype)
+    assemble(spec, path, client, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_mixed_operator_products(client, tmp_path, dtype):
+    path = _store(client, tmp_path, dtype)
+    from ntkdist import open_kernel
+
+    K = np.asarray(open_kernel(path).compute(scheduler="threads"), dtype=np.float64)
+    V = np.random.default_rng(SEED).standard_normal((700, 5))
+    op = KernelOperator(client, "memory", store=path, precision="mixed")
+    assert op.mixed and op.precision == "mixed"
+    assert op.deflated_bytes == op.tile_bytes // np.dtype(dtype).itemsize * 4
+    exact = K @ V
+    np.testing.assert_allclose(op.matmat(V), exact, rtol=1e-12, atol=1e-10)
+    fast = op.matmat_fast(V)
+    plain = (K.astype(np.float32) @ V.astype(np.float32)).astype(np.float64)
+    err, err_plain = np.linalg.norm(fast - exact), np.linalg.norm(plain - exact)
+    assert err < 1e-6 * np.linalg.norm(exact) and err < err_plain / 5
+    one = op.matmat_fast(V[:, 0])
+    assert one.shape == (700,)
+    assert np.linalg.norm(one - exact[:, 0]) < 1e-6 * np.linalg.norm(exact[:, 0])
+    assert op.passes == 3 and op.passes_fast == 2
+    op.close()
+    auto = KernelOperator(client, "auto", store=path, precision="auto")
+    assert auto.mode == "memory" and auto.precision == "mixed"
+    auto.close()
+    streaming = KernelOperator(client, "store", store=path)
+    assert streaming.precision == "float64" and not streaming.mixed
+    with pytest.raises(NtkdistError, match="mixed"):
+        streaming.matmat_fast(V)
+    with pytest.raises(NtkdistError, match="memory operator"):
+        KernelOperator(client, "store", store=path, precision="mixed")
+    total = sum(w["memory_limit"] for w in client.scheduler_info()["workers"].values())
+    # room for the tiles but not their float32 copies: auto stays float64, mixed refuses
+    fraction = 1.1 * streaming.tile_bytes / total
+    roomy = KernelOperator(client, "memory", store=path, cache_fraction=fraction,
+                           precision="auto")
+    assert roomy.precision == "float64" and not roomy.mixed
+    roomy.close()
+    with pytest.raises(NtkdistError, match="do not fit"):
+        KernelOperator(client, "memory", store=path, precision="mixed", cache_fraction=fraction)
+
+
+def _problem(n=900, d=32, depth=3):
+    X = synthetic_rows("sphere", d, SEED + n, 0, n)
+    K = ntkdist.ntk(X, depth=depth)
+    return X, K, scipy.linalg.eigh(K, subset_by_index=[0, 2], eigvals_only=True)
+
+
+def test_stall_ends_an_inexact_operator_and_float64_finishes():
+    X, K, ref = _problem()
+    n = len(K)
+    rng = np.random.default_rng(SEED)
+    noise = 1e-5 * np.linalg.norm(K, 2)
+
+    def noisy(V):  # an operator with a noise floor far above what tol needs
+        return K @ V + noise * rng.standard_normal(V.shape) / np.sqrt(n)
+
+    P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+    r = davidson_smallest(noisy, n, k=2, block=8, precond=P.apply, tol=1e-12,
+                          max_products=400, stall=10)
+    assert r.stalled and not r.converged and r.products < 200
+    assert r.block.shape == (n, 8)
+    count = {"exact": 0, "fast": 0}
+
+    def exact(V):
+        count["exact"] += 1
+        return K @ V
+
+    def fast(V):
+        count["fast"] += 1
+        return noisy(V)
+
+    for method in ("lobpcg", "davidson"):
+        count.update(exact=0, fast=0)
+        sol = smallest_eigenpairs(exact, n, method, k=2, tol=1e-9, block=8, precond=P.apply,
+                                  scale=np.trace(K) / n, fast_matmat=fast, max_products=400)
+        assert sol.converged and "mixed precision" in sol.method
+        np.testing.assert_allclose(sol.values, ref[:2], rtol=1e-9)
+        direct = np.linalg.norm(K @ sol.vectors - sol.vectors * sol.values, axis=0)
+        np.testing.assert_allclose(sol.residuals, direct, rtol=1e-6, atol=1e-12)
+        assert [p["products"] for p in sol.phases] == ["float32 deflated", "float64"]
+        assert sol.phases[0]["stopped"] == "stalled"
+        assert sol.phases[0]["passes"] == count["fast"]
+        assert sol.phases[1]["passes"] + 1 == count["exact"]  # + the fresh residual product
+        assert count["exact"] < count["fast"]
+
+
+def test_mixed_solve_resumed_in_its_float64_phase_skips_the_first(tmp_path):
+    X, K, ref = _problem(n=700)
+    n = len(K)
+    P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+    K32 = K.astype(np.float32)
+
+    def fast(V):
+        return (K32 @ V.astype(np.float32)).astype(np.float64)
+
+    calls = [0]
+
+    def crashing(V):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise Crash
+        return K @ V
+
+    path = str(tmp_path / "checkpoint.npz")
+    key = {"out_hash": "x", "method": "davidson", "n": n}
+    kw = dict(k=2, tol=1e-10, block=8, precond=P.apply, scale=np.trace(K) / n)
+    with pytest.raises(Crash):
+        smallest_eigenpairs(crashing, n, "davidson", fast_matmat=fast,
+                            checkpoint=Checkpoint(path, key, every=0), **kw)
+    fast_calls = [0]
+
+    def counting_fast(V):
+        fast_calls[0] += 1
+        return fast(V)
+
+    ck = Checkpoint(path, key, every=0)
+    sol = smallest_eigenpairs(lambda V: K @ V, n, "davidson", fast_matmat=counting_fast,
+                              checkpoint=ck, **kw)
+    assert sol.resumed["stage"] == "float64" and fast_calls[0] == 0
+    assert [p["products"] for p in sol.phases] == ["float64"]
+    assert sol.converged
+    np.testing.assert_allclose(sol.values, ref[:2], rtol=1e-9)
+
+
+def test_cli_mixed_precision_agrees_with_float64_and_dense(client, tmp_path, capsys):
+    addr = client.scheduler.address
+    store = str(tmp_path / "k.zarr")
+    args = ["--data", "gaussian", "--n", "800", "--d", "32", "--depth", "3", "--seed", "3"]
+    assert main(["assemble", *args, "--store", store, "--tile", "256", "--scheduler", addr]) == 0
+    X = KernelStore.open(store).array("X")[:]
+    ref = scipy.linalg.eigh(ntkdist.ntk(X, depth=3), subset_by_index=[0, 1], eigvals_only=True)
+    results = {}
+    for precision in ("auto", "float64"):
+        out = str(tmp_path / precision)
+        assert main(["solve", "--store", store, "--out", out, "--method", "davidson", "--k", "2",
+                     "--precision", precision, "--scheduler", addr]) == 0
+        r = results[precision] = json.load(open(os.path.join(out, "result.json")))
+        np.testing.assert_allclose(r["eigenvalues"], ref, rtol=1e-8)
+        assert r["converged"] and r["relative_accuracy_kato_temple"] <= 1e-8
+    mixed, plain = results["auto"], results["float64"]
+    assert mixed["precision"] == "mixed" and plain["precision"] == "float64"
+    assert plain["phases"] is None and mixed["operator"] == "memory"
+    assert sum(p["passes"] for p in mixed["phases"]) + 1 == mixed["passes"]
+    assert mixed["operator_memory"]["deflated_bytes"] > 0
+    assert "mixed precision:" in capsys.readouterr().out
+    for bad in (["--precision", "mixed", "--operator", "store"],
+                ["--precision", "mixed", "--method", "lanczos"],
+                ["--precision", "half"]):
+        out = str(tmp_path / "bad")
+        assert main(["solve", "--store", store, "--out", out, "--scheduler", addr, *bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, bad
+        assert not os.path.exists(out)
