@@ -70,17 +70,23 @@ def side_by_side(args):
         t0 = time.perf_counter()
         store = build_store(client, folder, args.n, "float64")
         print(f"store assembled in {time.perf_counter() - t0:.1f} s")
-        runs = [("lobpcg", "memory", "harmonic", None), ("davidson", "memory", "harmonic", None),
-                ("davidson", "memory", "harmonic", 16),
-                ("lobpcg", "store", "harmonic", None), ("davidson", "store", "harmonic", None),
-                ("lobpcg", "memory", "nystrom:1000", None), ("lobpcg", "memory", "none", None)]
-        for method, mode, pc, block in runs:
+        runs = [("davidson", "memory", "harmonic", 16, "mixed"),
+                ("davidson", "memory", "harmonic", None, "mixed"),
+                ("lobpcg", "memory", "harmonic", None, "mixed"),
+                ("davidson", "memory", "harmonic", 16, "float64"),
+                ("davidson", "memory", "harmonic", None, "float64"),
+                ("lobpcg", "memory", "harmonic", None, "float64"),
+                ("lobpcg", "store", "harmonic", None, "float64"),
+                ("davidson", "store", "harmonic", None, "float64"),
+                ("lobpcg", "memory", "nystrom:1000", None, "float64"),
+                ("lobpcg", "memory", "none", None, "float64")]
+        for method, mode, pc, block, precision in runs:
             cap = {"none": 100, "nystrom:1000": 300}.get(pc, 600)
             block = block or args.block
             r = ntkdist_solve(client, store, mode, pc, X, max_products=cap, method=method,
-                              block=block)
-            rows.append((f"ntkdist {method}, {mode}, {pc}" + (f", block {block}" if block else ""),
-                         r))
+                              block=block, precision=precision)
+            rows.append((f"ntkdist {method}, {mode}, {pc}, {precision}"
+                         + (f", block {block}" if block else ""), r))
             print(rows[-1], flush=True)
     K = KernelStore.open(store)
     from ntkdist import open_kernel
@@ -108,11 +114,12 @@ def side_by_side(args):
                     {"seconds": time.perf_counter() - t0, "lambda": float(vals[0]),
                      "passes": count[0], "matvecs": count[0]}))
     print(f"\nN={args.n} d=64 L=3 sphere seed 0; dense λ_min = {w[0]:.12g}")
-    print(f"{'method':45s} {'seconds':>8s} {'passes':>7s} {'matvecs':>8s} {'rel err':>9s} "
-          f"{'speed-up':>9s} {'KT bound':>9s}")
+    print(f"{'method':55s} {'seconds':>8s} {'passes':>7s} {'fp32':>5s} {'matvecs':>8s} "
+          f"{'rel err':>9s} {'speed-up':>9s} {'KT bound':>9s}")
     for name, r in rows:
         err = abs(r["lambda"] - w[0]) / w[0]
-        print(f"{name:45s} {r['seconds']:8.1f} {str(r['passes']):>7s} {str(r['matvecs']):>8s} "
+        print(f"{name:55s} {r['seconds']:8.1f} {str(r['passes']):>7s} "
+              f"{str(r.get('passes_float32', '-')):>5s} {str(r['matvecs']):>8s} "
               f"{err:9.1e} {t_dense / r['seconds']:8.1f}x {_fmt(r.get('bound')):>9s}")
 
 
