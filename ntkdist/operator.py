@@ -122,7 +122,7 @@ def _load_tile(path, i, j, FI=None, FJ=None):
     """A tile copied into this worker's memory (a read may map the file's pages), checked
     against its recorded checksum; with the low-rank parts FI, FJ (mixed precision), the pair
     (tile, its float32 deflated copy)."""
-    tile = np.array(KernelStore.open(path).read_tile_checked(i, j))
+    tile = KernelStore.open(path).read_tile_checked(i, j, copy=True)
     return tile if FI is None else (tile, _deflate_tile(tile, FI, FJ))
 
 

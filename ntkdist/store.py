@@ -42,7 +42,8 @@ class StoreError(NtkdistError):
 
 def checksum(array: np.ndarray) -> str:
     """BLAKE2b-128 of an array's bytes in C order (the store's dtype)."""
-    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # the bytes, no copy
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _tile_bounds(i: int, tile: int, n: int) -> slice:
@@ -211,10 +212,13 @@ class KernelStore:
         r, c = rows.stop - rows.start, cols.stop - cols.start
         return whole if whole.shape == (r, c) else np.ascontiguousarray(whole[:r, :c])
 
-    def read_tile_checked(self, i: int, j: int) -> np.ndarray:
+    def read_tile_checked(self, i: int, j: int, copy: bool = False) -> np.ndarray:
         """Tile (I, J) as stored, after checking it against its recorded checksum; a
-        one-line StoreError if it does not match (a chunk damaged after it was written)."""
+        one-line StoreError if it does not match (a chunk damaged after it was written).
+        ``copy``: copied into memory first (a read may map the file) and the copy checked."""
         tile = self.read_tile(i, j)
+        if copy:
+            tile = np.array(tile)
         self._require_checksum(self.tile_key(i, j), tile)
         return tile
 

@@ -160,3 +160,16 @@ def test_open_kernel_refuses_a_tile_damaged_in_place(client, tmp_path):
         f.write(b"\x00" * 16)
     with pytest.raises(StoreError, match="K.1.2 .*checksum"):
         open_kernel(path).compute()
+
+
+def test_checksum_is_blake2b_of_the_c_order_bytes():
+    import hashlib
+
+    from ntkdist.store import checksum
+
+    rng = np.random.default_rng(31)
+    for a in (np.zeros((0, 3)), rng.standard_normal(9)[::2], np.float32(3.5),
+              rng.standard_normal((4, 5)).astype(">f8"), rng.standard_normal((6, 7)).T,
+              rng.standard_normal((50, 7)).astype(np.float32)):
+        want = hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+        assert checksum(a) == want

@@ -90,11 +90,14 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         if fast_matmat is not None and resumed_stage != "float64":
             if log:
                 log("phase 1: float32 deflated products")
-            r1 = solver(fast_matmat, n, max_products=max(1, max_products - max(10, max_products // 5)),
+            cap = max(1, max_products - max(10, max_products // 5))  # keep a fifth for phase 2
+            r1 = solver(fast_matmat, n, max_products=cap,
                         max_seconds=None if max_seconds is None else 0.8 * max_seconds,
                         X0=X0, log=log, stall=MIXED_STALL,
                         on_iterate=saver if checkpoint is not None else None, **common)
-            used, done_its, X0 = r1.products, r1.iterations, r1.block
+            used, done_its = r1.products, r1.iterations
+            if np.all(np.isfinite(r1.block)):  # else start the float64 phase as phase 1 did
+                X0 = r1.block
             phases.append({"products": "float32 deflated", "passes": r1.products,
                            "iterations": r1.iterations,
                            "stopped": ("converged" if r1.converged else
@@ -118,9 +121,10 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         converged, iterations = r.converged, r.iterations + done_its
         what = ("ntkdist block LOBPCG" if method == "lobpcg"
                 else "ntkdist block generalized Davidson, GD+k")
+        mixed = ", mixed precision: float32 deflated then float64 products"
         name = (f"{method} ({what}, block {block or 'auto'}, "
                 f"{'preconditioned' if precond is not None else 'no preconditioner'}"
-                f"{', mixed precision: float32 deflated then float64 products' if phases is not None else ''})")
+                f"{mixed if phases is not None else ''})")
     elif method == "lanczos":
         import scipy.sparse.linalg as sla
 
