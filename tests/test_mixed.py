@@ -211,3 +211,22 @@ def test_cli_mixed_precision_agrees_with_float64_and_dense(client, tmp_path, cap
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1, bad
         assert not os.path.exists(out)
+
+
+def test_repeated_rows_keep_auto_in_float64_and_mixed_still_finds_zero(client, tmp_path):
+    rng = np.random.default_rng(SEED)
+    X = rng.standard_normal((400, 12))
+    X[250] = X[7]  # a repeated row: K is singular
+    path = str(tmp_path / "rows.npy")
+    np.save(path, X)
+    addr = client.scheduler.address
+    store = str(tmp_path / "k.zarr")
+    base = ["run", "--data", path, "--n", "400", "--depth", "3", "--store", store, "--tile",
+            "128", "--method", "davidson", "--scheduler", addr]
+    for precision in ("auto", "mixed"):
+        out = tmp_path / precision
+        assert main([*base, "--out", str(out), "--precision", precision]) == 0
+        r = json.load(open(out / "result.json"))
+        assert r["singular_expected"] and r["converged"]
+        assert r["precision"] == ("float64" if precision == "auto" else "mixed")
+        assert abs(r["lambda_min"]) < 1e-9 * r["bounds"]["upper_min_diagonal"]
