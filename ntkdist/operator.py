@@ -31,10 +31,10 @@ import numpy as np
 
 from .errors import NtkdistError
 from .kernels.limiting import kernel_tile, row_block
+from .spec import OPERATORS, PRECISIONS
 from .store import KernelStore
 
-MODES = ("auto", "store", "memory", "recompute")
-PRECISIONS = ("auto", "float64", "mixed")
+MODES = OPERATORS
 
 
 #: Rows of a float32 tile widened to float64 at once, into a reused buffer (in cache, so the
@@ -190,6 +190,10 @@ class KernelOperator:
             self.store, self.problem, self.tile = s, s.spec.problem, s.spec.tile
             self.n = s.spec.n
             itemsize = np.dtype(s.spec.dtype).itemsize
+            shape = (s.spec.n, int(s.spec.problem["d"]))
+            if rows is not None and np.shape(rows) != shape:
+                raise NtkdistError(f"rows of shape {np.shape(rows)} given for a store of "
+                                   f"rows {shape}")
         else:
             if mode in ("store", "memory"):
                 raise NtkdistError(f"operator {mode!r} needs a store")
@@ -213,7 +217,7 @@ class KernelOperator:
                 f"in {cache_fraction:.0%} of the workers' memory ({budget / 1e9:.1f} GB); use "
                 "--operator auto (caches what fits, streams the rest) or store")
         self.mode = mode
-        # Mixed precision: float32 deflated copies of the cached tiles beside them (memory mode).
+        # Mixed precision: float32 deflated copies of all the tiles beside them (memory mode).
         deflated_bytes = sum(size[p][0] * size[p][1] * 4 for p in self.pairs)
         if precision == "mixed" and mode != "memory":
             raise NtkdistError(f"--precision mixed needs the memory operator (tiles kept in "
@@ -241,7 +245,7 @@ class KernelOperator:
         if cache:
             parts = {}
             if self.precision == "mixed":  # the low-rank part, by row block, on every worker
-                self._F = deflation_factor(self.store.rows_checked(), self.problem)
+                self._F = deflation_factor(self._rows(rows), self.problem)
                 parts = client.scatter({i: self._F[i * t:(i + 1) * t] for i in range(nb)},
                                        broadcast=True)
             load = {w: 0.0 for w in workers}  # spread the cached work evenly, largest first
@@ -260,14 +264,19 @@ class KernelOperator:
             self._cache = futs
             self.cached_bytes = sum(self._tile_bytes[p] for p in cache)
             self.bytes_read += self.cached_bytes
-            if self.precision == "mixed":
-                self.deflated_bytes = sum(size[p][0] * size[p][1] * 4 for p in cache)
+            if self.precision == "mixed":  # mixed is memory mode: every tile is cached
+                self.deflated_bytes = deflated_bytes
         self._plan(workers, size)
         self._blocks = None
         if mode == "recompute":
-            X = np.asarray(rows if rows is not None else self.store.rows_checked(), dtype=np.float64)
+            X = self._rows(rows)
             blocks = {i: row_block(X[i * t:(i + 1) * t]) for i in range(nb)}
             self._blocks = client.scatter(blocks, broadcast=True)
+
+    def _rows(self, rows) -> np.ndarray:
+        """The rows X: as given (the caller's, already checked), else the store's, checked."""
+        return np.asarray(rows if rows is not None else self.store.rows_checked(),
+                          dtype=np.float64)
 
     def _workers(self) -> dict:
         info = self.client.scheduler_info(n_workers=-1)["workers"]

@@ -66,7 +66,7 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
             store_spec = resolve_store_spec(spec, store, client, tile, dtype)
             log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
             assemble(store_spec, store, client)
-            op = KernelOperator(client, spec.operator, store=store,
+            op = KernelOperator(client, spec.operator, store=store, rows=X,
                                 precision=_operator_precision(spec, check))
         else:
             op = KernelOperator(client, spec.operator, rows=X, problem=spec.problem(),
@@ -91,7 +91,7 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
     X = kstore.rows_checked()
     check = check_rows(X, name=store)
     with connect(**(cluster or {})) as client:
-        op = KernelOperator(client, spec.operator, store=store,
+        op = KernelOperator(client, spec.operator, store=store, rows=X,
                             precision=_operator_precision(spec, check))
         claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
                       _out_hash(spec, kstore))
@@ -146,8 +146,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                               scale=cheap["upper_trace_over_n"],
                               log=log if spec.method in ("lobpcg", "davidson") else None,
                               checkpoint=checkpoint,
-                              fast_matmat=(op.matmat_fast if op is not None and op.mixed
-                                           and spec.method in ("lobpcg", "davidson") else None))
+                              fast_matmat=op.matmat_fast if op is not None and op.mixed else None)
     if spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
     else:

@@ -82,14 +82,13 @@ def test_unusable_checkpoints_are_ignored(tmp_path):
         "garbage": lambda: path.write_bytes(b"not a zip file at all"),
         "truncated": lambda: path.write_bytes(good[: len(good) // 2]),
         "other problem": lambda: Checkpoint(str(path), {**key, "out_hash": "zzz"}, every=0).save(
-            np.linalg.qr(np.random.default_rng(1).standard_normal((n, 8)))[0], np.ones(8), 3, 4,
-            force=True),
+            np.linalg.qr(np.random.default_rng(1).standard_normal((n, 8)))[0], np.ones(8), 3, 4),
         "wrong shape": lambda: Checkpoint(str(path), key, every=0).save(
-            np.random.default_rng(1).standard_normal((n, 5)), np.ones(5), 3, 4, force=True),
+            np.random.default_rng(1).standard_normal((n, 5)), np.ones(5), 3, 4),
         "nan": lambda: Checkpoint(str(path), key, every=0).save(
-            np.full((n, 8), np.nan), np.ones(8), 3, 4, force=True),
+            np.full((n, 8), np.nan), np.ones(8), 3, 4),
     }
-    Checkpoint(str(path), key, every=0).save(np.eye(n, 8), np.ones(8), 1, 2, force=True)
+    Checkpoint(str(path), key, every=0).save(np.eye(n, 8), np.ones(8), 1, 2)
     good = path.read_bytes()
     for what, make in bad.items():
         path.unlink()

@@ -66,10 +66,9 @@ class Checkpoint:
                      f"{products} passes done, λ_1 = {lam:.12g}")
         return X
 
-    def save(self, X: np.ndarray, lam: np.ndarray, iterations: int, products: int,
-             force: bool = False) -> None:
+    def save(self, X: np.ndarray, lam: np.ndarray, iterations: int, products: int) -> None:
         now = time.perf_counter()
-        if not force and now - self._last < self.every:
+        if now - self._last < self.every:
             return
         done = self.resumed or {"iterations": 0, "passes": 0}
         tmp = self.path + ".tmp.npz"

@@ -84,7 +84,7 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     prev = None  # the previous iteration's Ritz vectors, as coefficients on V
     products, matvecs, restarts, it = 1, block, 0, 0
     history = []
-    stalling, stalled = _Stall(stall), False
+    stalling = _Stall(stall)
     t0 = time.perf_counter()
     while True:
         X, AX = space.V @ C[:, :block], space.AV @ C[:, :block]
@@ -92,9 +92,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
         R = AX - X * theta
         history.append(float(theta[0]))
         rnorm, gaps, converged, stop = _check(R, theta, k, tol, abs_tol, it, t0, log, products,
-                                              max_products, max_seconds)
-        stalled = not converged and stalling(rnorm[:k])
-        if stop or stalled:
+                                              max_products, max_seconds, stalling)
+        if stop:
             break
         if on_iterate is not None:
             on_iterate(X, theta, it, products)
@@ -139,4 +138,5 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     return LobpcgResult(values=theta[:k].copy(), vectors=X[:, :k].copy(),
                         residuals=rnorm[:k].copy(), gaps=gaps[:k].copy(), iterations=it,
                         products=products, matvecs=matvecs, converged=converged,
-                        restarts=restarts, history=history, block=X, stalled=stalled)
+                        restarts=restarts, history=history, block=X,
+                        stalled=stalling.stalled)

@@ -71,6 +71,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     ``tol``. Values, residuals and the certificate come from ``matmat`` alone.
     """
     t0 = time.perf_counter()
+    phases = None  # mixed precision only
     if method == "dense":
         res = dense_smallest(dense_matrix(), k=min(k + 1, n))
         values, vectors = res.values[:k], res.vectors[:, :k]
@@ -161,4 +162,4 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                          method=name, converged=converged, iterations=iterations,
                          solver_seconds=seconds,
                          resumed=checkpoint.resumed if checkpoint is not None else None,
-                         phases=phases if method in ("lobpcg", "davidson") else None)
+                         phases=phases)

@@ -47,7 +47,7 @@ class _Stall:
     ``window`` iterations (an inexact operator's noise floor; None: never)."""
 
     def __init__(self, window: int | None):
-        self.window, self.best, self.since = window, np.inf, 0
+        self.window, self.best, self.since, self.stalled = window, np.inf, 0, False
 
     def __call__(self, rnorm: np.ndarray) -> bool:
         r = float(np.max(rnorm))
@@ -55,7 +55,8 @@ class _Stall:
             self.best, self.since = r, 0
         else:
             self.since += 1
-        return self.window is not None and self.since >= self.window
+        self.stalled = self.window is not None and self.since >= self.window
+        return self.stalled
 
 
 def _svqb(S: np.ndarray, AS: np.ndarray | None, drop: float = 1e-10):
@@ -88,10 +89,10 @@ def _fresh_ritz(X: np.ndarray, matmat):
 
 
 def _check(R, lam, k: int, tol: float, abs_tol: float, it: int, t0: float, log,
-           products: int, max_products: int, max_seconds: float | None):
+           products: int, max_products: int, max_seconds: float | None, stall: _Stall):
     """Residual norms, Ritz gaps, whether the k smallest Ritz values meet
-    min(‖r‖, ‖r‖²/δ) ≤ max(tol·|λ|, abs_tol), and whether to stop (converged, or out of
-    products or time); logs every 10 iterations."""
+    min(‖r‖, ‖r‖²/δ) ≤ max(tol·|λ|, abs_tol), and whether to stop (converged, stalled, or out
+    of products or time); logs every 10 iterations."""
     rnorm = np.linalg.norm(R, axis=0)
     gaps = np.append(np.diff(lam), np.inf)
     bound = np.minimum(rnorm[:k], rnorm[:k] ** 2 / np.where(gaps[:k] > 0, gaps[:k], np.inf))
@@ -100,7 +101,9 @@ def _check(R, lam, k: int, tol: float, abs_tol: float, it: int, t0: float, log,
             f"bound {bound[0] / max(abs(lam[0]), 1e-300):.1e} rel, {time.perf_counter() - t0:.0f} s")
     converged = bool(np.all(bound <= np.maximum(tol * np.abs(lam[:k]), abs_tol)))
     out_of_time = max_seconds is not None and time.perf_counter() - t0 >= max_seconds
-    return rnorm, gaps, converged, converged or products >= max_products or out_of_time
+    stalled = not converged and stall(rnorm[:k])
+    return rnorm, gaps, converged, (converged or stalled or products >= max_products
+                                    or out_of_time)
 
 
 def block_size(n: int, k: int, block: int | None) -> int:
@@ -136,15 +139,14 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     products, matvecs = 1, X.shape[1]
     P = AP = None
     history, it, restarts = [], 0, 0
-    stalling, stalled = _Stall(stall), False
+    stalling = _Stall(stall)
     t0 = time.perf_counter()
     while True:
         R = AX - X * lam
         history.append(float(lam[0]))
         rnorm, gaps, converged, stop = _check(R, lam, k, tol, abs_tol, it, t0, log, products,
-                                              max_products, max_seconds)
-        stalled = not converged and stalling(rnorm[:k])
-        if stop or stalled:
+                                              max_products, max_seconds, stalling)
+        if stop:
             break
         if on_iterate is not None:
             on_iterate(X, lam, it, products)
@@ -187,4 +189,4 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     return LobpcgResult(values=lam[:k].copy(), vectors=X[:, :k].copy(), residuals=rnorm[:k].copy(),
                         gaps=gaps[:k].copy(), iterations=it, products=products, matvecs=matvecs,
                         converged=converged, restarts=restarts, history=history, block=X,
-                        stalled=stalled)
+                        stalled=stalling.stalled)
