@@ -4,6 +4,7 @@
     python benchmarks/solver.py dtypes --n 10000           # float32 vs float64 storage
     python benchmarks/solver.py store --store PATH.zarr     # e.g. the N=100000 assembly store
     python benchmarks/solver.py pieces --n 20000           # preconditioner and thin GEMMs
+    python benchmarks/solver.py mixed --n 20000            # what mixed precision does
 
 All on sphere data, d = 64, L = 3, seed 0, a LocalCluster of 2 single-threaded workers.
 """
@@ -80,6 +81,8 @@ def side_by_side(args):
                 ("davidson", "store", "harmonic", None, "float64"),
                 ("lobpcg", "memory", "nystrom:1000", None, "float64"),
                 ("lobpcg", "memory", "none", None, "float64")]
+        if args.block16_only:  # the fastest pair only (a repeat of the headline figure)
+            runs = [r for r in runs if r[:4] == ("davidson", "memory", "harmonic", 16)]
         for method, mode, pc, block, precision in runs:
             cap = {"none": 100, "nystrom:1000": 300}.get(pc, 600)
             block = block or args.block
@@ -200,6 +203,104 @@ def pieces(args):
                   f"Vᵀ·Kᵀ {2 * b * t * t / s2 / 1e9:.1f} GFLOP/s")
 
 
+def mixed(args):
+    """Mixed precision at N: how much the deflation shrinks the entries, the error of a fast
+    product, in-process Davidson (block 16) with float64, plain float32 and deflated float32
+    products, and the distributed memory operator's passes in float32 and float64."""
+    from ntkdist.kernels.limiting import kernel_tile, row_block
+    from ntkdist.operator import deflation_factor
+    from ntkdist.solvers.davidson import davidson_smallest
+
+    n, b = args.n, 16
+    X = synthetic_rows("sphere", 64, 0, 0, n)
+    problem = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
+    K = np.empty((n, n))
+    whole = row_block(X)
+    for i in range(0, n, 4096):
+        K[i:i + 4096] = kernel_tile(row_block(X[i:i + 4096]), whole, 3, "ntk", "paper")
+    K = (K + K.T) / 2
+    F = deflation_factor(X, problem)
+    R32 = (K - F @ F.T).astype(np.float32)
+    K32 = K.astype(np.float32)
+    m = min(n, 2000)
+    upper = np.triu_indices(m, 1)
+    rms = lambda A: float(np.sqrt(np.mean(np.asarray(A[:m, :m][upper], dtype=np.float64) ** 2)))
+    print(f"N={n}: off-diagonal r.m.s. of K {rms(K):.3g}, of K − FFᵀ {rms(R32):.3g} "
+          f"(first {m} rows)")
+
+    count = [0]
+
+    def exact(V):
+        count[0] += 1
+        return K @ V
+
+    def fast(V):
+        return (R32 @ V.astype(np.float32)).astype(np.float64) + F @ (F.T @ V)
+
+    def plain(V):
+        return (K32 @ V.astype(np.float32)).astype(np.float64)
+
+    P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+    scale = float(np.trace(K)) / n
+    t0 = time.perf_counter()
+    ref = smallest_eigenpairs(exact, n, "davidson", block=b, precond=P.apply, scale=scale)
+    t_ref, products = time.perf_counter() - t0, count[0]
+    t0 = time.perf_counter()
+    two = smallest_eigenpairs(exact, n, "davidson", block=b, precond=P.apply, scale=scale,
+                              fast_matmat=fast)
+    t_two = time.perf_counter() - t0
+    lam = ref.values[0]
+    print(f"in process, Davidson block {b}, tol 1e-8: float64 products {t_ref:.1f} s, "
+          f"{products} products, λ = {lam:.12g}; mixed {t_two:.1f} s, phases "
+          f"{[(p['products'], p['passes'], p['stopped']) for p in two.phases]}, λ differs by "
+          f"{abs(two.values[0] - lam) / lam:.1e} relative, certified "
+          f"{two.certificate()['rel_error_bound_kato_temple'][0]:.1e}")
+    r = davidson_smallest(plain, n, block=b, precond=P.apply, tol=1e-8, max_products=400,
+                          stall=10)
+    v = r.vectors[:, :1]
+    print(f"plain float32 products: stopped after {r.products} products "
+          f"({'stalled' if r.stalled else 'converged' if r.converged else 'limit'}) at "
+          f"‖r‖ = {r.residuals[0]:.2e}, λ_1 off by {abs(r.values[0] - lam) / lam:.1e}, its "
+          f"float64 Rayleigh quotient off by {abs(float((v.T @ K @ v)[0, 0]) - lam) / lam:.1e}")
+    v = ref.vectors[:, :1]
+    w = np.random.default_rng(1).standard_normal((n, 1))
+    w /= np.linalg.norm(w)
+    for name, u in (("converged eigenvector", v), ("random unit vector", w)):
+        Ku = K @ u
+        print(f"{name}: ‖fast·u − K·u‖ = {np.linalg.norm(fast(u) - Ku):.2e} (deflated), "
+              f"{np.linalg.norm(plain(u) - Ku):.2e} (plain float32)")
+    del K, K32, R32
+    folder = tempfile.mkdtemp(prefix="ntkdist-mixed-")
+    try:
+        with connect(workers=2) as client:
+            store = build_store(client, folder, n, "float64")
+            for precision in ("float64", "mixed"):
+                t0 = time.perf_counter()
+                op = KernelOperator(client, "memory", store=store, precision=precision)
+                setup = time.perf_counter() - t0
+                V = np.random.default_rng(0).standard_normal((n, b))
+                for f in ([op.matmat, op.matmat_fast] if op.mixed else [op.matmat]):
+                    f(V)
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        f(V)
+                    print(f"memory operator ({precision}, set-up {setup:.1f} s): "
+                          f"{'float32' if f == op.matmat_fast else 'float64'} pass "
+                          f"{(time.perf_counter() - t0) / 10:.3f} s at b = {b}")
+                op.close()
+            VT = np.ascontiguousarray(V.T)
+            ws = sorted(client.scheduler_info()["workers"])
+            t0 = time.perf_counter()
+            for _ in range(20):
+                Vf = client.scatter(VT, broadcast=True, hash=False)
+                futs = [client.submit(np.zeros_like, Vf, workers=[w], pure=False) for w in ws]
+                sum(f.result() for f in futs)
+            print(f"Dask round trip of a pass (scatter Vᵀ, a no-op task per worker, results "
+                  f"back): {(time.perf_counter() - t0) / 20:.3f} s")
+    finally:
+        shutil.rmtree(folder)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -207,6 +308,8 @@ def main():
     s.add_argument("--n", type=int, default=20000)
     s.add_argument("--scipy-cap", type=int, default=300)
     s.add_argument("--block", type=int, default=None)
+    s.add_argument("--block16-only", action="store_true",
+                   help="only Davidson block 16, mixed and float64 (and the dense reference)")
     t = sub.add_parser("dtypes")
     t.add_argument("--n", type=int, default=10000)
     f = sub.add_parser("store")
@@ -220,9 +323,11 @@ def main():
                    help="wall-clock seconds for the whole solve (stop iterating in time)")
     q = sub.add_parser("pieces")
     q.add_argument("--n", type=int, default=20000)
+    x = sub.add_parser("mixed")
+    x.add_argument("--n", type=int, default=20000)
     args = p.parse_args()
     {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store,
-     "pieces": pieces}[args.what](args)
+     "pieces": pieces, "mixed": mixed}[args.what](args)
 
 
 if __name__ == "__main__":

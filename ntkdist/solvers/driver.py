@@ -14,7 +14,7 @@ from .lobpcg import block_size, lobpcg_smallest
 
 METHODS = ("lobpcg", "davidson", "lanczos", "dense")
 #: Iterations without a tenth's fall of the residuals that end a float32 phase (its noise
-#: floor: plain float32 tiles stall near ‖r‖ ≈ 3e-4 at N = 20000, deflated ones far lower).
+#: floor: plain float32 tiles stall at ‖r‖ = 3.5e-4 at N = 20000, benchmarks/solver.py mixed).
 MIXED_STALL = 10
 
 

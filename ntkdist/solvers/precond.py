@@ -88,9 +88,8 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
         _sym_square_features(UT, out=PhiT[1 + d:])
         PhiT[1 + d:] *= np.sqrt(a[2])
     # (cI + ΦΦᵀ)⁻¹ = (I − Φ G Φᵀ)/c with G = (cI + ΦᵀΦ)⁻¹ formed once in float64 from its
-    # Cholesky factor (rank × rank: a small GEMM per application, 4× faster than two
-    # triangular solves), and Φᵀ kept in float32 in C order (rank × N: the faster layout for
-    # both GEMMs of an application).
+    # Cholesky factor (rank × rank: a small GEMM per application instead of two triangular
+    # solves), and Φᵀ kept in float32 in C order (rank × N, each feature row contiguous).
     L = scipy.linalg.cholesky(c * np.eye(rank) + PhiT @ PhiT.T, lower=True)
     G, info = scipy.linalg.lapack.dpotri(L, lower=1)
     if info != 0:
