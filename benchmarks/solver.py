@@ -5,6 +5,7 @@
     python benchmarks/solver.py store --store PATH.zarr     # e.g. the N=100000 assembly store
     python benchmarks/solver.py pieces --n 20000           # preconditioner and thin GEMMs
     python benchmarks/solver.py mixed --n 20000            # what mixed precision does
+    python benchmarks/solver.py strips                     # one tile's two products, fused
 
 All on sphere data, d = 64, L = 3, seed 0, a LocalCluster of 2 single-threaded workers.
 """
@@ -301,6 +302,45 @@ def mixed(args):
         shutil.rmtree(folder)
 
 
+def _time_tile_products(t, b, dtype, strip, repeats=10):
+    """On one worker (one core): ms for a t×t tile's two products as two whole-tile GEMMs,
+    and fused strip by strip (ntkdist.operator._fused)."""
+    from threadpoolctl import threadpool_limits
+
+    from ntkdist.operator import _fused
+
+    rng = np.random.default_rng(0)
+    tile = rng.standard_normal((t, t)).astype(dtype)
+    vi, vj = (rng.standard_normal((b, t)).astype(dtype) for _ in range(2))
+    out = {}
+    with threadpool_limits(1):
+        for name, f in (("two GEMMs", lambda: (vj @ tile.T, vi @ tile)),
+                        ("fused", lambda: _fused(tile, vi, vj, strip))):
+            f()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                f()
+            out[name] = (time.perf_counter() - t0) / repeats * 1e3
+    return out
+
+
+def strips(args):
+    """A tile's two products (K_IJ·V_J, K_IJᵀ·V_I) as two GEMMs against the fused strips the
+    operator uses, on every worker of a 2-worker LocalCluster at once (both cores busy, as in
+    a pass)."""
+    from ntkdist.operator import FUSED_STRIP
+
+    with connect(workers=2) as client:
+        for dtype in ("float32", "float64"):
+            for b in (16, 32):
+                strip = FUSED_STRIP
+                res = client.run(_time_tile_products, args.tile, b, dtype, strip)
+                for w, r in sorted(res.items()):
+                    print(f"{dtype} tile {args.tile}², b = {b}, strip {strip} rows, worker "
+                          f"{w[-5:]}: two GEMMs {r['two GEMMs']:.1f} ms, fused "
+                          f"{r['fused']:.1f} ms ({r['two GEMMs'] / r['fused']:.2f}×)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -325,9 +365,11 @@ def main():
     q.add_argument("--n", type=int, default=20000)
     x = sub.add_parser("mixed")
     x.add_argument("--n", type=int, default=20000)
+    r = sub.add_parser("strips")
+    r.add_argument("--tile", type=int, default=4096)
     args = p.parse_args()
     {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store,
-     "pieces": pieces, "mixed": mixed}[args.what](args)
+     "pieces": pieces, "mixed": mixed, "strips": strips}[args.what](args)
 
 
 if __name__ == "__main__":

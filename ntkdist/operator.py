@@ -41,6 +41,36 @@ MODES = OPERATORS
 #: Rows of a float32 tile widened to float64 at once, into a reused buffer (in cache, so the
 #: tile is read from memory once).
 STRIP = 256
+#: Rows of a float32 tile multiplied at once by both blocks in a float32 pass: the strip
+#: (1 MB) is still in cache for the second product. Float64 tiles gain nothing from it
+#: (``python benchmarks/solver.py strips``, RESULTS.md) and take two whole-tile GEMMs.
+FUSED_STRIP = 64
+
+
+def _fused(tile, vi, vj, strip):
+    """(vj·tileᵀ, vi·tile) reading the tile once, ``strip`` rows at a time.
+
+    No temporaries inside the loop: Dask workers run with glibc's ``MALLOC_TRIM_THRESHOLD_``
+    set, so every allocation over 128 kB is a fresh mmap with its page faults (measured: a
+    fresh 16×4096 product per strip made the fused loop 1.2× slower than two GEMMs there,
+    against 1.3× faster in a plain process)."""
+    rows, cols = tile.shape
+    dtype = np.result_type(tile, vj)
+    yi = np.empty((rows, vj.shape[0]), dtype=dtype)  # (vj·tileᵀ)ᵀ = tile·vjᵀ, rows in order
+    yj = np.zeros((vi.shape[0], cols), dtype=dtype)
+    part = np.empty_like(yj)
+    vjT = np.ascontiguousarray(vj.T)
+    for a in range(0, rows, strip):
+        s = tile[a:a + strip]
+        np.matmul(s, vjT, out=yi[a:a + strip])
+        np.matmul(vi[:, a:a + strip], s, out=part)
+        yj += part
+    return yi.T, yj
+
+
+#: Vᵀ goes inside each worker's task when all the copies together are at most this size,
+#: else it is scattered to the workers first (benchmarks/solver.py mixed: round trips).
+INLINE_BYTES = 8 * 2 ** 20
 
 
 def _products(tile, VT, i, j, t, buf=None):
@@ -54,9 +84,11 @@ def _products(tile, VT, i, j, t, buf=None):
     vi = np.ascontiguousarray(VT[:, i * t:i * t + rows])
     vj = np.ascontiguousarray(VT[:, j * t:j * t + cols])
     if tile.dtype == np.float64 or VT.dtype == np.float32:
-        yi = vj @ tile.T
-        yj = None if i == j else vi @ tile
-        return yi, yj
+        if i == j:
+            return vj @ tile.T, None
+        if tile.dtype == np.float32:
+            return _fused(tile, vi, vj, FUSED_STRIP)
+        return vj @ tile.T, vi @ tile
     if buf is None or buf.shape[1] < cols:
         buf = np.empty((STRIP, cols))
     yi = np.empty((VT.shape[0], rows))
@@ -80,7 +112,8 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
     (file reads release the GIL), and checked against its recorded checksum if ``check``
     (the first pass); ``recompute``: (i, j) rebuilt from ``blocks`` (row blocks by index)
     with the tile function. ``single``: use the float32 deflated copies of the cached tiles,
-    in float32 arithmetic (summed over tiles in float64).
+    in float32 arithmetic (summed over tiles in float64, returned rounded to float32: that
+    rounding, 6e-8 of |R·V|, is far below the float32 products' own error).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -116,7 +149,7 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
         if i == j:
             tile = np.triu(tile) + np.triu(tile, 1).T
         add(i, j, tile)
-    return YT
+    return YT.astype(np.float32) if single else YT
 
 
 def _load_tile(path, i, j, FI=None, FJ=None):
@@ -340,7 +373,14 @@ class KernelOperator:
         if squeeze:
             V = V[:, None]
         b = V.shape[1]
-        Vf = self.client.scatter(np.ascontiguousarray(V.T), broadcast=True, hash=False)
+        # A fast pass sends Vᵀ and gets its b×N blocks back in float32 (the workers multiply
+        # in float32 anyway): half the bytes, 38 → 26 ms of Dask round trip at N = 20000,
+        # b = 16. Small blocks travel inside the tasks (one step fewer than a scatter).
+        VT = np.ascontiguousarray(V.T, dtype=np.float32 if fast else np.float64)
+        if VT.nbytes * len(self._assign) <= INLINE_BYTES:
+            Vf = VT
+        else:
+            Vf = self.client.scatter(VT, broadcast=True, hash=False)
         path = self.store.path if self.store is not None else None
         futures = []
         for w, a in sorted(self._assign.items()):

@@ -7,7 +7,7 @@ import pytest
 
 from ntkdist.assemble import assemble
 from ntkdist.errors import NtkdistError
-from ntkdist.operator import KernelOperator, _products
+from ntkdist.operator import KernelOperator, _fused, _products
 from ntkdist.spec import make_spec, make_store_spec
 from ntkdist.store import KernelStore, StoreError
 
@@ -32,6 +32,33 @@ def test_tile_products_match_dense(dtype):
         else:
             np.testing.assert_allclose(yj.T, K[I, J].T @ V[I], rtol=0,
                                        atol=1e-12 * np.abs(K).max() * n)
+
+
+def test_float32_pass_products_fused_by_strips_match():
+    """A float32 pass (float32 tile, float32 Vᵀ) multiplies off-diagonal tiles strip by strip
+    (``_fused``), also when the strip does not divide the tile's rows; the result matches
+    the two whole-tile products in float32 to float32 accuracy."""
+    rng = np.random.default_rng(SEED + 1)
+    n, t, b = 600, 256, 7  # tiles of 256 and 88 rows: 64-row strips, then a partial one
+    K = rng.standard_normal((n, n)).astype(np.float32)
+    K = K + K.T
+    VT = rng.standard_normal((b, n)).astype(np.float32)
+    for i, j in [(0, 1), (1, 2), (0, 2), (2, 2)]:
+        I, J = slice(i * t, min(n, (i + 1) * t)), slice(j * t, min(n, (j + 1) * t))
+        yi, yj = _products(np.ascontiguousarray(K[I, J]), VT, i, j, t)
+        assert yi.dtype == np.float32
+        ref_i = K[I, J].astype(np.float64) @ VT[:, J].T.astype(np.float64)
+        scale = np.abs(K).max() * np.abs(VT).max() * n
+        np.testing.assert_allclose(yi.T, ref_i, rtol=0, atol=1e-6 * scale)
+        if i == j:
+            assert yj is None
+        else:
+            ref_j = K[I, J].T.astype(np.float64) @ VT[:, I].T.astype(np.float64)
+            np.testing.assert_allclose(yj.T, ref_j, rtol=0, atol=1e-6 * scale)
+    A = np.ascontiguousarray(K[:130, :77])
+    yi, yj = _fused(A, VT[:, :130], VT[:, 200:277], strip=64)
+    np.testing.assert_allclose(yi, VT[:, 200:277] @ A.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(yj, VT[:, :130] @ A, rtol=1e-5, atol=1e-4)
 
 
 def _store(client, tmp_path, dtype="float32", n=700, tile=256):
