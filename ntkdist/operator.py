@@ -91,15 +91,19 @@ def _products(tile, VT, i, j, t, buf=None):
         return vj @ tile.T, vi @ tile
     if buf is None or buf.shape[1] < cols:
         buf = np.empty((STRIP, cols))
-    yi = np.empty((VT.shape[0], rows))
-    yj = None if i == j else np.zeros((VT.shape[0], cols))
+    b = VT.shape[0]
+    yi = np.empty((rows, b))  # (vj·tileᵀ)ᵀ, rows in order
+    yj = None if i == j else np.zeros((b, cols))
+    part = None if i == j else np.empty((b, cols))  # no temporaries in the loop (_fused)
+    vjT = np.ascontiguousarray(vj.T)
     for a in range(0, rows, STRIP):
         strip = buf[:min(STRIP, rows - a), :cols]
         np.copyto(strip, tile[a:a + STRIP])
-        yi[:, a:a + STRIP] = vj @ strip.T
+        np.matmul(strip, vjT, out=yi[a:a + STRIP])
         if yj is not None:
-            yj += vi[:, a:a + STRIP] @ strip
-    return yi, yj
+            np.matmul(vi[:, a:a + STRIP], strip, out=part)
+            yj += part
+    return yi.T, yj
 
 
 def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem,
