@@ -40,6 +40,13 @@ def _add_store_args(p, required: bool) -> None:
     p.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
 
 
+def _add_device_arg(p) -> None:
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                   help="where the solver's products run (default cpu); gpu: tiles rebuilt "
+                        "on the workers' GPUs with CuPy every pass (--operator recompute), "
+                        "a local cluster of one worker per GPU (dask-cuda if installed)")
+
+
 def _add_solver_args(p) -> None:
     p.add_argument("--method", choices=["lobpcg", "davidson", "lanczos", "dense"],
                    help="eigensolver (default: dense in memory up to N=25000 without --store, "
@@ -66,7 +73,8 @@ def _add_solver_args(p) -> None:
 def _solver_options(args, n: int, store) -> dict:
     from .pipeline import default_method
 
-    return {"method": args.method or default_method(n, store), "k": args.k, "tol": args.tol,
+    method = args.method or default_method(n, store, getattr(args, "device", "cpu"))
+    return {"method": method, "k": args.k, "tol": args.tol,
             "block": args.block, "precond": args.precond, "operator": args.operator,
             "precision": args.precision, "max_products": args.max_products}
 
@@ -82,6 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
     _add_store_args(run, required=False)
     _add_solver_args(run)
+    _add_device_arg(run)
     sol = sub.add_parser("solve", help="smallest eigenvalues of the kernel in a complete store")
     sol.add_argument("--store", required=True, help="a complete kernel store (PATH.zarr)")
     sol.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
@@ -90,6 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sol.add_argument("--workers", type=int, help="local cluster: worker processes (default: cores)")
     sol.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
     _add_solver_args(sol)
+    _add_device_arg(sol)
     asm = sub.add_parser("assemble", help="assemble the kernel's tiles into a Zarr store (resumable)")
     _add_data_args(asm)
     _add_store_args(asm, required=True)
@@ -112,7 +122,8 @@ def _spec(args):
 
 def _cluster(args) -> dict:
     return {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
-            "workers": args.workers, "memory_limit": args.memory_limit}
+            "workers": args.workers, "memory_limit": args.memory_limit,
+            "device": getattr(args, "device", "cpu")}
 
 
 def _checkpoint_every(args) -> float:

@@ -20,19 +20,60 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def gpu_count() -> int:
+    """GPUs this process sees through CuPy; a ClusterError when CuPy or CUDA is missing."""
+    try:
+        import cupy
+    except ImportError:
+        raise ClusterError("--device gpu needs CuPy (pip install 'ntkdist[gpu]')") from None
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # CUDA's errors come in several types
+        raise ClusterError(f"--device gpu: CUDA sees no GPU ({type(exc).__name__}: {exc})") from None
+
+
+def _gpu_cluster(workers, memory_limit):
+    """One worker per GPU: dask-cuda's LocalCUDACluster (each worker pinned to its GPU) when
+    it is installed; with a single GPU a one-worker LocalCluster does the same."""
+    from distributed import LocalCluster
+
+    gpus = gpu_count()
+    if gpus < 1:
+        raise ClusterError("--device gpu: CUDA sees no GPU")
+    if workers is not None and workers != gpus:
+        raise ClusterError(f"--device gpu starts one worker per GPU ({gpus} here); "
+                           f"leave out --workers, or start the workers yourself and pass "
+                           f"--scheduler")
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        if gpus > 1:
+            raise ClusterError(f"--device gpu with {gpus} GPUs needs dask-cuda to pin one "
+                               "worker to each (pip install 'ntkdist[gpu]')") from None
+        return LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                            memory_limit=memory_limit or "auto", dashboard_address=None,
+                            silence_logs=logging.ERROR)
+    return LocalCUDACluster(threads_per_worker=1, memory_limit=memory_limit or "auto",
+                            dashboard_address=None, silence_logs=logging.ERROR)
+
+
 @contextlib.contextmanager
 def connect(scheduler: str | None = None, scheduler_file: str | None = None,
-            workers: int | None = None, memory_limit: str | None = None):
+            workers: int | None = None, memory_limit: str | None = None,
+            device: str = "cpu"):
     """Yield a ``distributed.Client``.
 
     With ``scheduler`` (an address) or ``scheduler_file`` attach to a running cluster, the way
     batch jobs run it; otherwise start a ``LocalCluster`` of ``workers`` processes (default:
-    one per core) with one thread each, and numba/BLAS threads split among them.
+    one per core) with one thread each, and numba/BLAS threads split among them. With
+    ``device="gpu"`` the local cluster has one worker per GPU (:func:`_gpu_cluster`).
     """
     from distributed import Client, LocalCluster
 
     if scheduler and scheduler_file:
         raise ClusterError("give either --scheduler or --scheduler-file, not both")
+    if device not in ("cpu", "gpu"):
+        raise ClusterError(f"device must be cpu or gpu, got {device!r}")
     if scheduler or scheduler_file:
         if scheduler_file and not os.path.exists(scheduler_file):
             raise ClusterError(f"scheduler file {scheduler_file!r} does not exist")
@@ -54,9 +95,12 @@ def connect(scheduler: str | None = None, scheduler_file: str | None = None,
     env = {"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
            "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     try:
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                               memory_limit=memory_limit or "auto", dashboard_address=None,
-                               silence_logs=logging.ERROR, env=env)
+        if device == "gpu":
+            cluster = _gpu_cluster(workers, memory_limit)
+        else:
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                   memory_limit=memory_limit or "auto", dashboard_address=None,
+                                   silence_logs=logging.ERROR, env=env)
     except (ValueError, TypeError) as exc:
         raise ClusterError(f"cannot start a local Dask cluster ({exc})") from None
     try:

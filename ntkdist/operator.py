@@ -8,7 +8,12 @@ Modes (``--operator``):
 * ``recompute``: tiles rebuilt from the rows with the tile function every pass (no store);
 * ``auto``: ``memory`` when the stored tiles fit in ``cache_fraction`` (0.4) of the workers'
   memory, else ``store`` with as many tiles kept in worker memory as fit there (the others
-  streamed each pass); ``recompute`` when there is no store.
+  streamed each pass); ``recompute`` when there is no store, or on GPUs.
+
+``device="gpu"`` (``--device gpu``): ``recompute`` on GPU workers (one GPU per worker, as
+dask-cuda starts them) with CuPy: every pass sends the row blocks and Vᵀ to the GPU, builds
+each tile there with the same array-module-agnostic tile function as the CPU, multiplies it
+there in float64, and returns the worker's b×N block to the host.
 
 Products accumulate in float64 whatever the storage dtype; only N×b blocks travel between
 the client and the workers.
@@ -36,6 +41,7 @@ from .spec import OPERATORS, PRECISIONS
 from .store import KernelStore
 
 MODES = OPERATORS
+DEVICES = ("cpu", "gpu")
 
 
 #: Rows of a float32 tile widened to float64 at once, into a reused buffer (in cache, so the
@@ -156,6 +162,49 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
     return YT.astype(np.float32) if single else YT
 
 
+def _pass_on_gpu(VT, n, t, pairs, blocks, problem):
+    """One GPU worker's share of a recompute pass: tiles built and applied on its GPU with
+    CuPy, in float64; only the b×N result returns to the host."""
+    import cupy as cp
+
+    from .kernels.limiting import RowBlock
+
+    V = cp.asarray(VT, dtype=cp.float64)
+    Y = cp.zeros((VT.shape[0], n), dtype=cp.float64)
+    gpu = {i: RowBlock(unit=cp.asarray(blocks[i].unit), norms=cp.asarray(blocks[i].norms))
+           for i in sorted({k for p in pairs for k in p})}
+    for i, j in pairs:
+        tile = kernel_tile(gpu[i], gpu[j], problem["depth"], problem["kernel"],
+                           problem["normalization"])
+        rows, cols = tile.shape
+        if i == j:
+            tile = cp.triu(tile) + cp.triu(tile, 1).T
+        Y[:, i * t:i * t + rows] += V[:, j * t:j * t + cols] @ tile.T
+        if i != j:
+            Y[:, j * t:j * t + cols] += V[:, i * t:i * t + rows] @ tile
+        del tile
+    return cp.asnumpy(Y)
+
+
+def gpu_name() -> str:
+    """This process's GPU (CuPy's current device), or a NtkdistError saying why there is
+    none; run on every worker before a GPU operator uses it."""
+    try:
+        import cupy as cp
+    except ImportError:
+        raise NtkdistError("--device gpu needs CuPy on every worker "
+                           "(pip install 'ntkdist[gpu]')") from None
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+        if count < 1:
+            raise RuntimeError("no CUDA device")
+        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+    except Exception as exc:  # CUDA's errors come in several types
+        raise NtkdistError(f"--device gpu: a worker sees no usable GPU "
+                           f"({type(exc).__name__}: {exc})") from None
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def _load_tile(path, i, j, FI=None, FJ=None):
     """A tile copied into this worker's memory (a read may map the file's pages), checked
     against its recorded checksum; with the low-rank parts FI, FJ (mixed precision), the pair
@@ -206,12 +255,24 @@ class KernelOperator:
 
     def __init__(self, client, mode: str = "auto", store: str | None = None, rows=None,
                  problem: dict | None = None, tile: int = 4096, cache_fraction: float = 0.4,
-                 precision: str = "float64"):
+                 precision: str = "float64", device: str = "cpu"):
         if mode not in MODES:
             raise NtkdistError(f"operator must be one of {', '.join(MODES)}, got {mode!r}")
         if precision not in PRECISIONS:
             raise NtkdistError(f"precision must be one of {', '.join(PRECISIONS)}, "
                                f"got {precision!r}")
+        if device not in DEVICES:
+            raise NtkdistError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if device == "gpu":
+            if mode in ("store", "memory"):
+                raise NtkdistError(f"--device gpu rebuilds the tiles on the GPUs every pass: "
+                                   f"use --operator recompute (or auto), not {mode}")
+            if precision == "mixed":
+                raise NtkdistError("--precision mixed needs the memory operator; on GPUs use "
+                                   "--precision float64 (or auto)")
+            mode, precision = "recompute", "float64"
+        self.device = device
+        self.gpus = {}  # worker address -> GPU name (device "gpu")
         self.client = client
         requested = mode
         self.passes = self.matvecs = self.bytes_read = 0
@@ -245,7 +306,7 @@ class KernelOperator:
         self._tile_bytes = {p: size[p][0] * size[p][1] * itemsize for p in self.pairs}
         self.tile_bytes = sum(self._tile_bytes.values())
         budget = cache_fraction * sum(workers.values()) if all(workers.values()) else np.inf
-        if store is None:
+        if store is None or mode == "recompute":
             mode = "recompute"
         elif mode == "auto":
             mode = "memory" if self.tile_bytes <= budget else "store"
@@ -284,7 +345,9 @@ class KernelOperator:
             parts = {}
             if self.precision == "mixed":  # the low-rank part, by row block, on every worker
                 self._F = deflation_factor(self._rows(rows), self.problem)
-                parts = client.scatter({i: self._F[i * t:(i + 1) * t] for i in range(nb)},
+                # A list, not a dict: a dict's keys would name the data on the cluster, and a
+                # second operator's blocks under the same names would not replace the first's.
+                parts = client.scatter([self._F[i * t:(i + 1) * t] for i in range(nb)],
                                        broadcast=True)
             load = {w: 0.0 for w in workers}  # spread the cached work evenly, largest first
             futs = {}
@@ -307,9 +370,27 @@ class KernelOperator:
         self._plan(workers, size)
         self._blocks = None
         if mode == "recompute":
+            if device == "gpu":
+                self.gpus = self._check_gpus()
             X = self._rows(rows)
             blocks = {i: row_block(X[i * t:(i + 1) * t]) for i in range(nb)}
-            self._blocks = client.scatter(blocks, broadcast=True)
+            futs = client.scatter([blocks[i] for i in range(nb)], broadcast=True)  # see parts
+            self._blocks = dict(enumerate(futs))
+
+    def _check_gpus(self) -> dict:
+        """Every worker's GPU name; a one-line error if one has none."""
+        futs = {w: self.client.submit(gpu_name, workers=[w], allow_other_workers=False,
+                                      pure=False) for w in self._assign}
+        out = {}
+        for w, f in futs.items():
+            try:
+                out[w] = f.result()
+            except NtkdistError:
+                raise
+            except Exception as exc:
+                raise NtkdistError(f"--device gpu: checking worker {w} failed "
+                                   f"({type(exc).__name__}: {exc})") from None
+        return out
 
     def _rows(self, rows) -> np.ndarray:
         """The rows X: as given (the caller's, already checked), else the store's, checked."""
@@ -395,6 +476,11 @@ class KernelOperator:
             recompute = a["other"] if self.mode == "recompute" else []
             blocks = ({i: self._blocks[i] for p in recompute for i in p}
                       if recompute else None)
+            if self.device == "gpu":  # pinned: the task needs this worker's GPU
+                futures.append(self.client.submit(
+                    _pass_on_gpu, Vf, self.n, self.tile, recompute, blocks, self.problem,
+                    workers=[w], allow_other_workers=False, pure=False))
+                continue
             futures.append(self.client.submit(
                 _pass_on_worker, Vf, self.n, self.tile, cached, streamed, path, recompute,
                 blocks, self.problem, self.passes == 0, fast, workers=[w],
@@ -422,11 +508,12 @@ class KernelOperator:
         return Y[:, 0].copy() if squeeze else Y
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "precision": self.precision, "tile_bytes": self.tile_bytes,
+        return {"mode": self.mode, "precision": self.precision, "device": self.device,
+                "gpus": sorted(set(self.gpus.values())), "tile_bytes": self.tile_bytes,
                 "cached_bytes": self.cached_bytes, "deflated_bytes": self.deflated_bytes,
                 "streamed_bytes_per_pass": self.streamed_bytes_per_pass}
 
     def close(self) -> None:
-        for f in self._cache.values():
+        for f in [*self._cache.values(), *(self._blocks or {}).values()]:
             f.release()
-        self._cache = {}
+        self._cache, self._blocks = {}, None

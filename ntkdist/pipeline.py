@@ -25,7 +25,9 @@ DENSE_MAX_N = 25000
 BOUNDS_MAX_N = 25000
 
 
-def default_method(n: int, store: str | None) -> str:
+def default_method(n: int, store: str | None, device: str = "cpu") -> str:
+    if device == "gpu":
+        return "lobpcg"
     return "dense" if store is None and n <= DENSE_MAX_N else "lobpcg"
 
 
@@ -48,6 +50,14 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
         raise SpecError(f"--operator {spec.operator} needs --store")
     if store is None and spec.precision == "mixed":
         raise SpecError("--precision mixed needs --store (its tiles kept in worker memory)")
+    device = (cluster or {}).get("device") or "cpu"
+    if device == "gpu" and store is not None:
+        raise SpecError("--device gpu rebuilds the tiles on the GPUs and needs no store: leave "
+                        "out --store (or solve a store's kernel with 'ntkdist solve --store S "
+                        "--device gpu')")
+    if device == "gpu" and spec.method not in ("lobpcg", "davidson", "lanczos"):
+        raise SpecError(f"--device gpu runs the iterative solvers' products; --method "
+                        f"{spec.method} runs on the CPU (use lobpcg, davidson or lanczos)")
     t0 = time.perf_counter()
     X = spec.rows()
     check = check_rows(X, name=spec.data)
@@ -67,10 +77,11 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
             log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
             assemble(store_spec, store, client)
             op = KernelOperator(client, spec.operator, store=store, rows=X,
-                                precision=_operator_precision(spec, check))
+                                precision=_operator_precision(spec, check), device=device)
         else:
             op = KernelOperator(client, spec.operator, rows=X, problem=spec.problem(),
-                                tile=tile or 4096)
+                                tile=tile or 4096, device=device)
+        _log_device(op, log)
         with contextlib.closing(op):
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
                                     op, t0, log, store=store, ckpt=(spec.hash(), checkpoint_every))
@@ -90,15 +101,26 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
         raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}")
     X = kstore.rows_checked()
     check = check_rows(X, name=store)
+    device = (cluster or {}).get("device") or "cpu"
+    if device == "gpu" and spec.method == "dense":
+        raise SpecError("--device gpu runs the iterative solvers' products; --method dense "
+                        "runs on the CPU (use lobpcg, davidson or lanczos)")
     with connect(**(cluster or {})) as client:
         op = KernelOperator(client, spec.operator, store=store, rows=X,
-                            precision=_operator_precision(spec, check))
+                            precision=_operator_precision(spec, check), device=device)
+        _log_device(op, log)
         claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
                       _out_hash(spec, kstore))
         with contextlib.closing(op):
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
                                     op, t0, log, store=store,
                                     ckpt=(_out_hash(spec, kstore), checkpoint_every))
+
+
+def _log_device(op, log) -> None:
+    if op.device == "gpu":
+        log(f"operator recompute on {len(op.gpus)} GPU worker(s): "
+            f"{', '.join(sorted(set(op.gpus.values())))}")
 
 
 def _operator_precision(spec: RunSpec, check) -> str:
@@ -178,6 +200,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "passes_total": (op.passes + (sol.resumed or {}).get("passes", 0)
                          if op is not None else None),
         "operator": op.mode if op is not None else "memory (dense, in process)",
+        "device": op.device if op is not None else "cpu",
+        "gpus": sorted(set(op.gpus.values())) if op is not None and op.gpus else None,
         "operator_memory": ({"tile_bytes": op.tile_bytes, "cached_bytes": op.cached_bytes,
                              "deflated_bytes": op.deflated_bytes,
                              "streamed_bytes_per_pass": op.streamed_bytes_per_pass}
@@ -221,8 +245,9 @@ def summary(result: dict, out: str) -> str:
         f"λ_min/d = {result['lambda_min'] / result['d']:.6g}",
     ]
     if result.get("passes") is not None:
+        gpus = f" on GPU ({', '.join(result['gpus'])})" if result.get("gpus") else ""
         lines.append(f"passes over the kernel {result['passes']}, matvecs {result['matvecs']}, "
-                     f"operator {result['operator']}"
+                     f"operator {result['operator']}{gpus}"
                      + (f", preconditioner {result['preconditioner']['name']}"
                         if result.get("preconditioner") else ""))
     if result.get("phases"):

@@ -149,3 +149,30 @@ def test_damaged_rows_stop_the_solve(client, tmp_path, capsys):
                  "--scheduler", client.scheduler.address]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "X.1" in err[0] and "checksum" in err[0]
+
+
+def test_operators_one_after_another_on_one_client_use_their_own_data(client, tmp_path):
+    """Row blocks (recompute) and low-rank parts (mixed) are scattered under fresh names: a
+    second operator on the same client, with other rows and another tile, must not pick up
+    the first one's blocks (it did when they were scattered as a dict keyed 0, 1, …)."""
+    from ntkdist.kernels.limiting import ntk
+
+    problem = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
+    rng = np.random.default_rng(SEED + 2)
+    for n, t in [(600, 256), (500, 200), (450, 450)]:
+        X = rng.standard_normal((n, 9))
+        V = rng.standard_normal((n, 3))
+        op = KernelOperator(client, "recompute", rows=X, problem=problem, tile=t)
+        ref = ntk(X, depth=3) @ V
+        np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+        if n == 500:
+            op.close()  # closed or not, the next operator gets its own blocks
+    for n, t in [(700, 256), (520, 200)]:
+        path = _store(client, tmp_path / str(n), "float64", n=n, tile=t)
+        from ntkdist import open_kernel
+
+        K = np.asarray(open_kernel(path).compute(scheduler="threads"))
+        V = rng.standard_normal((n, 3))
+        op = KernelOperator(client, "memory", store=path, precision="mixed")
+        np.testing.assert_allclose(op.matmat_fast(V), K @ V, rtol=0,
+                                   atol=1e-5 * np.abs(K @ V).max())

@@ -1,0 +1,29 @@
+"""A stand-in for CuPy on machines without a GPU: the names ntkdist's GPU path calls, backed
+by NumPy, so that the GPU plumbing (device checks, task placement, results back to the host)
+runs in CI. The arrays stay NumPy arrays, so the tile function takes its NumPy path; the real
+CuPy path is checked on a GPU by scripts/gpu_check.py."""
+
+import types
+
+import numpy as np
+
+NAME = "fake GPU (NumPy stand-in)"
+
+
+def module(devices: int = 1):
+    cp = types.ModuleType("cupy")
+    cp.float64 = np.float64
+    cp.asarray = lambda a, dtype=None: np.array(a, dtype=dtype)  # a copy, as a transfer is
+    cp.asnumpy = lambda a: np.array(a)
+    cp.zeros = np.zeros
+    cp.triu = np.triu
+
+    def count():
+        if devices < 1:
+            raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+        return devices
+
+    runtime = types.SimpleNamespace(getDeviceCount=count,
+                                    getDeviceProperties=lambda i: {"name": NAME.encode()})
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda *a: types.SimpleNamespace(id=0))
+    return cp
