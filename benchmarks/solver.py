@@ -5,7 +5,7 @@
     python benchmarks/solver.py store --store PATH.zarr     # e.g. the N=100000 assembly store
     python benchmarks/solver.py pieces --n 20000           # preconditioner and thin GEMMs
     python benchmarks/solver.py mixed --n 20000            # what mixed precision does
-    python benchmarks/solver.py strips                     # one tile's two products, fused
+    python benchmarks/solver.py strips                     # a tile's products; round trips
 
 All on sphere data, d = 64, L = 3, seed 0, a LocalCluster of 2 single-threaded workers.
 """
@@ -302,43 +302,87 @@ def mixed(args):
         shutil.rmtree(folder)
 
 
-def _time_tile_products(t, b, dtype, strip, repeats=10):
-    """On one worker (one core): ms for a t×t tile's two products as two whole-tile GEMMs,
-    and fused strip by strip (ntkdist.operator._fused)."""
+def _timed(f, repeats):
+    f()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        f()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def _widened_with_temporaries(tile, vi, vj, strip=256):
+    """The widening loop as it was before 2026-11-26's fifth session: a fresh product array
+    per strip (each a new mmap in a Dask worker, whose malloc trim threshold is set)."""
+    buf = np.empty((strip, tile.shape[1]))
+    yi = np.empty((vj.shape[0], tile.shape[0]))
+    yj = np.zeros((vi.shape[0], tile.shape[1]))
+    for a in range(0, tile.shape[0], strip):
+        s = buf[:min(strip, tile.shape[0] - a)]
+        np.copyto(s, tile[a:a + strip])
+        yi[:, a:a + strip] = vj @ s.T
+        yj += vi[:, a:a + strip] @ s
+    return yi, yj
+
+
+def _time_tile_products(t, b, repeats=10):
+    """On one worker (one core), ms for one off-diagonal t×t tile's two products
+    (K_IJ·V_J, K_IJᵀ·V_I): float32 and float64 tiles with V of their dtype as two whole-tile
+    GEMMs and fused strip by strip (``_fused``); a float32 tile with float64 V (widened strip
+    by strip, ``_products``) against the same loop with a fresh product per strip."""
     from threadpoolctl import threadpool_limits
 
-    from ntkdist.operator import _fused
+    from ntkdist.operator import FUSED_STRIP, _fused, _products
 
     rng = np.random.default_rng(0)
-    tile = rng.standard_normal((t, t)).astype(dtype)
-    vi, vj = (rng.standard_normal((b, t)).astype(dtype) for _ in range(2))
     out = {}
     with threadpool_limits(1):
-        for name, f in (("two GEMMs", lambda: (vj @ tile.T, vi @ tile)),
-                        ("fused", lambda: _fused(tile, vi, vj, strip))):
-            f()
+        for dtype in ("float32", "float64"):
+            tile = rng.standard_normal((t, t)).astype(dtype)
+            vi, vj = (rng.standard_normal((b, t)).astype(dtype) for _ in range(2))
+            out[dtype, "two GEMMs"] = _timed(lambda: (vj @ tile.T, vi @ tile), repeats)
+            out[dtype, "fused"] = _timed(lambda: _fused(tile, vi, vj, FUSED_STRIP), repeats)
+        tile = rng.standard_normal((t, t)).astype(np.float32)
+        VT = rng.standard_normal((b, 2 * t))
+        out["widened", "per-strip temporaries"] = _timed(
+            lambda: _widened_with_temporaries(tile, VT[:, :t], VT[:, t:]), repeats)
+        out["widened", "_products"] = _timed(lambda: _products(tile, VT, 0, 1, t), repeats)
+    return out
+
+
+def _round_trips(client, n, b, repeats=20):
+    """Seconds of Dask's round trip of a pass: Vᵀ (b×N) to every worker, a no-op task there
+    returning a block of Vᵀ's size and dtype, the blocks summed on the client."""
+    ws = sorted(client.scheduler_info()["workers"])
+    out = {}
+    for dtype in ("float64", "float32"):
+        VT = np.random.default_rng(0).standard_normal((b, n)).astype(dtype)
+        for how in ("scattered", "inside the task"):
             t0 = time.perf_counter()
             for _ in range(repeats):
-                f()
-            out[name] = (time.perf_counter() - t0) / repeats * 1e3
+                Vf = client.scatter(VT, broadcast=True, hash=False) if how == "scattered" else VT
+                futs = [client.submit(np.zeros_like, Vf, workers=[w], pure=False) for w in ws]
+                sum(f.result() for f in futs)
+            out[dtype, how] = (time.perf_counter() - t0) / repeats
     return out
 
 
 def strips(args):
-    """A tile's two products (K_IJ·V_J, K_IJᵀ·V_I) as two GEMMs against the fused strips the
-    operator uses, on every worker of a 2-worker LocalCluster at once (both cores busy, as in
-    a pass)."""
-    from ntkdist.operator import FUSED_STRIP
-
+    """Per-tile product variants on every worker of a 2-worker LocalCluster at once (both
+    cores busy, as in a pass), and Dask's round trip of a pass by dtype and transport."""
     with connect(workers=2) as client:
-        for dtype in ("float32", "float64"):
-            for b in (16, 32):
-                strip = FUSED_STRIP
-                res = client.run(_time_tile_products, args.tile, b, dtype, strip)
-                for w, r in sorted(res.items()):
-                    print(f"{dtype} tile {args.tile}², b = {b}, strip {strip} rows, worker "
-                          f"{w[-5:]}: two GEMMs {r['two GEMMs']:.1f} ms, fused "
-                          f"{r['fused']:.1f} ms ({r['two GEMMs'] / r['fused']:.2f}×)")
+        for b in (16, 32):
+            res = client.run(_time_tile_products, args.tile, b)
+            for w, r in sorted(res.items()):
+                for kind in ("float32", "float64"):
+                    print(f"b = {b}, {kind} tile {args.tile}², worker {w[-5:]}: two GEMMs "
+                          f"{r[kind, 'two GEMMs']:.1f} ms, fused {r[kind, 'fused']:.1f} ms "
+                          f"({r[kind, 'two GEMMs'] / r[kind, 'fused']:.2f}×)")
+                print(f"b = {b}, float32 tile widened for float64 V, worker {w[-5:]}: "
+                      f"per-strip temporaries {r['widened', 'per-strip temporaries']:.1f} ms, "
+                      f"preallocated (_products) {r['widened', '_products']:.1f} ms")
+        for (dtype, how), sec in _round_trips(client, args.n, 16).items():
+            print(f"Dask round trip, N = {args.n}, b = 16, {dtype} Vᵀ and blocks, Vᵀ {how}: "
+                  f"{sec * 1e3:.1f} ms")
 
 
 def main():
@@ -367,6 +411,7 @@ def main():
     x.add_argument("--n", type=int, default=20000)
     r = sub.add_parser("strips")
     r.add_argument("--tile", type=int, default=4096)
+    r.add_argument("--n", type=int, default=20000)
     args = p.parse_args()
     {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store,
      "pieces": pieces, "mixed": mixed, "strips": strips}[args.what](args)

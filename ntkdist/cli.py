@@ -42,9 +42,10 @@ def _add_store_args(p, required: bool) -> None:
 
 def _add_device_arg(p) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
-                   help="where the solver's products run (default cpu); gpu: tiles rebuilt "
-                        "on the workers' GPUs with CuPy every pass (--operator recompute), "
-                        "a local cluster of one worker per GPU (dask-cuda if installed)")
+                   help="where the solver's products run (default cpu); gpu: tiles built on "
+                        "the workers' GPUs with CuPy, kept in GPU memory when they fit "
+                        "(--operator memory/auto), else rebuilt every pass (recompute); a "
+                        "local cluster of one worker per GPU (dask-cuda if installed)")
 
 
 def _add_solver_args(p) -> None:

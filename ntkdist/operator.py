@@ -42,6 +42,10 @@ from .store import KernelStore
 
 MODES = OPERATORS
 DEVICES = ("cpu", "gpu")
+#: GPU memory mode: the share of a GPU's free memory its kept tiles may take, and the tile
+#: function's working space in tiles (its temporaries while one tile is built).
+GPU_MEMORY_FRACTION = 0.8
+GPU_TILE_WORKSPACE = 16
 
 
 #: Rows of a float32 tile widened to float64 at once, into a reused buffer (in cache, so the
@@ -75,7 +79,7 @@ def _fused(tile, vi, vj, strip):
 
 
 #: Vᵀ goes inside each worker's task when all the copies together are at most this size,
-#: else it is scattered to the workers first (benchmarks/solver.py mixed: round trips).
+#: else it is scattered to the workers first (round trips: benchmarks/solver.py strips).
 INLINE_BYTES = 8 * 2 ** 20
 
 
@@ -162,23 +166,38 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
     return YT.astype(np.float32) if single else YT
 
 
-def _pass_on_gpu(VT, n, t, pairs, blocks, problem):
-    """One GPU worker's share of a recompute pass: tiles built and applied on its GPU with
-    CuPy, in float64; only the b×N result returns to the host."""
+#: GPU memory mode: tiles built on this worker's GPU, kept between passes, by operator token.
+_GPU_TILES: dict = {}
+
+
+def _pass_on_gpu(VT, n, t, pairs, blocks, problem, token=None):
+    """One GPU worker's share of a pass: tiles built on its GPU with CuPy (and, with a
+    ``token``, kept there for the next passes) and applied there in float64; only the b×N
+    result returns to the host."""
     import cupy as cp
 
     from .kernels.limiting import RowBlock
 
     V = cp.asarray(VT, dtype=cp.float64)
     Y = cp.zeros((VT.shape[0], n), dtype=cp.float64)
-    gpu = {i: RowBlock(unit=cp.asarray(blocks[i].unit), norms=cp.asarray(blocks[i].norms))
-           for i in sorted({k for p in pairs for k in p})}
+    kept = _GPU_TILES.setdefault(token, {}) if token is not None else {}
+    gpu = {}
+
+    def block(i):
+        if i not in gpu:
+            gpu[i] = RowBlock(unit=cp.asarray(blocks[i].unit), norms=cp.asarray(blocks[i].norms))
+        return gpu[i]
+
     for i, j in pairs:
-        tile = kernel_tile(gpu[i], gpu[j], problem["depth"], problem["kernel"],
-                           problem["normalization"])
+        tile = kept.get((i, j))
+        if tile is None:
+            tile = kernel_tile(block(i), block(j), problem["depth"], problem["kernel"],
+                               problem["normalization"])
+            if i == j:
+                tile = cp.triu(tile) + cp.triu(tile, 1).T
+            if token is not None:
+                kept[(i, j)] = tile
         rows, cols = tile.shape
-        if i == j:
-            tile = cp.triu(tile) + cp.triu(tile, 1).T
         Y[:, i * t:i * t + rows] += V[:, j * t:j * t + cols] @ tile.T
         if i != j:
             Y[:, j * t:j * t + cols] += V[:, i * t:i * t + rows] @ tile
@@ -186,9 +205,13 @@ def _pass_on_gpu(VT, n, t, pairs, blocks, problem):
     return cp.asnumpy(Y)
 
 
-def gpu_name() -> str:
-    """This process's GPU (CuPy's current device), or a NtkdistError saying why there is
-    none; run on every worker before a GPU operator uses it."""
+def _drop_gpu_tiles(token) -> None:
+    _GPU_TILES.pop(token, None)
+
+
+def gpu_info() -> tuple:
+    """(name, free bytes, total bytes) of this process's GPU (CuPy's current device), or a
+    NtkdistError saying why there is none; run on every worker before a GPU operator uses it."""
     try:
         import cupy as cp
     except ImportError:
@@ -199,10 +222,11 @@ def gpu_name() -> str:
         if count < 1:
             raise RuntimeError("no CUDA device")
         name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+        free, total = cp.cuda.runtime.memGetInfo()
     except Exception as exc:  # CUDA's errors come in several types
         raise NtkdistError(f"--device gpu: a worker sees no usable GPU "
                            f"({type(exc).__name__}: {exc})") from None
-    return name.decode() if isinstance(name, bytes) else str(name)
+    return (name.decode() if isinstance(name, bytes) else str(name)), int(free), int(total)
 
 
 def _load_tile(path, i, j, FI=None, FJ=None):
@@ -263,16 +287,19 @@ class KernelOperator:
                                f"got {precision!r}")
         if device not in DEVICES:
             raise NtkdistError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        gpu_mode = None  # device "gpu": the mode asked for (auto, memory or recompute)
         if device == "gpu":
-            if mode in ("store", "memory"):
-                raise NtkdistError(f"--device gpu rebuilds the tiles on the GPUs every pass: "
-                                   f"use --operator recompute (or auto), not {mode}")
+            if mode == "store":
+                raise NtkdistError("--device gpu builds the tiles on the GPUs from the rows "
+                                   "(faster than reading them): use --operator memory, "
+                                   "recompute or auto, not store")
             if precision == "mixed":
-                raise NtkdistError("--precision mixed needs the memory operator; on GPUs use "
-                                   "--precision float64 (or auto)")
-            mode, precision = "recompute", "float64"
+                raise NtkdistError("--precision mixed is for the CPU memory operator; on GPUs "
+                                   "use --precision float64 (or auto)")
+            gpu_mode, mode, precision = mode, "recompute", "float64"
         self.device = device
         self.gpus = {}  # worker address -> GPU name (device "gpu")
+        self._gpu_token = None  # GPU memory mode: names the tiles kept on the workers' GPUs
         self.client = client
         requested = mode
         self.passes = self.matvecs = self.bytes_read = 0
@@ -371,15 +398,40 @@ class KernelOperator:
         self._blocks = None
         if mode == "recompute":
             if device == "gpu":
-                self.gpus = self._check_gpus()
+                self._gpu_plan(gpu_mode, size)
             X = self._rows(rows)
             blocks = {i: row_block(X[i * t:(i + 1) * t]) for i in range(nb)}
             futs = client.scatter([blocks[i] for i in range(nb)], broadcast=True)  # see parts
             self._blocks = dict(enumerate(futs))
 
+    def _gpu_plan(self, requested: str, size: dict) -> None:
+        """GPU workers: ``memory`` (tiles built on each GPU in the first pass and kept there)
+        when every worker's share of the float64 tiles fits in ``GPU_MEMORY_FRACTION`` of its
+        free GPU memory with room left for building a tile; else ``recompute`` (``memory``
+        asked for and not fitting: a one-line error)."""
+        info = self._check_gpus()
+        self.gpus = {w: v[0] for w, v in info.items()}
+        need = {w: sum(8 * size[p][0] * size[p][1] for p in a["other"])
+                for w, a in self._assign.items()}
+        work = GPU_TILE_WORKSPACE * 8 * self.tile ** 2
+        short = [w for w in need if need[w] + work > GPU_MEMORY_FRACTION * info[w][1]]
+        if requested == "memory" and short:
+            w = short[0]
+            raise NtkdistError(
+                f"--device gpu --operator memory: a worker's share of the float64 tiles "
+                f"({need[w] / 1e9:.1f} GB) does not fit in {GPU_MEMORY_FRACTION:.0%} of its "
+                f"GPU's free memory ({info[w][1] / 1e9:.1f} GB); use --operator recompute "
+                "(or auto)")
+        if requested in ("memory", "auto") and not short:
+            import uuid
+
+            self.mode = "memory"
+            self._gpu_token = uuid.uuid4().hex
+            self.cached_bytes = sum(need.values())
+
     def _check_gpus(self) -> dict:
-        """Every worker's GPU name; a one-line error if one has none."""
-        futs = {w: self.client.submit(gpu_name, workers=[w], allow_other_workers=False,
+        """Every worker's GPU (name, free and total bytes); a one-line error if one has none."""
+        futs = {w: self.client.submit(gpu_info, workers=[w], allow_other_workers=False,
                                       pure=False) for w in self._assign}
         out = {}
         for w, f in futs.items():
@@ -476,10 +528,11 @@ class KernelOperator:
             recompute = a["other"] if self.mode == "recompute" else []
             blocks = ({i: self._blocks[i] for p in recompute for i in p}
                       if recompute else None)
-            if self.device == "gpu":  # pinned: the task needs this worker's GPU
+            if self.device == "gpu":  # pinned: the task needs this worker's GPU (and tiles)
+                blocks = {i: self._blocks[i] for p in a["other"] for i in p}
                 futures.append(self.client.submit(
-                    _pass_on_gpu, Vf, self.n, self.tile, recompute, blocks, self.problem,
-                    workers=[w], allow_other_workers=False, pure=False))
+                    _pass_on_gpu, Vf, self.n, self.tile, a["other"], blocks, self.problem,
+                    self._gpu_token, workers=[w], allow_other_workers=False, pure=False))
                 continue
             futures.append(self.client.submit(
                 _pass_on_worker, Vf, self.n, self.tile, cached, streamed, path, recompute,
@@ -517,3 +570,6 @@ class KernelOperator:
         for f in [*self._cache.values(), *(self._blocks or {}).values()]:
             f.release()
         self._cache, self._blocks = {}, None
+        if self._gpu_token is not None:
+            self.client.run(_drop_gpu_tiles, self._gpu_token, workers=list(self.gpus))
+            self._gpu_token = None

@@ -46,11 +46,12 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
     if spec.method == "dense" and spec.n > DENSE_MAX_N:
         raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}; "
                         "use --method lobpcg")
-    if store is None and spec.operator in ("store", "memory"):
+    device = (cluster or {}).get("device") or "cpu"
+    if store is None and (spec.operator == "store" or (spec.operator == "memory"
+                                                       and device != "gpu")):
         raise SpecError(f"--operator {spec.operator} needs --store")
     if store is None and spec.precision == "mixed":
         raise SpecError("--precision mixed needs --store (its tiles kept in worker memory)")
-    device = (cluster or {}).get("device") or "cpu"
     if device == "gpu" and store is not None:
         raise SpecError("--device gpu rebuilds the tiles on the GPUs and needs no store: leave "
                         "out --store (or solve a store's kernel with 'ntkdist solve --store S "
@@ -119,7 +120,7 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
 
 def _log_device(op, log) -> None:
     if op.device == "gpu":
-        log(f"operator recompute on {len(op.gpus)} GPU worker(s): "
+        log(f"operator {op.mode} on {len(op.gpus)} GPU worker(s): "
             f"{', '.join(sorted(set(op.gpus.values())))}")
 
 

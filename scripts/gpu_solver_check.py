@@ -3,10 +3,12 @@
     PYTHONPATH=. python3 scripts/gpu_solver_check.py [--sizes 20000,50000] [--pass-n 100000]
 
 1. A product K·V on the GPU workers against a float64 dense K built on the CPU (N = 6000).
-2. Seconds per pass at N = ``--tile-n`` (50000) for tiles of 4096, 8192 and 16384 (b = 32).
-3. ``ntkdist run --device gpu --method davidson`` for each N of ``--sizes`` (sphere, d = 64,
-   L = 3, seed 0, tol 1e-8), with the best tile: λ_min, passes, certificate, seconds.
-4. Seconds per pass at N = ``--pass-n`` (no solve).
+2. Seconds per pass at N = ``--tile-n`` (50000) for tiles of 4096, 8192 and 16384 (b = 32,
+   recompute), and of the memory operator (tiles kept on the GPU) at ``--memory-pass-n``.
+3. ``ntkdist run --device gpu --method davidson`` (``--operator auto``: memory where the
+   tiles fit on the GPU) for each N of ``--sizes`` (sphere, d = 64, L = 3, seed 0, tol 1e-8),
+   with the best tile: λ_min, passes, certificate, seconds.
+4. Seconds per recompute pass at N = ``--pass-n`` (no solve; 0: skip).
 
 Everything is printed as it comes (one line per figure).
 """
@@ -31,21 +33,24 @@ from ntkdist.operator import KernelOperator  # noqa: E402
 PROBLEM = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
 
 
-def pass_seconds(client, n, tile, b=32, repeats=3):
+def pass_seconds(client, n, tile, b=32, repeats=3, mode="recompute"):
     X = synthetic_rows("sphere", 64, 0, 0, n)
     t0 = time.perf_counter()
-    op = KernelOperator(client, "recompute", rows=X, problem=PROBLEM, tile=tile, device="gpu")
+    op = KernelOperator(client, mode, rows=X, problem=PROBLEM, tile=tile, device="gpu")
     setup = time.perf_counter() - t0
     V = np.random.default_rng(0).standard_normal((n, b))
-    op.matmat(V)  # warm-up (CuPy compiles its kernels on first use)
+    t0 = time.perf_counter()
+    op.matmat(V)  # warm-up (CuPy compiles its kernels on first use; memory: builds the tiles)
+    first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(repeats):
         op.matmat(V)
     sec = (time.perf_counter() - t0) / repeats
     op.close()
     entries = n * (n + tile) / 2  # upper tiles, diagonal ones whole
-    print(f"N={n} tile {tile} b={b}: {sec:.3f} s a pass ({entries / sec / 1e9:.2f} G kernel "
-          f"entries/s), operator set-up {setup:.1f} s", flush=True)
+    print(f"N={n} tile {tile} b={b} {op.mode}: {sec:.3f} s a pass ({entries / sec / 1e9:.2f} G "
+          f"kernel entries/s), first pass {first:.2f} s, operator set-up {setup:.1f} s, "
+          f"{op.cached_bytes / 1e9:.1f} GB kept on the GPU", flush=True)
     return sec
 
 
@@ -54,6 +59,9 @@ def main():
     p.add_argument("--sizes", default="20000,50000")
     p.add_argument("--pass-n", type=int, default=100000)
     p.add_argument("--tile-n", type=int, default=50000, help="N at which tiles are compared")
+    p.add_argument("--tiles", default="4096,8192,16384", help="tiles to compare ('' = 4096)")
+    p.add_argument("--memory-pass-n", type=int, default=50000,
+                   help="N at which a pass of the GPU memory operator is timed (0: skip)")
     p.add_argument("--out", default=tempfile.mkdtemp(prefix="ntkdist-gpu-"))
     args = p.parse_args()
     with connect(device="gpu") as client:
@@ -67,9 +75,11 @@ def main():
         print(f"N={n} gaussian d=64 L=3: GPU product vs CPU dense float64: max |diff| / max |KV| "
               f"= {np.abs(Y - ref).max() / np.abs(ref).max():.1e}", flush=True)
         op.close()
-        times = {t: pass_seconds(client, args.tile_n, t) for t in (4096, 8192, 16384)
-                 if t <= args.tile_n}
-    tile = min(times, key=times.get)
+        tiles = [int(t) for t in args.tiles.split(",") if t and int(t) <= args.tile_n]
+        times = {t: pass_seconds(client, args.tile_n, t) for t in tiles} or {4096: 0}
+        tile = min(times, key=times.get)
+        if args.memory_pass_n:
+            pass_seconds(client, args.memory_pass_n, tile, repeats=10, mode="memory")
     for n in [int(s) for s in args.sizes.split(",") if s]:
         out = os.path.join(args.out, f"run-{n}")
         t0 = time.perf_counter()
@@ -81,7 +91,8 @@ def main():
             print(f"N={n}: run failed ({code})", flush=True)
             continue
         r = json.load(open(os.path.join(out, "result.json")))
-        print(f"N={n} davidson on GPU, tile {tile}: λ_min = {r['lambda_min']:.10f}, "
+        print(f"N={n} davidson on GPU ({r['operator']}), tile {tile}: "
+              f"λ_min = {r['lambda_min']:.10f}, "
               f"passes {r['passes']}, ‖r‖ = {r['residual_norm']:.2e}, certified "
               f"{r['relative_accuracy_kato_temple']:.1e} (Kato–Temple), solver "
               f"{r['solver_seconds']:.1f} s ({r['solver_seconds'] / r['passes']:.3f} s a pass), "

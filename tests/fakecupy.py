@@ -10,7 +10,7 @@ import numpy as np
 NAME = "fake GPU (NumPy stand-in)"
 
 
-def module(devices: int = 1):
+def module(devices: int = 1, free: int = 8 * 2 ** 30):
     cp = types.ModuleType("cupy")
     cp.float64 = np.float64
     cp.asarray = lambda a, dtype=None: np.array(a, dtype=dtype)  # a copy, as a transfer is
@@ -24,6 +24,7 @@ def module(devices: int = 1):
         return devices
 
     runtime = types.SimpleNamespace(getDeviceCount=count,
-                                    getDeviceProperties=lambda i: {"name": NAME.encode()})
+                                    getDeviceProperties=lambda i: {"name": NAME.encode()},
+                                    memGetInfo=lambda: (free, 2 * free))
     cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda *a: types.SimpleNamespace(id=0))
     return cp

@@ -34,15 +34,29 @@ def store(client, tmp_path):
     return path
 
 
-def test_gpu_recompute_matches_the_cpu_operators(client, store, fake_gpu):
+def test_gpu_operators_match_the_cpu_operators(client, store, fake_gpu):
+    from ntkdist.operator import _GPU_TILES
+
     V = np.random.default_rng(SEED).standard_normal((333, 5))
     ref = KernelOperator(client, "memory", store=store)
-    gpu = KernelOperator(client, "auto", store=store, device="gpu")
-    assert (gpu.mode, gpu.device, gpu.precision) == ("recompute", "gpu", "float64")
-    assert set(gpu.gpus) == set(client.scheduler_info()["workers"])
-    assert set(gpu.gpus.values()) == {fakecupy.NAME}
-    np.testing.assert_allclose(gpu.matmat(V), ref.matmat(V), rtol=0,
-                               atol=1e-12 * np.abs(ref.matmat(V)).max())
+    want = ref.matmat(V)
+    for mode, expected in [("recompute", "recompute"), ("auto", "memory"), ("memory", "memory")]:
+        gpu = KernelOperator(client, mode, store=store, device="gpu")
+        assert (gpu.mode, gpu.device, gpu.precision) == (expected, "gpu", "float64")
+        assert set(gpu.gpus) == set(client.scheduler_info()["workers"])
+        assert set(gpu.gpus.values()) == {fakecupy.NAME}
+        for _ in range(2):  # memory: the second pass uses the tiles kept from the first
+            np.testing.assert_allclose(gpu.matmat(V), want, rtol=0, atol=1e-12 * np.abs(want).max())
+        if expected == "memory":
+            kept = _GPU_TILES[gpu._gpu_token]  # the fake's workers share this process
+            assert sorted(kept) == sorted(gpu.pairs)
+            assert gpu.cached_bytes == sum(t.nbytes for t in kept.values())
+            token = gpu._gpu_token
+            gpu.close()
+            assert token not in _GPU_TILES
+        else:
+            assert gpu._gpu_token is None and gpu.cached_bytes == 0
+            gpu.close()
     # Without a store: the rows and the problem given, as 'ntkdist run' does.
     X = synthetic_rows("gaussian", 7, SEED, 0, 333)
     problem = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
@@ -56,9 +70,14 @@ def test_gpu_recompute_matches_the_cpu_operators(client, store, fake_gpu):
 
 
 def test_gpu_refusals(client, store, fake_gpu, monkeypatch):
-    for mode in ("memory", "store"):
-        with pytest.raises(NtkdistError, match="use --operator recompute"):
-            KernelOperator(client, mode, store=store, device="gpu")
+    with pytest.raises(NtkdistError, match="not store"):
+        KernelOperator(client, "store", store=store, device="gpu")
+    # Tiles that do not fit in the GPU's free memory: memory refuses, auto rebuilds them.
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=2 ** 20))
+    with pytest.raises(NtkdistError, match="does not fit"):
+        KernelOperator(client, "memory", store=store, device="gpu")
+    assert KernelOperator(client, "auto", store=store, device="gpu").mode == "recompute"
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module())
     with pytest.raises(NtkdistError, match="precision mixed"):
         KernelOperator(client, "auto", store=store, device="gpu", precision="mixed")
     with pytest.raises(NtkdistError, match="device must be"):
@@ -84,7 +103,10 @@ def test_gpu_solve_and_run_from_the_command_line(client, store, fake_gpu, tmp_pa
     assert main(["solve", "--store", store, "--out", out_gpu, *common, "--device", "gpu"]) == 0
     cpu = json.load(open(os.path.join(out_cpu, "result.json")))
     gpu = json.load(open(os.path.join(out_gpu, "result.json")))
-    assert (gpu["device"], gpu["operator"], gpu["gpus"]) == ("gpu", "recompute", [fakecupy.NAME])
+    assert (gpu["device"], gpu["operator"], gpu["gpus"]) == ("gpu", "memory", [fakecupy.NAME])
+    r = [128, 128, 77]  # the store's row blocks: float64 upper tiles kept on the GPU
+    assert gpu["operator_memory"]["cached_bytes"] == sum(
+        8 * r[i] * r[j] for i in range(3) for j in range(i, 3))
     assert cpu["device"] == "cpu" and cpu["gpus"] is None
     assert abs(gpu["lambda_min"] - cpu["lambda_min"]) <= 1e-9 * cpu["lambda_min"]
     assert gpu["relative_accuracy_kato_temple"] <= 1e-9
@@ -106,8 +128,7 @@ def test_gpu_bad_combinations_exit_2_with_one_line_and_write_nothing(client, sto
         (["run", *data, "--store", str(tmp_path / "s.zarr"), "--device", "gpu"], "needs no store"),
         (["run", *data, "--method", "dense", "--device", "gpu"], "runs on the CPU"),
         (["solve", "--store", store, "--method", "dense", "--device", "gpu"], "runs on the CPU"),
-        (["solve", "--store", store, "--operator", "memory", "--device", "gpu"],
-         "use --operator recompute"),
+        (["solve", "--store", store, "--operator", "store", "--device", "gpu"], "not store"),
         (["solve", "--store", store, "--precision", "mixed", "--method", "davidson",
           "--device", "gpu"], "precision mixed"),
     ]
