@@ -339,6 +339,7 @@ def _time_tile_products(t, b, repeats=10):
         for dtype in ("float32", "float64"):
             tile = rng.standard_normal((t, t)).astype(dtype)
             vi, vj = (rng.standard_normal((b, t)).astype(dtype) for _ in range(2))
+            out[dtype, "read"] = _timed(lambda: tile.sum(), repeats)
             out[dtype, "two GEMMs"] = _timed(lambda: (vj @ tile.T, vi @ tile), repeats)
             out[dtype, "fused"] = _timed(lambda: _fused(tile, vi, vj, FUSED_STRIP), repeats)
         tile = rng.standard_normal((t, t)).astype(np.float32)
@@ -374,9 +375,13 @@ def strips(args):
             res = client.run(_time_tile_products, args.tile, b)
             for w, r in sorted(res.items()):
                 for kind in ("float32", "float64"):
-                    print(f"b = {b}, {kind} tile {args.tile}², worker {w[-5:]}: two GEMMs "
-                          f"{r[kind, 'two GEMMs']:.1f} ms, fused {r[kind, 'fused']:.1f} ms "
-                          f"({r[kind, 'two GEMMs'] / r[kind, 'fused']:.2f}×)")
+                    gb = args.tile ** 2 * np.dtype(kind).itemsize / 1e9
+                    gflop = 4 * b * args.tile ** 2 / 1e9
+                    print(f"b = {b}, {kind} tile {args.tile}², worker {w[-5:]}: read (sum) "
+                          f"{r[kind, 'read']:.1f} ms ({gb / r[kind, 'read'] * 1e3:.1f} GB/s), "
+                          f"two GEMMs {r[kind, 'two GEMMs']:.1f} ms "
+                          f"({gflop / r[kind, 'two GEMMs'] * 1e3:.0f} GFLOP/s), fused "
+                          f"{r[kind, 'fused']:.1f} ms ({r[kind, 'two GEMMs'] / r[kind, 'fused']:.2f}×)")
                 print(f"b = {b}, float32 tile widened for float64 V, worker {w[-5:]}: "
                       f"per-strip temporaries {r['widened', 'per-strip temporaries']:.1f} ms, "
                       f"preallocated (_products) {r['widened', '_products']:.1f} ms")

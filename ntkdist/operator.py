@@ -52,8 +52,8 @@ GPU_TILE_WORKSPACE = 16
 #: tile is read from memory once).
 STRIP = 256
 #: Rows of a float32 tile multiplied at once by both blocks in a float32 pass: the strip
-#: (1 MB) is still in cache for the second product. Float64 tiles gain nothing from it
-#: (``python benchmarks/solver.py strips``, RESULTS.md) and take two whole-tile GEMMs.
+#: (1 MB) is still in cache for the second product (1.02-1.32× per tile). Float64 tiles lose
+#: by it (0.75-1.16×) and take two whole-tile GEMMs (``python benchmarks/solver.py strips``).
 FUSED_STRIP = 64
 
 
@@ -61,9 +61,8 @@ def _fused(tile, vi, vj, strip):
     """(vj·tileᵀ, vi·tile) reading the tile once, ``strip`` rows at a time.
 
     No temporaries inside the loop: Dask workers run with glibc's ``MALLOC_TRIM_THRESHOLD_``
-    set, so every allocation over 128 kB is a fresh mmap with its page faults (measured: a
-    fresh 16×4096 product per strip made the fused loop 1.2× slower than two GEMMs there,
-    against 1.3× faster in a plain process)."""
+    set, so every allocation over 128 kB is a fresh mmap with its page faults (a fresh
+    product per strip made a first version slower than two GEMMs there; RESULTS.md)."""
     rows, cols = tile.shape
     dtype = np.result_type(tile, vj)
     yi = np.empty((rows, vj.shape[0]), dtype=dtype)  # (vj·tileᵀ)ᵀ = tile·vjᵀ, rows in order
@@ -511,8 +510,8 @@ class KernelOperator:
             V = V[:, None]
         b = V.shape[1]
         # A fast pass sends Vᵀ and gets its b×N blocks back in float32 (the workers multiply
-        # in float32 anyway): half the bytes, 38 → 26 ms of Dask round trip at N = 20000,
-        # b = 16. Small blocks travel inside the tasks (one step fewer than a scatter).
+        # in float32 anyway): half the bytes. Small blocks travel inside the tasks (one step
+        # fewer than a scatter). Dask's round trip at N = 20000, b = 16: 31-38 ms → 20-21 ms.
         VT = np.ascontiguousarray(V.T, dtype=np.float32 if fast else np.float64)
         if VT.nbytes * len(self._assign) <= INLINE_BYTES:
             Vf = VT
