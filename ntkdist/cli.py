@@ -50,8 +50,8 @@ def _add_device_arg(p) -> None:
 
 def _add_solver_args(p) -> None:
     p.add_argument("--method", choices=["lobpcg", "davidson", "lanczos", "dense"],
-                   help="eigensolver (default: dense in memory up to N=25000 without --store, "
-                        "else lobpcg)")
+                   help="eigensolver (default: dense in memory up to N=25000 without --store "
+                        "and --device gpu, else lobpcg)")
     p.add_argument("--k", type=int, default=1, help="number of smallest eigenvalues (default 1)")
     p.add_argument("--tol", type=float, default=1e-8,
                    help="relative accuracy of the k eigenvalues to certify (default 1e-8)")

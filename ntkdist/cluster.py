@@ -101,8 +101,11 @@ def connect(scheduler: str | None = None, scheduler_file: str | None = None,
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                                    memory_limit=memory_limit or "auto", dashboard_address=None,
                                    silence_logs=logging.ERROR, env=env)
-    except (ValueError, TypeError) as exc:
-        raise ClusterError(f"cannot start a local Dask cluster ({exc})") from None
+    except ClusterError:
+        raise
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:  # dask-cuda/NVML's, too
+        raise ClusterError(f"cannot start a local Dask cluster ({type(exc).__name__}: "
+                           f"{exc})") from None
     try:
         with Client(cluster) as client:
             yield client

@@ -8,15 +8,19 @@ Modes (``--operator``):
 * ``recompute``: tiles rebuilt from the rows with the tile function every pass (no store);
 * ``auto``: ``memory`` when the stored tiles fit in ``cache_fraction`` (0.4) of the workers'
   memory, else ``store`` with as many tiles kept in worker memory as fit there (the others
-  streamed each pass); ``recompute`` when there is no store, or on GPUs.
+  streamed each pass); ``recompute`` when there is no store.
 
-``device="gpu"`` (``--device gpu``): ``recompute`` on GPU workers (one GPU per worker, as
-dask-cuda starts them) with CuPy: every pass sends the row blocks and Vᵀ to the GPU, builds
-each tile there with the same array-module-agnostic tile function as the CPU, multiplies it
-there in float64, and returns the worker's b×N block to the host.
+``device="gpu"`` (``--device gpu``), GPU workers (one GPU per worker, as dask-cuda starts
+them) with CuPy: each worker builds its tiles on its GPU from the row blocks, with the same
+array-module-agnostic tile function as the CPU, multiplies them there in float64 and returns
+its b×N block to the host. ``memory`` keeps the built tiles in GPU memory between passes
+(when a worker's share fits in ``GPU_MEMORY_FRACTION`` of its free GPU memory), ``recompute``
+rebuilds them every pass, ``auto`` takes ``memory`` where it fits; a store's tiles are not
+read (building them is faster).
 
 Products accumulate in float64 whatever the storage dtype; only N×b blocks travel between
-the client and the workers.
+the client and the workers (in float32 for the fast passes of mixed precision below, which
+multiply in float32 anyway).
 
 Mixed precision (``precision="mixed"``, memory mode): each worker also keeps its tiles
 *deflated* in float32, R = K − F Fᵀ, where F = √s·[√a₀·‖x‖, √a₁·‖x‖ x̂] (N × (1+d)) is the
@@ -131,7 +135,7 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
     from concurrent.futures import ThreadPoolExecutor
 
     if single:
-        VT = VT.astype(np.float32)
+        VT = VT.astype(np.float32, copy=False)
 
     YT = np.zeros((VT.shape[0], n))
     buf = np.empty((STRIP, t))
@@ -205,7 +209,13 @@ def _pass_on_gpu(VT, n, t, pairs, blocks, problem, token=None):
 
 
 def _drop_gpu_tiles(token) -> None:
-    _GPU_TILES.pop(token, None)
+    """Forget an operator's kept tiles and hand CuPy's pooled blocks back to the device
+    (the pool would otherwise keep them, hidden from the next operator's free-memory check
+    and from other processes)."""
+    if _GPU_TILES.pop(token, None) is not None:
+        import cupy as cp
+
+        cp.get_default_memory_pool().free_all_blocks()
 
 
 def gpu_info() -> tuple:
@@ -222,6 +232,7 @@ def gpu_info() -> tuple:
             raise RuntimeError("no CUDA device")
         name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
         free, total = cp.cuda.runtime.memGetInfo()
+        free += cp.get_default_memory_pool().free_bytes()  # pooled by CuPy, reusable here
     except Exception as exc:  # CUDA's errors come in several types
         raise NtkdistError(f"--device gpu: a worker sees no usable GPU "
                            f"({type(exc).__name__}: {exc})") from None
@@ -417,10 +428,10 @@ class KernelOperator:
         if requested == "memory" and short:
             w = short[0]
             raise NtkdistError(
-                f"--device gpu --operator memory: a worker's share of the float64 tiles "
-                f"({need[w] / 1e9:.1f} GB) does not fit in {GPU_MEMORY_FRACTION:.0%} of its "
-                f"GPU's free memory ({info[w][1] / 1e9:.1f} GB); use --operator recompute "
-                "(or auto)")
+                f"--device gpu --operator memory: a worker's share of the float64 tiles and "
+                f"room to build one ({(need[w] + work) / 1e9:.1f} GB) do not fit in "
+                f"{GPU_MEMORY_FRACTION:.0%} of its GPU's free memory "
+                f"({info[w][1] / 1e9:.1f} GB); use --operator recompute (or auto)")
         if requested in ("memory", "auto") and not short:
             import uuid
 
@@ -539,6 +550,8 @@ class KernelOperator:
                 allow_other_workers=True, pure=False))
         YT = np.zeros((b, self.n))
         try:
+            if self.device == "gpu":
+                self._wait_pinned(futures)
             for f in futures:  # a fixed order: the sum does not depend on timing
                 YT += f.result()
         except NtkdistError:
@@ -559,6 +572,24 @@ class KernelOperator:
             Y += self._F @ (self._F.T @ V)
         return Y[:, 0].copy() if squeeze else Y
 
+    def _wait_pinned(self, futures, poll: float = 10.0) -> None:
+        """Wait for tasks pinned to their GPU workers; a one-line error, instead of waiting
+        for ever, if one of those workers has left the cluster."""
+        from distributed import wait
+        from distributed.utils import TimeoutError as DaskTimeout
+
+        while True:
+            try:
+                wait(futures, timeout=poll)
+                return
+            except (TimeoutError, DaskTimeout):
+                alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
+                gone = sorted(set(self.gpus) - alive)
+                if gone:
+                    raise NtkdistError(
+                        f"GPU worker {gone[0]} left the cluster during a pass (its tiles and "
+                        f"GPU with it); rerun the same command to resume from the checkpoint")
+
     def describe(self) -> dict:
         return {"mode": self.mode, "precision": self.precision, "device": self.device,
                 "gpus": sorted(set(self.gpus.values())), "tile_bytes": self.tile_bytes,
@@ -570,5 +601,7 @@ class KernelOperator:
             f.release()
         self._cache, self._blocks = {}, None
         if self._gpu_token is not None:
-            self.client.run(_drop_gpu_tiles, self._gpu_token, workers=list(self.gpus))
-            self._gpu_token = None
+            token, self._gpu_token = self._gpu_token, None
+            alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
+            self.client.run(_drop_gpu_tiles, token, on_error="ignore",
+                            workers=[w for w in self.gpus if w in alive])

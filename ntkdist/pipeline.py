@@ -47,6 +47,9 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
         raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}; "
                         "use --method lobpcg")
     device = (cluster or {}).get("device") or "cpu"
+    if device == "gpu" and spec.precision == "mixed":
+        raise SpecError("--precision mixed is for the CPU memory operator; on GPUs use "
+                        "--precision float64 (or auto)")
     if store is None and (spec.operator == "store" or (spec.operator == "memory"
                                                        and device != "gpu")):
         raise SpecError(f"--operator {spec.operator} needs --store")
@@ -62,7 +65,8 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
     t0 = time.perf_counter()
     X = spec.rows()
     check = check_rows(X, name=spec.data)
-    claim_out_dir(out, spec.to_dict(), spec.hash())
+    if device != "gpu":  # on GPUs, once the workers' GPUs have been checked (below)
+        claim_out_dir(out, spec.to_dict(), spec.hash())
     log(f"data: {spec.data} N={spec.n} d={spec.d}; kernel {spec.kernel} depth {spec.depth}")
     if store is None and spec.method == "dense":
         gram = ntk if spec.kernel == "ntk" else nngp
@@ -82,6 +86,12 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
         else:
             op = KernelOperator(client, spec.operator, rows=X, problem=spec.problem(),
                                 tile=tile or 4096, device=device)
+            if device == "gpu":  # a refusal above (no CuPy, no GPU, no room) wrote nothing
+                try:
+                    claim_out_dir(out, spec.to_dict(), spec.hash())
+                except BaseException:
+                    op.close()
+                    raise
         _log_device(op, log)
         with contextlib.closing(op):
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),

@@ -27,4 +27,6 @@ def module(devices: int = 1, free: int = 8 * 2 ** 30):
                                     getDeviceProperties=lambda i: {"name": NAME.encode()},
                                     memGetInfo=lambda: (free, 2 * free))
     cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda *a: types.SimpleNamespace(id=0))
+    pool = types.SimpleNamespace(free_all_blocks=lambda: None, free_bytes=lambda: 0)
+    cp.get_default_memory_pool = lambda: pool
     return cp

@@ -74,9 +74,11 @@ def test_gpu_refusals(client, store, fake_gpu, monkeypatch):
         KernelOperator(client, "store", store=store, device="gpu")
     # Tiles that do not fit in the GPU's free memory: memory refuses, auto rebuilds them.
     monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=2 ** 20))
-    with pytest.raises(NtkdistError, match="does not fit"):
+    with pytest.raises(NtkdistError, match="do not fit"):
         KernelOperator(client, "memory", store=store, device="gpu")
-    assert KernelOperator(client, "auto", store=store, device="gpu").mode == "recompute"
+    op = KernelOperator(client, "auto", store=store, device="gpu")
+    assert op.mode == "recompute"
+    op.close()
     monkeypatch.setitem(sys.modules, "cupy", fakecupy.module())
     with pytest.raises(NtkdistError, match="precision mixed"):
         KernelOperator(client, "auto", store=store, device="gpu", precision="mixed")
@@ -132,6 +134,7 @@ def test_gpu_bad_combinations_exit_2_with_one_line_and_write_nothing(client, sto
         (["solve", "--store", store, "--precision", "mixed", "--method", "davidson",
           "--device", "gpu"], "precision mixed"),
     ]
+    cases.append((["run", *data, "--precision", "mixed", "--device", "gpu"], "precision mixed"))
     for args, message in cases:
         out = str(tmp_path / "out")
         capsys.readouterr()
@@ -140,3 +143,39 @@ def test_gpu_bad_combinations_exit_2_with_one_line_and_write_nothing(client, sto
         assert len(err.splitlines()) == 1 and message in err, (args, err)
         assert not os.path.exists(out), args
     assert not os.path.exists(str(tmp_path / "s.zarr"))
+
+
+@pytest.mark.parametrize("cupy", [None, "no device", "no room"])
+def test_gpu_workers_refusing_leave_no_output_folder(client, tmp_path, capsys, monkeypatch,
+                                                     cupy):
+    """The workers' GPUs are checked before 'run' claims its output folder."""
+    fake = {None: None, "no device": fakecupy.module(devices=0),
+            "no room": fakecupy.module(free=2 ** 20)}[cupy]
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    out = str(tmp_path / "out")
+    args = ["run", "--data", "gaussian", "--n", "300", "--d", "5", "--depth", "2", "--device",
+            "gpu", "--out", out, "--scheduler", client.scheduler.address]
+    if cupy == "no room":
+        args += ["--operator", "memory"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    message = {None: "needs CuPy", "no device": "no usable GPU", "no room": "do not fit"}[cupy]
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not os.path.exists(out)
+
+
+def test_a_pass_waiting_on_a_departed_gpu_worker_stops_with_one_line(client, fake_gpu):
+    import time
+
+    X = synthetic_rows("gaussian", 5, SEED, 0, 200)
+    op = KernelOperator(client, "recompute", rows=X, problem={"depth": 2, "kernel": "ntk",
+                                                            "normalization": "paper"},
+                        tile=100, device="gpu")
+    slow = client.submit(time.sleep, 3, pure=False)
+    op.gpus = {**op.gpus, "tcp://127.0.0.1:9": "a departed GPU worker"}
+    with pytest.raises(NtkdistError, match="left the cluster"):
+        op._wait_pinned([slow], poll=0.2)
+    op.gpus.pop("tcp://127.0.0.1:9")
+    op._wait_pinned([slow], poll=0.2)  # all there: waits until done
+    assert slow.done()
+    op.close()
