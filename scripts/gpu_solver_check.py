@@ -28,7 +28,7 @@ from ntkdist.cli import main as cli  # noqa: E402
 from ntkdist.cluster import connect  # noqa: E402
 from ntkdist.data import synthetic_rows  # noqa: E402
 from ntkdist.kernels.limiting import ntk  # noqa: E402
-from ntkdist.operator import KernelOperator  # noqa: E402
+from ntkdist.operator import KernelOperator, gpu_info  # noqa: E402
 
 PROBLEM = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
 
@@ -80,6 +80,9 @@ def main():
         tile = min(times, key=times.get)
         if args.memory_pass_n:
             pass_seconds(client, args.memory_pass_n, tile, repeats=10, mode="memory")
+            for w, (name, free, total) in client.run(gpu_info).items():
+                print(f"after close(): {name} has {free / 1e9:.1f} of {total / 1e9:.1f} GB "
+                      f"free (CuPy's pool included)", flush=True)
     for n in [int(s) for s in args.sizes.split(",") if s]:
         out = os.path.join(args.out, f"run-{n}")
         t0 = time.perf_counter()
