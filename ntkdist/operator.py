@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import NtkdistError
-from .kernels.limiting import kernel_tile, row_block
+from .kernels.limiting import array_module, kernel_tile, row_block
 from .spec import OPERATORS, PRECISIONS
 from .store import KernelStore
 
@@ -84,6 +84,16 @@ def _fused(tile, vi, vj, strip):
 #: Vᵀ goes inside each worker's task when all the copies together are at most this size,
 #: else it is scattered to the workers first (round trips: benchmarks/solver.py strips).
 INLINE_BYTES = 8 * 2 ** 20
+
+
+def _build_tile(bi, bj, problem, diagonal: bool):
+    """Tile (I, J) from its row blocks with the tile function, on their array module (NumPy
+    or CuPy); a diagonal tile made exactly symmetric from its upper triangle."""
+    tile = kernel_tile(bi, bj, problem["depth"], problem["kernel"], problem["normalization"])
+    if diagonal:
+        xp = array_module(tile)
+        tile = xp.triu(tile) + xp.triu(tile, 1).T
+    return tile
 
 
 def _products(tile, VT, i, j, t, buf=None):
@@ -161,11 +171,7 @@ def _pass_on_worker(VT, n, t, cached, streamed, path, recompute, blocks, problem
             add(i, j, tile)
             del tile
     for i, j in recompute:
-        tile = kernel_tile(blocks[i], blocks[j], problem["depth"], problem["kernel"],
-                           problem["normalization"])
-        if i == j:
-            tile = np.triu(tile) + np.triu(tile, 1).T
-        add(i, j, tile)
+        add(i, j, _build_tile(blocks[i], blocks[j], problem, i == j))
     return YT.astype(np.float32) if single else YT
 
 
@@ -194,10 +200,7 @@ def _pass_on_gpu(VT, n, t, pairs, blocks, problem, token=None):
     for i, j in pairs:
         tile = kept.get((i, j))
         if tile is None:
-            tile = kernel_tile(block(i), block(j), problem["depth"], problem["kernel"],
-                               problem["normalization"])
-            if i == j:
-                tile = cp.triu(tile) + cp.triu(tile, 1).T
+            tile = _build_tile(block(i), block(j), problem, i == j)
             if token is not None:
                 kept[(i, j)] = tile
         rows, cols = tile.shape
@@ -252,8 +255,10 @@ def _deflate_tile(tile, FI, FJ):
     made STRIP rows at a time (no float64 temporary of the tile's size)."""
     out = np.empty(tile.shape, dtype=np.float32)
     FJT = np.ascontiguousarray(FJ.T)
+    buf = np.empty((STRIP, tile.shape[1]))  # one buffer: no fresh mmap per strip (_fused)
     for a in range(0, tile.shape[0], STRIP):
-        low = FI[a:a + STRIP] @ FJT
+        low = buf[:min(STRIP, tile.shape[0] - a)]
+        np.matmul(FI[a:a + STRIP], FJT, out=low)
         np.subtract(tile[a:a + STRIP], low, out=low)
         out[a:a + STRIP] = low
     return out
@@ -533,17 +538,17 @@ class KernelOperator:
         for w, a in sorted(self._assign.items()):
             if not a["cached"] and not a["other"]:
                 continue
-            cached = [(i, j, self._cache[(i, j)]) for i, j in a["cached"]]
-            streamed = a["other"] if self.mode != "recompute" else []
-            recompute = a["other"] if self.mode == "recompute" else []
-            blocks = ({i: self._blocks[i] for p in recompute for i in p}
-                      if recompute else None)
+            # Row blocks for the tiles built from the rows (recompute, and every GPU mode).
+            blocks = ({i: self._blocks[i] for p in a["other"] for i in p}
+                      if self._blocks else None)
             if self.device == "gpu":  # pinned: the task needs this worker's GPU (and tiles)
-                blocks = {i: self._blocks[i] for p in a["other"] for i in p}
                 futures.append(self.client.submit(
                     _pass_on_gpu, Vf, self.n, self.tile, a["other"], blocks, self.problem,
                     self._gpu_token, workers=[w], allow_other_workers=False, pure=False))
                 continue
+            cached = [(i, j, self._cache[(i, j)]) for i, j in a["cached"]]
+            streamed = a["other"] if self.mode != "recompute" else []
+            recompute = a["other"] if self.mode == "recompute" else []
             futures.append(self.client.submit(
                 _pass_on_worker, Vf, self.n, self.tile, cached, streamed, path, recompute,
                 blocks, self.problem, self.passes == 0, fast, workers=[w],
@@ -590,11 +595,15 @@ class KernelOperator:
                         f"GPU worker {gone[0]} left the cluster during a pass (its tiles and "
                         f"GPU with it); rerun the same command to resume from the checkpoint")
 
+    def memory(self) -> dict:
+        """Bytes: stored tiles, kept in worker (or GPU) memory, float32 copies, streamed."""
+        return {"tile_bytes": self.tile_bytes, "cached_bytes": self.cached_bytes,
+                "deflated_bytes": self.deflated_bytes,
+                "streamed_bytes_per_pass": self.streamed_bytes_per_pass}
+
     def describe(self) -> dict:
         return {"mode": self.mode, "precision": self.precision, "device": self.device,
-                "gpus": sorted(set(self.gpus.values())), "tile_bytes": self.tile_bytes,
-                "cached_bytes": self.cached_bytes, "deflated_bytes": self.deflated_bytes,
-                "streamed_bytes_per_pass": self.streamed_bytes_per_pass}
+                "gpus": sorted(set(self.gpus.values())), **self.memory()}
 
     def close(self) -> None:
         for f in [*self._cache.values(), *(self._blocks or {}).values()]:

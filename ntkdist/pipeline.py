@@ -65,10 +65,13 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
     t0 = time.perf_counter()
     X = spec.rows()
     check = check_rows(X, name=spec.data)
-    if device != "gpu":  # on GPUs, once the workers' GPUs have been checked (below)
+
+    def claim():
         claim_out_dir(out, spec.to_dict(), spec.hash())
+
     log(f"data: {spec.data} N={spec.n} d={spec.d}; kernel {spec.kernel} depth {spec.depth}")
     if store is None and spec.method == "dense":
+        claim()
         gram = ntk if spec.kernel == "ntk" else nngp
         K = gram(X, depth=spec.depth, normalization=spec.normalization)
         return _solve_and_write(spec, X, check, out, lambda V: K @ V, lambda: K, None, t0, log)
@@ -76,8 +79,11 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
     from .cluster import connect
     from .operator import KernelOperator
 
+    # The output folder is claimed once the cluster is up and, without a store, once the
+    # operator has checked its workers (GPUs included): a refusal there writes nothing.
     with connect(**(cluster or {})) as client:
         if store is not None:
+            claim()  # before the (long) assembly
             store_spec = resolve_store_spec(spec, store, client, tile, dtype)
             log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
             assemble(store_spec, store, client)
@@ -86,14 +92,10 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
         else:
             op = KernelOperator(client, spec.operator, rows=X, problem=spec.problem(),
                                 tile=tile or 4096, device=device)
-            if device == "gpu":  # a refusal above (no CuPy, no GPU, no room) wrote nothing
-                try:
-                    claim_out_dir(out, spec.to_dict(), spec.hash())
-                except BaseException:
-                    op.close()
-                    raise
-        _log_device(op, log)
         with contextlib.closing(op):
+            if store is None:
+                claim()
+            _log_device(op, log)
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
                                     op, t0, log, store=store, ckpt=(spec.hash(), checkpoint_every))
 
@@ -119,10 +121,10 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
     with connect(**(cluster or {})) as client:
         op = KernelOperator(client, spec.operator, store=store, rows=X,
                             precision=_operator_precision(spec, check), device=device)
-        _log_device(op, log)
-        claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
-                      _out_hash(spec, kstore))
         with contextlib.closing(op):
+            claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
+                          _out_hash(spec, kstore))
+            _log_device(op, log)
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
                                     op, t0, log, store=store,
                                     ckpt=(_out_hash(spec, kstore), checkpoint_every))
@@ -212,11 +214,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                          if op is not None else None),
         "operator": op.mode if op is not None else "memory (dense, in process)",
         "device": op.device if op is not None else "cpu",
-        "gpus": sorted(set(op.gpus.values())) if op is not None and op.gpus else None,
-        "operator_memory": ({"tile_bytes": op.tile_bytes, "cached_bytes": op.cached_bytes,
-                             "deflated_bytes": op.deflated_bytes,
-                             "streamed_bytes_per_pass": op.streamed_bytes_per_pass}
-                            if op is not None else None),
+        "gpus": (op.describe()["gpus"] or None) if op is not None else None,
+        "operator_memory": op.memory() if op is not None else None,
         "preconditioner": precond.describe() if precond else None,
         "solver_seconds": sol.solver_seconds,
         "n": spec.n,
