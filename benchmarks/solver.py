@@ -6,6 +6,7 @@
     python benchmarks/solver.py pieces --n 20000           # preconditioner and thin GEMMs
     python benchmarks/solver.py mixed --n 20000            # what mixed precision does
     python benchmarks/solver.py strips                     # a tile's products; round trips
+    python benchmarks/solver.py profile --n 20000          # where a mixed solve's time goes
 
 All on sphere data, d = 64, L = 3, seed 0, a LocalCluster of 2 single-threaded workers.
 """
@@ -268,8 +269,10 @@ def mixed(args):
     w /= np.linalg.norm(w)
     for name, u in (("converged eigenvector", v), ("random unit vector", w)):
         Ku = K @ u
+        stored = R32.astype(np.float64) @ u + F @ (F.T @ u)  # float32 values, float64 sums
         print(f"{name}: ‖fast·u − K·u‖ = {np.linalg.norm(fast(u) - Ku):.2e} (deflated), "
-              f"{np.linalg.norm(plain(u) - Ku):.2e} (plain float32)")
+              f"{np.linalg.norm(plain(u) - Ku):.2e} (plain float32); the deflated copy's "
+              f"rounding alone (float64 arithmetic) {np.linalg.norm(stored - Ku):.2e}")
     del K, K32, R32
     folder = tempfile.mkdtemp(prefix="ntkdist-mixed-")
     try:
@@ -324,10 +327,22 @@ def _widened_with_temporaries(tile, vi, vj, strip=256):
     return yi, yj
 
 
+def _fused_with_temporaries(tile, vi, vj, strip):
+    """The fused loop as first written: a fresh product array per strip."""
+    yi = np.empty((vj.shape[0], tile.shape[0]), dtype=tile.dtype)
+    yj = np.zeros((vi.shape[0], tile.shape[1]), dtype=tile.dtype)
+    for a in range(0, tile.shape[0], strip):
+        s = tile[a:a + strip]
+        yi[:, a:a + strip] = vj @ s.T
+        yj += vi[:, a:a + strip] @ s
+    return yi, yj
+
+
 def _time_tile_products(t, b, repeats=10):
     """On one worker (one core), ms for one off-diagonal t×t tile's two products
     (K_IJ·V_J, K_IJᵀ·V_I): float32 and float64 tiles with V of their dtype as two whole-tile
-    GEMMs and fused strip by strip (``_fused``); a float32 tile with float64 V (widened strip
+    GEMMs, fused strip by strip (``_fused``) and fused with a fresh product per strip; a
+    float32 tile with float64 V (widened strip
     by strip, ``_products``) against the same loop with a fresh product per strip."""
     from threadpoolctl import threadpool_limits
 
@@ -342,6 +357,8 @@ def _time_tile_products(t, b, repeats=10):
             out[dtype, "read"] = _timed(lambda: tile.sum(), repeats)
             out[dtype, "two GEMMs"] = _timed(lambda: (vj @ tile.T, vi @ tile), repeats)
             out[dtype, "fused"] = _timed(lambda: _fused(tile, vi, vj, FUSED_STRIP), repeats)
+            out[dtype, "fused, temporaries"] = _timed(
+                lambda: _fused_with_temporaries(tile, vi, vj, FUSED_STRIP), repeats)
         tile = rng.standard_normal((t, t)).astype(np.float32)
         VT = rng.standard_normal((b, 2 * t))
         out["widened", "per-strip temporaries"] = _timed(
@@ -381,13 +398,67 @@ def strips(args):
                           f"{r[kind, 'read']:.1f} ms ({gb / r[kind, 'read'] * 1e3:.1f} GB/s), "
                           f"two GEMMs {r[kind, 'two GEMMs']:.1f} ms "
                           f"({gflop / r[kind, 'two GEMMs'] * 1e3:.0f} GFLOP/s), fused "
-                          f"{r[kind, 'fused']:.1f} ms ({r[kind, 'two GEMMs'] / r[kind, 'fused']:.2f}×)")
+                          f"{r[kind, 'fused']:.1f} ms ({r[kind, 'two GEMMs'] / r[kind, 'fused']:.2f}×), "
+                          f"fused with a fresh product per strip "
+                          f"{r[kind, 'fused, temporaries']:.1f} ms")
                 print(f"b = {b}, float32 tile widened for float64 V, worker {w[-5:]}: "
                       f"per-strip temporaries {r['widened', 'per-strip temporaries']:.1f} ms, "
                       f"preallocated (_products) {r['widened', '_products']:.1f} ms")
         for (dtype, how), sec in _round_trips(client, args.n, 16).items():
             print(f"Dask round trip, N = {args.n}, b = 16, {dtype} Vᵀ and blocks, Vᵀ {how}: "
                   f"{sec * 1e3:.1f} ms")
+
+
+def profile(args):
+    """Where the time of one mixed-precision solve goes (Davidson block 16, memory operator,
+    float64 store at N): operator and preconditioner set-up, the float32 and float64 passes
+    on the client's clock and the workers' task time, the preconditioner's applications, and
+    the rest (Davidson's algebra)."""
+    from distributed import get_task_stream
+
+    folder = tempfile.mkdtemp(prefix="ntkdist-profile-")
+    X = synthetic_rows("sphere", 64, 0, 0, args.n)
+    try:
+        with connect(workers=2) as client:
+            store = build_store(client, folder, args.n, "float64")
+            t0 = time.perf_counter()
+            op = KernelOperator(client, "memory", store=store, precision="mixed")
+            t_op = time.perf_counter() - t0
+            P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+            spent = {"preconditioner": 0.0, "float32 passes": 0.0, "float64 passes": 0.0}
+
+            def timed(name, f):
+                def g(V):
+                    t = time.perf_counter()
+                    out = f(V)
+                    spent[name] += time.perf_counter() - t
+                    return out
+                return g
+            with get_task_stream(client) as ts:
+                t0 = time.perf_counter()
+                sol = smallest_eigenpairs(timed("float64 passes", op.matmat), args.n,
+                                          "davidson", block=16, scale=3.0 * 64,  # tr K / N
+                                          precond=timed("preconditioner", P.apply),
+                                          fast_matmat=timed("float32 passes", op.matmat_fast))
+                total = time.perf_counter() - t0
+            tasks = [s["stop"] - s["start"] for t in ts.data for s in t["startstops"]
+                     if s["action"] == "compute" and "pass_on_worker" in str(t["key"])]
+            op.close()
+    finally:
+        shutil.rmtree(folder)
+    fast = sol.phases[0]["passes"]
+    slow = op.passes - fast
+    print(f"N={args.n}, Davidson block 16, mixed: operator set-up {t_op:.1f} s, "
+          f"preconditioner set-up {P.setup_seconds:.1f} s, solve {total:.1f} s")
+    print(f"  {fast} float32 passes {spent['float32 passes']:.1f} s "
+          f"({spent['float32 passes'] / fast:.3f} s each); {slow} float64 passes "
+          f"{spent['float64 passes']:.1f} s; workers' pass tasks {np.mean(tasks):.3f} s each "
+          f"(mean over {len(tasks)} tasks of both workers)")
+    iters = sol.iterations
+    rest = total - sum(spent.values())
+    print(f"  preconditioner {spent['preconditioner']:.1f} s "
+          f"({spent['preconditioner'] / iters * 1e3:.0f} ms an iteration); the rest (Davidson's "
+          f"algebra) {rest:.1f} s ({rest / iters * 1e3:.0f} ms an iteration), {iters} iterations")
 
 
 def main():
@@ -417,9 +488,11 @@ def main():
     r = sub.add_parser("strips")
     r.add_argument("--tile", type=int, default=4096)
     r.add_argument("--n", type=int, default=20000)
+    o = sub.add_parser("profile")
+    o.add_argument("--n", type=int, default=20000)
     args = p.parse_args()
     {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store,
-     "pieces": pieces, "mixed": mixed, "strips": strips}[args.what](args)
+     "pieces": pieces, "mixed": mixed, "strips": strips, "profile": profile}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ GPU_TILE_WORKSPACE = 16
 #: tile is read from memory once).
 STRIP = 256
 #: Rows of a float32 tile multiplied at once by both blocks in a float32 pass: the strip
-#: (1 MB) is still in cache for the second product (1.02-1.32× per tile). Float64 tiles lose
-#: by it (0.75-1.16×) and take two whole-tile GEMMs (``python benchmarks/solver.py strips``).
+#: (1 MB) is still in cache for the second product (0.95-1.32× per tile, faster in 11 of 12
+#: measurements). Float64 tiles lose by it in 9 of 12 (0.75-1.19×) and take two whole-tile
+#: GEMMs (``python benchmarks/solver.py strips``, RESULTS.md).
 FUSED_STRIP = 64
 
 
@@ -527,7 +528,7 @@ class KernelOperator:
         b = V.shape[1]
         # A fast pass sends Vᵀ and gets its b×N blocks back in float32 (the workers multiply
         # in float32 anyway): half the bytes. Small blocks travel inside the tasks (one step
-        # fewer than a scatter). Dask's round trip at N = 20000, b = 16: 31-38 ms → 20-21 ms.
+        # fewer than a scatter). Dask's round trip at N = 20000, b = 16: 31-42 ms → 20-26 ms.
         VT = np.ascontiguousarray(V.T, dtype=np.float32 if fast else np.float64)
         if VT.nbytes * len(self._assign) <= INLINE_BYTES:
             Vf = VT
