@@ -3,6 +3,10 @@
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+# Submodules the Python API documents as attributes (ntkdist.bounds.lambda_min_bounds, …).
+# None of them, nor the store module, imports dask, distributed or zarr at module level (they
+# import them inside the functions that need them), so `import ntkdist` stays light.
+from . import bounds, data, solvers
 from .errors import InputError, NtkdistError, OutputError, SpecError
 from .kernels import kernel_tile, nngp, ntk, relu_hermite_coefficient, row_block
 from .kernels.taylor import kernel_coefficients
@@ -19,6 +23,8 @@ __all__ = [
     "OutputError",
     "SpecError",
     "__version__",
+    "bounds",
+    "data",
     "kernel_coefficients",
     "kernel_tile",
     "nngp",
@@ -26,4 +32,5 @@ __all__ = [
     "open_kernel",
     "relu_hermite_coefficient",
     "row_block",
+    "solvers",
 ]

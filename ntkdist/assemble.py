@@ -4,20 +4,27 @@ Row blocks of X are generated (or read from the user's file) on the workers and 
 the store; each upper tile (I, J) is then one task on a worker: read rows I and J, compute
 the tile in float64 with :func:`ntkdist.kernels.kernel_tile`, cast to the storage dtype,
 write its chunk, then write its done marker. The client holds only indices and checksums.
-A worker holds O(tile² + tile·d) at a time.
+A worker holds O(tile² + tile·d) at a time. The client holds the store's lock throughout
+(:meth:`KernelStore.lock`), so a second assembly or a repair of the same store is refused.
+
+:func:`repair` recomputes the pieces :func:`verify` finds damaged (row blocks from the data
+source, tiles from the checked rows) with the same tasks and write protocol.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sys
 import time
 
 import numpy as np
 
-from .errors import NtkdistError
+from .errors import NtkdistError, SpecError
 from .kernels.limiting import kernel_tile, row_block
 from .spec import RunSpec, StoreSpec
-from .store import KernelStore, checksum
+from .store import KernelStore, StoreError, checksum, os_reason
 
 #: Largest default tile (CPU); smaller when worker memory is tight or N is small.
 DEFAULT_TILE = 4096
@@ -43,15 +50,29 @@ def default_dtype(n: int) -> str:
     return "float64" if n <= 25000 else "float32"
 
 
+def _source_rows(store: KernelStore, i: int) -> np.ndarray:
+    """Row block ``i`` generated (synthetic data) or read from the input file, float64."""
+    sl = store.tile_slices(i, i)[0]
+    return np.ascontiguousarray(store.spec.run_spec().rows(sl.start, sl.stop), dtype=np.float64)
+
+
 def write_rows(path: str, i: int) -> str:
     """Task: generate or read row block ``i`` and store it in ``X``; returns its checksum."""
     store = KernelStore.open(path)
-    sl = store.tile_slices(i, i)[0]
-    rows = np.ascontiguousarray(store.spec.run_spec().rows(sl.start, sl.stop), dtype=np.float64)
-    store.array("X", mode="r+")[sl] = rows
-    digest = checksum(rows)
-    store.mark_done(store.rows_key(i), digest)
-    return digest
+    return store.write_piece(store.rows_key(i), "X", (i, 0), _source_rows(store, i))
+
+
+def repair_rows(path: str, i: int, recorded: str | None) -> str:
+    """Task: row block ``i`` again from the data source, written only if it has the bytes
+    recorded when the store was assembled (``recorded``: the marker's checksum, None if the
+    marker is unreadable); returns its checksum."""
+    store = KernelStore.open(path)
+    rows = _source_rows(store, i)
+    if recorded is not None and checksum(rows) != recorded:
+        raise StoreError(f"row block {i} read again from {store.spec.problem['data']!r} does "
+                         "not match its recorded checksum: the data source no longer gives "
+                         "the rows the store was assembled from, so it cannot repair them")
+    return store.write_piece(store.rows_key(i), "X", (i, 0), rows)
 
 
 def compute_tile(store: KernelStore, i: int, j: int) -> np.ndarray:
@@ -65,13 +86,12 @@ def compute_tile(store: KernelStore, i: int, j: int) -> np.ndarray:
 
 
 def write_tile(path: str, i: int, j: int) -> str:
-    """Task: compute tile (I, J), write its chunk, then its done marker; returns its checksum."""
+    """Task: compute tile (I, J) from rows I and J (checked against their checksums first),
+    write its chunk, then its done marker; returns its checksum."""
     store = KernelStore.open(path)
-    tile = compute_tile(store, i, j)
-    store.array("K", mode="r+")[store.tile_slices(i, j)] = tile
-    digest = checksum(tile)
-    store.mark_done(store.tile_key(i, j), digest)
-    return digest
+    for k in {i, j}:
+        store.row_block_checked(k)
+    return store.write_piece(store.tile_key(i, j), "K", (i, j), compute_tile(store, i, j))
 
 
 class Progress:
@@ -104,36 +124,76 @@ class Progress:
         self.stream.flush()
 
 
-def assemble(spec: StoreSpec, path: str, client, progress: bool = True) -> dict:
-    """Assemble (or finish) the store at ``path`` for ``spec`` on ``client``'s workers."""
+def assemble(spec: StoreSpec, path: str, client, progress: bool = True, log=None) -> dict:
+    """Assemble (or finish) the store at ``path`` for ``spec`` on ``client``'s workers.
+
+    Holds the store's lock while anything is written (a one-line StoreError naming the holder
+    if another process assembles or repairs it); a complete store is only checked, without
+    the lock (so a complete store on a read-only file system still serves ``run --store``).
+    ``log``: called with "resuming: D of T tiles already done" when resuming. The report's
+    ``tiles_done_before`` is that D.
+    """
     store = KernelStore.create_or_resume(path, spec)
     t0 = time.perf_counter()
-    rows, tiles = store.pending()
     total = len(store.upper_tiles())
-    _run({client.submit(write_rows, path, i, retries=2, pure=False): f"row block {i}"
-          for i in rows})
-    bar = Progress(total, total - len(tiles), spec.tile ** 2) if progress else None
-    futures = {client.submit(write_tile, path, i, j, retries=2, pure=False): f"tile ({i}, {j})"
-               for i, j in tiles}
-    _run(futures, bar)
-    if bar:
-        bar.update(0, final=True)
+    rows, tiles = store.pending()
+    with contextlib.ExitStack() as held:
+        if rows or tiles:
+            held.enter_context(store.lock("assembled"))
+            store.remove_partial_writes()
+            rows, tiles = store.pending()  # again, now that no other process writes
+        done_before = total - len(tiles)
+        if done_before and log:
+            log(f"resuming: {done_before} of {total} tiles already done")
+        _run({client.submit(write_rows, path, i, retries=2, pure=False): f"row block {i}"
+              for i in rows}, path=path)
+        bar = Progress(total, done_before, spec.tile ** 2) if progress else None
+        futures = {client.submit(write_tile, path, i, j, retries=2, pure=False):
+                   f"tile ({i}, {j})" for i, j in tiles}
+        _run(futures, bar, path=path)
+        if bar:
+            bar.update(0, final=True)
     return {"tiles_total": total, "tiles_computed": len(tiles), "rows_computed": len(rows),
-            "seconds": time.perf_counter() - t0}
+            "tiles_done_before": done_before, "seconds": time.perf_counter() - t0}
 
 
-def _run(futures: dict, bar: Progress | None = None) -> None:
-    """Wait for ``futures`` (future → label); on the first failure cancel the rest and raise."""
+#: Errors of a store that cannot be written, and what to do about them.
+_WRITE_ADVICE = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota",
+                 errno.EROFS: "make the store writable", errno.EACCES: "make the store writable",
+                 errno.EPERM: "make the store writable"}
+
+
+def _failure(label: str, exc: BaseException, path: str | None) -> str:
+    """One line for a failed task: the OS's reason for a store that cannot be written (a full
+    disk, a read-only file system), else the error; what was done is kept."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ADVICE:
+        where = f" writing store {path!r}" if path else ""
+        return (f"{label} failed: {os_reason(exc)}{where}; the pieces done are kept: "
+                f"{_WRITE_ADVICE[exc.errno]}, then rerun the same command to resume")
+    text = str(exc) if isinstance(exc, NtkdistError) else f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())  # one line, whatever the error's text
+    return f"{label} failed: {text}; the pieces done are kept, rerun the same command to resume"
+
+
+def _run(futures: dict, bar: Progress | None = None, path: str | None = None,
+         results: bool = False) -> list | None:
+    """Wait for ``futures`` (future → label); on the first failure cancel the rest and raise
+    one line. ``results``: return the results, in the order of ``futures``."""
     from distributed import as_completed
 
     try:
         for future in as_completed(list(futures)):
             if future.status == "error":
-                exc = future.exception()
-                raise AssemblyError(f"{futures[future]} failed: {type(exc).__name__}: {exc}; "
-                                    "done tiles are kept, rerun the same command to resume")
+                raise AssemblyError(_failure(futures[future], future.exception(), path))
+            if future.status != "finished":  # cancelled: the cluster lost it
+                raise AssemblyError(f"{futures[future]} was {future.status} by the Dask "
+                                    "cluster (a worker or the scheduler was lost); the pieces "
+                                    "done are kept, rerun the same command to resume")
             if bar:
                 bar.update()
+        if results and futures:
+            return next(iter(futures)).client.gather(list(futures))
+        return [] if results else None
     finally:
         for f in futures:
             f.cancel()
@@ -159,18 +219,25 @@ def resolve_store_spec(run_spec: RunSpec, path: str, client, tile: int | None,
     return make_store_spec(run_spec, tile, default_dtype(run_spec.n) if dtype is None else dtype)
 
 
-def verify(path: str, recompute: int = 0, seed: int | None = None, log=None) -> dict:
+def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
+           keys=None) -> dict:
     """Re-read every done piece of a store and check it against its recorded checksum.
 
     With ``recompute`` > 0, also recompute that many random done tiles from the stored rows
-    and compare them with the stored bytes. Returns the bad pieces, the missing ones and
-    counts; a sound store has no bad pieces.
+    and compare them with the stored bytes. ``keys``: check only these pieces. Returns the
+    bad pieces, the missing ones and counts; a sound store has no bad pieces.
     """
+    if isinstance(recompute, bool) or not isinstance(recompute, int) or recompute < 0:
+        raise SpecError(f"--recompute must be an integer >= 0 (tiles to recompute), "
+                        f"got {recompute!r}")
     store = KernelStore.open(path)
     done = store.done_keys()
     bad, missing, checked = [], [], 0
     pieces = [(store.rows_key(i), "X", (i, 0)) for i in range(store.spec.blocks)]
     pieces += [(store.tile_key(i, j), "K", (i, j)) for i, j in store.upper_tiles()]
+    if keys is not None:
+        keys = set(keys)
+        pieces = [p for p in pieces if p[0] in keys]
     for key, name, (i, j) in pieces:
         if key not in done:
             missing.append(key)
@@ -201,3 +268,73 @@ def verify(path: str, recompute: int = 0, seed: int | None = None, log=None) -> 
         if not diff <= tol:
             bad.append(store.tile_key(i, j) + " (recomputed)")
     return {"bad": bad, "missing": missing, "checked": checked, "recomputed": recomputed}
+
+
+def repair(path: str, client=None, cluster: dict | None = None, recompute: int = 0,
+           seed: int | None = None, log=None) -> dict:
+    """Verify a store, recompute exactly its bad pieces on Dask workers, verify them again.
+
+    Row blocks come again from the data source (a file input must still have the SHA-256
+    recorded in the spec, and every block the bytes its marker records); tiles from the
+    stored rows, checked first. Each is written as assembly writes it (marker removed, chunk
+    rewritten, marker last). ``client``: a ``distributed.Client``; else a cluster is started
+    with :func:`ntkdist.cluster.connect` (``cluster``: its keyword arguments), only when
+    there is something to repair. Holds the store's lock throughout.
+
+    Returns ``verify``'s report of the store before (``bad``, ``missing``, ``checked``,
+    ``recomputed``), ``repaired`` (the keys rewritten), ``changed`` (tiles whose new bytes
+    differ from the recorded checksum: a damaged marker, or a tile that failed
+    recomputation), ``bad_after`` (pieces still bad) and ``seconds``.
+    """
+    from .cluster import connect
+
+    t0 = time.perf_counter()
+    store = KernelStore.open(path)
+    with store.lock("repaired"):
+        store.remove_partial_writes()
+        report = verify(path, recompute=recompute, seed=seed)
+        bad = list(dict.fromkeys(key.split(" ")[0] for key in report["bad"]))
+        rows = sorted(int(k.split(".")[1]) for k in bad if k.startswith("X."))
+        tiles = [(int(k.split(".")[1]), int(k.split(".")[2])) for k in bad if k.startswith("K.")]
+        changed = []
+        if bad:
+            if rows:
+                _check_source(store, [store.rows_key(i) for i in rows])
+            if log:
+                log(f"found {len(bad)} bad piece(s): {', '.join(bad)}; recomputing them on "
+                    "the Dask workers")
+            recorded = {k: store.recorded_checksum(k) for k in bad}
+            use = contextlib.nullcontext(client) if client is not None else connect(
+                **(cluster or {}))
+            with use as c:
+                _run({c.submit(repair_rows, path, i, recorded[store.rows_key(i)], pure=False):
+                      f"row block {i}" for i in rows}, path=path)
+                keys = [store.tile_key(i, j) for i, j in tiles]
+                digests = _run({c.submit(write_tile, path, i, j, pure=False): f"tile ({i}, {j})"
+                                for i, j in tiles}, path=path, results=True)
+                changed = [k for k, d in zip(keys, digests) if d != recorded[k]]
+        after = verify(path, keys=bad) if bad else {"bad": []}
+    return {**report, "repaired": bad, "changed": changed, "bad_after": after["bad"],
+            "seconds": time.perf_counter() - t0}
+
+
+def _check_source(store: KernelStore, keys: list) -> None:
+    """Refuse, in one line, to repair row blocks from an input file that is gone or changed."""
+    from .data import file_sha256
+
+    p = store.spec.problem
+    if p.get("input_sha256") is None:  # synthetic: the generator's rows are checked per block
+        return
+    data, what = p["data"], f"{', '.join(keys)} of store {store.path!r} cannot be repaired"
+    if not os.path.exists(data):
+        raise StoreError(f"{what}: its input file {data!r} no longer exists; restore it (the "
+                         f"file with sha256 {p['input_sha256'][:12]}…) and rerun")
+    try:
+        now = file_sha256(data)
+    except OSError as exc:
+        raise StoreError(f"{what}: its input file {data!r} cannot be read "
+                         f"({os_reason(exc)})") from None
+    if now != p["input_sha256"]:
+        raise StoreError(f"{what}: its input file {data!r} has changed since the store was "
+                         f"assembled (sha256 {now[:12]}… ≠ {p['input_sha256'][:12]}… recorded); "
+                         "restore the original file and rerun")

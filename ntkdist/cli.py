@@ -10,6 +10,17 @@ from .errors import NtkdistError
 EXIT_USER_ERROR = 2
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1 (workers, tiles, blocks, products)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr and exit code 2."""
 
@@ -27,16 +38,19 @@ def _add_data_args(p) -> None:
     p.add_argument("--kernel", default="ntk", choices=["ntk", "nngp"])
     p.add_argument("--normalization", default="paper", choices=["paper", "nt"],
                    help="paper: K_ii = L||x||^2; nt: neural-tangents' stack, (2/d)K")
+    p.add_argument("--dedupe", action="store_true",
+                   help="drop repeated rows (first occurrences kept) and solve for the distinct "
+                        "rows; without it repeated rows give λ_min = 0 exactly")
 
 
 def _add_store_args(p, required: bool) -> None:
     p.add_argument("--store", required=required, help="Zarr store of the kernel (PATH.zarr)")
-    p.add_argument("--tile", type=int, help="tile side T (default: from worker memory, <= 4096)")
+    p.add_argument("--tile", type=_count, help="tile side T (default: from worker memory, <= 4096)")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="storage dtype (default float64 up to N=25000, float32 above)")
     p.add_argument("--scheduler", help="address of a running Dask scheduler to attach to")
     p.add_argument("--scheduler-file", help="scheduler file of a running Dask cluster")
-    p.add_argument("--workers", type=int, help="local cluster: worker processes (default: cores)")
+    p.add_argument("--workers", type=_count, help="local cluster: worker processes (default: cores)")
     p.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
 
 
@@ -55,7 +69,8 @@ def _add_solver_args(p) -> None:
     p.add_argument("--k", type=int, default=1, help="number of smallest eigenvalues (default 1)")
     p.add_argument("--tol", type=float, default=1e-8,
                    help="relative accuracy of the k eigenvalues to certify (default 1e-8)")
-    p.add_argument("--block", type=int, help="LOBPCG/Davidson block size (default max(32, 2k+16))")
+    p.add_argument("--block", type=_count,
+                   help="LOBPCG/Davidson block size (default max(32, 2k+16); at least k+1)")
     p.add_argument("--precond", default="auto",
                    help="auto | harmonic | nystrom[:RANK] | none (default auto: harmonic)")
     p.add_argument("--operator", default="auto", choices=["auto", "store", "memory", "recompute"],
@@ -64,7 +79,7 @@ def _add_solver_args(p) -> None:
                    help="products of LOBPCG/Davidson: mixed = float32 deflated products for "
                         "most iterations, float64 to finish and certify (memory operator); "
                         "default auto: mixed where the memory operator has room for it")
-    p.add_argument("--max-products", type=int, default=600,
+    p.add_argument("--max-products", type=_count, default=600,
                    help="cap on passes over the kernel (default 600)")
     p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="save the solver's Ritz block to OUT/checkpoint.npz this often; a rerun "
@@ -97,7 +112,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sol.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
     sol.add_argument("--scheduler", help="address of a running Dask scheduler to attach to")
     sol.add_argument("--scheduler-file", help="scheduler file of a running Dask cluster")
-    sol.add_argument("--workers", type=int, help="local cluster: worker processes (default: cores)")
+    sol.add_argument("--workers", type=_count,
+                     help="local cluster: worker processes (default: cores)")
     sol.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
     _add_solver_args(sol)
     _add_device_arg(sol)
@@ -106,11 +122,20 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_store_args(asm, required=True)
     info = sub.add_parser("info", help="spec, size and progress of a kernel store")
     info.add_argument("--store", required=True)
-    ver = sub.add_parser("verify", help="check every tile of a store against its checksum")
+    ver = sub.add_parser("verify", help="check every tile of a store against its checksum "
+                                        "(--repair: and recompute the bad ones)")
     ver.add_argument("--store", required=True)
     ver.add_argument("--recompute", type=int, default=0, metavar="K",
                      help="also recompute K random tiles from the data and compare")
     ver.add_argument("--seed", type=int, help="seed for choosing the recomputed tiles")
+    ver.add_argument("--repair", action="store_true",
+                     help="recompute the bad pieces on Dask workers (row blocks from the data "
+                          "source, tiles from the stored rows), then check them again")
+    ver.add_argument("--scheduler", help="--repair: address of a running Dask scheduler")
+    ver.add_argument("--scheduler-file", help="--repair: scheduler file of a running Dask cluster")
+    ver.add_argument("--workers", type=int,
+                     help="--repair, local cluster: worker processes (default: cores)")
+    ver.add_argument("--memory-limit", help="--repair, local cluster: memory per worker, e.g. 4GB")
     return parser
 
 
@@ -118,7 +143,7 @@ def _spec(args):
     from .spec import make_spec
 
     return make_spec(data=args.data, n=args.n, d=args.d, depth=args.depth, kernel=args.kernel,
-                     normalization=args.normalization, seed=args.seed)
+                     normalization=args.normalization, seed=args.seed, dedupe=args.dedupe)
 
 
 def _cluster(args) -> dict:
@@ -171,7 +196,8 @@ def _cmd_assemble(args) -> int:
         store_spec = resolve_store_spec(spec, args.store, client, args.tile, args.dtype)
         print(f"store {args.store}: N={spec.n} d={spec.d} tile {store_spec.tile} "
               f"({store_spec.blocks}x{store_spec.blocks} blocks), {store_spec.dtype}", flush=True)
-        report = assemble(store_spec, args.store, client)
+        report = assemble(store_spec, args.store, client,
+                          log=lambda msg: print(msg, flush=True))  # "resuming: D of T tiles …"
     print(f"done: {report['tiles_computed']} tiles computed now, {report['tiles_total']} in all, "
           f"{report['seconds']:.1f} s")
     return 0
@@ -193,20 +219,53 @@ def _cmd_info(args) -> int:
           f"{'' if not rows else f'; {len(rows)} row blocks missing'}")
     print(f"on disk    {store.bytes_on_disk() / 1e9:.3f} GB")
     print(f"spec hash  {spec.hash()}  (ntkdist {spec.ntkdist_version})")
+    holder = store.lock_holder()
+    if holder:
+        print(f"in use     being {holder}")
     return 0
 
 
 def _cmd_verify(args) -> int:
-    from .assemble import verify
+    from .assemble import repair, verify
+    from .errors import SpecError
 
-    report = verify(args.store, recompute=args.recompute, seed=args.seed)
+    if args.recompute < 0:
+        raise SpecError(f"--recompute must be >= 0 (tiles to recompute), got {args.recompute}")
+    if args.repair:
+        cluster = {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
+                   "workers": args.workers, "memory_limit": args.memory_limit}
+        report = repair(args.store, cluster=cluster, recompute=args.recompute, seed=args.seed,
+                        log=lambda msg: print(msg, flush=True))
+    else:
+        given = [f"--{n}" for n in ("scheduler", "scheduler-file", "workers", "memory-limit")
+                 if getattr(args, n.replace("-", "_")) is not None]
+        if given:
+            raise SpecError(f"{', '.join(given)} only apply to 'verify --repair'")
+        report = verify(args.store, recompute=args.recompute, seed=args.seed)
     for r in report["recomputed"]:
         print(f"recomputed tile {tuple(r['tile'])}: max |diff| {r['max_abs_diff']:.3g}")
-    if report["bad"]:
-        print(f"ntkdist: {len(report['bad'])} bad piece(s) in {args.store}: "
-              f"{', '.join(report['bad'])}", file=sys.stderr)
+    if args.repair and report["repaired"]:
+        print(f"repaired {len(report['repaired'])} piece(s): {', '.join(report['repaired'])} "
+              f"({report['seconds']:.1f} s)")
+        if report["changed"]:
+            print(f"note: {', '.join(report['changed'])} now differ from the checksum recorded "
+                  "before (a damaged marker, or a tile that failed recomputation)")
+    bad = report["bad_after"] if args.repair else report["bad"]
+    if bad:
+        if args.repair:
+            print(f"ntkdist: {len(bad)} bad piece(s) in {args.store} after repair: "
+                  f"{', '.join(bad)}", file=sys.stderr)
+        else:
+            print(f"ntkdist: {len(bad)} bad piece(s) in {args.store}: {', '.join(bad)}; run "
+                  f"'ntkdist verify --store {args.store} --repair' to recompute them",
+                  file=sys.stderr)
         return 1
-    state = "complete" if not report["missing"] else f"incomplete, {len(report['missing'])} missing"
+    missing = report["missing"]
+    state = "complete" if not missing else (
+        f"incomplete, {len(missing)} missing: run 'ntkdist assemble' with the same arguments "
+        "to finish it")
+    if args.repair and not report["repaired"]:
+        print("nothing to repair")
     print(f"sound: {report['checked']} pieces match their checksums ({state})")
     return 0
 
@@ -219,6 +278,14 @@ def main(argv=None) -> int:
         return commands[args.command](args)
     except NtkdistError as exc:
         print(f"ntkdist: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the environment: permissions, a full disk, a read-only store
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"ntkdist: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        print("ntkdist: error: out of memory; use a larger --memory-limit, fewer workers, or "
+              "--store for large N", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("ntkdist: interrupted", file=sys.stderr)

@@ -13,6 +13,64 @@ class ClusterError(NtkdistError):
     """A scheduler cannot be reached or a cluster cannot be started."""
 
 
+class _DropRecords(logging.Filter):
+    """Drop log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__("ntkdist")
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+#: What Dask logs on our local clusters that ntkdist reports itself, in one line: a task's
+#: failure with its traceback (the workers' ``distributed.worker``; the client raises the
+#: error), a worker's loss with the data it held and a task whose workers kept dying (the
+#: in-process scheduler's), and a heartbeat cut short when the cluster closes at the end of
+#: a run (a worker's traceback printed after the result).
+_WORKER_QUIET = ("Compute Failed", "Failed to communicate with scheduler during heartbeat")
+_SCHEDULER_QUIET = ("Removing worker", "Task %s marked as failed")
+#: The local scheduler's HTTP server (started with or without a dashboard) on a free port:
+#: on its default, 8787, a second cluster on the machine warns that the port is in use.
+_NO_DASHBOARD = {"dashboard": False, "dashboard_address": ":0"}
+
+
+def _quiet_workers_plugin():
+    """A worker plugin that installs the ``_WORKER_QUIET`` filter in each worker process
+    (restarted workers included). Made here so that this module does not import distributed
+    at import time; Dask pickles the class by value."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class QuietTaskFailures(WorkerPlugin):
+        name = "ntkdist-quiet-task-failures"
+
+        def setup(self, worker):
+            import logging
+
+            from ntkdist.cluster import _WORKER_QUIET, _DropRecords
+
+            log = logging.getLogger("distributed.worker")
+            if not any(isinstance(f, _DropRecords) for f in log.filters):
+                log.addFilter(_DropRecords(_WORKER_QUIET))
+
+    return QuietTaskFailures()
+
+
+@contextlib.contextmanager
+def _quiet_local_cluster(client):
+    """Our local cluster's task failures and lost workers are reported by ntkdist as one line;
+    Dask's own log records of them (tracebacks, lists of lost keys) are dropped."""
+    quiet = _DropRecords(_SCHEDULER_QUIET)
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    scheduler_log.addFilter(quiet)
+    try:
+        client.register_plugin(_quiet_workers_plugin())
+        yield client
+    finally:
+        scheduler_log.removeFilter(quiet)
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -52,9 +110,10 @@ def _gpu_cluster(workers, memory_limit):
                                "worker to each (pip install 'ntkdist[gpu]')") from None
         return LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                             memory_limit=memory_limit or "auto", dashboard_address=None,
-                            silence_logs=logging.ERROR)
+                            scheduler_kwargs=_NO_DASHBOARD, silence_logs=logging.ERROR)
     return LocalCUDACluster(threads_per_worker=1, memory_limit=memory_limit or "auto",
-                            dashboard_address=None, silence_logs=logging.ERROR)
+                            dashboard_address=None, scheduler_kwargs=_NO_DASHBOARD,
+                            silence_logs=logging.ERROR)
 
 
 @contextlib.contextmanager
@@ -100,14 +159,15 @@ def connect(scheduler: str | None = None, scheduler_file: str | None = None,
         else:
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                                    memory_limit=memory_limit or "auto", dashboard_address=None,
-                                   silence_logs=logging.ERROR, env=env)
+                                   scheduler_kwargs=_NO_DASHBOARD, silence_logs=logging.ERROR,
+                                   env=env)
     except ClusterError:
         raise
     except (ValueError, TypeError, RuntimeError, OSError) as exc:  # dask-cuda/NVML's, too
         raise ClusterError(f"cannot start a local Dask cluster ({type(exc).__name__}: "
                            f"{exc})") from None
     try:
-        with Client(cluster) as client:
+        with Client(cluster) as client, _quiet_local_cluster(client):
             yield client
     finally:
         cluster.close()
@@ -115,6 +175,7 @@ def connect(scheduler: str | None = None, scheduler_file: str | None = None,
 
 def worker_memory_limit(client) -> int | None:
     """The smallest memory limit (bytes) among the client's workers, or None if unlimited."""
-    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    limits = [w.get("memory_limit") or 0 for w in workers]
     limits = [m for m in limits if m > 0]
     return min(limits) if limits else None

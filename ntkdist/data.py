@@ -102,6 +102,35 @@ def _hash_file(path: str, h) -> None:
             h.update(block)
 
 
+#: Rows whose squared norm times N·L exceeds this are refused: kernel entries, traces and
+#: products reach it, and the squares of residuals and of Gram matrices in the solvers would
+#: overflow float64 (max ~1.8e308).
+MAX_SCALE = 1e150
+#: Rows whose squared norm is below this are refused: it underflows (or is subnormal), and
+#: the row's kernel entries lose every digit.
+MIN_SQUARED_NORM = 1e-290
+#: Unit rows equal after rounding at these decimals are taken as nearly parallel: each such
+#: pair gives a near-null vector that starts the iterative solvers (a hint, never trusted).
+NEAR_PARALLEL_DECIMALS = (12, 8, 6)
+
+
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """Euclidean norms of the rows without overflow or underflow of the squares."""
+    scale = np.max(np.abs(rows), axis=1) if rows.shape[1] else np.zeros(len(rows))
+    safe = np.where(scale > 0, scale, 1.0)
+    return scale * np.sqrt(np.einsum("ij,ij->i", rows / safe[:, None], rows / safe[:, None]))
+
+
+def check_dtype(X, name: str = "input") -> None:
+    """Refuse arrays that are not real numbers (complex, strings, booleans, objects)."""
+    kind = np.dtype(getattr(X, "dtype", np.float64)).kind
+    if kind == "c":
+        raise InputError(f"{name} is complex ({X.dtype}); the kernels need real rows "
+                         "(take the real part, or stack real and imaginary parts, yourself)")
+    if kind not in "fiu":
+        raise InputError(f"{name} has dtype {X.dtype}; a real numeric array is needed")
+
+
 @dataclass(frozen=True)
 class RowCheck:
     """What validation found in a row set that is not an error."""
@@ -112,46 +141,98 @@ class RowCheck:
     parallel_rows: int  # rows that are a positive multiple of an earlier one (duplicates included)
     min_norm: float
     max_norm: float
+    groups: np.ndarray | None = None  # (N,) id of each row's group of equal rows, if any repeat
+    near_pairs: tuple = ()  # (i, j) pairs of nearly parallel rows (hints for the solvers)
+
+    @property
+    def rank_deficient(self) -> bool:
+        """Whether K is singular for a reason the rows show (repeats, parallel rows)."""
+        return self.parallel_rows > 0
 
 
-def check_rows(X, name: str = "input", block: int = 65536) -> RowCheck:
+def check_rows(X, name: str = "input", block: int = 65536, depth: int = 1) -> RowCheck:
     """Validate a 2-D row set; raise :class:`InputError` with one line if unusable.
 
-    Refused: not 2-D, not numeric, N < 2, d < 1, non-finite values, all-zero rows.
-    Duplicate and parallel rows are allowed (they make K singular; λ_min ≈ 0 is then the
-    right answer) and counted.
+    Refused: not 2-D, not real numbers, N < 2, d < 1, non-finite values, all-zero rows, norms
+    whose squares underflow, and norms so large that N·L·‖x‖² overflows float64 (``depth`` =
+    L). Duplicate and parallel rows are allowed (they make K singular; λ_min = 0, or ≈ 0, is
+    then the right answer) and counted.
     """
     shape = getattr(X, "shape", None)
     if shape is None or len(shape) != 2:
         raise InputError(f"{name} must be a 2-D array (rows × features), got shape {shape}")
     n, d = (int(v) for v in shape)
     if n < 2:
-        raise InputError(f"{name} has {n} row(s); at least 2 are needed")
+        raise InputError(f"{name} has {n} row(s); at least 2 are needed (N < 2)")
     if d < 1:
         raise InputError(f"{name} has no columns")
-    kind = np.dtype(X.dtype).kind
-    if kind not in "fiu":
-        raise InputError(f"{name} has dtype {X.dtype}; a real numeric array is needed")
+    check_dtype(X, name)
     norms = np.empty(n)
     for lo in range(0, n, block):
         rows = np.asarray(X[lo:lo + block], dtype=np.float64)
         if not np.all(np.isfinite(rows)):
             bad = lo + int(np.nonzero(~np.all(np.isfinite(rows), axis=1))[0][0])
             raise InputError(f"{name} has non-finite values (first in row {bad})")
-        norms[lo:lo + block] = np.linalg.norm(rows, axis=1)
+        norms[lo:lo + block] = row_norms(rows)
     zero = np.nonzero(norms == 0)[0]
     if zero.size:
         raise InputError(f"{name} has {zero.size} all-zero row(s) (first: row {zero[0]}); "
                          "the ReLU kernel of a zero row is identically 0")
-    duplicates, parallel = _count_repeats(X, norms, n)
+    tiny = np.nonzero(norms < np.sqrt(MIN_SQUARED_NORM))[0]
+    if tiny.size:
+        raise InputError(f"{name} has {tiny.size} row(s) whose squared norm underflows float64 "
+                         f"(row {tiny[0]}: ‖x‖ = {norms[tiny[0]]:.3g}); rescale the data "
+                         "(λ_min scales with the square of a common factor)")
+    top = float(norms.max())
+    if not 2 * np.log10(top) + np.log10(n * max(depth, 1)) <= np.log10(MAX_SCALE):
+        raise InputError(f"{name} has rows too large for float64 (‖x‖ up to {top:.3g}: N·L·‖x‖² "
+                         f"exceeds {MAX_SCALE:.0e}, the solver's squares would overflow); "
+                         "rescale the data (λ_min scales with the square of a "
+                         "common factor)")
+    duplicates, parallel, groups, near = _repeats(X, norms, n)
     return RowCheck(n=n, d=d, duplicate_rows=duplicates, parallel_rows=parallel,
-                    min_norm=float(norms.min()), max_norm=float(norms.max()))
+                    min_norm=float(norms.min()), max_norm=top, groups=groups,
+                    near_pairs=near)
 
 
-def _count_repeats(X, norms, n) -> tuple[int, int]:
+def _repeats(X, norms, n):
+    """Duplicates, parallel rows (counted with duplicates), the group of equal rows of each
+    row (None when no row repeats), and up to 64 pairs of nearly parallel rows."""
     rows = np.asarray(X[:], dtype=np.float64)
-    dup = n - np.unique(rows, axis=0).shape[0]
+    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    dup = n - len(first)
+    groups = first[inverse] if dup else None  # id: the group's first row
     unit = rows / norms[:, None]
-    # Parallel rows give unit vectors equal up to rounding; compare them at 1e-12.
-    par = n - np.unique(np.round(unit, 12), axis=0).shape[0]
-    return int(dup), int(max(par, dup))
+    par = 0
+    near = []
+    for decimals in NEAR_PARALLEL_DECIMALS:
+        _, idx, inv = np.unique(np.round(unit, decimals), axis=0, return_index=True,
+                                return_inverse=True)
+        if decimals == NEAR_PARALLEL_DECIMALS[0]:
+            par = n - len(idx)  # parallel rows compare equal up to rounding at 1e-12
+        inv = inv.reshape(-1)
+        for j in np.nonzero(idx[inv] != np.arange(n))[0]:
+            i = int(idx[inv[j]])
+            if (groups is None or groups[i] != groups[j]) and (i, int(j)) not in near:
+                near.append((i, int(j)))
+            if len(near) >= 64:
+                break
+    return int(dup), int(max(par, dup)), groups, tuple(near[:64])
+
+
+def near_null_vectors(check: RowCheck, norms: np.ndarray, n: int) -> np.ndarray:
+    """Unit vectors ‖x_j‖ e_i − ‖x_i‖ e_j of nearly parallel pairs (K's near-null directions),
+    to start the iterative solvers with (N × pairs)."""
+    pairs = check.near_pairs
+    V = np.zeros((n, len(pairs)))
+    for c, (i, j) in enumerate(pairs):
+        V[i, c], V[j, c] = norms[j], -norms[i]
+        V[:, c] /= np.hypot(norms[i], norms[j])
+    return V
+
+
+def distinct_rows(X: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct row, in order (``--dedupe``)."""
+    _, first = np.unique(np.asarray(X, dtype=np.float64), axis=0, return_index=True)
+    return np.sort(first)

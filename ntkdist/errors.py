@@ -9,12 +9,19 @@ class NtkdistError(Exception):
     """Base class of every user-facing error of ntkdist."""
 
 
-class InputError(NtkdistError):
-    """The data (a file, an array, a generator's parameters) cannot be used."""
+class InputError(NtkdistError, ValueError):
+    """The data (a file, an array, a generator's parameters) cannot be used.
+
+    Also a ValueError, so that code written against NumPy-style argument checking keeps
+    catching it.
+    """
 
 
-class SpecError(NtkdistError):
-    """The run description is inconsistent or out of range."""
+class SpecError(NtkdistError, ValueError):
+    """The run description (depth, kernel, normalisation, …) is inconsistent or out of range.
+
+    Also a ValueError, for the same reason as :class:`InputError`.
+    """
 
 
 class OutputError(NtkdistError):

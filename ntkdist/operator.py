@@ -37,6 +37,8 @@ certifies the result.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .errors import NtkdistError
@@ -80,6 +82,45 @@ def _fused(tile, vi, vj, strip):
         np.matmul(vi[:, a:a + strip], s, out=part)
         yj += part
     return yi.T, yj
+
+
+#: Seconds between checks, while a pass runs, that the workers and data it needs are there.
+LOST_POLL = 2.0
+
+
+def _lost_worker_errors() -> tuple:
+    """What Dask raises for a result that a lost worker took with it: a task cancelled for
+    lost dependencies, a task whose workers kept dying, a closed connection."""
+    import asyncio
+    import concurrent.futures
+
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    return (FutureCancelledError, asyncio.CancelledError, concurrent.futures.CancelledError,
+            KilledWorker, CommClosedError)
+
+
+@contextlib.contextmanager
+def _one_line(during: str, failed: str):
+    """Worker failures inside the block as one-line errors: a lost worker (``during`` says
+    when) or a task's exception (``failed`` says what failed)."""
+    try:
+        yield
+    except NtkdistError:
+        raise
+    except _lost_worker_errors() as exc:
+        raise _worker_lost(during, exc) from None
+    except Exception as exc:  # a worker's failure, reported as one line
+        raise NtkdistError(" ".join(f"{failed} failed: {type(exc).__name__}: {exc}".split())) \
+            from None
+
+
+def _worker_lost(during: str, exc: BaseException | None = None) -> NtkdistError:
+    why = " ".join(f" ({type(exc).__name__}: {exc})".split()) if exc is not None else ""
+    return NtkdistError(f"a Dask worker was lost {during}{why}; rerun the same command: it "
+                        "resumes from the last checkpoint")
 
 
 #: Vᵀ goes inside each worker's task when all the copies together are at most this size,
@@ -385,27 +426,9 @@ class KernelOperator:
                     cache.append(p)
                     used += self._tile_bytes[p]
         if cache:
-            parts = {}
-            if self.precision == "mixed":  # the low-rank part, by row block, on every worker
-                self._F = deflation_factor(self._rows(rows), self.problem)
-                # A list, not a dict: a dict's keys would name the data on the cluster, and a
-                # second operator's blocks under the same names would not replace the first's.
-                parts = client.scatter([self._F[i * t:(i + 1) * t] for i in range(nb)],
-                                       broadcast=True)
-            load = {w: 0.0 for w in workers}  # spread the cached work evenly, largest first
-            futs = {}
-            for p in sorted(cache, key=lambda p: -_cost(*p, *size[p])):
-                w = min(load, key=load.get)
-                load[w] += _cost(*p, *size[p])
-                low = (parts[p[0]], parts[p[1]]) if parts else ()
-                futs[p] = client.submit(_load_tile, self.store.path, *p, *low, workers=[w],
-                                        allow_other_workers=True, pure=False)
-            from distributed import wait
-
-            wait(list(futs.values()))
-            self._check_failed(futs.values())
-            del parts
-            self._cache = futs
+            with _one_line("while the tiles were loaded into worker memory",
+                           "loading the tiles into worker memory"):
+                self._cache = self._load(cache, rows, workers, size, nb)
             self.cached_bytes = sum(self._tile_bytes[p] for p in cache)
             self.bytes_read += self.cached_bytes
             if self.precision == "mixed":  # mixed is memory mode: every tile is cached
@@ -417,8 +440,36 @@ class KernelOperator:
                 self._gpu_plan(gpu_mode, size)
             X = self._rows(rows)
             blocks = {i: row_block(X[i * t:(i + 1) * t]) for i in range(nb)}
-            futs = client.scatter([blocks[i] for i in range(nb)], broadcast=True)  # see parts
+            try:  # a list, as the low-rank parts in _load
+                futs = client.scatter([blocks[i] for i in range(nb)], broadcast=True)
+            except _lost_worker_errors() as exc:
+                raise _worker_lost("while the rows were sent to the workers", exc) from None
             self._blocks = dict(enumerate(futs))
+
+    def _load(self, cache, rows, workers, size, nb) -> dict:
+        """Read the ``cache`` tiles into worker memory (with mixed precision, their float32
+        deflated copies too), spread evenly over the workers; (i, j) → future."""
+        from distributed import wait
+
+        client, t = self.client, self.tile
+        parts = {}
+        if self.precision == "mixed":  # the low-rank part, by row block, on every worker
+            self._F = deflation_factor(self._rows(rows), self.problem)
+            # A list, not a dict: a dict's keys would name the data on the cluster, and a
+            # second operator's blocks under the same names would not replace the first's.
+            parts = client.scatter([self._F[i * t:(i + 1) * t] for i in range(nb)],
+                                   broadcast=True)
+        load = {w: 0.0 for w in workers}  # spread the cached work evenly, largest first
+        futs = {}
+        for p in sorted(cache, key=lambda p: -_cost(*p, *size[p])):
+            w = min(load, key=load.get)
+            load[w] += _cost(*p, *size[p])
+            low = (parts[p[0]], parts[p[1]]) if parts else ()
+            futs[p] = client.submit(_load_tile, self.store.path, *p, *low, workers=[w],
+                                    allow_other_workers=True, pure=False)
+        wait(list(futs.values()))
+        self._check_failed(futs.values())
+        return futs
 
     def _gpu_plan(self, requested: str, size: dict) -> None:
         """GPU workers: ``memory`` (tiles built on each GPU in the first pass and kept there)
@@ -530,6 +581,7 @@ class KernelOperator:
         # in float32 anyway): half the bytes. Small blocks travel inside the tasks (one step
         # fewer than a scatter). Dask's round trip at N = 20000, b = 16: 31-42 ms → 20-26 ms.
         VT = np.ascontiguousarray(V.T, dtype=np.float32 if fast else np.float64)
+        self._require_data()
         if VT.nbytes * len(self._assign) <= INLINE_BYTES:
             Vf = VT
         else:
@@ -556,15 +608,11 @@ class KernelOperator:
                 allow_other_workers=True, pure=False))
         YT = np.zeros((b, self.n))
         try:
-            if self.device == "gpu":
+            with _one_line("during a pass over the kernel",
+                           f"product over the kernel ({self.mode} operator)"):
                 self._wait_pinned(futures)
-            for f in futures:  # a fixed order: the sum does not depend on timing
-                YT += f.result()
-        except NtkdistError:
-            raise
-        except Exception as exc:  # a worker's failure, reported as one line
-            raise NtkdistError(f"product over the kernel failed ({self.mode} operator): "
-                               f"{type(exc).__name__}: {exc}") from None
+                for f in futures:  # a fixed order: the sum does not depend on timing
+                    YT += f.result()
         finally:
             for f in futures:
                 f.cancel()
@@ -578,9 +626,10 @@ class KernelOperator:
             Y += self._F @ (self._F.T @ V)
         return Y[:, 0].copy() if squeeze else Y
 
-    def _wait_pinned(self, futures, poll: float = 10.0) -> None:
-        """Wait for tasks pinned to their GPU workers; a one-line error, instead of waiting
-        for ever, if one of those workers has left the cluster."""
+    def _wait_pinned(self, futures, poll: float = LOST_POLL) -> None:
+        """Wait for a pass's tasks; a one-line error, instead of waiting for ever, if a GPU
+        worker they are pinned to has left the cluster, or data they need (tiles kept in
+        worker memory, scattered row blocks) went with a lost worker."""
         from distributed import wait
         from distributed.utils import TimeoutError as DaskTimeout
 
@@ -589,12 +638,24 @@ class KernelOperator:
                 wait(futures, timeout=poll)
                 return
             except (TimeoutError, DaskTimeout):
+                self._require_data()
+                if not self.gpus:
+                    continue
                 alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
                 gone = sorted(set(self.gpus) - alive)
                 if gone:
                     raise NtkdistError(
                         f"GPU worker {gone[0]} left the cluster during a pass (its tiles and "
                         f"GPU with it); rerun the same command to resume from the checkpoint")
+
+    def _require_data(self) -> None:
+        """A one-line error if data a pass needs is gone with a lost worker: a kept tile or
+        a scattered row block that the cluster reports lost (Dask would wait for it for
+        ever when no worker was left to recompute it)."""
+        for f in [*self._cache.values(), *(self._blocks or {}).values()]:
+            if f.status in ("lost", "cancelled", "error"):
+                raise _worker_lost("during a pass over the kernel, with tiles or row blocks "
+                                   "the pass needs")
 
     def memory(self) -> dict:
         """Bytes: stored tiles, kept in worker (or GPU) memory, float32 copies, streamed."""

@@ -10,8 +10,8 @@ import numpy as np
 
 from . import __version__
 from .bounds import lambda_min_bounds, staircase_prediction, upper_bounds
-from .data import check_rows
-from .errors import SpecError
+from .data import check_rows, near_null_vectors, row_norms
+from .errors import OutputError, SpecError
 from .kernels.limiting import nngp, ntk
 from .results import EIGVEC_FILE, RESULT_FILE, claim_out_dir, write_json, write_npy
 from .solvers.checkpoint import CHECKPOINT_FILE, Checkpoint
@@ -62,9 +62,14 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
     if device == "gpu" and spec.method not in ("lobpcg", "davidson", "lanczos"):
         raise SpecError(f"--device gpu runs the iterative solvers' products; --method "
                         f"{spec.method} runs on the CPU (use lobpcg, davidson or lanczos)")
+    if store is not None:
+        _check_paths(store, out)
+        from .spec import make_store_spec
+
+        make_store_spec(spec, 1 if tile is None else tile, dtype or "float64")  # validates
     t0 = time.perf_counter()
     X = spec.rows()
-    check = check_rows(X, name=spec.data)
+    check = check_rows(X, name=spec.data, depth=spec.depth)
 
     def claim():
         claim_out_dir(out, spec.to_dict(), spec.hash())
@@ -86,7 +91,7 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
             claim()  # before the (long) assembly
             store_spec = resolve_store_spec(spec, store, client, tile, dtype)
             log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
-            assemble(store_spec, store, client)
+            assemble(store_spec, store, client, log=log)
             op = KernelOperator(client, spec.operator, store=store, rows=X,
                                 precision=_operator_precision(spec, check), device=device)
         else:
@@ -113,7 +118,7 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
     if spec.method == "dense" and spec.n > DENSE_MAX_N:
         raise SpecError(f"N = {spec.n} is above the dense path's limit of {DENSE_MAX_N}")
     X = kstore.rows_checked()
-    check = check_rows(X, name=store)
+    check = check_rows(X, name=store, depth=spec.depth)
     device = (cluster or {}).get("device") or "cpu"
     if device == "gpu" and spec.method == "dense":
         raise SpecError("--device gpu runs the iterative solvers' products; --method dense "
@@ -122,12 +127,43 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
         op = KernelOperator(client, spec.operator, store=store, rows=X,
                             precision=_operator_precision(spec, check), device=device)
         with contextlib.closing(op):
+            _check_paths(store, out)
             claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
                           _out_hash(spec, kstore))
             _log_device(op, log)
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
                                     op, t0, log, store=store,
                                     ckpt=(_out_hash(spec, kstore), checkpoint_every))
+
+
+def _check_paths(store: str, out: str) -> None:
+    """The result folder and the store must be different places, neither inside the other."""
+    a, b = os.path.realpath(store), os.path.realpath(out)
+    if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
+        raise SpecError(f"--store {store!r} and --out {out!r} must be different folders, "
+                        "neither inside the other")
+
+
+def diagonal(X: np.ndarray, spec: RunSpec) -> np.ndarray:
+    """K_ii = s·c·‖x_i‖² (c = L for the NTK, 1 for the NNGP; s the normalisation factor)."""
+    from .kernels.limiting import normalization_factor
+
+    c = spec.depth if spec.kernel == "ntk" else 1
+    return normalization_factor(spec.normalization, spec.d) * c * row_norms(X) ** 2
+
+
+def singular_reason(check, spec: RunSpec) -> str | None:
+    """Why K is singular for reasons the rows show, or None."""
+    if check.duplicate_rows:
+        return (f"{check.duplicate_rows} row(s) repeat an earlier row: K is singular, "
+                "λ_min = 0 exactly (e_i − e_j is a null vector)")
+    if check.parallel_rows:
+        return (f"{check.parallel_rows} row(s) are parallel to another row: K is singular, "
+                "λ_min ≈ 0 up to rounding")
+    if spec.depth == 1 and spec.n > spec.d:
+        return (f"depth 1: K = XXᵀ has rank ≤ d = {spec.d} < N = {spec.n}: K is singular, "
+                "λ_min = 0")
+    return None
 
 
 def _log_device(op, log) -> None:
@@ -178,10 +214,13 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     sol = smallest_eigenpairs(matmat, spec.n, spec.method, k=spec.k, tol=spec.tol,
                               block=spec.block, precond=precond.apply if precond else None,
                               max_products=spec.max_products, dense_matrix=dense_matrix,
-                              scale=cheap["upper_trace_over_n"],
-                              log=log if spec.method in ("lobpcg", "davidson") else None,
+                              scale=cheap["upper_trace_over_n"], log=log,
                               checkpoint=checkpoint,
-                              fast_matmat=op.matmat_fast if op is not None and op.mixed else None)
+                              fast_matmat=op.matmat_fast if op is not None and op.mixed else None,
+                              groups=check.groups, diag=diagonal(X, spec),
+                              start=near_null_vectors(check, row_norms(X), spec.n))
+    for note in sol.notes:
+        log(f"note: {note}")
     if spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, spec.depth, spec.kernel, spec.normalization)
     else:
@@ -191,15 +230,32 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
             spec.n, spec.d, spec.depth, spec.kernel, spec.normalization)
     lam, res = float(sol.values[0]), float(sol.residuals[0])
     cert = sol.certificate()
+    below = sol.status == "below_resolution"
+    why_singular = singular_reason(check, spec)
     result = {
-        "lambda_min": lam,
-        "residual_norm": res,
-        "relative_accuracy": cert["rel_error_bound_residual"][0],
-        "relative_accuracy_kato_temple": cert["rel_error_bound_kato_temple"][0],
-        "method": sol.method,
+        # Below float64's resolution for this matrix no digit of λ is claimed: null, with the
+        # interval that is certain instead.
+        "lambda_min": None if below else lam,
+        "status": sol.status,
         "converged": sol.converged,
+        "residual_norm": res,
+        "relative_accuracy": cert["rel_error_bound"][0],
+        "relative_accuracy_residual": cert["rel_error_bound_residual"][0],
+        "relative_accuracy_kato_temple": cert["rel_error_bound_kato_temple"][0],
+        "abs_error_bound": cert["abs_error_bound"][0],
+        "resolution": sol.resolution,
+        "lambda_min_interval": ([0.0, min(max(lam, 0.0) + cert["abs_error_bound"][0],
+                                          cheap["upper_min_diagonal"])] if below
+                                else [lam - cert["abs_error_bound"][0],
+                                      lam + cert["abs_error_bound"][0]]),
+        "lambda_min_computed": lam,
+        "smallest_proved": sol.smallest_proved,
+        "rounding_limited": sol.rounding_limited,
+        "method": sol.method,
+        "block": sol.block,
+        "notes": sol.notes,
         "k": spec.k,
-        "eigenvalues": [float(v) for v in sol.values],
+        "eigenvalues": [None if below and i == 0 else float(v) for i, v in enumerate(sol.values)],
         "residual_norms": [float(v) for v in sol.residuals],
         "gaps": [float(v) if np.isfinite(v) else None for v in sol.gaps],
         "accuracy": cert,
@@ -228,7 +284,10 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "input_sha256": spec.input_sha256,
         "duplicate_rows": check.duplicate_rows,
         "parallel_rows": check.parallel_rows,
-        "singular_expected": check.parallel_rows > 0,
+        "singular_expected": why_singular is not None,
+        "singular_reason": why_singular,
+        "dedupe": spec.dedupe,
+        "n_input": spec.n_input if spec.dedupe else spec.n,
         "bounds": bounds,
         "wall_seconds": time.perf_counter() - t0,
         "ntkdist_version": __version__,
@@ -236,8 +295,13 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "spec": spec.to_dict(),
         "spec_hash": spec.hash(),
     }
-    write_npy(os.path.join(out, EIGVEC_FILE), sol.vectors[:, 0] if spec.k == 1 else sol.vectors)
-    write_json(os.path.join(out, RESULT_FILE), result)
+    try:
+        write_npy(os.path.join(out, EIGVEC_FILE),
+                  sol.vectors[:, 0] if spec.k == 1 else sol.vectors)
+        write_json(os.path.join(out, RESULT_FILE), result)
+    except OSError as exc:
+        raise OutputError(f"cannot write the results into {out!r} ({exc.strerror or exc}); "
+                          f"computed λ_min = {lam!r} ({sol.status})") from None
     if checkpoint is not None:
         checkpoint.remove()
     return result
@@ -246,14 +310,26 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
 def summary(result: dict, out: str) -> str:
     """A short human summary of a result."""
     b = result["bounds"]
-    kt = result.get("relative_accuracy_kato_temple")
-    acc = f"rel. error ≤ {result['relative_accuracy']:.1e}" + (
-        f" (Kato–Temple {kt:.1e})" if kt is not None else "")
-    lines = [
-        f"λ_min = {result['lambda_min']:.10g}  (residual ‖Kv−λv‖ = {result['residual_norm']:.2e}, "
-        f"{acc}; method: {result['method'].split(' (')[0].split(':')[0]})",
-        f"λ_min/d = {result['lambda_min'] / result['d']:.6g}",
-    ]
+    method = result["method"].split(" (")[0].split(":")[0]
+    status = result.get("status", "certified")
+    if status == "below_resolution":
+        lines = [
+            f"λ_min is below what float64 resolves for this matrix: 0 ≤ λ_min ≤ "
+            f"{result['lambda_min_interval'][1]:.3g} (resolution {result['resolution']:.2e}; "
+            f"computed {result['lambda_min_computed']:.3g}, no digit certified; method: {method})",
+        ]
+    elif status == "exact":
+        lines = [f"λ_min = 0 exactly (repeated rows: e_i − e_j is a null vector of the PSD K; "
+                 f"method: {method})"]
+    else:
+        kt = result.get("relative_accuracy_kato_temple")
+        acc = f"rel. error ≤ {result['relative_accuracy']:.1e}" + (
+            f" (Kato–Temple {kt:.1e})" if kt is not None else "")
+        lines = [
+            f"λ_min = {result['lambda_min']:.10g}  (residual ‖Kv−λv‖ = "
+            f"{result['residual_norm']:.2e}, {acc}; method: {method})",
+            f"λ_min/d = {result['lambda_min'] / result['d']:.6g}",
+        ]
     if result.get("passes") is not None:
         gpus = f" on GPU ({', '.join(result['gpus'])})" if result.get("gpus") else ""
         lines.append(f"passes over the kernel {result['passes']}, matvecs {result['matvecs']}, "
@@ -264,16 +340,24 @@ def summary(result: dict, out: str) -> str:
         lines.append("mixed precision: " + ", then ".join(
             f"{p['passes']} passes with {p['products']} products ({p['stopped']})"
             for p in result["phases"]))
-    if not result.get("converged", True):
-        lines.append("warning: the solver stopped at its product limit before certifying tol")
+    if status == "not_converged":
+        lines.append(f"warning: not certified to tol = {result['spec']['tol']:g}: the bound "
+                     f"reached is {result['relative_accuracy']:.1e} relative "
+                     + ("(λ_min is too close to 0 for float64's rounding of K to do better)"
+                        if result.get("rounding_limited") else
+                        "(the solver stopped at its product or time limit)"))
+    if status == "below_resolution" and result.get("duplicate_rows", 0) == 0 and (
+            result.get("bounds", {}).get("upper_min_diagonal", 0) > 0):
+        lines.append("hint: rows of very different norms are resolved by --method dense (the "
+                     "scaled formulation K = D A D, N ≤ 8000); a scaled λ of near-parallel "
+                     "rows is not: drop them, or --dedupe repeated rows")
     lower = b.get("lower")
     lines.append(f"bounds: {lower:.4g} (proof chain, rigorous) ≤ λ_min ≤ "
                  f"{b['upper_min_diagonal']:.6g} (min_i K_ii)" if lower is not None else
                  f"bounds: λ_min ≤ {b['upper_min_diagonal']:.6g} (min_i K_ii); lower chain "
                  "not computed at this N")
     if result["singular_expected"]:
-        lines.append(f"note: {result['parallel_rows']} row(s) repeat or are parallel to another "
-                     "row, so K is singular and λ_min ≈ 0 is expected")
+        lines.append(f"note: {result['singular_reason']}")
     if result.get("store"):
         lines.append(f"store: {result['store']}")
     lines.append(f"wall time {result['wall_seconds']:.2f} s; results in {out}/{RESULT_FILE}")

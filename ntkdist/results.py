@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -29,13 +30,36 @@ def claim_out_dir(path: str, spec_dict: dict, spec_hash: str) -> None:
                               "choose an empty or new folder")
         if owner != spec_hash:
             raise OutputError(f"--out {path!r} holds results of another spec "
-                              f"({owner[:12]} ≠ {spec_hash[:12]}); choose another folder")
+                              f"({owner[:12]} ≠ {spec_hash[:12]}"
+                              f"{_differences(path, spec_dict)}); choose another folder")
         return
     try:
         os.makedirs(path, exist_ok=True)
+        write_json(os.path.join(path, SPEC_FILE), {"spec": spec_dict, "spec_hash": spec_hash})
     except OSError as exc:
-        raise OutputError(f"cannot create --out {path!r}: {exc.strerror}") from None
-    write_json(os.path.join(path, SPEC_FILE), {"spec": spec_dict, "spec_hash": spec_hash})
+        with contextlib.suppress(OSError):  # leave no half-claimed folder behind
+            os.remove(os.path.join(path, SPEC_FILE) + ".tmp")
+        raise OutputError(f"cannot write --out {path!r}: {exc.strerror or exc}") from None
+
+
+def _differences(path: str, spec_dict: dict) -> str:
+    """', differs in depth (3 ≠ 4), …' between a folder's recorded spec and ``spec_dict``."""
+    try:
+        with open(os.path.join(path, SPEC_FILE)) as f:
+            old = json.load(f).get("spec") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(old, dict):
+        return ""
+    keys = sorted(set(old) | set(spec_dict))
+    diff = [f"{k} ({_short(old.get(k))} ≠ {_short(spec_dict.get(k))})" for k in keys
+            if old.get(k) != spec_dict.get(k)]
+    return "; differs in " + ", ".join(diff) if diff else ""
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else "…" + text[-39:]
 
 
 def _read_spec_hash(path: str) -> str | None:
@@ -47,15 +71,39 @@ def _read_spec_hash(path: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _finite(obj):
+    """``obj`` with every non-finite float replaced by None (JSON has no Infinity or NaN)."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    return obj
+
+
 def write_json(path: str, obj: dict) -> None:
+    """Write ``obj`` as strict JSON (non-finite numbers as null), atomically."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_finite(obj), f, indent=2, sort_keys=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_npy(path: str, array: np.ndarray) -> None:
     tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

@@ -7,7 +7,8 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from .data import SYNTHETIC, check_rows, file_sha256, load_array, synthetic_rows
+from .data import (SYNTHETIC, check_dtype, check_rows, distinct_rows, file_sha256, load_array,
+                   synthetic_rows)
 from .errors import SpecError
 from .kernels.limiting import KERNELS, NORMALIZATIONS
 
@@ -46,13 +47,20 @@ class RunSpec:
     operator: str = "auto"
     precision: str = "auto"
     max_products: int = 600
+    #: ``--dedupe``: the first ``n_input`` rows of the source with repeated rows dropped (first
+    #: occurrences kept, in order); ``n`` is then the number of distinct rows.
+    dedupe: bool = False
+    n_input: int | None = None
 
     @property
     def synthetic(self) -> bool:
         return self.data in SYNTHETIC
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.dedupe:  # specs (and stores) written without these fields keep their hash
+            del out["dedupe"], out["n_input"]
+        return out
 
     def hash(self) -> str:
         return content_hash(self.to_dict())
@@ -77,6 +85,14 @@ class RunSpec:
         import numpy as np
 
         stop = self.n if stop is None else stop
+        if self.dedupe:
+            X = self._source_rows(0, self.n_input)
+            return np.ascontiguousarray(X[distinct_rows(X)[start:stop]])
+        return self._source_rows(start, stop)
+
+    def _source_rows(self, start: int, stop: int):
+        import numpy as np
+
         if self.synthetic:
             return synthetic_rows(self.data, self.d, self.seed, start, stop)
         return np.asarray(load_array(self.data)[start:stop], dtype=np.float64)
@@ -121,8 +137,27 @@ def check_solver(spec: RunSpec) -> None:
 
 def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = None,
               depth: int, kernel: str = "ntk", normalization: str = "paper",
-              seed: int | None = None, method: str = "dense") -> RunSpec:
-    """Validate user choices and build a :class:`RunSpec` (reads a file input's shape and hash)."""
+              seed: int | None = None, method: str = "dense", dedupe: bool = False) -> RunSpec:
+    """Validate user choices and build a :class:`RunSpec` (reads a file input's shape and hash).
+
+    ``dedupe``: drop repeated rows (keeping first occurrences), so that λ_min is that of the
+    distinct rows; the rows are read once here to count them."""
+    spec = _make_spec(data=data, n=n, d=d, depth=depth, kernel=kernel,
+                      normalization=normalization, seed=seed, method=method)
+    if not dedupe:
+        return spec
+    from dataclasses import replace
+
+    X = spec.rows()
+    check_rows(X, name=spec.data, depth=depth)
+    kept = len(distinct_rows(X))
+    if kept < 2:
+        raise SpecError(f"{spec.data!r} has {kept} distinct row(s) among its first {spec.n}; "
+                        "at least 2 are needed (N < 2)")
+    return replace(spec, n=kept, dedupe=True, n_input=spec.n)
+
+
+def _make_spec(*, data, n, d, depth, kernel, normalization, seed, method) -> RunSpec:
     depth = _positive_int(depth, "depth")
     if kernel not in KERNELS:
         raise SpecError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
@@ -148,7 +183,10 @@ def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = Non
     shape = getattr(arr, "shape", ())
     if len(shape) != 2:
         check_rows(arr, name=data)  # raises the one-line shape error
+    check_dtype(arr, data)
     rows, cols = (int(v) for v in shape)
+    if rows < 2:
+        raise SpecError(f"{data!r} has {rows} row(s); at least 2 are needed (N < 2)")
     if d is not None and d != cols:
         raise SpecError(f"--d {d} does not match the {cols} columns of {data!r}")
     if n is not None:

@@ -176,3 +176,89 @@ def test_operators_one_after_another_on_one_client_use_their_own_data(client, tm
         op = KernelOperator(client, "memory", store=path, precision="mixed")
         np.testing.assert_allclose(op.matmat_fast(V), K @ V, rtol=0,
                                    atol=1e-5 * np.abs(K @ V).max())
+
+
+def test_solve_on_a_damaged_store_prints_one_line_without_dask_logs(client, tmp_path):
+    """The CLI's cluster runs worker processes, whose log of a failed task (Dask's "Compute
+    Failed" with a traceback) would reach the terminal before ntkdist's line."""
+    import subprocess
+    import sys
+
+    path = _store(client, tmp_path)
+    with open(os.path.join(path, "K", "c", "1", "2"), "r+b") as f:
+        f.seek(4 * 300)
+        f.write(np.full(50, 7.0, dtype=np.float32).tobytes())
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "ntkdist", "solve", "--store", path, "--out",
+                           str(out), "--workers", "1", "--operator", "store"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ntkdist: error: K.1.2") and "--repair" in lines[0]
+    assert "Traceback" not in proc.stderr and "Compute Failed" not in proc.stderr
+    assert not (out / "result.json").exists()
+
+
+def _kill_the_worker(client, timeout=30.0):
+    """SIGKILL the cluster's one worker process; return once its nanny's new one is there."""
+    import signal
+    import time
+
+    pids = client.run(os.getpid)
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        workers = set(client.scheduler_info(n_workers=-1)["workers"])
+        if workers and not workers & set(pids):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no new worker")
+
+
+def test_a_lost_worker_stops_the_solve_with_one_line(client, tmp_path, capfd):
+    """A worker killed during a pass (its scattered row blocks lost with it) or between two
+    passes (its kept tiles lost, and no worker left that could recompute them: Dask would
+    wait for ever) stops the product with one line that says how to resume."""
+    import threading
+
+    from ntkdist.cluster import connect
+
+    path = _store(client, tmp_path, "float64", n=300, tile=100)
+    problem = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
+    X = np.random.default_rng(SEED).standard_normal((3000, 8))
+    V = np.ones((3000, 2))
+    capfd.readouterr()
+    with connect(workers=1) as c:
+        op = KernelOperator(c, "recompute", rows=X, problem=problem, tile=500)
+        op.matmat(V)
+        pid = next(iter(c.run(os.getpid).values()))
+        threading.Timer(0.2, os.kill, (pid, 9)).start()
+        with pytest.raises(NtkdistError, match=r"^a Dask worker was lost during a pass over the "
+                                               r"kernel.*rerun the same command"):
+            for _ in range(20):  # the kill lands in one of these passes
+                op.matmat(V)
+        op.close()
+
+        c.wait_for_workers(1, timeout=30)  # the nanny's new worker
+        kept = KernelOperator(c, "memory", store=path)
+        W = np.ones((300, 2))
+        kept.matmat(W)
+        _kill_the_worker(c)
+        failed = []
+
+        def product():
+            try:
+                kept.matmat(W)
+            except NtkdistError as exc:
+                failed.append(str(exc))
+
+        waiting = threading.Thread(target=product, daemon=True)
+        waiting.start()
+        waiting.join(20)
+        assert not waiting.is_alive(), "the pass waits for ever for the lost tiles"
+        assert len(failed) == 1 and failed[0].startswith("a Dask worker was lost during a pass")
+        assert "\n" not in failed[0] and "checkpoint" in failed[0]
+        kept.close()
+    err = capfd.readouterr().err
+    assert "Removing worker" not in err and "Traceback" not in err, err

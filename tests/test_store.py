@@ -102,8 +102,17 @@ def test_other_spec_and_foreign_paths_are_refused_untouched(client, tmp_path):
     assemble(spec, path, client, progress=False)
     before = file_tree(path)
     _, other = _spec(depth=4)
-    with pytest.raises(StoreError, match="another spec"):
+    with pytest.raises(StoreError, match=r"another spec \(it differs in depth \(3 ≠ 4\)\)"):
         assemble(other, path, client, progress=False)
+    assert file_tree(path) == before
+    _, other = _spec(depth=2, seed=6, tile=10, dtype="float32")
+    with pytest.raises(StoreError, match=r"differs in depth \(3 ≠ 2\), seed \(5 ≠ 6\), "
+                                         r"tile \(9 ≠ 10\), dtype \(float64 ≠ float32\)\)"):
+        assemble(other, path, client, progress=False)
+    from dataclasses import replace
+
+    with pytest.raises(StoreError, match=r"differs in ntkdist_version \(.* ≠ 0\.0\.1\)"):
+        assemble(replace(spec, ntkdist_version="0.0.1"), path, client, progress=False)
     assert file_tree(path) == before
     foreign = tmp_path / "notes"
     foreign.mkdir()

@@ -12,6 +12,8 @@ Since E[relu(g)²] = 1/2, Σ_r μ_r² = 1/2.
 import math
 from fractions import Fraction
 
+from ..errors import SpecError
+
 #: Above this order μ_r is evaluated through log-gamma instead of exact integers.
 _EXACT_MAX_ORDER = 300
 
@@ -25,7 +27,7 @@ def _log_double_factorial_odd(m: int) -> float:
 def relu_hermite_coefficient(r: int) -> float:
     """μ_r, the r-th normalised Hermite coefficient of ReLU."""
     if r < 0:
-        raise ValueError(f"Hermite index must be >= 0, got {r}")
+        raise SpecError(f"Hermite index must be >= 0, got {r}")
     if r == 0:
         return 1.0 / math.sqrt(2.0 * math.pi)
     if r == 1:

@@ -36,6 +36,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from ..errors import InputError, SpecError
+
 KERNELS = ("ntk", "nngp")
 NORMALIZATIONS = ("paper", "nt")
 
@@ -75,24 +77,37 @@ class RowBlock:
         return int(self.unit.shape[1])
 
 
-def row_block(X) -> RowBlock:
-    """Unit rows and norms of a block ``X`` (m × d), in float64, on X's array module."""
+def row_block(X, name: str = "rows") -> RowBlock:
+    """Unit rows and norms of a block ``X`` (m × d), in float64, on X's array module.
+
+    A row holding NaN or inf would silently turn its whole kernel row and column into NaN,
+    so it is refused here (``name`` labels the array in the message). The test looks at the
+    m norms only, which are non-finite exactly when a row is (or when its squared norm
+    overflows float64, which would poison the kernel row all the same): one reduction and one
+    host sync per row block, nothing per tile.
+    """
     xp = array_module(X)
     X = xp.asarray(X, dtype=xp.float64)
     if X.ndim != 2:
-        raise ValueError(f"rows must be a 2-D array, got shape {X.shape}")
+        raise InputError(f"{name} must be a 2-D array (rows × features), got shape {X.shape}")
     norms = xp.sqrt(xp.einsum("ij,ij->i", X, X))
+    finite = xp.isfinite(norms)
+    if not bool(finite.all()):
+        bad = int(xp.nonzero(~finite)[0][0])
+        if bool(xp.isfinite(X[bad]).all()):
+            raise InputError(f"{name} row {bad} is too large: its squared norm overflows float64")
+        raise InputError(f"{name} has non-finite values (first in row {bad})")
     safe = xp.where(norms > 0, norms, 1.0)
     return RowBlock(unit=X / safe[:, None], norms=norms)
 
 
 def check_kernel_args(depth: int, kernel: str, normalization: str) -> None:
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
-        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+        raise SpecError(f"depth must be an integer >= 1, got {depth!r}")
     if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        raise SpecError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        raise SpecError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 def normalization_factor(normalization: str, d: int) -> float:
@@ -117,6 +132,30 @@ def theta_cos_minus_sin(theta, xp):
     return xp.where(theta < SERIES_THETA, series, direct)
 
 
+def layer_steps(rho, s, t, depth: int):
+    """Run the correlation recursion of unit vectors; yield (π − θ, ρ_next) per layer 2..depth.
+
+    The one place the stable layer map lives, so that :func:`normalized_recursion` and
+    callers that need every layer's correlations (the bounds chain, which would otherwise
+    restart from layer 1 for each layer) share its exact floating-point operations. ``s``
+    and ``t`` are advanced only while another layer follows. Only the current layer's state
+    is held. Inputs are not modified, and the caller must not modify the yielded arrays:
+    the recursion goes on from them.
+    """
+    xp = array_module(rho)
+    pi = math.pi
+    for layer in range(2, depth + 1):
+        sin_theta = xp.sqrt(s * t)
+        theta = xp.arctan2(sin_theta, rho)
+        phi = pi - theta
+        rho_next = (sin_theta + phi * rho) / pi
+        yield phi, rho_next
+        if layer < depth:
+            s = (pi * s + theta_cos_minus_sin(theta, xp)) / pi
+            t = 1.0 + rho_next
+        rho = rho_next
+
+
 def normalized_recursion(rho, s, t, depth: int, kernel: str):
     """κ(ρ): the depth-``depth`` kernel of unit vectors at correlation ρ, elementwise.
 
@@ -124,21 +163,34 @@ def normalized_recursion(rho, s, t, depth: int, kernel: str):
     module docstring); ρ itself needs only absolute accuracy. Returns K/(‖x‖‖y‖) for
     ``kernel="ntk"`` and G^(L)/(‖x‖‖y‖) for ``"nngp"``. Inputs are not modified.
     """
-    xp = array_module(rho)
     pi = math.pi
     k = rho
-    for layer in range(2, depth + 1):
-        sin_theta = xp.sqrt(s * t)
-        theta = xp.arctan2(sin_theta, rho)
-        phi = pi - theta
-        rho_next = (sin_theta + phi * rho) / pi
+    for phi, rho in layer_steps(rho, s, t, depth):
         if kernel == "ntk":
-            k = k * (phi / pi) + rho_next
-        if layer < depth:
-            s = (pi * s + theta_cos_minus_sin(theta, xp)) / pi
-            t = 1.0 + rho_next
-        rho = rho_next
+            k = k * (phi / pi) + rho
     return k if kernel == "ntk" else rho
+
+
+def correlation_layers(A: RowBlock, B: RowBlock, depth: int):
+    """Yield P^(1), …, P^(depth): the layer-m correlations of the unit rows of A × B.
+
+    Entry for entry the same numbers as ``kernel_tile(A', B', m, "nngp", fused=False)`` with
+    unit norms, for every m, at the cost of one recursion to ``depth`` instead of one per m:
+    the first layer comes from the same GEMM and close-pair fix-up, and later layers from
+    :func:`layer_steps`. As there, the caller must not modify the yielded arrays.
+    """
+    xp = array_module(A.unit)
+    if A.d != B.d:
+        raise InputError(f"row blocks have different dimensions: {A.d} and {B.d}")
+    rho = _correlations(A.unit, B.unit, xp)
+    ii, jj = close_pairs(rho)
+    rho = xp.clip(rho, -1.0, 1.0)
+    s, t = 1.0 - rho, 1.0 + rho
+    if ii.shape[0]:
+        rho[ii, jj], s[ii, jj], t[ii, jj] = exact_gaps(A, B, ii, jj)
+    yield rho
+    for _, rho in layer_steps(rho, s, t, depth):
+        yield rho
 
 
 def close_pairs(rho, gap: float = CLOSE_PAIR_GAP):
@@ -185,7 +237,7 @@ def kernel_tile(A: RowBlock, B: RowBlock, depth: int, kernel: str = "ntk",
     check_kernel_args(depth, kernel, normalization)
     xp = array_module(A.unit)
     if A.d != B.d:
-        raise ValueError(f"row blocks have different dimensions: {A.d} and {B.d}")
+        raise InputError(f"row blocks have different dimensions: {A.d} and {B.d}")
     rho = _correlations(A.unit, B.unit, xp)
     ii, jj = close_pairs(rho)
     use_fused = _want_fused(fused, xp)
@@ -226,24 +278,24 @@ def _correlations(U, V, xp):
 def _want_fused(fused, xp) -> bool:
     if fused is False or xp is not np:
         if fused:
-            raise ValueError("the fused fast path runs on NumPy arrays only")
+            raise SpecError("the fused fast path runs on NumPy arrays only")
         return False
     from .fused import available
 
     if fused and not available():
-        raise ValueError("the fused fast path needs numba, which is not installed")
+        raise SpecError("the fused fast path needs numba, which is not installed")
     return available()
 
 
 def _gram(X, Y, depth, kernel, normalization):
     check_kernel_args(depth, kernel, normalization)
-    A = row_block(X)
+    A = row_block(X, "X")
     if Y is None:
         K = kernel_tile(A, A, depth, kernel, normalization)
         xp = array_module(K)
         upper = xp.triu(K)
         return upper + xp.triu(K, 1).T
-    return kernel_tile(A, row_block(Y), depth, kernel, normalization)
+    return kernel_tile(A, row_block(Y, "Y"), depth, kernel, normalization)
 
 
 def ntk(X, Y=None, depth: int = 2, normalization: str = "paper"):

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from ..errors import SpecError
 from .limiting import KERNELS
 
 
@@ -69,11 +70,11 @@ def kernel_coefficients(depth: int, kernel: str = "ntk", r_max: int = 20) -> np.
     by d for rows on the sphere of radius √d, by 2/d more for ``normalization="nt"``.
     """
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
-        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+        raise SpecError(f"depth must be an integer >= 1, got {depth!r}")
     if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        raise SpecError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if isinstance(r_max, bool) or not isinstance(r_max, (int, np.integer)) or r_max < 0:
-        raise ValueError(f"r_max must be an integer >= 0, got {r_max!r}")
+        raise SpecError(f"r_max must be an integer >= 0, got {r_max!r}")
     order = max(int(r_max), 2)
     rho = np.zeros(order + 1)
     rho[1] = 1.0

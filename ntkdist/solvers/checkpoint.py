@@ -13,6 +13,7 @@ the snapshot is removed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import zipfile
@@ -33,6 +34,7 @@ class Checkpoint:
         self._last = time.perf_counter()
         self.resumed: dict | None = None  # what was loaded, for the result
         self.stage = ""  # saved with the block: "float64" once a mixed solve is in its last phase
+        self._warned = False
 
     def load(self, n: int, block: int) -> np.ndarray | None:
         """The saved Ritz block if a usable snapshot of this problem exists, else None."""
@@ -72,11 +74,20 @@ class Checkpoint:
             return
         done = self.resumed or {"iterations": 0, "passes": 0}
         tmp = self.path + ".tmp.npz"
-        np.savez(tmp, X=np.asarray(X, dtype=np.float64),
-                 iterations=done["iterations"] + iterations, products=done["passes"] + products,
-                 **{"lambda": float(lam[0])}, stage=np.array(self.stage),
-                 **{f"meta_{k}": np.array(v) for k, v in self.key.items()})
-        os.replace(tmp, self.path)
+        try:
+            np.savez(tmp, X=np.asarray(X, dtype=np.float64),
+                     iterations=done["iterations"] + iterations,
+                     products=done["passes"] + products,
+                     **{"lambda": float(lam[0])}, stage=np.array(self.stage),
+                     **{f"meta_{k}": np.array(v) for k, v in self.key.items()})
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a full disk must not stop the solve: the last snapshot stays
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            if self.log and not self._warned:
+                self.log(f"warning: cannot save the checkpoint {self.path} "
+                         f"({exc.strerror or exc}); the solve goes on without it")
+            self._warned = True
         self._last = now
 
     def remove(self) -> None:

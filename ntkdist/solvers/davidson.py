@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from .lobpcg import LobpcgResult, _Stall, _check, _fresh_ritz, _start_block, _svqb, block_size
+from .lobpcg import (HOPELESS_STALL, LobpcgResult, _check, _fresh_ritz, _Stall, _start_block,
+                     _svqb, block_size)
 
 
 class _Basis:
@@ -65,10 +66,10 @@ def _orthonormalize_against(V, W, passes: int = 2):
 
 def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
                       tol: float = 1e-8, max_products: int = 500, seed: int = 0,
-                      X0: np.ndarray | None = None, abs_tol: float = 0.0, log=None,
+                      X0: np.ndarray | None = None, trace: float = 0.0, log=None,
                       max_seconds: float | None = None, on_iterate=None,
                       basis: int | None = None, keep: int | None = None,
-                      stall: int | None = None) -> LobpcgResult:
+                      stall: int | None = None, project=None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
     the largest search space ``basis`` (default 6·block) and the Ritz vectors ``keep``
     at restart (default 2·block; the previous iteration's block is kept as well)."""
@@ -77,6 +78,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     keep = min(keep or 2 * block, basis - 2 * block) if basis >= 3 * block else block
     rng = np.random.default_rng(seed)
     X = _start_block(rng, n, block, precond) if X0 is None else np.array(X0, dtype=np.float64)
+    if project is not None:
+        X = project(X)
     space = _Basis(n, basis)
     Xf, AXf, lam = _fresh_ritz(X, matmat)
     space.set(Xf, AXf)
@@ -84,15 +87,16 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     prev = None  # the previous iteration's Ritz vectors, as coefficients on V
     products, matvecs, restarts, it = 1, block, 0, 0
     history = []
-    stalling = _Stall(stall)
+    stalling, hopeless = _Stall(stall), _Stall(HOPELESS_STALL)
     t0 = time.perf_counter()
     while True:
         X, AX = space.V @ C[:, :block], space.AV @ C[:, :block]
         theta = lam[:block]
         R = AX - X * theta
         history.append(float(theta[0]))
-        rnorm, gaps, converged, stop = _check(R, theta, k, tol, abs_tol, it, t0, log, products,
-                                              max_products, max_seconds, stalling)
+        rnorm, gaps, converged, floor, stop = _check(
+            R, theta, k, tol, n, trace, it, t0, log, products, max_products, max_seconds,
+            stalling, hopeless)
         if stop:
             break
         if on_iterate is not None:
@@ -108,6 +112,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
             lam, C = np.linalg.eigh(H)
             prev = None
         W = precond(R) if precond is not None else R.copy()
+        if project is not None:
+            W = project(W)
         W = _orthonormalize_against(space.V, W)
         if W.shape[1] == 0:  # the space is invariant: nothing new to add
             break
@@ -139,4 +145,4 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
                         residuals=rnorm[:k].copy(), gaps=gaps[:k].copy(), iterations=it,
                         products=products, matvecs=matvecs, converged=converged,
                         restarts=restarts, history=history, block=X,
-                        stalled=stalling.stalled)
+                        stalled=stalling.stalled, block_values=theta.copy(), at_floor=floor)

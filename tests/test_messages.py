@@ -1,0 +1,117 @@
+"""Bad input and bad environments: one line on stderr, exit 2, nothing left behind."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ntkdist.cli import main
+
+
+def _one_line_error(capsys, code, *words):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("ntkdist: error:") and "Traceback" not in err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda r: r.standard_normal((10, 3)) + 1j, ["complex"]),
+    (lambda r: np.array([["1", "2"], ["3", "4"]]), ["dtype"]),
+    (lambda r: np.array([[True, False], [False, True]]), ["dtype"]),
+    (lambda r: r.standard_normal((1, 8)), ["N < 2"]),
+    (lambda r: r.standard_normal((20, 8)) * 1e200, ["too large", "rescale"]),
+    (lambda r: r.standard_normal((20, 8)) * 1e150, ["too large", "rescale"]),
+    (lambda r: r.standard_normal((20, 8)) * 1e-200, ["underflow", "rescale"]),
+])
+def test_inputs_refused(tmp_path, capsys, make, words):
+    path = str(tmp_path / "x.npy")
+    np.save(path, make(np.random.default_rng(0)))
+    out = tmp_path / "o"
+    code = main(["run", "--data", path, "--depth", "3", "--out", str(out)])
+    _one_line_error(capsys, code, *words)
+    assert not out.exists()
+
+
+def test_mixed_norms_are_accepted_and_written_as_strict_json(tmp_path):
+    X = np.random.default_rng(1).standard_normal((30, 4))
+    X[:15] *= 1e60
+    path = str(tmp_path / "x.npy")
+    np.save(path, X)
+    out = tmp_path / "o"
+    assert main(["run", "--data", path, "--depth", "2", "--out", str(out)]) == 0
+    text = (out / "result.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--workers", "0"], ["--workers", ">= 1"]),
+    (["--tile", "0", "--store", "S.zarr"], ["--tile"]),
+    (["--block", "0", "--method", "lobpcg"], ["--block"]),
+    (["--max-products", "0"], ["--max-products"]),
+])
+def test_bad_counts_leave_nothing(tmp_path, capsys, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "--n", "50", "--d", "4", "--depth", "2", "--out", "o", *args])
+    _one_line_error(capsys, code, *words)
+    assert os.listdir(tmp_path) == []
+
+
+def test_store_and_out_must_differ(tmp_path, capsys):
+    same = str(tmp_path / "same")
+    code = main(["run", "--n", "50", "--d", "4", "--depth", "2", "--store", same, "--out", same,
+                 "--workers", "1"])
+    _one_line_error(capsys, code, "different")
+    assert not os.path.exists(same)
+    code = main(["run", "--n", "50", "--d", "4", "--depth", "2", "--store", same,
+                 "--out", os.path.join(same, "r"), "--workers", "1"])
+    _one_line_error(capsys, code, "different")
+    assert not os.path.exists(same)
+
+
+def test_unwritable_out_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    import ntkdist.results as results
+
+    def refuse(path, obj):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    monkeypatch.setattr(results, "write_json", refuse)
+    code = main(["run", "--n", "50", "--d", "4", "--depth", "2", "--out", str(out)])
+    _one_line_error(capsys, code, "not permitted")
+    assert os.listdir(out) == []
+
+
+def test_full_disk_when_writing_results_is_one_line(tmp_path, capsys, monkeypatch):
+    import ntkdist.pipeline as pipeline
+
+    def full(path, array):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(pipeline, "write_npy", full)
+    code = main(["run", "--n", "50", "--d", "4", "--depth", "2", "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, code, "No space left", "λ_min")
+
+
+def test_other_spec_names_the_fields(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["run", "--n", "50", "--d", "4", "--depth", "2", "--out", out]) == 0
+    capsys.readouterr()
+    code = main(["run", "--n", "50", "--d", "4", "--depth", "3", "--seed", "2", "--out", out])
+    _one_line_error(capsys, code, "depth (2 ≠ 3)", "seed (0 ≠ 2)")
+
+
+def test_depth_one_with_more_rows_than_dimensions_is_singular(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", "--data", "gaussian", "--n", "40", "--d", "5", "--depth", "1",
+                 "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    assert r["singular_expected"] and "rank" in r["singular_reason"]
+    assert not r["converged"] and r["status"] == "below_resolution"
+    assert r["lambda_min"] is None and r["lambda_min_interval"][0] == 0.0
+    assert "rank" in capsys.readouterr().out
