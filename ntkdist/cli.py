@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 from .errors import NtkdistError
@@ -147,6 +149,17 @@ def _spec(args):
 
 
 def _cluster(args) -> dict:
+    if getattr(args, "memory_limit", None) not in (None, "auto"):
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(args.memory_limit) <= 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            from .errors import SpecError
+
+            raise SpecError(f"--memory-limit must be a size such as 4GB or 500MiB, got "
+                            f"{args.memory_limit!r}") from None
     return {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
             "workers": args.workers, "memory_limit": args.memory_limit,
             "device": getattr(args, "device", "cpu")}
@@ -279,6 +292,10 @@ def main(argv=None) -> int:
     except NtkdistError as exc:
         print(f"ntkdist: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # the reader of our output went away (… | head): nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # the environment: permissions, a full disk, a read-only store
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"ntkdist: error: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -118,9 +118,11 @@ def _one_line(during: str, failed: str):
 
 
 def _worker_lost(during: str, exc: BaseException | None = None) -> NtkdistError:
-    why = " ".join(f" ({type(exc).__name__}: {exc})".split()) if exc is not None else ""
-    return NtkdistError(f"a Dask worker was lost {during}{why}; rerun the same command: it "
-                        "resumes from the last checkpoint")
+    why = (" (" + " ".join(f"{type(exc).__name__}: {exc}".split()) + ")"
+           if exc is not None else "")
+    return NtkdistError(f"a Dask worker was lost {during}{why} (killed, or out of its memory "
+                        "limit); rerun the same command: an iterative solve resumes from its "
+                        "last checkpoint")
 
 
 #: Vᵀ goes inside each worker's task when all the copies together are at most this size,

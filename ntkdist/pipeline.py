@@ -13,7 +13,8 @@ from .bounds import lambda_min_bounds, staircase_prediction, upper_bounds
 from .data import check_rows, near_null_vectors, row_norms
 from .errors import OutputError, SpecError
 from .kernels.limiting import nngp, ntk
-from .results import EIGVEC_FILE, RESULT_FILE, claim_out_dir, write_json, write_npy
+from .results import (EIGVEC_FILE, RESULT_FILE, claim_out_dir, release_out_dir, write_json,
+                      write_npy)
 from .solvers.checkpoint import CHECKPOINT_FILE, Checkpoint
 from .solvers.driver import smallest_eigenpairs
 from .solvers.precond import make_preconditioner
@@ -71,11 +72,27 @@ def run(spec: RunSpec, out: str, log=print, store: str | None = None,
     X = spec.rows()
     check = check_rows(X, name=spec.data, depth=spec.depth)
 
-    def claim():
-        claim_out_dir(out, spec.to_dict(), spec.hash())
+    claimed = []
 
+    def claim():
+        claimed.append(claim_out_dir(out, spec.to_dict(), spec.hash()))
+
+    try:
+        return _run(spec, out, log, store, cluster, tile, dtype, checkpoint_every, X, check,
+                    device, t0, claim)
+    except BaseException:
+        if claimed:  # a failed run leaves no folder that only refuses the corrected rerun
+            release_out_dir(out, claimed[0])
+        raise
+
+
+def _run(spec, out, log, store, cluster, tile, dtype, checkpoint_every, X, check, device, t0,
+         claim):
     log(f"data: {spec.data} N={spec.n} d={spec.d}; kernel {spec.kernel} depth {spec.depth}")
     if store is None and spec.method == "dense":
+        if any((cluster or {}).get(key) for key in ("scheduler", "scheduler_file", "workers")):
+            log("note: the dense path runs in this process; the cluster options are not used "
+                "(--method lobpcg or davidson solves on the cluster)")
         claim()
         gram = ntk if spec.kernel == "ntk" else nngp
         K = gram(X, depth=spec.depth, normalization=spec.normalization)
@@ -113,6 +130,7 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
     from .store import KernelStore
 
     t0 = time.perf_counter()
+    _check_paths(store, out)
     kstore = KernelStore.open(store)
     spec = kstore.spec.run_spec().with_solver(**options)
     if spec.method == "dense" and spec.n > DENSE_MAX_N:
@@ -127,13 +145,17 @@ def solve(store: str, out: str, log=print, cluster: dict | None = None,
         op = KernelOperator(client, spec.operator, store=store, rows=X,
                             precision=_operator_precision(spec, check), device=device)
         with contextlib.closing(op):
-            _check_paths(store, out)
-            claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
-                          _out_hash(spec, kstore))
+            claimed = claim_out_dir(out, {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()},
+                                    _out_hash(spec, kstore))
             _log_device(op, log)
-            return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
-                                    op, t0, log, store=store,
-                                    ckpt=(_out_hash(spec, kstore), checkpoint_every))
+            try:
+                return _solve_and_write(spec, X, check, out, op.matmat,
+                                        lambda: _dense_from(op, X, spec), op, t0, log,
+                                        store=store,
+                                        ckpt=(_out_hash(spec, kstore), checkpoint_every))
+            except BaseException:
+                release_out_dir(out, claimed)
+                raise
 
 
 def _check_paths(store: str, out: str) -> None:
@@ -230,12 +252,18 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
             spec.n, spec.d, spec.depth, spec.kernel, spec.normalization)
     lam, res = float(sol.values[0]), float(sol.residuals[0])
     cert = sol.certificate()
-    below = sol.status == "below_resolution"
+    # A value whose first digit is not certain (below float64's resolution, or above what
+    # the smallest eigenvalue can be) is not reported: null, with the interval that is sure.
+    shown = [float(v) if ok else None for v, ok in zip(sol.values, cert["resolved"])]
+    top = cheap["upper_min_diagonal"]
+    if shown[0] is None:
+        below = lam + cert["abs_error_bound"][0] if sol.status == "below_resolution" else top
+        interval = [0.0, min(max(below, 0.0), top)]
+    else:
+        interval = [max(lam - cert["abs_error_bound"][0], 0.0), lam + cert["abs_error_bound"][0]]
     why_singular = singular_reason(check, spec)
     result = {
-        # Below float64's resolution for this matrix no digit of λ is claimed: null, with the
-        # interval that is certain instead.
-        "lambda_min": None if below else lam,
+        "lambda_min": shown[0],
         "status": sol.status,
         "converged": sol.converged,
         "residual_norm": res,
@@ -244,10 +272,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "relative_accuracy_kato_temple": cert["rel_error_bound_kato_temple"][0],
         "abs_error_bound": cert["abs_error_bound"][0],
         "resolution": sol.resolution,
-        "lambda_min_interval": ([0.0, min(max(lam, 0.0) + cert["abs_error_bound"][0],
-                                          cheap["upper_min_diagonal"])] if below
-                                else [lam - cert["abs_error_bound"][0],
-                                      lam + cert["abs_error_bound"][0]]),
+        "lambda_min_interval": interval,
         "lambda_min_computed": lam,
         "smallest_proved": sol.smallest_proved,
         "rounding_limited": sol.rounding_limited,
@@ -255,7 +280,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "block": sol.block,
         "notes": sol.notes,
         "k": spec.k,
-        "eigenvalues": [None if below and i == 0 else float(v) for i, v in enumerate(sol.values)],
+        "eigenvalues": shown,
+        "eigenvalues_computed": [float(v) for v in sol.values],
         "residual_norms": [float(v) for v in sol.residuals],
         "gaps": [float(v) if np.isfinite(v) else None for v in sol.gaps],
         "accuracy": cert,
@@ -282,6 +308,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "data": spec.data,
         "seed": spec.seed,
         "input_sha256": spec.input_sha256,
+        "row_norm_range": [check.min_norm, check.max_norm],
         "duplicate_rows": check.duplicate_rows,
         "parallel_rows": check.parallel_rows,
         "singular_expected": why_singular is not None,
@@ -300,7 +327,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                   sol.vectors[:, 0] if spec.k == 1 else sol.vectors)
         write_json(os.path.join(out, RESULT_FILE), result)
     except OSError as exc:
-        raise OutputError(f"cannot write the results into {out!r} ({exc.strerror or exc}); "
+        reason = exc.strerror or f"{exc}; is the disk full?"
+        raise OutputError(f"cannot write the results into {out!r} ({reason}); "
                           f"computed λ_min = {lam!r} ({sol.status})") from None
     if checkpoint is not None:
         checkpoint.remove()
@@ -317,6 +345,12 @@ def summary(result: dict, out: str) -> str:
             f"λ_min is below what float64 resolves for this matrix: 0 ≤ λ_min ≤ "
             f"{result['lambda_min_interval'][1]:.3g} (resolution {result['resolution']:.2e}; "
             f"computed {result['lambda_min_computed']:.3g}, no digit certified; method: {method})",
+        ]
+    elif status == "missed":
+        lines = [
+            f"λ_min not found: the {method} solver converged to {result['lambda_min_computed']:.6g}"
+            f", above min_i K_ii = {b['upper_min_diagonal']:.6g} ≥ λ_min, so it missed a "
+            "smaller eigenvalue; 0 ≤ λ_min ≤ min_i K_ii",
         ]
     elif status == "exact":
         lines = [f"λ_min = 0 exactly (repeated rows: e_i − e_j is a null vector of the PSD K; "
@@ -341,16 +375,19 @@ def summary(result: dict, out: str) -> str:
             f"{p['passes']} passes with {p['products']} products ({p['stopped']})"
             for p in result["phases"]))
     if status == "not_converged":
-        lines.append(f"warning: not certified to tol = {result['spec']['tol']:g}: the bound "
-                     f"reached is {result['relative_accuracy']:.1e} relative "
-                     + ("(λ_min is too close to 0 for float64's rounding of K to do better)"
-                        if result.get("rounding_limited") else
+        unresolved = sum(v is None for v in result["eigenvalues"])
+        lines.append(f"warning: not certified to tol = {result['spec']['tol']:g}: the bounds "
+                     "reached are " + ", ".join(
+                         "-" if v is None else f"{v:.1e}"
+                         for v in result["accuracy"]["rel_error_bound"]) + " relative "
+                     + ("(too close to 0 for float64's rounding of K to do better)"
+                        if result.get("rounding_limited") or unresolved else
                         "(the solver stopped at its product or time limit)"))
-    if status == "below_resolution" and result.get("duplicate_rows", 0) == 0 and (
-            result.get("bounds", {}).get("upper_min_diagonal", 0) > 0):
+    low, high = result.get("row_norm_range") or (1.0, 1.0)
+    if status in ("below_resolution", "missed") and not result["method"].startswith("dense") \
+            and high > 2 * low:
         lines.append("hint: rows of very different norms are resolved by --method dense (the "
-                     "scaled formulation K = D A D, N ≤ 8000); a scaled λ of near-parallel "
-                     "rows is not: drop them, or --dedupe repeated rows")
+                     "scaled formulation K = D A D, N ≤ 8000)")
     lower = b.get("lower")
     lines.append(f"bounds: {lower:.4g} (proof chain, rigorous) ≤ λ_min ≤ "
                  f"{b['upper_min_diagonal']:.6g} (min_i K_ii)" if lower is not None else

@@ -15,11 +15,12 @@ RESULT_FILE = "result.json"
 EIGVEC_FILE = "eigvec.npy"
 
 
-def claim_out_dir(path: str, spec_dict: dict, spec_hash: str) -> None:
+def claim_out_dir(path: str, spec_dict: dict, spec_hash: str) -> str | None:
     """Create ``path`` for this spec, or accept it if it already belongs to the same spec.
 
     A non-empty folder that belongs to another spec, or to nothing of ours, is refused and
-    left untouched.
+    left untouched. Returns what this call did, for :func:`release_out_dir`: "created" (a new
+    folder), "filled" (an empty folder now holds the spec) or None (already this spec's).
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"--out {path!r} exists and is not a folder")
@@ -32,7 +33,8 @@ def claim_out_dir(path: str, spec_dict: dict, spec_hash: str) -> None:
             raise OutputError(f"--out {path!r} holds results of another spec "
                               f"({owner[:12]} ≠ {spec_hash[:12]}"
                               f"{_differences(path, spec_dict)}); choose another folder")
-        return
+        return None
+    claimed = "filled" if os.path.isdir(path) else "created"
     try:
         os.makedirs(path, exist_ok=True)
         write_json(os.path.join(path, SPEC_FILE), {"spec": spec_dict, "spec_hash": spec_hash})
@@ -40,7 +42,23 @@ def claim_out_dir(path: str, spec_dict: dict, spec_hash: str) -> None:
         with contextlib.suppress(OSError):  # leave no half-claimed folder behind
             os.remove(os.path.join(path, SPEC_FILE) + ".tmp")
         raise OutputError(f"cannot write --out {path!r}: {exc.strerror or exc}") from None
+    return claimed
 
+
+def release_out_dir(path: str, claimed: str | None) -> None:
+    """Undo :func:`claim_out_dir` after a run that failed before writing anything else: a
+    folder holding only this run's ``spec.json`` would otherwise refuse the corrected rerun
+    (another spec). Folders with anything more (a checkpoint to resume from) are kept."""
+    if claimed is None:
+        return
+    try:
+        if set(os.listdir(path)) - {SPEC_FILE}:
+            return
+        os.remove(os.path.join(path, SPEC_FILE))
+        if claimed == "created":
+            os.rmdir(path)
+    except OSError:
+        pass
 
 def _differences(path: str, spec_dict: dict) -> str:
     """', differs in depth (3 ≠ 4), …' between a folder's recorded spec and ``spec_dict``."""

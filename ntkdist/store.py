@@ -144,13 +144,21 @@ class KernelStore:
     @classmethod
     def open(cls, path: str) -> "KernelStore":
         """Open an existing store read-only; refuse anything that is not one."""
+        if not os.path.exists(path):
+            raise StoreError(f"store {path!r} does not exist")
         attrs = _read_attrs(path)
         if attrs is None:
             raise StoreError(f"{path!r} is not an ntkdist kernel store")
         try:
             spec = StoreSpec(**attrs["spec"])
-        except (KeyError, TypeError):
+            recorded = attrs["spec_hash"]
+            matches = spec.hash() == recorded
+        except (KeyError, TypeError, ValueError):
             raise StoreError(f"{path!r} has an unreadable ntkdist spec") from None
+        if not matches:  # its tiles were computed for the spec that hash names, not this one
+            raise StoreError(f"the spec recorded in {path!r} does not match its spec hash "
+                             f"({str(recorded)[:12]}): its metadata was edited or damaged, so "
+                             "its tiles cannot be trusted for it; assemble a new store")
         return cls(path=path, spec=spec)
 
     @classmethod

@@ -100,9 +100,12 @@ def test_converged_means_within_the_bound():
         except ntkdist.NtkdistError:
             continue  # e.g. lanczos out of products: an error, never a wrong value
         checked += 1
-        assert sol.status in ("certified", "exact", "below_resolution", "not_converged")
-        if sol.status == "below_resolution":
-            assert not sol.converged
+        assert sol.status in ("certified", "exact", "below_resolution", "missed",
+                              "not_converged")
+        if sol.status in ("below_resolution", "missed"):
+            assert not sol.converged and not sol.resolved[0]
+        if sol.converged:  # a value is shown only when its first digit is certain
+            assert np.all(sol.resolved) and sol.values[0] <= np.min(np.diag(K)) * (1 + 1e-12)
         if not sol.converged:
             continue
         converged += 1
@@ -223,13 +226,53 @@ def test_repeated_rows_give_exact_zero_at_once(tmp_path):
                                             rel=1e-9)
 
 
-def test_a_value_above_min_diagonal_is_never_converged():
-    """λ_min ≤ min_i K_ii: a solver that lands on a larger eigenvalue is exposed."""
-    rng = np.random.default_rng(3)
-    X = rng.standard_normal((120, 8))
-    X[:60] *= 1e6
-    X[60:] *= 1e-6
+def test_a_value_above_min_diagonal_is_never_converged(tmp_path, capsys):
+    """λ_min ≤ min_i K_ii: a solver that lands on a larger eigenvalue is exposed, and no
+    value is shown for it."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((60, 8))
+    X[:30] *= 1e6
+    X[30:] *= 1e-6
     K = ntkdist.ntk(X, depth=3)
-    sol = smallest_eigenpairs(lambda V: K @ V, 120, "lanczos", k=1, tol=1e-8,
-                              scale=np.trace(K) / 120, diag=np.diag(K).copy())
-    assert not sol.converged
+    sol = smallest_eigenpairs(lambda V: K @ V, 60, "lanczos", k=1, tol=1e-8,
+                              scale=np.trace(K) / 60, diag=np.diag(K).copy())
+    assert not sol.converged and sol.status == "missed"
+    path = str(tmp_path / "x.npy")
+    np.save(path, X)
+    assert main(["run", "--data", path, "--depth", "3", "--method", "lanczos",
+                 "--workers", "1", "--out", str(tmp_path / "o")]) == 0
+    r = json.load(open(tmp_path / "o" / "result.json"))
+    assert r["status"] == "missed" and r["lambda_min"] is None and not r["converged"]
+    assert r["eigenvalues"] == [None]
+    assert r["lambda_min_interval"] == [0.0, r["bounds"]["upper_min_diagonal"]]
+    out = capsys.readouterr().out
+    assert "missed" in out and "--method dense" in out
+
+
+def test_unresolved_values_are_never_shown_negative(tmp_path):
+    """Depth 1 with N > d: K = XXᵀ is singular; no value below the resolution is shown, and
+    an exact zero from repeated rows stays exact whatever k."""
+    X = np.random.default_rng(4).standard_normal((60, 8))
+    path = str(tmp_path / "x.npy")
+    np.save(path, X)
+    for method in METHODS:
+        out = tmp_path / method
+        code = main(["run", "--data", path, "--depth", "1", "--method", method, "--k", "3",
+                     "--workers", "1", "--out", str(out)])
+        if method == "lanczos" and code == 2:  # ARPACK on a 52-fold zero: a one-line refusal
+            assert not out.exists()
+            continue
+        assert code == 0
+        r = json.load(open(out / "result.json"))
+        assert r["status"] == "below_resolution" and r["eigenvalues"] == [None] * 3, method
+    Y = np.random.default_rng(5).standard_normal((300, 8))
+    Y[10] = Y[11] = Y[0]
+    Y[20] = 2 * Y[5]
+    np.save(path, Y)
+    out = tmp_path / "dup"
+    assert main(["run", "--data", path, "--depth", "3", "--method", "lobpcg", "--k", "3",
+                 "--workers", "1", "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    assert r["lambda_min"] == 0.0 and r["eigenvalues"][:2] == [0.0, 0.0]
+    assert r["eigenvalues"][2] is None and r["status"] == "not_converged"
+    assert all(v is None or v >= 0 for v in r["eigenvalues"])

@@ -115,3 +115,61 @@ def test_depth_one_with_more_rows_than_dimensions_is_singular(tmp_path, capsys):
     assert not r["converged"] and r["status"] == "below_resolution"
     assert r["lambda_min"] is None and r["lambda_min_interval"][0] == 0.0
     assert "rank" in capsys.readouterr().out
+
+
+def test_a_failed_solve_leaves_no_folder_that_refuses_the_fix(tmp_path, capsys):
+    X = np.random.default_rng(4).standard_normal((60, 8))
+    path = str(tmp_path / "x.npy")
+    np.save(path, X)
+    out = tmp_path / "o"
+    args = ["run", "--data", path, "--depth", "1", "--method", "lanczos", "--k", "3",
+            "--workers", "1", "--out", str(out)]
+    code = main([*args, "--max-products", "40"])
+    _one_line_error(capsys, code, "lanczos")
+    assert not out.exists()
+    out.mkdir()  # an empty folder given by the user stays, empty
+    code = main([*args, "--max-products", "40"])
+    _one_line_error(capsys, code, "lanczos")
+    assert out.exists() and os.listdir(out) == []
+
+
+def test_edited_store_spec_is_refused(tmp_path, capsys):
+    store = str(tmp_path / "S.zarr")
+    assert main(["assemble", "--data", "gaussian", "--n", "120", "--d", "8", "--depth", "3",
+                 "--store", store, "--tile", "64", "--workers", "1"]) == 0
+    meta = os.path.join(store, "zarr.json")
+    doc = json.load(open(meta))
+    doc["attributes"]["ntkdist"]["spec"]["problem"]["depth"] = 5
+    json.dump(doc, open(meta, "w"))
+    capsys.readouterr()
+    for cmd in (["solve", "--store", store, "--out", str(tmp_path / "o"), "--workers", "1"],
+                ["verify", "--store", store]):
+        _one_line_error(capsys, main(cmd), "does not match its spec hash")
+    assert not (tmp_path / "o").exists()
+
+
+def test_small_block_below_k_is_raised_not_refused(tmp_path):
+    out = tmp_path / "o"
+    assert main(["run", "--data", "gaussian", "--n", "120", "--d", "8", "--depth", "3",
+                 "--method", "davidson", "--k", "2", "--block", "1", "--workers", "1",
+                 "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    assert r["block"] == 3 and any("block raised" in n for n in r["notes"])
+    assert r["converged"]
+
+
+def test_memory_limit_is_checked_before_anything(tmp_path, capsys):
+    code = main(["run", "--n", "40", "--d", "4", "--depth", "2", "--memory-limit", "banana",
+                 "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, code, "--memory-limit")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        f"{sys.executable} -m ntkdist run --n 40 --d 4 --depth 2 --out {tmp_path / 'o'} "
+        "| head -c 1", shell=True, capture_output=True, text=True)
+    assert "error" not in proc.stderr and "Traceback" not in proc.stderr

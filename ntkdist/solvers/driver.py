@@ -61,13 +61,14 @@ class Eigensolution:
     phases: list | None = None  # mixed precision: products and outcome of each phase
     bounds: dict = field(default_factory=dict)  # absolute bounds: residual, kato_temple, best
     exact: np.ndarray | None = None  # (k,) bool: exact zeros (repeated rows)
-    status: str = "not_converged"  # certified | exact | below_resolution | not_converged
+    status: str = "not_converged"  # certified|exact|below_resolution|missed|not_converged
     resolution: float = 0.0  # the smallest λ float64 can resolve for this K (absolute)
     trace: float = 0.0  # tr(K) used for the rounding floors
     smallest_proved: bool = False  # the values are the smallest (dense: all are computed)
     block: int | None = None  # LOBPCG/Davidson block used
     notes: list = field(default_factory=list)  # what the solve did that a user should know
     rounding_limited: bool = False  # float64's rounding alone exceeds tol·λ: tol unreachable
+    resolved: np.ndarray | None = None  # (k,) bool: the value's first digit is certain
 
     def certificate(self) -> dict:
         """Error bounds of each value, absolute and relative (JSON-ready; None: no bound)."""
@@ -94,6 +95,8 @@ class Eigensolution:
             "rel_error_bound_kato_temple": [0.0 if e else v
                                             for e, v in zip(exact, listed(kt, True))],
             "exact_zero": [bool(e) for e in exact],
+            "resolved": [bool(r) for r in (self.resolved if self.resolved is not None
+                                           else np.ones(len(self.values), bool))],
             "resolution": float(self.resolution),
             "trace": float(self.trace),
             "smallest_proved": bool(self.smallest_proved),
@@ -106,7 +109,8 @@ class RepeatedRows:
 
     def __init__(self, groups: np.ndarray):
         groups = np.asarray(groups)
-        _, self.inverse, self.counts = np.unique(groups, return_inverse=True, return_counts=True)
+        _, self.first, self.inverse, self.counts = np.unique(
+            groups, return_index=True, return_inverse=True, return_counts=True)
         self.inverse = self.inverse.reshape(-1)
         self.n = len(self.inverse)
         self.distinct = len(self.counts)
@@ -138,13 +142,11 @@ class RepeatedRows:
         return out
 
     def reduce(self, K: np.ndarray) -> np.ndarray:
-        """C^(−½) Pᵀ K P C^(−½) (P: rows to groups, C: group sizes): K on the complement."""
-        S = np.zeros((self.distinct, K.shape[1]))
-        np.add.at(S, self.inverse, K)
-        T = np.zeros((self.distinct, self.distinct))
-        np.add.at(T.T, self.inverse, S.T)
-        c = 1.0 / np.sqrt(self.counts)
-        return T * c[:, None] * c[None, :]
+        """C^(−½) Pᵀ K P C^(−½) (P: rows to groups, C: group sizes), K on the complement: as
+        equal rows give equal rows and columns of K, its entry (g, h) is √(c_g c_h) times
+        K's entry for the groups' first rows (distinct² memory, no N×N temporary)."""
+        c = np.sqrt(self.counts.astype(np.float64))
+        return K[np.ix_(self.first, self.first)] * c[:, None] * c[None, :]
 
     def expand(self, W: np.ndarray) -> np.ndarray:
         """P C^(−½) W: vectors of the reduced matrix as vectors of K (norms kept)."""
@@ -252,7 +254,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         if not certified(judged[0][:kk], best[:kk], tol) and rep is None:
             scaled = scaled_smallest(K, kk, log=log)
             if scaled is not None and scaled["abs_bound"][0] < best[0]:
-                return _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes)
+                return _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes, diag)
         return _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, True, 0, t0,
                        None, None, None, notes, diag)
     project = rep.project if rep is not None else None
@@ -402,43 +404,56 @@ def _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, smallest_proved, 
     values = np.array(values)
     best = np.array(best)
     exact = np.array([True] * m + [False] * kk)
-    ok = certified(values[m:], best[m:], tol) if kk else True
-    if kk and diag is not None and values[m] - best[m] > np.min(diag):
-        ok = False  # λ_min ≤ min_i K_ii: the solver found a value, not the smallest
-        notes.append(f"the value found, {values[m]:.6g}, exceeds min_i K_ii = "
-                     f"{np.min(diag):.6g} ≥ λ_min: a smaller eigenvalue was missed")
     limited = bool(kk) and bool(np.any(
         floors(n, trace, weights(V[:, :kk], diag))[0] >= tol * np.abs(values[m:])))
-    if ok:
-        status = "exact" if kk == 0 else "certified"
-    elif not values[0] > best[0]:
+    return _judged_solution(values, best, exact, tol, diag, notes, dict(
+        vectors=np.hstack(parts_V), residuals=np.array(rnorms), gaps=np.array(gaps),
+        method=name, iterations=iterations, solver_seconds=time.perf_counter() - t0,
+        resumed=resumed, phases=phases,
+        bounds={"best": best, "residual": np.array(res), "kato_temple": np.array(kt)},
+        resolution=resolution(n, trace), trace=trace, smallest_proved=bool(smallest_proved),
+        block=block, rounding_limited=limited))
+
+
+def _judged_solution(values, best, exact, tol, diag, notes, fields) -> Eigensolution:
+    """The status of k values with their bounds (``exact``: exact zeros, bound 0).
+
+    A value is *resolved* when it exceeds its bound (its first digit is certain). λ_i is at
+    most the sum of the i smallest diagonal entries (the trace of that principal
+    submatrix, by interlacing), so a value whose lower end exceeds it is not the i-th
+    eigenvalue: a smaller one was *missed*."""
+    resolved = exact | (values > best)
+    missed = np.zeros(len(values), bool)
+    if diag is not None:
+        ceiling = np.cumsum(np.sort(np.asarray(diag, dtype=np.float64)))[:len(values)]
+        missed = ~exact & (values - best > ceiling)
+    if missed.any():
+        i = int(np.nonzero(missed)[0][0])
+        notes.append(f"value {i + 1} found, {values[i]:.6g}, exceeds the sum of the {i + 1} "
+                     f"smallest K_ii, {ceiling[i]:.6g}, an upper bound on λ_{i + 1}: the solver "
+                     "missed a smaller eigenvalue")
+    ok = bool(not missed.any() and (exact.all() or certified(values[~exact], best[~exact], tol)))
+    if missed.any():
+        status = "missed"
+    elif ok:
+        status = "exact" if exact.all() else "certified"
+    elif not resolved[0]:
         status = "below_resolution"
     else:
         status = "not_converged"
-    return Eigensolution(
-        values=values, vectors=np.hstack(parts_V), residuals=np.array(rnorms),
-        gaps=np.array(gaps), method=name, converged=ok, iterations=iterations,
-        solver_seconds=time.perf_counter() - t0, resumed=resumed, phases=phases,
-        bounds={"best": best, "residual": np.array(res), "kato_temple": np.array(kt)},
-        exact=exact, status=status, resolution=resolution(n, trace), trace=trace,
-        smallest_proved=bool(smallest_proved), block=block, notes=notes,
-        rounding_limited=limited)
+    return Eigensolution(values=values, converged=ok, exact=exact, status=status, notes=notes,
+                         resolved=resolved & ~missed, **fields)
 
 
-def _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes) -> Eigensolution:
+def _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes, diag) -> Eigensolution:
     V = scaled["vectors"][:, :k]
     values = scaled["values"][:k]
     rnorm = np.linalg.norm(matmat(V) - V * values, axis=0)
     best = scaled["abs_bound"][:k]
-    ok = certified(values, best, tol)
     notes.append("rows of very different norms: λ resolved through the scaled formulation "
                  "K = D A D, D = diag(K)^½ (relative perturbation bound, not the residual)")
-    return Eigensolution(
-        values=values, vectors=V, residuals=rnorm, gaps=np.full(k, np.nan),
-        method=scaled["method"], converged=ok, iterations=0,
-        solver_seconds=time.perf_counter() - t0,
+    return _judged_solution(values, best, np.zeros(k, bool), tol, diag, notes, dict(
+        vectors=V, residuals=rnorm, gaps=np.full(k, np.nan), method=scaled["method"],
+        iterations=0, solver_seconds=time.perf_counter() - t0,
         bounds={"best": best, "residual": best, "kato_temple": np.full(k, np.inf)},
-        exact=np.zeros(k, bool),
-        status="certified" if ok else ("below_resolution" if not values[0] > best[0]
-                                       else "not_converged"),
-        resolution=resolution(n, trace), trace=trace, smallest_proved=True, notes=notes)
+        resolution=resolution(n, trace), trace=trace, smallest_proved=True))

@@ -1,0 +1,107 @@
+"""Hard inputs for the certificate: what each method reports, and at what cost.
+
+    python benchmarks/certificate.py
+
+Each case runs the command line (`ntkdist run … --workers 1`) into a temporary folder and
+compares result.json with an independent reference: float64 `eigvalsh` of the kernel, or,
+for rows of very different norms, 1/‖(D L)⁻¹‖² from the Cholesky factor L of the unit-row
+kernel. Also times the lower-bound chain at depth 1000.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import ntkdist  # noqa: E402
+from ntkdist.bounds import lambda_min_bounds  # noqa: E402
+from ntkdist.cli import main  # noqa: E402
+
+
+def _scaled_reference(X, depth):
+    norms = np.linalg.norm(X, axis=1)
+    L = np.linalg.cholesky(ntkdist.ntk(X / norms[:, None], depth=depth))
+    return 1.0 / np.linalg.norm(np.linalg.solve(L, np.diag(1.0 / norms)), 2) ** 2
+
+
+def cases(rng):
+    good = rng.standard_normal((200, 8))
+    norms = good.copy()
+    norms[:100] *= 1e6
+    norms[100:] *= 1e-6
+    near = good.copy()
+    near[1] = near[0] + 1e-9 * rng.standard_normal(8)
+    dup = rng.standard_normal((1500, 8))
+    dup[5], dup[700] = dup[3], dup[10]
+    eig = lambda X: np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0]  # noqa: E731
+    return [
+        ("200 Gaussian rows, --block 1", good, ["--method", "lobpcg", "--block", "1"], eig),
+        ("200 Gaussian rows, --block 1", good, ["--method", "davidson", "--block", "1"], eig),
+        ("5 Gaussian rows", good[:5], ["--method", "lobpcg"], eig),
+        ("rows ×1e6 and ×1e-6", norms, [], lambda X: _scaled_reference(X, 3)),
+        ("rows ×1e6 and ×1e-6", norms, ["--method", "lobpcg"], lambda X: _scaled_reference(X, 3)),
+        ("x and x + 1e-9·noise", near, ["--method", "lobpcg"], eig),
+        ("x and x + 1e-9·noise", near, ["--method", "davidson"], eig),
+        ("two repeated rows, N = 1500", dup, ["--method", "lobpcg"], lambda X: 0.0),
+        ("two repeated rows, N = 1500, k = 3", dup, ["--method", "lobpcg", "--k", "3"],
+         lambda X: np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[2]),
+        ("two repeated rows, N = 1500, --dedupe", dup, ["--method", "lobpcg", "--dedupe"],
+         lambda X: eig(np.delete(X, [5, 700], axis=0))),
+    ]
+
+
+def _sci(value) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def run_case(folder, name, X, extra, reference, index):
+    path = os.path.join(folder, f"x{index}.npy")
+    np.save(path, X)
+    out = os.path.join(folder, f"o{index}")
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["run", "--data", path, "--depth", "3", "--workers", "1", "--out", out,
+                     *extra])
+    seconds = time.perf_counter() - t0
+    r = json.load(open(os.path.join(out, "result.json")))
+    ref = reference(X)
+    k = r["k"]
+    value = r["eigenvalues"][k - 1] if k > 1 else r["lambda_min"]
+    bound = r["accuracy"]["abs_error_bound"][k - 1]
+    err = None if value is None else abs(value - ref)
+    holds = "-" if err is None or not r["converged"] else ("yes" if err <= bound else "NO")
+    method = r["method"].split(" (")[0].split(":")[0]
+    shown = "null" if value is None else f"{value:.6g}"
+    print(f"| {name} | {' '.join(extra) or '(default)'} | {code} | {method} | {r['status']} | "
+          f"{shown} | {ref:.6g} | {_sci(None if err is None else err / max(abs(ref), 1e-300))}"
+          f" | {_sci(r['accuracy']['rel_error_bound'][k - 1])}"
+          f" | {holds} | {r['passes'] if r['passes'] is not None else '-'} | {seconds:.1f} |",
+          flush=True)
+
+
+def main_():
+    rng = np.random.default_rng(0)
+    print("| input | options | exit | method | status | λ reported | reference | true rel. error "
+          "| rel. bound | bound holds | passes | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory(prefix="ntkdist-cert-") as folder:
+        for index, (name, X, extra, reference) in enumerate(cases(rng)):
+            run_case(folder, name, X, extra, reference, index)
+    X = ntkdist.data.synthetic_rows("sphere", 8, 0, 0, 200)
+    t0 = time.perf_counter()
+    b = lambda_min_bounds(X, 1000, "ntk")
+    print(f"\nlower-bound chain, N = 200, d = 8, depth 1000: {time.perf_counter() - t0:.1f} s "
+          f"(lower = {b['lower']:.4g})")
+
+
+if __name__ == "__main__":
+    main_()
