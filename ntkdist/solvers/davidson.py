@@ -145,4 +145,5 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
                         residuals=rnorm[:k].copy(), gaps=gaps[:k].copy(), iterations=it,
                         products=products, matvecs=matvecs, converged=converged,
                         restarts=restarts, history=history, block=X,
-                        stalled=stalling.stalled, block_values=theta.copy(), at_floor=floor)
+                        stalled=stalling.stalled or hopeless.stalled,
+                        block_values=theta.copy(), at_floor=floor)

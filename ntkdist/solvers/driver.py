@@ -298,6 +298,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                     f"after {r1.products} passes)")
         if checkpoint is not None and fast_matmat is not None:
             checkpoint.stage = "float64"
+        start_used, start_its = used, done_its
         for attempt in range(RESUMES + 1):
             left = None if max_seconds is None else max_seconds - (time.perf_counter() - t0)
             r = solver(matmat, n, max_products=max(1, max_products - used), log=log,
@@ -313,11 +314,12 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
             if log:  # certified by the iteration's residuals, not by the fresh product's
                 log("the fresh product does not certify what the iteration did: continuing")
             X0 = r.block
-        if phases is not None:
-            phases.append({"products": "float64", "passes": r.products,
-                           "iterations": r.iterations,
+        if phases is not None:  # the last fresh product is the result's own (+1 in passes)
+            phases.append({"products": "float64", "passes": used - start_used - 1,
+                           "iterations": done_its - start_its,
                            "stopped": ("converged" if r.converged else "rounding floor"
-                                       if r.at_floor else "limit")})
+                                       if r.at_floor else "stalled" if r.stalled
+                                       else "limit")})
         what = ("ntkdist block LOBPCG" if method == "lobpcg"
                 else "ntkdist block generalized Davidson, GD+k")
         mixed = ", mixed precision: float32 deflated then float64 products"

@@ -237,4 +237,5 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     return LobpcgResult(values=lam[:k].copy(), vectors=X[:, :k].copy(), residuals=rnorm[:k].copy(),
                         gaps=gaps[:k].copy(), iterations=it, products=products, matvecs=matvecs,
                         converged=converged, restarts=restarts, history=history, block=X,
-                        stalled=stalling.stalled, block_values=lam.copy(), at_floor=floor)
+                        stalled=stalling.stalled or hopeless.stalled,
+                        block_values=lam.copy(), at_floor=floor)
