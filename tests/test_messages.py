@@ -118,7 +118,7 @@ def test_depth_one_with_more_rows_than_dimensions_is_singular(tmp_path, capsys):
 
 
 def test_a_failed_solve_leaves_no_folder_that_refuses_the_fix(tmp_path, capsys):
-    X = np.random.default_rng(4).standard_normal((60, 8))
+    X = np.random.default_rng(4).standard_normal((100, 8))
     path = str(tmp_path / "x.npy")
     np.save(path, X)
     out = tmp_path / "o"
