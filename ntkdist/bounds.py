@@ -78,14 +78,21 @@ def _gershgorin_first_layer(X: np.ndarray, block: int) -> float:
     return max(0.0, worst)
 
 
-def upper_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "paper") -> dict:
-    """min_i K_ii and tr(K)/N: O(N d), for any N."""
+def kernel_diagonal(X, depth: int, kernel: str = "ntk", normalization: str = "paper"):
+    """K_ii = s·c·‖x_i‖² (c = L for the NTK, 1 for the NNGP; s the normalisation factor),
+    O(N d), with norms that neither overflow nor underflow in their squares' sum."""
+    from .data import row_norms
+
     check_kernel_args(depth, kernel, normalization)
     X = np.asarray(X, dtype=np.float64)
-    sq = np.einsum("ij,ij->i", X, X)
     factor = normalization_factor(normalization, X.shape[1]) * (depth if kernel == "ntk" else 1)
-    return {"upper_min_diagonal": factor * float(sq.min()),
-            "upper_trace_over_n": factor * float(sq.mean())}
+    return factor * row_norms(X) ** 2
+
+
+def upper_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "paper") -> dict:
+    """min_i K_ii and tr(K)/N: O(N d), for any N."""
+    diag = kernel_diagonal(X, depth, kernel, normalization)
+    return {"upper_min_diagonal": float(diag.min()), "upper_trace_over_n": float(diag.mean())}
 
 
 def lambda_min_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "paper",

@@ -50,10 +50,15 @@ def _add_store_args(p, required: bool) -> None:
     p.add_argument("--tile", type=_count, help="tile side T (default: from worker memory, <= 4096)")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="storage dtype (default float64 up to N=25000, float32 above)")
-    p.add_argument("--scheduler", help="address of a running Dask scheduler to attach to")
-    p.add_argument("--scheduler-file", help="scheduler file of a running Dask cluster")
-    p.add_argument("--workers", type=_count, help="local cluster: worker processes (default: cores)")
-    p.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
+    _add_cluster_args(p)
+
+
+def _add_cluster_args(p, prefix: str = "") -> None:
+    p.add_argument("--scheduler", help=f"{prefix}address of a running Dask scheduler")
+    p.add_argument("--scheduler-file", help=f"{prefix}scheduler file of a running Dask cluster")
+    p.add_argument("--workers", type=_count,
+                   help=f"{prefix}local cluster: worker processes (default: cores)")
+    p.add_argument("--memory-limit", help=f"{prefix}local cluster: memory per worker, e.g. 4GB")
 
 
 def _add_device_arg(p) -> None:
@@ -112,11 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sol = sub.add_parser("solve", help="smallest eigenvalues of the kernel in a complete store")
     sol.add_argument("--store", required=True, help="a complete kernel store (PATH.zarr)")
     sol.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
-    sol.add_argument("--scheduler", help="address of a running Dask scheduler to attach to")
-    sol.add_argument("--scheduler-file", help="scheduler file of a running Dask cluster")
-    sol.add_argument("--workers", type=_count,
-                     help="local cluster: worker processes (default: cores)")
-    sol.add_argument("--memory-limit", help="local cluster: memory per worker, e.g. 4GB")
+    _add_cluster_args(sol)
     _add_solver_args(sol)
     _add_device_arg(sol)
     asm = sub.add_parser("assemble", help="assemble the kernel's tiles into a Zarr store (resumable)")
@@ -133,11 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--repair", action="store_true",
                      help="recompute the bad pieces on Dask workers (row blocks from the data "
                           "source, tiles from the stored rows), then check them again")
-    ver.add_argument("--scheduler", help="--repair: address of a running Dask scheduler")
-    ver.add_argument("--scheduler-file", help="--repair: scheduler file of a running Dask cluster")
-    ver.add_argument("--workers", type=int,
-                     help="--repair, local cluster: worker processes (default: cores)")
-    ver.add_argument("--memory-limit", help="--repair, local cluster: memory per worker, e.g. 4GB")
+    _add_cluster_args(ver, prefix="--repair: ")
     return parser
 
 
@@ -245,9 +242,7 @@ def _cmd_verify(args) -> int:
     if args.recompute < 0:
         raise SpecError(f"--recompute must be >= 0 (tiles to recompute), got {args.recompute}")
     if args.repair:
-        cluster = {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
-                   "workers": args.workers, "memory_limit": args.memory_limit}
-        report = repair(args.store, cluster=cluster, recompute=args.recompute, seed=args.seed,
+        report = repair(args.store, cluster=_cluster(args), recompute=args.recompute, seed=args.seed,
                         log=lambda msg: print(msg, flush=True))
     else:
         given = [f"--{n}" for n in ("scheduler", "scheduler-file", "workers", "memory-limit")

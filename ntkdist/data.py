@@ -144,11 +144,6 @@ class RowCheck:
     groups: np.ndarray | None = None  # (N,) id of each row's group of equal rows, if any repeat
     near_pairs: tuple = ()  # (i, j) pairs of nearly parallel rows (hints for the solvers)
 
-    @property
-    def rank_deficient(self) -> bool:
-        """Whether K is singular for a reason the rows show (repeats, parallel rows)."""
-        return self.parallel_rows > 0
-
 
 def check_rows(X, name: str = "input", block: int = 65536, depth: int = 1) -> RowCheck:
     """Validate a 2-D row set; raise :class:`InputError` with one line if unusable.

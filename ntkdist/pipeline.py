@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from . import __version__
-from .bounds import lambda_min_bounds, staircase_prediction, upper_bounds
+from .bounds import kernel_diagonal, lambda_min_bounds, staircase_prediction, upper_bounds
 from .data import check_rows, near_null_vectors, row_norms
 from .errors import OutputError, SpecError
 from .kernels.limiting import nngp, ntk
@@ -166,14 +166,6 @@ def _check_paths(store: str, out: str) -> None:
                         "neither inside the other")
 
 
-def diagonal(X: np.ndarray, spec: RunSpec) -> np.ndarray:
-    """K_ii = s·c·‖x_i‖² (c = L for the NTK, 1 for the NNGP; s the normalisation factor)."""
-    from .kernels.limiting import normalization_factor
-
-    c = spec.depth if spec.kernel == "ntk" else 1
-    return normalization_factor(spec.normalization, spec.d) * c * row_norms(X) ** 2
-
-
 def singular_reason(check, spec: RunSpec) -> str | None:
     """Why K is singular for reasons the rows show, or None."""
     if check.duplicate_rows:
@@ -233,13 +225,14 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         log(f"preconditioner {precond.name} (rank {precond.rank}), "
             f"set-up {precond.setup_seconds:.1f} s")
     cheap = upper_bounds(X, spec.depth, spec.kernel, spec.normalization)
+    diag = kernel_diagonal(X, spec.depth, spec.kernel, spec.normalization)
     sol = smallest_eigenpairs(matmat, spec.n, spec.method, k=spec.k, tol=spec.tol,
                               block=spec.block, precond=precond.apply if precond else None,
                               max_products=spec.max_products, dense_matrix=dense_matrix,
                               scale=cheap["upper_trace_over_n"], log=log,
                               checkpoint=checkpoint,
                               fast_matmat=op.matmat_fast if op is not None and op.mixed else None,
-                              groups=check.groups, diag=diagonal(X, spec),
+                              groups=check.groups, diag=diag,
                               start=near_null_vectors(check, row_norms(X), spec.n))
     for note in sol.notes:
         log(f"note: {note}")

@@ -61,23 +61,16 @@ def release_out_dir(path: str, claimed: str | None) -> None:
         pass
 
 def _differences(path: str, spec_dict: dict) -> str:
-    """', differs in depth (3 ≠ 4), …' between a folder's recorded spec and ``spec_dict``."""
+    """'; differs in depth (3 ≠ 4), …' between a folder's recorded spec and ``spec_dict``."""
+    from .spec import spec_differences
+
     try:
         with open(os.path.join(path, SPEC_FILE)) as f:
-            old = json.load(f).get("spec") or {}
+            old = json.load(f).get("spec")
     except (OSError, ValueError, AttributeError):
         return ""
-    if not isinstance(old, dict):
-        return ""
-    keys = sorted(set(old) | set(spec_dict))
-    diff = [f"{k} ({_short(old.get(k))} ≠ {_short(spec_dict.get(k))})" for k in keys
-            if old.get(k) != spec_dict.get(k)]
-    return "; differs in " + ", ".join(diff) if diff else ""
-
-
-def _short(value) -> str:
-    text = str(value)
-    return text if len(text) <= 40 else "…" + text[-39:]
+    diffs = spec_differences(old, spec_dict)
+    return "; differs in " + ", ".join(diffs) if diffs else ""
 
 
 def _read_spec_hash(path: str) -> str | None:

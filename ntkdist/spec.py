@@ -21,6 +21,23 @@ PRECISIONS = ("auto", "float64", "mixed")
 DTYPES = ("float32", "float64")
 
 
+def spec_differences(old: dict, new: dict) -> list[str]:
+    """["depth (3 ≠ 4)", "seed (0 ≠ 1)"]: the fields in which two spec dicts differ (a nested
+    ``problem`` dict, as in store specs, is compared field by field), old value first."""
+    def flat(d):
+        d = dict(d) if isinstance(d, dict) else {}
+        problem = d.pop("problem", {})
+        return {**(problem if isinstance(problem, dict) else {}), **d}
+
+    def show(value):
+        text = str(value)
+        return text if len(text) <= 40 else "…" + text[-39:]
+
+    old, new = flat(old), flat(new)
+    return [f"{k} ({show(old.get(k))} ≠ {show(new.get(k))})"
+            for k in list(new) + [k for k in old if k not in new] if old.get(k) != new.get(k)]
+
+
 def content_hash(obj: dict) -> str:
     """SHA-256 of the canonical JSON form of a spec dict."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NtkdistError, OutputError
-from .spec import StoreSpec
+from .spec import StoreSpec, spec_differences
 
 FORMAT = "ntkdist-kernel-store"
 FORMAT_VERSION = 1
@@ -490,18 +490,7 @@ def _describe_holder(info: dict) -> str:
 def _spec_difference(attrs: dict, spec: StoreSpec) -> str:
     """'it differs in depth (3 ≠ 4), seed (0 ≠ 1)': the fields of a store's recorded spec
     (first) that differ from ``spec`` (second); the hashes when no field tells."""
-    def flat(d):
-        d = dict(d) if isinstance(d, dict) else {}
-        problem = d.pop("problem", {})
-        return {**(problem if isinstance(problem, dict) else {}), **d}
-
-    def show(key, value):
-        text = str(value)
-        return text[:12] + "…" if key.endswith("sha256") and len(text) > 12 else text
-
-    old, new = flat(attrs.get("spec")), flat(spec.to_dict())
-    diffs = [f"{k} ({show(k, old.get(k))} ≠ {show(k, new.get(k))})"
-             for k in list(new) + [k for k in old if k not in new] if old.get(k) != new.get(k)]
+    diffs = spec_differences(attrs.get("spec"), spec.to_dict())
     if diffs:
         return "it differs in " + ", ".join(diffs)
     return f"spec hash {str(attrs.get('spec_hash'))[:12]} ≠ {spec.hash()[:12]}"

@@ -101,6 +101,6 @@ def resolution(n: int, trace: float) -> float:
     return floor_q + floor_r
 
 
-def at_floor(rnorm, n: int, trace: float) -> bool:
+def at_floor(rnorm, n: int, trace: float, weight=None) -> bool:
     """Whether the residuals have reached their rounding floor (no further progress)."""
-    return bool(np.all(np.asarray(rnorm) <= FLOOR_STOP * floors(n, trace)[1]))
+    return bool(np.all(np.asarray(rnorm) <= FLOOR_STOP * floors(n, trace, weight)[1]))

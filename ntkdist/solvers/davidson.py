@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .certificate import weights
 from .lobpcg import (HOPELESS_STALL, LobpcgResult, _check, _fresh_ritz, _Stall, _start_block,
                      _svqb, block_size)
 
@@ -69,7 +70,7 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
                       X0: np.ndarray | None = None, trace: float = 0.0, log=None,
                       max_seconds: float | None = None, on_iterate=None,
                       basis: int | None = None, keep: int | None = None,
-                      stall: int | None = None, project=None) -> LobpcgResult:
+                      stall: int | None = None, project=None, diag=None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
     the largest search space ``basis`` (default 6·block) and the Ritz vectors ``keep``
     at restart (default 2·block; the previous iteration's block is kept as well)."""
@@ -95,8 +96,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
         R = AX - X * theta
         history.append(float(theta[0]))
         rnorm, gaps, converged, floor, stop = _check(
-            R, theta, k, tol, n, trace, it, t0, log, products, max_products, max_seconds,
-            stalling, hopeless)
+            R, theta, k, tol, n, trace, weights(X, diag), it, t0, log, products,
+            max_products, max_seconds, stalling, hopeless)
         if stop:
             break
         if on_iterate is not None:

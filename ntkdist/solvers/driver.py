@@ -272,7 +272,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
             s = min(start.shape[1], used_block - 1)
             X0[:, :s] = start[:, :s]
         common = dict(k=kk, block=used_block, precond=precond, tol=tol, seed=seed,
-                      trace=trace, project=project)
+                      trace=trace, project=project, diag=diag)
         phases, used, done_its = (None if fast_matmat is None else []), 0, 0
 
         def saver(X, lam, it, products):  # counts continue across the phases

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .certificate import at_floor, certified, error_bounds, floors, gap_estimates
+from .certificate import at_floor, certified, error_bounds, floors, gap_estimates, weights
 
 
 @dataclass
@@ -100,33 +100,31 @@ def _fresh_ritz(X: np.ndarray, matmat):
 #: Iterations without a tenth's fall of the residuals that end a float64 solve whose λ is too
 #: close to 0 for float64 to certify ``tol`` (its rounding floor alone exceeds tol·λ).
 HOPELESS_STALL = 20
-#: Where λ_1 is below this fraction of the block's largest Ritz value, A·X is recomputed with a
-#: fresh product every ``REFRESH_EVERY`` iterations: the implicitly updated A·X carries
-#: rounding of the size ε‖A‖·(growth), which there is no longer small against λ_1 (seen at
-#: λ_min = 5e-9, ‖K‖ = 1e3: Ritz values 40 % below the true λ_min without it).
-REFRESH_RATIO = 1e-6
-REFRESH_EVERY = 5
 
 
-def _check(R, lam, k: int, tol: float, n: int, trace: float, it: int, t0: float, log,
-           products: int, max_products: int, max_seconds: float | None, stall: _Stall,
+def _check(R, lam, k: int, tol: float, n: int, trace: float, weight, it: int, t0: float,
+           log, products: int, max_products: int, max_seconds: float | None, stall: _Stall,
            hopeless: _Stall):
     """Residual norms, gap estimates, whether the k smallest Ritz values are certified to
     ``tol`` (:mod:`ntkdist.solvers.certificate`), whether the residuals are at their rounding
     floor, and whether to stop (certified, at the floor, stalled, out of products or time, or
-    stalled while λ is too close to 0 to be certified); logs every 10 iterations."""
+    stalled while λ is too close to 0 to be certified); logs every 10 iterations. ``weight``:
+    the block's w = (Σ √K_ii |x_i|)² (:func:`ntkdist.solvers.certificate.weights`; None:
+    tr(K)), so that the floors are those the final certificate uses."""
     rnorm = np.linalg.norm(R, axis=0)
-    floor_q, floor_r = floors(n, trace)
+    floor_q, floor_r = floors(n, trace, weight)
     gaps = gap_estimates(lam, rnorm, floor_r)
-    bound = error_bounds(rnorm[:k], gaps[:k], n, trace)["best"]
+    w = None if weight is None else weight[:k]
+    bound = error_bounds(rnorm[:k], gaps[:k], n, trace, w)["best"]
     if log and it % 10 == 0:
         log(f"iteration {it}: λ_1 = {lam[0]:.12g}, ‖r_1‖ = {rnorm[0]:.2e}, "
             f"bound {bound[0] / max(abs(lam[0]), 1e-300):.1e} rel, {time.perf_counter() - t0:.0f} s")
     converged = certified(lam[:k], bound, tol)
-    floor = not converged and at_floor(rnorm[:k], n, trace)
+    floor = not converged and at_floor(rnorm[:k], n, trace, w)
     out_of_time = max_seconds is not None and time.perf_counter() - t0 >= max_seconds
     stalled = not converged and stall(rnorm[:k])
-    beyond = not converged and bool(np.any(floor_q >= tol * lam[:k])) and hopeless(rnorm[:k])
+    beyond = (not converged and bool(np.any(np.broadcast_to(floor_q, lam.shape)[:k]
+                                            >= tol * lam[:k])) and hopeless(rnorm[:k]))
     return rnorm, gaps, converged, floor, (converged or floor or stalled or beyond
                                            or products >= max_products or out_of_time)
 
@@ -148,7 +146,7 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
                     tol: float = 1e-8, max_products: int = 500, seed: int = 0,
                     X0: np.ndarray | None = None, trace: float = 0.0, log=None,
                     max_seconds: float | None = None, on_iterate=None,
-                    stall: int | None = None, project=None) -> LobpcgResult:
+                    stall: int | None = None, project=None, diag=None) -> LobpcgResult:
     """The k smallest eigenpairs of a symmetric positive semidefinite operator.
 
     ``matmat(V)`` returns A·V for an (n, b) float64 block; ``precond(R)`` applies an
@@ -157,7 +155,8 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     ``max_products`` block products. ``on_iterate(X, λ, iteration, products)`` is called after
     every iteration that does not stop (checkpoints). ``project(V)`` (or None) maps a block
     onto the subspace the solve is restricted to (an orthogonal projector that commutes with
-    A: the complement of a known null space).
+    A: the complement of a known null space). ``diag``: A's diagonal, for the rounding floors
+    of :mod:`ntkdist.solvers.certificate` (None: tr(A) alone).
     """
     block = block_size(n, k, block)
     rng = np.random.default_rng(seed)
@@ -174,18 +173,12 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         R = AX - X * lam
         history.append(float(lam[0]))
         rnorm, gaps, converged, floor, stop = _check(
-            R, lam, k, tol, n, trace, it, t0, log, products, max_products, max_seconds,
-            stalling, hopeless)
+            R, lam, k, tol, n, trace, weights(X, diag), it, t0, log, products, max_products,
+            max_seconds, stalling, hopeless)
         if stop:
             break
         if on_iterate is not None:
             on_iterate(X, lam, it, products)
-        if it and it % REFRESH_EVERY == 0 and lam[0] < REFRESH_RATIO * abs(lam[-1]):
-            X, AX, lam = _fresh_ritz(X, matmat)
-            products += 1
-            matvecs += X.shape[1]
-            P = AP = None
-            R = AX - X * lam
         # Converged directions beyond k keep their place in the basis; all are refined.
         W = precond(R) if precond is not None else R.copy()
         if project is not None:
@@ -204,8 +197,9 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
         matvecs += W.shape[1]
         parts = [X, W] if P is None else [X, W, P]
         aparts = [AX, AW] if P is None else [AX, AW, AP]
-        T = _svqb_map(np.hstack(parts))
-        S, AS = np.hstack(parts) @ T, np.hstack(aparts) @ T
+        S = np.hstack(parts)
+        T = _svqb_map(S)
+        S, AS = S @ T, np.hstack(aparts) @ T
         H = S.T @ AS
         lam_all, C = np.linalg.eigh((H + H.T) / 2)
         scale = max(abs(lam_all[-1]), abs(lam[-1]), 1e-300)
