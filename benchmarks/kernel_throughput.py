@@ -22,7 +22,7 @@ from ntkdist.kernels.limiting import kernel_tile, row_block
 
 
 def plain_numpy_tile(XI, XJ, depth):
-    """The textbook recursion with arccos, as a user would write it (theory.md)."""
+    """The textbook recursion with arccos, as a user would write it (docs/theory.md, "Kernels")."""
     G = XI @ XJ.T
     n = np.sqrt(np.sum(XI * XI, 1))[:, None] * np.sqrt(np.sum(XJ * XJ, 1))[None, :]
     K = G.copy()

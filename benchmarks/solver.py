@@ -26,7 +26,7 @@ import scipy.sparse.linalg as sla
 from ntkdist.assemble import assemble
 from ntkdist.cluster import connect
 from ntkdist.data import synthetic_rows
-from ntkdist.operator import KernelOperator
+from ntkdist.operator import make_operator
 from ntkdist.solvers.driver import smallest_eigenpairs
 from ntkdist.solvers.precond import make_preconditioner
 from ntkdist.spec import make_spec, make_store_spec
@@ -38,7 +38,7 @@ def ntkdist_solve(client, store, mode, precond_name, X, depth=3, tol=1e-8, max_p
     """Wall time from the operator's creation (memory: includes loading the tiles, and with
     mixed precision making their float32 deflated copies) to the certified result."""
     t0 = time.perf_counter()
-    op = KernelOperator(client, mode, store=store, precision=precision)
+    op = make_operator(client, mode, store=store, precision=precision)
     t_op = time.perf_counter() - t0
     P = make_preconditioner(precond_name, X, depth, "ntk", "paper")
     # With a wall-clock budget: stop iterating a minute early, in time for the last
@@ -210,18 +210,17 @@ def mixed(args):
     product, in-process Davidson (block 16) with float64, plain float32 and deflated float32
     products, and the distributed memory operator's passes in float32 and float64."""
     from ntkdist.kernels.limiting import kernel_tile, row_block
-    from ntkdist.operator import deflation_factor
+    from ntkdist.kernels.taylor import deflation_factor
     from ntkdist.solvers.davidson import davidson_smallest
 
     n, b = args.n, 16
     X = synthetic_rows("sphere", 64, 0, 0, n)
-    problem = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
     K = np.empty((n, n))
     whole = row_block(X)
     for i in range(0, n, 4096):
         K[i:i + 4096] = kernel_tile(row_block(X[i:i + 4096]), whole, 3, "ntk", "paper")
     K = (K + K.T) / 2
-    F = deflation_factor(X, problem)
+    F = deflation_factor(X, 3, "ntk", "paper")
     R32 = (K - F @ F.T).astype(np.float32)
     K32 = K.astype(np.float32)
     m = min(n, 2000)
@@ -280,7 +279,7 @@ def mixed(args):
             store = build_store(client, folder, n, "float64")
             for precision in ("float64", "mixed"):
                 t0 = time.perf_counter()
-                op = KernelOperator(client, "memory", store=store, precision=precision)
+                op = make_operator(client, "memory", store=store, precision=precision)
                 setup = time.perf_counter() - t0
                 V = np.random.default_rng(0).standard_normal((n, b))
                 for f in ([op.matmat, op.matmat_fast] if op.mixed else [op.matmat]):
@@ -422,7 +421,7 @@ def profile(args):
         with connect(workers=2) as client:
             store = build_store(client, folder, args.n, "float64")
             t0 = time.perf_counter()
-            op = KernelOperator(client, "memory", store=store, precision="mixed")
+            op = make_operator(client, "memory", store=store, precision="mixed")
             t_op = time.perf_counter() - t0
             P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
             spent = {"preconditioner": 0.0, "float32 passes": 0.0, "float64 passes": 0.0}

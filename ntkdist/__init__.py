@@ -7,9 +7,11 @@ from importlib.metadata import version as _version
 # None of them, nor the store module, imports dask, distributed or zarr at module level (they
 # import them inside the functions that need them), so `import ntkdist` stays light.
 from . import bounds, data, solvers
+from .config import load_config
 from .errors import InputError, NtkdistError, OutputError, SpecError
 from .kernels import kernel_tile, nngp, ntk, relu_hermite_coefficient, row_block
 from .kernels.taylor import kernel_coefficients
+from .spec import ClusterSpec, DataSpec, KernelSpec, RunSpec, SolverSpec, StoreSpec, make_spec
 from .store import open_kernel
 
 try:
@@ -18,15 +20,23 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "ClusterSpec",
+    "DataSpec",
     "InputError",
+    "KernelSpec",
     "NtkdistError",
     "OutputError",
+    "RunSpec",
+    "SolverSpec",
     "SpecError",
+    "StoreSpec",
     "__version__",
     "bounds",
     "data",
     "kernel_coefficients",
     "kernel_tile",
+    "load_config",
+    "make_spec",
     "nngp",
     "ntk",
     "open_kernel",

@@ -22,38 +22,18 @@ import time
 import numpy as np
 
 from .errors import NtkdistError, SpecError
-from .kernels.limiting import kernel_tile, row_block
-from .spec import RunSpec, StoreSpec
+from .kernels.limiting import row_block
+from .spec import ClusterSpec, RunSpec, StoreSpec
 from .store import KernelStore, StoreError, checksum, os_reason
-
-#: Largest default tile (CPU); smaller when worker memory is tight or N is small.
-DEFAULT_TILE = 4096
-#: Bytes a tile task needs per tile entry (float64 GEMM output, recursion output, cast, copy).
-BYTES_PER_ENTRY = 40
-
 
 class AssemblyError(NtkdistError):
     """A task failed; the store keeps what was done and can be resumed."""
 
 
-def default_tile(n: int, worker_memory: int | None) -> int:
-    """Tile side from worker memory: a task uses at most a quarter of its worker's limit."""
-    tile = DEFAULT_TILE
-    if worker_memory:
-        while tile > 256 and BYTES_PER_ENTRY * tile * tile > worker_memory / 4:
-            tile //= 2
-    return min(tile, n)
-
-
-def default_dtype(n: int) -> str:
-    """float64 while the dense path can still solve it, float32 storage above."""
-    return "float64" if n <= 25000 else "float32"
-
-
 def _source_rows(store: KernelStore, i: int) -> np.ndarray:
     """Row block ``i`` generated (synthetic data) or read from the input file, float64."""
     sl = store.tile_slices(i, i)[0]
-    return np.ascontiguousarray(store.spec.run_spec().rows(sl.start, sl.stop), dtype=np.float64)
+    return np.ascontiguousarray(store.spec.data.rows(sl.start, sl.stop), dtype=np.float64)
 
 
 def write_rows(path: str, i: int) -> str:
@@ -69,7 +49,7 @@ def repair_rows(path: str, i: int, recorded: str | None) -> str:
     store = KernelStore.open(path)
     rows = _source_rows(store, i)
     if recorded is not None and checksum(rows) != recorded:
-        raise StoreError(f"row block {i} read again from {store.spec.problem['data']!r} does "
+        raise StoreError(f"row block {i} read again from {store.spec.data.source!r} does "
                          "not match its recorded checksum: the data source no longer gives "
                          "the rows the store was assembled from, so it cannot repair them")
     return store.write_piece(store.rows_key(i), "X", (i, 0), rows)
@@ -77,9 +57,7 @@ def repair_rows(path: str, i: int, recorded: str | None) -> str:
 
 def compute_tile(store: KernelStore, i: int, j: int) -> np.ndarray:
     """Tile (I, J) in the storage dtype, from the stored rows (diagonal tiles exactly symmetric)."""
-    p = store.spec.problem
-    tile = kernel_tile(row_block(store.rows(i)), row_block(store.rows(j)), p["depth"],
-                       p["kernel"], p["normalization"])
+    tile = store.spec.kernel.tile(row_block(store.rows(i)), row_block(store.rows(j)))
     if i == j:
         tile = np.triu(tile) + np.triu(tile, 1).T
     return tile.astype(store.spec.dtype, copy=False)
@@ -199,24 +177,18 @@ def _run(futures: dict, bar: Progress | None = None, path: str | None = None,
             f.cancel()
 
 
-def resolve_store_spec(run_spec: RunSpec, path: str, client, tile: int | None,
-                       dtype: str | None) -> StoreSpec:
-    """The store spec, defaults filled in: from an existing store of the same problem at
-    ``path`` (so that a rerun resumes it), else tile from worker memory and dtype from N."""
-    from .cluster import worker_memory_limit
-    from .spec import make_store_spec
+def existing_layout(path: str, run_spec: RunSpec) -> tuple[int | None, str | None]:
+    """(tile, dtype) of a store of the same problem already at ``path`` (so that a rerun
+    resumes it with the same tiling), else (None, None)."""
     from .store import StoreError
 
     try:
         existing = KernelStore.open(path).spec
     except StoreError:
-        existing = None
-    if existing is not None and existing.problem == run_spec.problem():
-        tile = existing.tile if tile is None else tile
-        dtype = existing.dtype if dtype is None else dtype
-    if tile is None:
-        tile = default_tile(run_spec.n, worker_memory_limit(client))
-    return make_store_spec(run_spec, tile, default_dtype(run_spec.n) if dtype is None else dtype)
+        return None, None
+    if existing.problem == run_spec.problem():
+        return existing.tile, existing.dtype
+    return None, None
 
 
 def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
@@ -270,7 +242,7 @@ def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
     return {"bad": bad, "missing": missing, "checked": checked, "recomputed": recomputed}
 
 
-def repair(path: str, client=None, cluster: dict | None = None, recompute: int = 0,
+def repair(path: str, client=None, cluster=None, recompute: int = 0,
            seed: int | None = None, log=None) -> dict:
     """Verify a store, recompute exactly its bad pieces on Dask workers, verify them again.
 
@@ -278,7 +250,7 @@ def repair(path: str, client=None, cluster: dict | None = None, recompute: int =
     recorded in the spec, and every block the bytes its marker records); tiles from the
     stored rows, checked first. Each is written as assembly writes it (marker removed, chunk
     rewritten, marker last). ``client``: a ``distributed.Client``; else a cluster is started
-    with :func:`ntkdist.cluster.connect` (``cluster``: its keyword arguments), only when
+    from ``cluster`` (a :class:`ntkdist.spec.ClusterSpec`; default: a local one), only when
     there is something to repair. Holds the store's lock throughout.
 
     Returns ``verify``'s report of the store before (``bad``, ``missing``, ``checked``,
@@ -286,7 +258,6 @@ def repair(path: str, client=None, cluster: dict | None = None, recompute: int =
     differ from the recorded checksum: a damaged marker, or a tile that failed
     recomputation), ``bad_after`` (pieces still bad) and ``seconds``.
     """
-    from .cluster import connect
 
     t0 = time.perf_counter()
     store = KernelStore.open(path)
@@ -304,8 +275,8 @@ def repair(path: str, client=None, cluster: dict | None = None, recompute: int =
                 log(f"found {len(bad)} bad piece(s): {', '.join(bad)}; recomputing them on "
                     "the Dask workers")
             recorded = {k: store.recorded_checksum(k) for k in bad}
-            use = contextlib.nullcontext(client) if client is not None else connect(
-                **(cluster or {}))
+            use = contextlib.nullcontext(client) if client is not None else (
+                cluster or ClusterSpec()).connect()
             with use as c:
                 _run({c.submit(repair_rows, path, i, recorded[store.rows_key(i)], pure=False):
                       f"row block {i}" for i in rows}, path=path)
@@ -322,19 +293,19 @@ def _check_source(store: KernelStore, keys: list) -> None:
     """Refuse, in one line, to repair row blocks from an input file that is gone or changed."""
     from .data import file_sha256
 
-    p = store.spec.problem
-    if p.get("input_sha256") is None:  # synthetic: the generator's rows are checked per block
+    data_spec = store.spec.data
+    if data_spec.input_sha256 is None:  # synthetic: the generator's rows are checked per block
         return
-    data, what = p["data"], f"{', '.join(keys)} of store {store.path!r} cannot be repaired"
+    data, what = data_spec.source, f"{', '.join(keys)} of store {store.path!r} cannot be repaired"
     if not os.path.exists(data):
         raise StoreError(f"{what}: its input file {data!r} no longer exists; restore it (the "
-                         f"file with sha256 {p['input_sha256'][:12]}…) and rerun")
+                         f"file with sha256 {data_spec.input_sha256[:12]}…) and rerun")
     try:
         now = file_sha256(data)
     except OSError as exc:
         raise StoreError(f"{what}: its input file {data!r} cannot be read "
                          f"({os_reason(exc)})") from None
-    if now != p["input_sha256"]:
+    if now != data_spec.input_sha256:
         raise StoreError(f"{what}: its input file {data!r} has changed since the store was "
-                         f"assembled (sha256 {now[:12]}… ≠ {p['input_sha256'][:12]}… recorded); "
+                         f"assembled (sha256 {now[:12]}… ≠ {data_spec.input_sha256[:12]}… recorded); "
                          "restore the original file and rerun")

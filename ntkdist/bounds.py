@@ -2,11 +2,11 @@
 
 Nguyen, Mondelli, Montúfar (2021), Theorem 3.2: μ_r² Ω(d) ≤ λ_min(K^(L)) ≤ L·O(d). The Ω and
 O hide constants; what can be computed for the data at hand is the chain of the proof
-(theory.md, "Data-dependent quantities"):
+(docs/theory.md, "Data-dependent quantities"):
 
 * upper: λ_min ≤ min_i K_ii (= L min‖x_i‖² for the NTK) and ≤ tr(K)/N (the theorem's form);
-* lower: K^(L) ⪰ Σ_{l=2}^{L} G^(l) (Schur product bound, the Ġ products have unit diagonal),
-  and G^(l) = D κ₁(P^(l−1)) D with P^(m) the layer-m correlation matrix (P^(1) = X̂X̂ᵀ) and
+* lower: λ_min(K^(L)) ≥ Σ_{l=2}^{L} λ_min(G^(l)) (Weyl's inequality over the NTK's terms,
+  and Schur's λ_min(A∘B) ≥ λ_min(A)·min_i B_ii with the Ġ products' unit diagonal), and G^(l) = D κ₁(P^(l−1)) D with P^(m) the layer-m correlation matrix (P^(1) = X̂X̂ᵀ) and
   κ₁(ρ) = 2 Σ_r μ_r² ρ^r (Hermite expansion of ReLU). Each P^∘r is PSD with unit diagonal,
   so Gershgorin gives, with D = diag ‖x_i‖,
 
@@ -134,7 +134,8 @@ def lambda_min_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "
 
 def staircase_prediction(n: int, d: int, depth: int, kernel: str = "ntk",
                          normalization: str = "paper") -> dict:
-    """theory.md's heuristic for data on the sphere of radius √d (not a bound).
+    """A heuristic for data on the sphere of radius √d, not a bound (docs/theory.md,
+    "Staircase prediction").
 
     With D_r = C(d+r−1, r) and ℓ such that D_ℓ ≤ N < D_{ℓ+1}:
     λ_min ≈ d·[Σ_{r>ℓ+1} a_r + a_{ℓ+1} (1 − √(N/D_{ℓ+1}))₊²].
@@ -150,4 +151,4 @@ def staircase_prediction(n: int, d: int, depth: int, kernel: str = "ntk",
     D_next = comb(d + ell, ell + 1)
     value = d * (tail + a[ell + 1] * max(0.0, 1.0 - (n / D_next) ** 0.5) ** 2)
     return {"value": value * normalization_factor(normalization, d), "degree": ell,
-            "D_next": D_next, "note": "heuristic for sphere data (theory.md), not a bound"}
+            "D_next": D_next, "note": "heuristic for sphere data (docs/theory.md), not a bound"}

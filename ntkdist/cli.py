@@ -1,4 +1,5 @@
-"""Command line: parses arguments and prints; the work happens elsewhere."""
+"""Command line: parses arguments (flags and --config run files) and prints; the jobs in
+:mod:`ntkdist.pipeline` do the work."""
 
 from __future__ import annotations
 
@@ -30,24 +31,30 @@ class _Parser(argparse.ArgumentParser):
         raise NtkdistError(f"{message} (see '{self.prog} --help')")
 
 
+def _add_config_arg(p, tables: str) -> None:
+    p.add_argument("--config", metavar="FILE.toml",
+                   help=f"a TOML run file ({tables} tables; docs/cli.md); flags override it")
+
+
 def _add_data_args(p) -> None:
-    p.add_argument("--data", default="sphere",
-                   help="sphere | gaussian | PATH (.npy without pickles, or a Zarr array)")
+    p.add_argument("--data", help="sphere | gaussian | PATH (.npy without pickles, or a Zarr "
+                                  "array); default sphere")
     p.add_argument("--n", type=int, help="number of rows (synthetic: required; file: first N rows)")
     p.add_argument("--d", type=int, help="input dimension (synthetic: required; file: checked)")
-    p.add_argument("--depth", type=int, required=True, help="network depth L (>= 1)")
+    p.add_argument("--depth", type=int, help="network depth L (>= 1); required")
     p.add_argument("--seed", type=int, help="seed of synthetic data (default 0)")
-    p.add_argument("--kernel", default="ntk", choices=["ntk", "nngp"])
-    p.add_argument("--normalization", default="paper", choices=["paper", "nt"],
-                   help="paper: K_ii = L||x||^2; nt: neural-tangents' stack, (2/d)K")
-    p.add_argument("--dedupe", action="store_true",
+    p.add_argument("--kernel", choices=["ntk", "nngp"], help="default ntk")
+    p.add_argument("--normalization", choices=["paper", "nt"],
+                   help="paper (default): K_ii = L||x||^2; nt: neural-tangents' stack, (2/d)K")
+    p.add_argument("--dedupe", action="store_true", default=None,
                    help="drop repeated rows (first occurrences kept) and solve for the distinct "
                         "rows; without it repeated rows give λ_min = 0 exactly")
 
 
-def _add_store_args(p, required: bool) -> None:
-    p.add_argument("--store", required=required, help="Zarr store of the kernel (PATH.zarr)")
-    p.add_argument("--tile", type=_count, help="tile side T (default: from worker memory, <= 4096)")
+def _add_store_args(p) -> None:
+    p.add_argument("--store", help="Zarr store of the kernel (PATH.zarr)")
+    p.add_argument("--tile", type=_count, help="tile side T of the store, or of the recompute "
+                                              "operator (default: from worker memory, <= 4096)")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="storage dtype (default float64 up to N=25000, float32 above)")
     _add_cluster_args(p)
@@ -62,7 +69,7 @@ def _add_cluster_args(p, prefix: str = "") -> None:
 
 
 def _add_device_arg(p) -> None:
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+    p.add_argument("--device", choices=["cpu", "gpu"],
                    help="where the solver's products run (default cpu); gpu: tiles built on "
                         "the workers' GPUs with CuPy, kept in GPU memory when they fit "
                         "(--operator memory/auto), else rebuilt every pass (recompute); a "
@@ -73,33 +80,25 @@ def _add_solver_args(p) -> None:
     p.add_argument("--method", choices=["lobpcg", "davidson", "lanczos", "dense"],
                    help="eigensolver (default: dense in memory up to N=25000 without --store "
                         "and --device gpu, else lobpcg)")
-    p.add_argument("--k", type=int, default=1, help="number of smallest eigenvalues (default 1)")
-    p.add_argument("--tol", type=float, default=1e-8,
+    p.add_argument("--k", type=int, help="number of smallest eigenvalues (default 1)")
+    p.add_argument("--tol", type=float,
                    help="relative accuracy of the k eigenvalues to certify (default 1e-8)")
     p.add_argument("--block", type=_count,
                    help="LOBPCG/Davidson block size (default max(32, 2k+16); at least k+1)")
-    p.add_argument("--precond", default="auto",
-                   help="auto | harmonic | nystrom[:RANK] | none (default auto: harmonic)")
-    p.add_argument("--operator", default="auto", choices=["auto", "store", "memory", "recompute"],
-                   help="how K·V is computed (default auto: memory if the tiles fit, else store)")
-    p.add_argument("--precision", default="auto", choices=["auto", "float64", "mixed"],
+    p.add_argument("--precond", help="auto | harmonic | nystrom[:RANK] | none (default auto: "
+                                     "harmonic)")
+    p.add_argument("--operator", choices=["auto", "store", "memory", "recompute"],
+                   help="how K·V is computed (default auto: with a store, memory if the "
+                        "tiles fit, else store; without one, recompute)")
+    p.add_argument("--precision", choices=["auto", "float64", "mixed"],
                    help="products of LOBPCG/Davidson: mixed = float32 deflated products for "
                         "most iterations, float64 to finish and certify (memory operator); "
                         "default auto: mixed where the memory operator has room for it")
-    p.add_argument("--max-products", type=_count, default=600,
+    p.add_argument("--max-products", type=_count,
                    help="cap on passes over the kernel (default 600)")
-    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                    help="save the solver's Ritz block to OUT/checkpoint.npz this often; a rerun "
                         "with the same --out resumes from it (default 60)")
-
-
-def _solver_options(args, n: int, store) -> dict:
-    from .pipeline import default_method
-
-    method = args.method or default_method(n, store, getattr(args, "device", "cpu"))
-    return {"method": method, "k": args.k, "tol": args.tol,
-            "block": args.block, "precond": args.precond, "operator": args.operator,
-            "precision": args.precision, "max_products": args.max_products}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -109,20 +108,23 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ntkdist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="compute λ_min of a kernel Gram matrix with the paper's bounds")
+    _add_config_arg(run, "[data] [kernel] [solver] [store] [cluster] and out")
     _add_data_args(run)
-    run.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
-    _add_store_args(run, required=False)
+    run.add_argument("--out", help="result folder (created; refused if another run's); required")
+    _add_store_args(run)
     _add_solver_args(run)
     _add_device_arg(run)
     sol = sub.add_parser("solve", help="smallest eigenvalues of the kernel in a complete store")
-    sol.add_argument("--store", required=True, help="a complete kernel store (PATH.zarr)")
-    sol.add_argument("--out", required=True, help="result folder (created; refused if another run's)")
+    _add_config_arg(sol, "[solver] [store] path, [cluster] and out")
+    sol.add_argument("--store", help="a complete kernel store (PATH.zarr); required")
+    sol.add_argument("--out", help="result folder (created; refused if another run's); required")
     _add_cluster_args(sol)
     _add_solver_args(sol)
     _add_device_arg(sol)
     asm = sub.add_parser("assemble", help="assemble the kernel's tiles into a Zarr store (resumable)")
+    _add_config_arg(asm, "[data] [kernel] [store] [cluster]")
     _add_data_args(asm)
-    _add_store_args(asm, required=True)
+    _add_store_args(asm)
     info = sub.add_parser("info", help="spec, size and progress of a kernel store")
     info.add_argument("--store", required=True)
     ver = sub.add_parser("verify", help="check every tile of a store against its checksum "
@@ -138,118 +140,95 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _spec(args):
-    from .spec import make_spec
-
-    return make_spec(data=args.data, n=args.n, d=args.d, depth=args.depth, kernel=args.kernel,
-                     normalization=args.normalization, seed=args.seed, dedupe=args.dedupe)
+_NOT_OPTIONS = ("command", "config", "recompute", "repair")
 
 
-def _cluster(args) -> dict:
-    if getattr(args, "memory_limit", None) not in (None, "auto"):
-        from dask.utils import parse_bytes
+def _options(args):
+    """The command's options: its --config file's, overridden by the flags given."""
+    from .config import load_config, merge
 
-        try:
-            if parse_bytes(args.memory_limit) <= 0:
-                raise ValueError
-        except (ValueError, TypeError):
-            from .errors import SpecError
-
-            raise SpecError(f"--memory-limit must be a size such as 4GB or 500MiB, got "
-                            f"{args.memory_limit!r}") from None
-    return {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
-            "workers": args.workers, "memory_limit": args.memory_limit,
-            "device": getattr(args, "device", "cpu")}
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
+    config = getattr(args, "config", None)
+    return merge(load_config(config) if config else None, flags)
 
 
-def _checkpoint_every(args) -> float:
-    from .errors import SpecError
-
-    every = args.checkpoint_every
-    if not (every >= 0 and every != float("inf")):
-        raise SpecError(f"--checkpoint-every must be a finite number of seconds >= 0, got {every}")
-    return every
+def _log(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import run, summary
+    from .config import required, run_request, store_request
+    from .pipeline import run
 
-    spec = _spec(args)
-    spec = spec.with_solver(**_solver_options(args, spec.n, args.store))
-    result = run(spec, args.out, log=lambda msg: print(msg, flush=True), store=args.store,
-                 cluster=_cluster(args), tile=args.tile, dtype=args.dtype,
-                 checkpoint_every=_checkpoint_every(args))
-    print(summary(result, args.out))
+    o = _options(args)
+    out = required(o, "out", "--out")
+    spec, cluster = run_request(o)
+    store, tile, dtype = store_request(o)
+    result = run(spec, out, cluster, store=store, tile=tile, dtype=dtype, log=_log)
+    print(summary(result.to_dict(), out))
     return 0
 
 
 def _cmd_solve(args) -> int:
-    from .pipeline import solve, summary
-    from .store import KernelStore
+    from .config import cluster_request, required, solver_options
+    from .pipeline import solve
 
-    n = KernelStore.open(args.store).spec.n
-    result = solve(args.store, args.out, log=lambda msg: print(msg, flush=True),
-                   cluster=_cluster(args), checkpoint_every=_checkpoint_every(args),
-                   **_solver_options(args, n, args.store))
-    print(summary(result, args.out))
+    o = _options(args)
+    store, out = required(o, "store", "--store"), required(o, "out", "--out")
+    result = solve(store, out, cluster_request(o), log=_log, **solver_options(o))
+    print(summary(result.to_dict(), out))
     return 0
 
 
 def _cmd_assemble(args) -> int:
-    from .assemble import assemble, resolve_store_spec
-    from .cluster import connect
-    from .data import check_rows
+    from .config import cluster_request, problem_request, required, store_request
+    from .pipeline import assemble
 
-    spec = _spec(args)
-    check_rows(spec.rows(), name=spec.data)
-    with connect(**_cluster(args)) as client:
-        store_spec = resolve_store_spec(spec, args.store, client, args.tile, args.dtype)
-        print(f"store {args.store}: N={spec.n} d={spec.d} tile {store_spec.tile} "
-              f"({store_spec.blocks}x{store_spec.blocks} blocks), {store_spec.dtype}", flush=True)
-        report = assemble(store_spec, args.store, client,
-                          log=lambda msg: print(msg, flush=True))  # "resuming: D of T tiles …"
+    o = _options(args)
+    store = required(o, "store", "--store")
+    spec, cluster = problem_request(o), cluster_request(o)
+    _, tile, dtype = store_request(o)
+    report = assemble(spec, store, cluster, tile=tile, dtype=dtype, log=_log)
     print(f"done: {report['tiles_computed']} tiles computed now, {report['tiles_total']} in all, "
           f"{report['seconds']:.1f} s")
     return 0
 
 
 def _cmd_info(args) -> int:
-    from .store import KernelStore
+    from .pipeline import info
 
-    store = KernelStore.open(args.store)
-    spec = store.spec
-    rows, tiles = store.pending()
-    total = len(store.upper_tiles())
-    p = spec.problem
-    source = f"seed {p['seed']}" if p["seed"] is not None else f"sha256 {p['input_sha256']}"
+    r = info(args.store)
+    spec = r["spec"]
+    data, kernel = spec.data, spec.kernel
+    source = f"seed {data.seed}" if data.seed is not None else f"sha256 {data.input_sha256}"
+    rows = r["rows_missing"]
     print(f"store      {args.store}")
-    print(f"kernel     {p['kernel']} depth {p['depth']} ({p['normalization']} normalization)")
-    print(f"data       {p['data']} ({source}), N={p['n']} d={p['d']}")
-    print(f"tiles      {total - len(tiles)}/{total} done, tile {spec.tile}, {spec.dtype}"
-          f"{'' if not rows else f'; {len(rows)} row blocks missing'}")
-    print(f"on disk    {store.bytes_on_disk() / 1e9:.3f} GB")
-    print(f"spec hash  {spec.hash()}  (ntkdist {spec.ntkdist_version})")
-    holder = store.lock_holder()
-    if holder:
-        print(f"in use     being {holder}")
+    print(f"kernel     {kernel.kind} depth {kernel.depth} ({kernel.normalization} normalization)")
+    print(f"data       {data.source} ({source}), N={data.n} d={data.d}")
+    print(f"tiles      {r['tiles_done']}/{r['tiles_total']} done, tile {spec.tile}, {spec.dtype}"
+          f"{'' if not rows else f'; {rows} row blocks missing'}")
+    print(f"on disk    {r['bytes_on_disk'] / 1e9:.3f} GB")
+    print(f"spec hash  {r['spec_hash']}  (ntkdist {spec.ntkdist_version})")
+    if r["lock_holder"]:
+        print(f"in use     being {r['lock_holder']}")
     return 0
 
 
 def _cmd_verify(args) -> int:
-    from .assemble import repair, verify
+    from .config import cluster_request
     from .errors import SpecError
+    from .pipeline import verify
 
     if args.recompute < 0:
         raise SpecError(f"--recompute must be >= 0 (tiles to recompute), got {args.recompute}")
-    if args.repair:
-        report = repair(args.store, cluster=_cluster(args), recompute=args.recompute, seed=args.seed,
-                        log=lambda msg: print(msg, flush=True))
-    else:
+    if not args.repair:
         given = [f"--{n}" for n in ("scheduler", "scheduler-file", "workers", "memory-limit")
                  if getattr(args, n.replace("-", "_")) is not None]
         if given:
             raise SpecError(f"{', '.join(given)} only apply to 'verify --repair'")
-        report = verify(args.store, recompute=args.recompute, seed=args.seed)
+    cluster = cluster_request(_options(args)) if args.repair else None
+    report = verify(args.store, recompute=args.recompute, seed=args.seed, repair=args.repair,
+                    cluster=cluster, log=_log)
     for r in report["recomputed"]:
         print(f"recomputed tile {tuple(r['tile'])}: max |diff| {r['max_abs_diff']:.3g}")
     if args.repair and report["repaired"]:
@@ -276,6 +255,72 @@ def _cmd_verify(args) -> int:
         print("nothing to repair")
     print(f"sound: {report['checked']} pieces match their checksums ({state})")
     return 0
+
+
+def summary(result: dict, out: str) -> str:
+    """A short human summary of a result (result.json's dict)."""
+    b = result["bounds"]
+    method = result["method"].split(" (")[0].split(":")[0]
+    status = result.get("status", "certified")
+    if status == "below_resolution":
+        lines = [
+            f"λ_min is below what float64 resolves for this matrix: 0 ≤ λ_min ≤ "
+            f"{result['lambda_min_interval'][1]:.3g} (resolution {result['resolution']:.2e}; "
+            f"computed {result['lambda_min_computed']:.3g}, no digit certified; method: {method})",
+        ]
+    elif status == "missed":
+        lines = [
+            f"λ_min not found: the {method} solver converged to {result['lambda_min_computed']:.6g}"
+            f", above min_i K_ii = {b['upper_min_diagonal']:.6g} ≥ λ_min, so it missed a "
+            "smaller eigenvalue; 0 ≤ λ_min ≤ min_i K_ii",
+        ]
+    elif status == "exact":
+        lines = [f"λ_min = 0 exactly (repeated rows: e_i − e_j is a null vector of the PSD K; "
+                 f"method: {method})"]
+    else:
+        kt = result.get("relative_accuracy_kato_temple")
+        acc = f"rel. error ≤ {result['relative_accuracy']:.1e}" + (
+            f" (Kato–Temple {kt:.1e})" if kt is not None else "")
+        lines = [
+            f"λ_min = {result['lambda_min']:.10g}  (residual ‖Kv−λv‖ = "
+            f"{result['residual_norm']:.2e}, {acc}; method: {method})",
+            f"λ_min/d = {result['lambda_min'] / result['d']:.6g}",
+        ]
+    if result.get("passes") is not None:
+        gpus = f" on GPU ({', '.join(result['gpus'])})" if result.get("gpus") else ""
+        lines.append(f"passes over the kernel {result['passes']}, matvecs {result['matvecs']}, "
+                     f"operator {result['operator']}{gpus}"
+                     + (f", preconditioner {result['preconditioner']['name']}"
+                        if result.get("preconditioner") else ""))
+    if result.get("phases"):
+        lines.append("mixed precision: " + ", then ".join(
+            f"{p['passes']} passes with {p['products']} products ({p['stopped']})"
+            for p in result["phases"]))
+    if status == "not_converged":
+        unresolved = sum(v is None for v in result["eigenvalues"])
+        lines.append(f"warning: not certified to tol = {result['spec']['tol']:g}: the bounds "
+                     "reached are " + ", ".join(
+                         "-" if v is None else f"{v:.1e}"
+                         for v in result["accuracy"]["rel_error_bound"]) + " relative "
+                     + ("(too close to 0 for float64's rounding of K to do better)"
+                        if result.get("rounding_limited") or unresolved else
+                        "(the solver stopped at its product or time limit)"))
+    low, high = result.get("row_norm_range") or (1.0, 1.0)
+    if status in ("below_resolution", "missed") and not result["method"].startswith("dense") \
+            and high > 2 * low:
+        lines.append("hint: rows of very different norms are resolved by --method dense (the "
+                     "scaled formulation K = D A D, N ≤ 8000)")
+    lower = b.get("lower")
+    lines.append(f"bounds: {lower:.4g} (proof chain, rigorous) ≤ λ_min ≤ "
+                 f"{b['upper_min_diagonal']:.6g} (min_i K_ii)" if lower is not None else
+                 f"bounds: λ_min ≤ {b['upper_min_diagonal']:.6g} (min_i K_ii); lower chain "
+                 "not computed at this N")
+    if result["singular_expected"]:
+        lines.append(f"note: {result['singular_reason']}")
+    if result.get("store"):
+        lines.append(f"store: {result['store']}")
+    lines.append(f"wall time {result['wall_seconds']:.2f} s; results in {out}/result.json")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -171,11 +171,3 @@ def connect(scheduler: str | None = None, scheduler_file: str | None = None,
             yield client
     finally:
         cluster.close()
-
-
-def worker_memory_limit(client) -> int | None:
-    """The smallest memory limit (bytes) among the client's workers, or None if unlimited."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    limits = [w.get("memory_limit") or 0 for w in workers]
-    limits = [m for m in limits if m > 0]
-    return min(limits) if limits else None

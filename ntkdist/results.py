@@ -1,10 +1,12 @@
-"""Result folders: refuse another spec's folder, write files atomically."""
+"""Result folders (refuse another spec's folder, write files atomically) and the result
+schema, :class:`RunResult`, defined once."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -118,3 +120,96 @@ def write_npy(path: str, array: np.ndarray) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+@dataclass
+class RunResult:
+    """What a run or solve job returns, and what ``result.json`` holds (its fields, in this
+    order; documented one by one in docs/results.md). ``result["lambda_min"]`` reads a
+    field as from the JSON dict."""
+
+    # The answer and how sure it is
+    lambda_min: float | None
+    status: str  # certified | exact | below_resolution | missed | not_converged
+    converged: bool
+    residual_norm: float
+    relative_accuracy: float
+    relative_accuracy_residual: float
+    relative_accuracy_kato_temple: float | None
+    abs_error_bound: float
+    resolution: float
+    lambda_min_interval: list
+    lambda_min_computed: float
+    smallest_proved: bool
+    rounding_limited: bool
+    # How it was solved
+    method: str
+    block: int | None
+    notes: list
+    k: int
+    eigenvalues: list
+    eigenvalues_computed: list
+    residual_norms: list
+    gaps: list
+    accuracy: dict
+    iterations: int | None
+    passes: int | None
+    precision: str
+    phases: list | None
+    matvecs: int | None
+    bytes_read: int | None
+    resumed_from_checkpoint: dict | None
+    passes_total: int | None
+    operator: str
+    device: str
+    gpus: list | None
+    operator_memory: dict | None
+    preconditioner: dict | None
+    solver_seconds: float
+    # The problem
+    n: int
+    d: int
+    depth: int
+    kernel: str
+    normalization: str
+    data: str
+    seed: int | None
+    input_sha256: str | None
+    row_norm_range: list
+    duplicate_rows: int
+    parallel_rows: int
+    singular_expected: bool
+    singular_reason: str | None
+    dedupe: bool
+    n_input: int
+    # The theory beside the measurement
+    bounds: dict
+    # Provenance
+    wall_seconds: float
+    ntkdist_version: str
+    store: str | None
+    spec: dict
+    spec_hash: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __getitem__(self, name: str):
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name, default) if name in self.__dataclass_fields__ else default
+
+
+def write_result(out: str, result: RunResult, vectors) -> None:
+    """``out/eigvec.npy`` and ``out/result.json``, each written atomically; a one-line
+    OutputError (with the computed λ_min, so it is not lost) if the disk refuses."""
+    try:
+        write_npy(os.path.join(out, EIGVEC_FILE), vectors)
+        write_json(os.path.join(out, RESULT_FILE), result.to_dict())
+    except OSError as exc:
+        reason = exc.strerror or f"{exc}; is the disk full?"
+        raise OutputError(f"cannot write the results into {out!r} ({reason}); computed λ_min "
+                          f"= {result.lambda_min_computed!r} ({result.status})") from None

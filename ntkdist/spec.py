@@ -1,11 +1,30 @@
-"""The run description: what data, which kernel, how it is solved, and its content hash."""
+"""What a run is: four typed specs, and the content hash that names its result.
+
+* :class:`DataSpec`: the rows (a synthetic generator with its seed, or a file with its
+  SHA-256), N and d;
+* :class:`KernelSpec`: which kernel of the rows (``ntk`` or ``nngp``, depth, normalisation);
+* :class:`SolverSpec`: how its smallest eigenvalues are found and certified;
+* :class:`ClusterSpec`: where the work runs (a local cluster, or a running scheduler by
+  address or scheduler file), and on which device.
+
+A :class:`RunSpec` is data + kernel + solver; the cluster does not change the numbers, so it
+is not part of the hash. The hash is the SHA-256 of the spec's flat dict (:meth:`RunSpec.
+to_dict`), the form result folders and stores have recorded since 0.1.0: their hashes are
+unchanged. A :class:`StoreSpec` is data + kernel + the store's tiling and dtype.
+
+Specs come from command-line flags or a TOML file (:mod:`ntkdist.config`); both go through
+the constructors here (:func:`make_data_spec`, :func:`make_kernel_spec`,
+:func:`make_solver_spec`, :func:`make_cluster_spec`), which refuse a bad value with one
+line naming it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 
 from .data import (SYNTHETIC, check_dtype, check_rows, distinct_rows, file_sha256, load_array,
                    synthetic_rows)
@@ -14,11 +33,14 @@ from .kernels.limiting import KERNELS, NORMALIZATIONS
 
 METHODS = ("dense", "lobpcg", "davidson", "lanczos")
 OPERATORS = ("auto", "store", "memory", "recompute")
-#: Fields of RunSpec that choose the solver, not the matrix.
-SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "precision",
-                 "max_products")
 PRECISIONS = ("auto", "float64", "mixed")
 DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "gpu")
+#: How a cluster is reached. Batch systems (Slurm, PBS) will be further kinds.
+CLUSTER_KINDS = ("local", "address", "scheduler_file")
+#: Fields of a run's flat dict that choose the solver, not the matrix.
+SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "precision",
+                 "max_products")
 
 
 def spec_differences(old: dict, new: dict) -> list[str]:
@@ -44,58 +66,25 @@ def content_hash(obj: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything a result depends on. Two runs with equal specs give the same numbers."""
+# --------------------------------------------------------------------------- the four specs
 
-    data: str  # "sphere", "gaussian" or the input file's absolute path
+@dataclass(frozen=True)
+class DataSpec:
+    """The rows: ``source`` is ``sphere``, ``gaussian`` or the input file's absolute path."""
+
+    source: str
     n: int
     d: int
-    depth: int
-    kernel: str = "ntk"
-    normalization: str = "paper"
     seed: int | None = None  # synthetic data only
     input_sha256: str | None = None  # file data only
-    method: str = "dense"
-    k: int = 1
-    tol: float = 1e-8
-    block: int | None = None
-    precond: str = "auto"
-    operator: str = "auto"
-    precision: str = "auto"
-    max_products: int = 600
-    #: ``--dedupe``: the first ``n_input`` rows of the source with repeated rows dropped (first
+    #: ``dedupe``: the first ``n_input`` rows of the source with repeated rows dropped (first
     #: occurrences kept, in order); ``n`` is then the number of distinct rows.
     dedupe: bool = False
     n_input: int | None = None
 
     @property
     def synthetic(self) -> bool:
-        return self.data in SYNTHETIC
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        if not self.dedupe:  # specs (and stores) written without these fields keep their hash
-            del out["dedupe"], out["n_input"]
-        return out
-
-    def hash(self) -> str:
-        return content_hash(self.to_dict())
-
-    def problem(self) -> dict:
-        """The fields that define the kernel matrix (everything but the solver)."""
-        out = self.to_dict()
-        for name in SOLVER_FIELDS:
-            del out[name]
-        return out
-
-    def with_solver(self, **options) -> "RunSpec":
-        """This problem with other (validated) solver options."""
-        from dataclasses import replace
-
-        spec = replace(self, **options)
-        check_solver(spec)
-        return spec
+        return self.source in SYNTHETIC
 
     def rows(self, start: int = 0, stop: int | None = None):
         """Rows [start, stop) of the input, float64."""
@@ -111,9 +100,197 @@ class RunSpec:
         import numpy as np
 
         if self.synthetic:
-            return synthetic_rows(self.data, self.d, self.seed, start, stop)
-        return np.asarray(load_array(self.data)[start:stop], dtype=np.float64)
+            return synthetic_rows(self.source, self.d, self.seed, start, stop)
+        return np.asarray(load_array(self.source)[start:stop], dtype=np.float64)
 
+    def fields(self) -> tuple[dict, dict]:
+        """The data's part of a flat spec dict (0.1.0 names: the source is ``data``), as
+        (source, n, d) and (seed, input hash, and the dedupe fields when set)."""
+        out = {"data": self.source, "n": self.n, "d": self.d}
+        extra = {"seed": self.seed, "input_sha256": self.input_sha256}
+        if self.dedupe:  # specs (and stores) written without these fields keep their hash
+            extra.update(dedupe=True, n_input=self.n_input)
+        return out, extra
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Which kernel matrix of the rows. Finite-width kinds will add their widths and weights
+    seed as further fields, written to the spec dict only when set (so that the hashes of
+    the limiting kernels do not change)."""
+
+    kind: str = "ntk"
+    depth: int = 1
+    normalization: str = "paper"
+
+    def fields(self) -> dict:
+        return {"depth": self.depth, "kernel": self.kind, "normalization": self.normalization}
+
+    def gram(self, X, Y=None):
+        """The dense kernel matrix K(X, Y) (K(X, X) without Y), float64."""
+        from .kernels.limiting import nngp, ntk
+
+        return (ntk if self.kind == "ntk" else nngp)(X, Y, depth=self.depth,
+                                                    normalization=self.normalization)
+
+    def tile(self, A, B):
+        """K between two row blocks (:func:`ntkdist.kernels.row_block`), NumPy or CuPy."""
+        from .kernels.limiting import kernel_tile
+
+        return kernel_tile(A, B, self.depth, self.kind, self.normalization)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """How the smallest eigenvalues are found. ``checkpoint_every`` (seconds between saves
+    of the Ritz block) does not change the numbers and is not part of the hash."""
+
+    method: str = "dense"
+    k: int = 1
+    tol: float = 1e-8
+    block: int | None = None
+    precond: str = "auto"
+    operator: str = "auto"
+    precision: str = "auto"
+    max_products: int = 600
+    checkpoint_every: float = field(default=60.0, compare=False)
+
+    def fields(self) -> dict:
+        return {name: getattr(self, name) for name in SOLVER_FIELDS}
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where the work runs: ``kind`` ``local`` (a LocalCluster of ``workers`` processes with
+    ``memory_limit`` each), ``address`` (a running scheduler) or ``scheduler_file``; the
+    device the products run on."""
+
+    kind: str = "local"
+    scheduler: str | None = None
+    scheduler_file: str | None = None
+    workers: int | None = None
+    memory_limit: str | None = None
+    device: str = "cpu"
+
+    def connect(self):
+        """A context manager yielding a ``distributed.Client`` (:func:`ntkdist.cluster.
+        connect`)."""
+        from .cluster import connect
+
+        return connect(scheduler=self.scheduler, scheduler_file=self.scheduler_file,
+                       workers=self.workers, memory_limit=self.memory_limit,
+                       device=self.device)
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the user chose a cluster (an address, a scheduler file or a worker count)."""
+        return self.kind != "local" or self.workers is not None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a result depends on. Two runs with equal specs give the same numbers."""
+
+    data: DataSpec
+    kernel: KernelSpec
+    solver: SolverSpec = SolverSpec()
+
+    @property
+    def n(self) -> int:
+        return self.data.n
+
+    @property
+    def d(self) -> int:
+        return self.data.d
+
+    def to_dict(self) -> dict:
+        """The flat spec dict (the names and order result.json has had since 0.1.0)."""
+        head, extra = self.data.fields()
+        return {**head, **self.kernel.fields(), "seed": extra.pop("seed"),
+                "input_sha256": extra.pop("input_sha256"), **self.solver.fields(), **extra}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        """The inverse of :meth:`to_dict` (a result's or a store's recorded spec)."""
+        known = {"data", "n", "d", "depth", "kernel", "normalization", "seed", "input_sha256",
+                 "dedupe", "n_input", *SOLVER_FIELDS}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"unknown spec field(s) {', '.join(unknown)}")
+        data = DataSpec(source=d["data"], n=d["n"], d=d["d"], seed=d.get("seed"),
+                        input_sha256=d.get("input_sha256"), dedupe=d.get("dedupe", False),
+                        n_input=d.get("n_input"))
+        kernel = KernelSpec(kind=d.get("kernel", "ntk"), depth=d["depth"],
+                            normalization=d.get("normalization", "paper"))
+        solver = SolverSpec(**{k: d[k] for k in SOLVER_FIELDS if k in d})
+        return cls(data, kernel, solver)
+
+    def hash(self) -> str:
+        return content_hash(self.to_dict())
+
+    def problem(self) -> dict:
+        """The fields that define the kernel matrix (everything but the solver)."""
+        out = self.to_dict()
+        for name in SOLVER_FIELDS:
+            del out[name]
+        return out
+
+    def with_solver(self, solver: SolverSpec | None = None, **options) -> "RunSpec":
+        """This problem with another (validated) solver: a SolverSpec, or options changed."""
+        solver = replace(solver or self.solver, **options)
+        check_solver(solver, self.n)
+        return replace(self, solver=solver)
+
+    def rows(self, start: int = 0, stop: int | None = None):
+        return self.data.rows(start, stop)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a kernel store holds: the matrix (data and kernel), its tiling and storage dtype.
+
+    Tiles depend only on this spec and their indices, so a store is resumable exactly when
+    the spec hash of the command matches the one recorded in the store. On disk (the store's
+    attributes) it is ``{"problem": {…}, "tile", "dtype", "ntkdist_version"}`` with the flat
+    problem dict of :meth:`RunSpec.problem`, as written since 0.1.0.
+    """
+
+    data: DataSpec
+    kernel: KernelSpec
+    tile: int
+    dtype: str
+    ntkdist_version: str
+
+    @property
+    def n(self) -> int:
+        return self.data.n
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.n // self.tile)
+
+    @property
+    def problem(self) -> dict:
+        return self.run_spec().problem()
+
+    def to_dict(self) -> dict:
+        return {"problem": self.problem, "tile": self.tile, "dtype": self.dtype,
+                "ntkdist_version": self.ntkdist_version}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StoreSpec":
+        run = RunSpec.from_dict(d["problem"])
+        return cls(run.data, run.kernel, d["tile"], d["dtype"], d["ntkdist_version"])
+
+    def hash(self) -> str:
+        return content_hash(self.to_dict())
+
+    def run_spec(self, solver: SolverSpec | None = None) -> RunSpec:
+        """The problem of this store, with default (or the given) solver options."""
+        return RunSpec(self.data, self.kernel, solver or SolverSpec())
+
+
+# ----------------------------------------------------------------------------- validation
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -121,135 +298,160 @@ def _positive_int(value, name: str, minimum: int = 1) -> int:
     return value
 
 
-def check_solver(spec: RunSpec) -> None:
-    """Refuse solver options that cannot work, with one line."""
-    if spec.method not in METHODS:
-        raise SpecError(f"method must be one of {', '.join(METHODS)}, got {spec.method!r}")
-    if isinstance(spec.k, bool) or not isinstance(spec.k, int) or not 1 <= spec.k < spec.n:
-        raise SpecError(f"k must be an integer in [1, N-1] = [1, {spec.n - 1}], got {spec.k!r}")
-    if not (isinstance(spec.tol, (int, float)) and 0 < spec.tol < 1):
-        raise SpecError(f"tol must be in (0, 1), got {spec.tol!r}")
-    if spec.block is not None:  # a block below k + 1 is raised by the solvers, and said so
-        _positive_int(spec.block, "block")
-    base, _, arg = spec.precond.partition(":")
-    if base not in ("auto", "harmonic", "nystrom", "none") or (arg and base != "nystrom") or (
+def _choice(value, name: str, choices) -> str:
+    if value not in choices:
+        raise SpecError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_solver(solver: SolverSpec, n: int) -> None:
+    """Refuse solver values that cannot work, with one line. Whether they fit together with
+    the data, the store, the cluster and the device is the plan's to say
+    (:func:`ntkdist.plan.make_plan`)."""
+    _choice(solver.method, "method", METHODS)
+    k = solver.k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise SpecError(f"k must be an integer in [1, N-1] = [1, {n - 1}], got {k!r}")
+    tol = solver.tol
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise SpecError(f"tol must be in (0, 1), got {tol!r}")
+    if solver.block is not None:  # a block below k + 1 is raised by the solvers, and said so
+        _positive_int(solver.block, "block")
+    base, _, arg = str(solver.precond).partition(":")
+    if not isinstance(solver.precond, str) or base not in (
+            "auto", "harmonic", "nystrom", "none") or (arg and base != "nystrom") or (
             arg and not (arg.isdigit() and int(arg) >= 1)):
         raise SpecError(f"precond must be auto, harmonic, nystrom[:RANK] or none, "
-                        f"got {spec.precond!r}")
-    if spec.operator not in OPERATORS:
-        raise SpecError(f"operator must be one of {', '.join(OPERATORS)}, got {spec.operator!r}")
-    if spec.precision not in PRECISIONS:
-        raise SpecError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                        f"got {spec.precision!r}")
-    if spec.precision == "mixed" and spec.method not in ("lobpcg", "davidson"):
-        raise SpecError(f"--precision mixed applies to --method lobpcg or davidson, "
-                        f"not {spec.method}")
-    if spec.precision == "mixed" and spec.operator in ("store", "recompute"):
-        raise SpecError(f"--precision mixed needs the memory operator (tiles kept in worker "
-                        f"memory), not --operator {spec.operator}")
-    _positive_int(spec.max_products, "max_products")
+                        f"got {solver.precond!r}")
+    _choice(solver.operator, "operator", OPERATORS)
+    _choice(solver.precision, "precision", PRECISIONS)
+    _positive_int(solver.max_products, "max_products")
+    every = solver.checkpoint_every
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not (
+            every >= 0 and math.isfinite(every)):
+        raise SpecError(f"checkpoint_every must be a finite number of seconds >= 0, "
+                        f"got {every!r}")
 
 
-def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = None,
-              depth: int, kernel: str = "ntk", normalization: str = "paper",
-              seed: int | None = None, method: str = "dense", dedupe: bool = False) -> RunSpec:
-    """Validate user choices and build a :class:`RunSpec` (reads a file input's shape and hash).
+def make_solver_spec(n: int, **options) -> SolverSpec:
+    """A validated SolverSpec; options left out (or None) take their defaults."""
+    solver = SolverSpec(**{k: v for k, v in options.items() if v is not None})
+    check_solver(solver, n)
+    return solver
+
+
+def make_kernel_spec(kind: str = "ntk", depth: int | None = None,
+                     normalization: str = "paper") -> KernelSpec:
+    if depth is None:
+        raise SpecError("depth is required (the network depth L >= 1)")
+    return KernelSpec(kind=_choice(kind, "kernel", KERNELS), depth=_positive_int(depth, "depth"),
+                      normalization=_choice(normalization, "normalization", NORMALIZATIONS))
+
+
+def make_cluster_spec(scheduler: str | None = None, scheduler_file: str | None = None,
+                      workers: int | None = None, memory_limit: str | None = None,
+                      device: str = "cpu") -> ClusterSpec:
+    """A validated ClusterSpec; its kind follows from what is given."""
+    if scheduler and scheduler_file:
+        raise SpecError("give either scheduler (--scheduler) or scheduler_file "
+                        "(--scheduler-file), not both")
+    for name, value in (("scheduler", scheduler), ("scheduler_file", scheduler_file),
+                        ("memory_limit", memory_limit)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise SpecError(f"{name} must be a non-empty string, got {value!r}")
+    if workers is not None:
+        _positive_int(workers, "workers")
+    if memory_limit not in (None, "auto"):
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(memory_limit) <= 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise SpecError(f"memory_limit must be a size such as 4GB or 500MiB, got "
+                            f"{memory_limit!r}") from None
+    kind = "address" if scheduler else "scheduler_file" if scheduler_file else "local"
+    return ClusterSpec(kind=kind, scheduler=scheduler, scheduler_file=scheduler_file,
+                       workers=workers, memory_limit=memory_limit,
+                       device=_choice(device, "device", DEVICES))
+
+
+def make_data_spec(source: str = "sphere", n: int | None = None, d: int | None = None,
+                   seed: int | None = None, dedupe: bool = False,
+                   depth: int = 1) -> DataSpec:
+    """Validate the data choices (reads a file input's shape and hash).
 
     ``dedupe``: drop repeated rows (keeping first occurrences), so that λ_min is that of the
-    distinct rows; the rows are read once here to count them."""
-    spec = _make_spec(data=data, n=n, d=d, depth=depth, kernel=kernel,
-                      normalization=normalization, seed=seed, method=method)
-    if not dedupe:
-        return spec
-    from dataclasses import replace
-
-    X = spec.rows()
-    check_rows(X, name=spec.data, depth=depth)
-    kept = len(distinct_rows(X))
-    if kept < 2:
-        raise SpecError(f"{spec.data!r} has {kept} distinct row(s) among its first {spec.n}; "
-                        "at least 2 are needed (N < 2)")
-    return replace(spec, n=kept, dedupe=True, n_input=spec.n)
-
-
-def _make_spec(*, data, n, d, depth, kernel, normalization, seed, method) -> RunSpec:
-    depth = _positive_int(depth, "depth")
-    if kernel not in KERNELS:
-        raise SpecError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if normalization not in NORMALIZATIONS:
-        raise SpecError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
-                        f"got {normalization!r}")
-    if method not in METHODS:
-        raise SpecError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if data in SYNTHETIC:
+    distinct rows; the rows are read once here to count them (checked for ``depth``)."""
+    if not isinstance(source, str) or not source:
+        raise SpecError(f"data must be sphere, gaussian or a path, got {source!r}")
+    if source in SYNTHETIC:
         if n is None or d is None:
-            raise SpecError(f"synthetic data {data!r} needs --n and --d")
+            raise SpecError(f"synthetic data {source!r} needs --n and --d")
         n = _positive_int(n, "n", 2)
         d = _positive_int(d, "d")
         seed = 0 if seed is None else seed
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise SpecError(f"seed must be an integer >= 0, got {seed!r}")
-        return RunSpec(data=data, n=n, d=d, depth=depth, kernel=kernel,
-                       normalization=normalization, seed=seed, method=method)
+        spec = DataSpec(source=source, n=n, d=d, seed=seed)
+    else:
+        spec = _file_data(source, n, d, seed)
+    if dedupe not in (True, False):
+        raise SpecError(f"dedupe must be true or false, got {dedupe!r}")
+    if not dedupe:
+        return spec
+    X = spec.rows()
+    check_rows(X, name=spec.source, depth=depth)
+    kept = len(distinct_rows(X))
+    if kept < 2:
+        raise SpecError(f"{spec.source!r} has {kept} distinct row(s) among its first {spec.n}; "
+                        "at least 2 are needed (N < 2)")
+    return replace(spec, n=kept, dedupe=True, n_input=spec.n)
+
+
+def _file_data(source, n, d, seed) -> DataSpec:
     if seed is not None:
         raise SpecError("--seed applies to synthetic data only, not to an input file")
-    path = os.path.abspath(data)
+    path = os.path.abspath(source)
     arr = load_array(path)
     shape = getattr(arr, "shape", ())
     if len(shape) != 2:
-        check_rows(arr, name=data)  # raises the one-line shape error
-    check_dtype(arr, data)
+        check_rows(arr, name=source)  # raises the one-line shape error
+    check_dtype(arr, source)
     rows, cols = (int(v) for v in shape)
     if rows < 2:
-        raise SpecError(f"{data!r} has {rows} row(s); at least 2 are needed (N < 2)")
+        raise SpecError(f"{source!r} has {rows} row(s); at least 2 are needed (N < 2)")
     if d is not None and d != cols:
-        raise SpecError(f"--d {d} does not match the {cols} columns of {data!r}")
+        raise SpecError(f"--d {d} does not match the {cols} columns of {source!r}")
     if n is not None:
         n = _positive_int(n, "n", 2)
         if n > rows:
-            raise SpecError(f"--n {n} exceeds the {rows} rows of {data!r}")
+            raise SpecError(f"--n {n} exceeds the {rows} rows of {source!r}")
     n = rows if n is None else n
-    return RunSpec(data=path, n=n, d=cols, depth=depth, kernel=kernel,
-                   normalization=normalization, input_sha256=file_sha256(path), method=method)
+    return DataSpec(source=path, n=n, d=cols, input_sha256=file_sha256(path))
 
 
-@dataclass(frozen=True)
-class StoreSpec:
-    """What a kernel store holds: the matrix (``problem``), its tiling and storage dtype.
+def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = None,
+              depth: int, kernel: str = "ntk", normalization: str = "paper",
+              seed: int | None = None, method: str = "dense", dedupe: bool = False) -> RunSpec:
+    """A validated :class:`RunSpec` from plain values (the solver with its defaults and
+    ``method``)."""
+    kernel_spec = make_kernel_spec(kernel, depth, normalization)
+    data_spec = make_data_spec(data, n, d, seed, dedupe, depth=depth)
+    return RunSpec(data_spec, kernel_spec, make_solver_spec(data_spec.n, method=method))
 
-    Tiles depend only on this spec and their indices, so a store is resumable exactly when
-    the spec hash of the command matches the one recorded in the store.
-    """
 
-    problem: dict
-    tile: int
-    dtype: str
-    ntkdist_version: str
-
-    @property
-    def n(self) -> int:
-        return int(self.problem["n"])
-
-    @property
-    def blocks(self) -> int:
-        return -(-self.n // self.tile)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def hash(self) -> str:
-        return content_hash(self.to_dict())
-
-    def run_spec(self) -> RunSpec:
-        """The problem of this store, with default solver options."""
-        return RunSpec(**self.problem)
+def check_layout(tile: int | None, dtype: str | None) -> None:
+    """A store's tile side and dtype, where given."""
+    if tile is not None:
+        _positive_int(tile, "tile")
+    if dtype is not None:
+        _choice(dtype, "dtype", DTYPES)
 
 
 def make_store_spec(run_spec: RunSpec, tile: int, dtype: str) -> StoreSpec:
     from . import __version__
 
-    tile = _positive_int(tile, "tile")
-    if dtype not in DTYPES:
-        raise SpecError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return StoreSpec(problem=run_spec.problem(), tile=min(tile, run_spec.n), dtype=dtype,
+    check_layout(tile, dtype)
+    return StoreSpec(run_spec.data, run_spec.kernel, tile=min(tile, run_spec.n), dtype=dtype,
                      ntkdist_version=__version__)

@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import NtkdistError, OutputError
 from .spec import StoreSpec, spec_differences
+from .zarr_chunks import ChunkSizeError, read_block
 
 FORMAT = "ntkdist-kernel-store"
 FORMAT_VERSION = 1
@@ -70,69 +71,6 @@ def _tile_bounds(i: int, tile: int, n: int) -> slice:
     return slice(i * tile, min(n, (i + 1) * tile))
 
 
-def _read_raw_chunk(A, coords: tuple[int, ...], where: str | None = None) -> np.ndarray | None:
-    """One whole chunk of an uncompressed Zarr v3 array, read through the array's own store
-    and chunk-key encoding and decoded with ``np.frombuffer`` (no copy).
-
-    Zarr's generic read path copies each element into a fresh output buffer: measured
-    0.2 s for a 64 MiB float32 chunk from the page cache, against 0.02 s here. Returns None
-    when the array has any codec other than ``bytes`` (the caller then reads through Zarr);
-    a missing chunk reads as the fill value; a chunk of the wrong size is an error (``where``:
-    the store's path, for its message).
-    """
-    from zarr.codecs import BytesCodec
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    meta = A.metadata
-    codecs = getattr(meta, "codecs", ())
-    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
-        return None
-    dtype = np.dtype(A.dtype)
-    endian = getattr(codecs[0].endian, "value", None)
-    if dtype.itemsize > 1:
-        dtype = dtype.newbyteorder("<" if endian in (None, "little") else ">")
-    shape = tuple(meta.chunk_grid.chunk_shape)
-    key = meta.encode_chunk_key(coords)
-    expected = int(np.prod(shape)) * dtype.itemsize
-    raw = _map_local_chunk(A, key)
-    if raw is None:
-        buf = sync((A.store_path / key).get(prototype=default_buffer_prototype()))
-        if buf is None:
-            return np.full(shape, A.fill_value, dtype=A.dtype)
-        raw = buf.as_numpy_array()
-    if raw.nbytes != expected:
-        where = where or str(A.store_path)
-        raise StoreError(f"chunk {key!r} of {A.store_path} has {raw.nbytes} bytes, expected "
-                         f"{expected}: the store is damaged ({repair_hint(where)})")
-    out = raw.view(dtype).reshape(shape)
-    return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
-
-
-def _map_local_chunk(A, key: str) -> np.ndarray | None:
-    """A chunk file of a local store mapped read-only (no copy out of the page cache), with
-    read-ahead requested; None for other stores or a missing chunk."""
-    import mmap
-
-    from zarr.storage import LocalStore
-
-    store = A.store_path.store
-    if not isinstance(store, LocalStore):
-        return None
-    path = os.path.join(str(store.root), A.store_path.path, key)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return np.zeros(0, dtype=np.uint8)
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except FileNotFoundError:
-        return None
-    with contextlib.suppress(AttributeError, OSError):
-        m.madvise(mmap.MADV_WILLNEED)
-    return np.frombuffer(m, dtype=np.uint8)
-
-
 @dataclass
 class KernelStore:
     """An opened store: its path, spec and the Zarr arrays. Cheap to re-open on workers."""
@@ -150,7 +88,7 @@ class KernelStore:
         if attrs is None:
             raise StoreError(f"{path!r} is not an ntkdist kernel store")
         try:
-            spec = StoreSpec(**attrs["spec"])
+            spec = StoreSpec.from_dict(attrs["spec"])
             recorded = attrs["spec_hash"]
             matches = spec.hash() == recorded
         except (KeyError, TypeError, ValueError):
@@ -206,7 +144,7 @@ class KernelStore:
 
         try:
             group = zarr.open_group(self.path, mode="r+")
-            n, d, t = self.spec.n, int(self.spec.problem["d"]), self.spec.tile
+            n, d, t = self.spec.n, self.spec.data.d, self.spec.tile
             if "X" not in group:
                 group.create_array("X", shape=(n, d), chunks=(t, d), dtype="float64",
                                    compressors=None, fill_value=np.nan)
@@ -324,13 +262,10 @@ class KernelStore:
 
     def read_tile(self, i: int, j: int) -> np.ndarray:
         """Tile (I, J) of K as stored (NaN where never written)."""
-        A = self.array("K")
-        rows, cols = self.tile_slices(i, j)
-        whole = _read_raw_chunk(A, (i, j), where=self.path)
-        if whole is None:
-            return A[rows, cols]
-        r, c = rows.stop - rows.start, cols.stop - cols.start
-        return whole if whole.shape == (r, c) else np.ascontiguousarray(whole[:r, :c])
+        try:  # the tile is chunk (I, J); a whole stored tile may be a read-only mapped view
+            return read_block(self.array("K"), (i, j))
+        except ChunkSizeError as exc:
+            raise StoreError(f"{exc}: the store is damaged ({repair_hint(self.path)})") from None
 
     def read_tile_checked(self, i: int, j: int, copy: bool = False) -> np.ndarray:
         """Tile (I, J) as stored, after checking it against its recorded checksum; a
@@ -425,7 +360,7 @@ class KernelStore:
     def chunk_intact(self, name: str, *index: int) -> bool:
         """The chunk file exists with the size an uncompressed full chunk has."""
         arr_chunks = (self.spec.tile, self.spec.tile) if name == "K" else (
-            self.spec.tile, int(self.spec.problem["d"]))
+            self.spec.tile, self.spec.data.d)
         itemsize = np.dtype(self.spec.dtype if name == "K" else "float64").itemsize
         try:
             size = os.path.getsize(self.chunk_file(name, *index))

@@ -28,15 +28,16 @@ from ntkdist.cli import main as cli  # noqa: E402
 from ntkdist.cluster import connect  # noqa: E402
 from ntkdist.data import synthetic_rows  # noqa: E402
 from ntkdist.kernels.limiting import ntk  # noqa: E402
-from ntkdist.operator import KernelOperator, gpu_info  # noqa: E402
+from ntkdist.operator import gpu_info, make_operator  # noqa: E402
+from ntkdist.spec import KernelSpec  # noqa: E402
 
-PROBLEM = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
+KERNEL = KernelSpec(kind="ntk", depth=3, normalization="paper")
 
 
 def pass_seconds(client, n, tile, b=32, repeats=3, mode="recompute"):
     X = synthetic_rows("sphere", 64, 0, 0, n)
     t0 = time.perf_counter()
-    op = KernelOperator(client, mode, rows=X, problem=PROBLEM, tile=tile, device="gpu")
+    op = make_operator(client, mode, rows=X, kernel=KERNEL, tile=tile, device="gpu")
     setup = time.perf_counter() - t0
     V = np.random.default_rng(0).standard_normal((n, b))
     t0 = time.perf_counter()
@@ -67,7 +68,7 @@ def main():
     with connect(device="gpu") as client:
         n = 6000
         X = synthetic_rows("gaussian", 64, 3, 0, n)
-        op = KernelOperator(client, "auto", rows=X, problem=PROBLEM, tile=2048, device="gpu")
+        op = make_operator(client, "auto", rows=X, kernel=KERNEL, tile=2048, device="gpu")
         print(f"workers: {op.gpus}", flush=True)
         V = np.random.default_rng(1).standard_normal((n, 8))
         Y = op.matmat(V)

@@ -1,4 +1,4 @@
-"""Independent references for the tests: 50-digit mpmath transcriptions of theory.md."""
+"""Independent references for the tests: 50-digit mpmath transcriptions of docs/theory.md."""
 
 import mpmath
 import numpy as np
@@ -11,7 +11,7 @@ def _mp_dot(x, y):
 
 
 def paper_kernel(X, depth, kernel="ntk"):
-    """K^(L) (or G^(L)) of theory.md, entry by entry with plain arccos at 50 digits."""
+    """K^(L) (or G^(L)) of docs/theory.md, entry by entry with plain arccos at 50 digits."""
     n = X.shape[0]
     out = np.empty((n, n))
     norms = [mpmath.sqrt(_mp_dot(x, x)) for x in X]
@@ -59,7 +59,7 @@ def neural_tangents_stack(X, depth, kernel="ntk"):
 
 
 def hard_rows(rng, d=9):
-    """Rows that break a plain arccos transcription (peers.md): duplicates, 1e-9 and 1e-13
+    """Rows that break a plain float64 arccos transcription: duplicates, 1e-9 and 1e-13
     perturbations, antipodes (exact and perturbed), parallel rows, norm ratios up to 1e12."""
     base = rng.standard_normal((5, d))
     rows = [

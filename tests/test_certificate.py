@@ -81,6 +81,7 @@ def _solve(rng, X, depth, kernel, k, method):
     return K, sol
 
 
+@pytest.mark.slow
 def test_converged_means_within_the_bound():
     """Several hundred random problems (N 2–100, d 1–10, depth 1–6, k 1–3, block 1–N, every
     method, rows with repeats, near-parallel pairs and norms spread over 12 decades): every

@@ -1,8 +1,11 @@
-"""--device gpu: the recompute operator on GPU workers, checked here with a NumPy stand-in
-for CuPy (tests/fakecupy.py; the real CuPy path runs in scripts/gpu_check.py on a GPU)."""
+"""--device gpu: the recompute operator on GPU workers, checked here with a NumPy-backed
+stand-in for CuPy whose arrays are of a device type of their own that refuses host/device
+mix-ups as CuPy does (tests/fakecupy.py; the real CuPy path runs in scripts/gpu_check.py on
+a GPU)."""
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -13,16 +16,21 @@ from ntkdist.assemble import assemble
 from ntkdist.cli import main
 from ntkdist.cluster import ClusterError, connect, gpu_count
 from ntkdist.data import synthetic_rows
-from ntkdist.errors import NtkdistError
-from ntkdist.operator import KernelOperator
-from ntkdist.spec import make_spec, make_store_spec
+from ntkdist.errors import InputError, NtkdistError
+from ntkdist.kernels.limiting import array_module, kernel_tile, row_block
+from ntkdist.operator import make_operator
+from ntkdist.spec import KernelSpec, make_spec, make_store_spec
 
 SEED = 5521
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module())
+    """The fake CuPy as ``cupy``: the test cluster's workers run in this process, so they
+    import it too."""
+    cp = fakecupy.module()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    return cp
 
 
 @pytest.fixture
@@ -38,18 +46,22 @@ def test_gpu_operators_match_the_cpu_operators(client, store, fake_gpu):
     from ntkdist.operator import _GPU_TILES
 
     V = np.random.default_rng(SEED).standard_normal((333, 5))
-    ref = KernelOperator(client, "memory", store=store)
+    ref = make_operator(client, "memory", store=store)
     want = ref.matmat(V)
     for mode, expected in [("recompute", "recompute"), ("auto", "memory"), ("memory", "memory")]:
-        gpu = KernelOperator(client, mode, store=store, device="gpu")
+        gpu = make_operator(client, mode, store=store, device="gpu")
         assert (gpu.mode, gpu.device, gpu.precision) == (expected, "gpu", "float64")
         assert set(gpu.gpus) == set(client.scheduler_info()["workers"])
         assert set(gpu.gpus.values()) == {fakecupy.NAME}
         for _ in range(2):  # memory: the second pass uses the tiles kept from the first
-            np.testing.assert_allclose(gpu.matmat(V), want, rtol=0, atol=1e-12 * np.abs(want).max())
+            got = gpu.matmat(V)
+            assert type(got) is np.ndarray  # back on the host
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
         if expected == "memory":
             kept = _GPU_TILES[gpu._gpu_token]  # the fake's workers share this process
             assert sorted(kept) == sorted(gpu.pairs)
+            # built by the tile function on the device arrays, and kept there
+            assert all(type(t) is fakecupy.FakeDeviceArray for t in kept.values())
             assert gpu.cached_bytes == sum(t.nbytes for t in kept.values())
             token = gpu._gpu_token
             gpu.close()
@@ -59,9 +71,9 @@ def test_gpu_operators_match_the_cpu_operators(client, store, fake_gpu):
             gpu.close()
     # Without a store: the rows and the problem given, as 'ntkdist run' does.
     X = synthetic_rows("gaussian", 7, SEED, 0, 333)
-    problem = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
-    cpu = KernelOperator(client, "auto", rows=X, problem=problem, tile=100)
-    gpu = KernelOperator(client, "recompute", rows=X, problem=problem, tile=100, device="gpu")
+    problem = KernelSpec(kind="ntk", depth=3, normalization="paper")
+    cpu = make_operator(client, "auto", rows=X, kernel=problem, tile=100)
+    gpu = make_operator(client, "recompute", rows=X, kernel=problem, tile=100, device="gpu")
     np.testing.assert_allclose(gpu.matmat(V), cpu.matmat(V), rtol=0,
                                atol=1e-12 * np.abs(cpu.matmat(V)).max())
     assert gpu.describe()["gpus"] == [fakecupy.NAME]
@@ -71,27 +83,27 @@ def test_gpu_operators_match_the_cpu_operators(client, store, fake_gpu):
 
 def test_gpu_refusals(client, store, fake_gpu, monkeypatch):
     with pytest.raises(NtkdistError, match="not store"):
-        KernelOperator(client, "store", store=store, device="gpu")
+        make_operator(client, "store", store=store, device="gpu")
     # Tiles that do not fit in the GPU's free memory: memory refuses, auto rebuilds them.
     monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=2 ** 20))
     with pytest.raises(NtkdistError, match="do not fit"):
-        KernelOperator(client, "memory", store=store, device="gpu")
-    op = KernelOperator(client, "auto", store=store, device="gpu")
+        make_operator(client, "memory", store=store, device="gpu")
+    op = make_operator(client, "auto", store=store, device="gpu")
     assert op.mode == "recompute"
     op.close()
     monkeypatch.setitem(sys.modules, "cupy", fakecupy.module())
     with pytest.raises(NtkdistError, match="precision mixed"):
-        KernelOperator(client, "auto", store=store, device="gpu", precision="mixed")
+        make_operator(client, "auto", store=store, device="gpu", precision="mixed")
     with pytest.raises(NtkdistError, match="device must be"):
-        KernelOperator(client, "auto", store=store, device="tpu")
+        make_operator(client, "auto", store=store, device="tpu")
     monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(devices=0))
     with pytest.raises(NtkdistError, match="sees no usable GPU"):
-        KernelOperator(client, "auto", store=store, device="gpu")
+        make_operator(client, "auto", store=store, device="gpu")
     with pytest.raises(ClusterError, match="CUDA sees no GPU"):
         gpu_count()
     monkeypatch.setitem(sys.modules, "cupy", None)  # not installed
     with pytest.raises(NtkdistError, match="needs CuPy"):
-        KernelOperator(client, "auto", store=store, device="gpu")
+        make_operator(client, "auto", store=store, device="gpu")
     with pytest.raises(ClusterError, match="needs CuPy"):
         with connect(device="gpu"):
             pass
@@ -168,9 +180,9 @@ def test_a_pass_waiting_on_a_departed_gpu_worker_stops_with_one_line(client, fak
     import time
 
     X = synthetic_rows("gaussian", 5, SEED, 0, 200)
-    op = KernelOperator(client, "recompute", rows=X, problem={"depth": 2, "kernel": "ntk",
-                                                            "normalization": "paper"},
-                        tile=100, device="gpu")
+    op = make_operator(client, "recompute", rows=X,
+                       kernel=KernelSpec(kind="ntk", depth=2, normalization="paper"),
+                       tile=100, device="gpu")
     slow = client.submit(time.sleep, 3, pure=False)
     op.gpus = {**op.gpus, "tcp://127.0.0.1:9": "a departed GPU worker"}
     with pytest.raises(NtkdistError, match="left the cluster"):
@@ -178,4 +190,99 @@ def test_a_pass_waiting_on_a_departed_gpu_worker_stops_with_one_line(client, fak
     op.gpus.pop("tcp://127.0.0.1:9")
     op._wait_pinned([slow], poll=0.2)  # all there: waits until done
     assert slow.done()
+    op.close()
+
+
+def test_the_fake_cupy_refuses_host_device_mixups(fake_gpu):
+    """Its arrays are not NumPy arrays: a host/device mix-up fails here as on a GPU."""
+    cp = fake_gpu
+    h0 = np.arange(6.0).reshape(2, 3)
+    h = h0.copy()
+    x = cp.asarray(h)
+    assert type(x) is cp.ndarray is fakecupy.FakeDeviceArray and not isinstance(x, np.ndarray)
+    h[0, 0] = 7.0  # cp.asarray of a host array is a copy (a transfer)
+    assert float(x[0, 0]) == 0.0 and type(x[0, 0]) is cp.ndarray  # 0-d, as CuPy's
+    for implicit in (np.asarray, np.array, np.ascontiguousarray):
+        with pytest.raises(TypeError, match=re.escape(fakecupy.IMPLICIT)):
+            implicit(x)
+    mixups = [lambda: x + h, lambda: h + x, lambda: x * h[0], lambda: h[0] - x,
+              lambda: x @ h.T, lambda: h @ x.T, lambda: x < h, lambda: cp.sqrt(h),
+              lambda: cp.where(x > 1, x, h), lambda: np.concatenate([x, h]),
+              lambda: x + np.ones(()), lambda: x.dot(h.T)]
+    for mix in mixups:
+        with pytest.raises(TypeError, match="Unsupported type <class 'numpy.ndarray'>"):
+            mix()
+    y = h.copy()
+    with pytest.raises(TypeError, match="Unsupported type"):
+        y += x
+    with pytest.raises(ValueError, match="non-scalar numpy.ndarray"):
+        x[:, :2] = h[:, :2]  # as CuPy: a basic slice is filled, not copied from the host
+    # What works on CuPy works here: device with device, Python and NumPy scalars, NumPy
+    # functions dispatched to the module's, explicit transfers back.
+    z = np.sqrt(2.0 * x @ x.T + np.float64(1.0)) - 1
+    assert type(z) is cp.ndarray and z.shape == (2, 2) and z.dtype == np.float64
+    assert type(np.sum(x, axis=0)) is cp.ndarray and int(cp.nonzero(x > 2)[0].shape[0]) == 3
+    for back in (cp.asnumpy(z), z.get()):
+        assert type(back) is np.ndarray
+        np.testing.assert_array_equal(back, np.sqrt(2.0 * h0 @ h0.T + 1.0) - 1)
+    assert cp.asnumpy(z) is not cp.asnumpy(z)  # copies
+    assert array_module(x) is cp and array_module(h) is np
+    assert cp.get_array_module(h, 1.0) is np and cp.get_array_module(h, x) is cp
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
+def test_the_tile_function_on_fake_device_row_blocks(fake_gpu, depth, kernel):
+    """kernel_tile on device row blocks runs the array-module path on device arrays (close
+    pairs and a zero row included) and gives the NumPy path's tile to 1e-15 of √(K_ii K_jj);
+    a host block with a device block fails, as it would on a GPU."""
+    from reference import hard_rows
+
+    cp = fake_gpu
+    rng = np.random.default_rng(SEED)
+    X = np.vstack([hard_rows(rng), np.zeros((1, 9)), rng.standard_normal((30, 9))])
+    Y = np.vstack([X[:7], -X[3:9], rng.standard_normal((20, 9))])
+    A, B = row_block(X), row_block(Y)
+    Ad, Bd = row_block(cp.asarray(X)), row_block(cp.asarray(Y))
+    assert all(type(a) is cp.ndarray for a in (Ad.unit, Ad.norms, Bd.unit, Bd.norms))
+    for normalization in ("paper", "nt"):
+        Kd = kernel_tile(Ad, Bd, depth, kernel, normalization)
+        assert type(Kd) is cp.ndarray and Kd.shape == (len(X), len(Y))
+        K = cp.asnumpy(Kd)
+        diag_a = kernel_tile(A, A, depth, kernel, normalization).diagonal()
+        diag_b = kernel_tile(B, B, depth, kernel, normalization).diagonal()
+        scale = np.sqrt(np.outer(diag_a, diag_b))
+        scale[scale == 0] = 1.0  # the zero row: exactly 0 on both
+        for fused in (None, False):  # NumPy: its default (fused with numba), the common path
+            want = kernel_tile(A, B, depth, kernel, normalization, fused=fused)
+            assert np.max(np.abs(K - want) / scale) <= 1e-15, (normalization, fused)
+    with pytest.raises(NtkdistError, match="NumPy arrays only"):
+        kernel_tile(Ad, Bd, depth, kernel, fused=True)
+    for a, b in ((A, Bd), (Ad, B)):  # a block left on the host: a mix-up
+        with pytest.raises(TypeError, match="Unsupported type"):
+            kernel_tile(a, b, depth, kernel)
+    bad = X.copy()
+    bad[4, 2] = np.nan
+    with pytest.raises(InputError, match="row 4"):  # the check's reductions sync to the host
+        row_block(cp.asarray(bad))
+
+
+def test_a_gpu_pass_with_a_forgotten_transfer_fails_with_one_line(client, fake_gpu,
+                                                                   monkeypatch):
+    """Were the vectors or row blocks left on the host in a GPU pass, it fails as on a GPU
+    (here made by a cupy.asarray that does not transfer)."""
+    X = synthetic_rows("gaussian", 5, SEED, 0, 200)
+    op = make_operator(client, "recompute", rows=X,
+                       kernel=KernelSpec(kind="ntk", depth=2, normalization="paper"),
+                       tile=100, device="gpu")
+    V = np.ones((200, 2))
+    ok = op.matmat(V)
+    forgetful = fakecupy.module()
+    forgetful.asarray = lambda a, dtype=None: a  # "transfers" that leave arrays on the host
+    monkeypatch.setitem(sys.modules, "cupy", forgetful)
+    with pytest.raises(NtkdistError, match="TypeError: Unsupported type") as err:
+        op.matmat(V)
+    assert len(str(err.value).splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "cupy", fake_gpu)
+    np.testing.assert_array_equal(op.matmat(V), ok)
     op.close()

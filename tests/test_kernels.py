@@ -26,7 +26,7 @@ def test_hard_rows_match_50_digit_reference(depth, kernel):
 
 
 def test_plain_arccos_transcription_fails_the_same_check():
-    """The accuracy check has teeth: the textbook float64 recursion misses it (peers.md)."""
+    """The accuracy check has teeth: the textbook float64 recursion misses it."""
     X = hard_rows(np.random.default_rng(SEED))
     G = X @ X.T
     n = np.sqrt(np.diag(G))

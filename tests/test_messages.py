@@ -88,12 +88,12 @@ def test_unwritable_out_folder_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_full_disk_when_writing_results_is_one_line(tmp_path, capsys, monkeypatch):
-    import ntkdist.pipeline as pipeline
+    import ntkdist.results as results
 
     def full(path, array):
         raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(pipeline, "write_npy", full)
+    monkeypatch.setattr(results, "write_npy", full)
     code = main(["run", "--n", "50", "--d", "4", "--depth", "2", "--out", str(tmp_path / "o")])
     _one_line_error(capsys, code, "No space left", "λ_min")
 

@@ -1,7 +1,7 @@
 """Finite ReLU networks converge to the limiting kernels at the 1/√width rate.
 
 The empirical NTK JJᵀ is built from explicit per-sample gradients (backpropagation written
-out here, independent of ntkdist), with N(0, 1) weights and no 1/√n factor (theory.md):
+out here, independent of ntkdist), with N(0, 1) weights and no 1/√n factor (docs/theory.md):
 (Π_{l<L} 2/n_l)·JJᵀ → K^(L) and (Π_{l<L} 2/n_l)·F_{L−1}F_{L−1}ᵀ → G^(L).
 """
 

@@ -7,7 +7,8 @@ import pytest
 
 from ntkdist.assemble import assemble
 from ntkdist.errors import NtkdistError
-from ntkdist.operator import KernelOperator, _fused, _products
+from ntkdist.operator import _fused, _products, make_operator
+from ntkdist.spec import KernelSpec
 from ntkdist.spec import make_spec, make_store_spec
 from ntkdist.store import KernelStore, StoreError
 
@@ -92,10 +93,10 @@ def test_partial_cache_streams_the_rest_and_agrees(client, tmp_path):
     K = np.asarray(open_kernel(path).compute(scheduler="threads"), dtype=np.float64)
     V = np.random.default_rng(SEED).standard_normal((700, 6))
     total = sum(w["memory_limit"] for w in client.scheduler_info()["workers"].values())
-    probe = KernelOperator(client, "store", store=path)
+    probe = make_operator(client, "store", store=path)
     assert probe.mode == "store" and probe.cached_bytes == 0
     fraction = 0.5 * probe.tile_bytes / total  # room for about half of the tiles
-    op = KernelOperator(client, "auto", store=path, cache_fraction=fraction)
+    op = make_operator(client, "auto", store=path, cache_fraction=fraction)
     assert op.mode == "store" and 0 < op.cached_bytes < op.tile_bytes
     assert op.cached_bytes + op.streamed_bytes_per_pass == op.tile_bytes
     before = op.bytes_read
@@ -108,10 +109,17 @@ def test_partial_cache_streams_the_rest_and_agrees(client, tmp_path):
     op.close()
     probe.close()
     with pytest.raises(NtkdistError, match="do not fit"):
-        KernelOperator(client, "memory", store=path, cache_fraction=fraction)
-    whole = KernelOperator(client, "auto", store=path)
+        make_operator(client, "memory", store=path, cache_fraction=fraction)
+    whole = make_operator(client, "auto", store=path)
     assert whole.mode == "memory" and whole.cached_bytes == whole.tile_bytes
     assert whole.streamed_bytes_per_pass == 0
+    # A scipy LinearOperator: shape, dtype, matvec and matmat.
+    from scipy.sparse.linalg import aslinearoperator
+
+    lin = aslinearoperator(whole)
+    assert lin.shape == (700, 700) and lin.dtype == np.float64
+    np.testing.assert_allclose(lin.matmat(V), K @ V, rtol=1e-13, atol=1e-11)
+    np.testing.assert_allclose(lin.matvec(V[:, 1]), K @ V[:, 1], rtol=1e-13, atol=1e-11)
     np.testing.assert_allclose(whole.matmat(V), K @ V, rtol=1e-13, atol=1e-11)
     whole.close()
 
@@ -157,12 +165,12 @@ def test_operators_one_after_another_on_one_client_use_their_own_data(client, tm
     the first one's blocks (it did when they were scattered as a dict keyed 0, 1, …)."""
     from ntkdist.kernels.limiting import ntk
 
-    problem = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
+    problem = KernelSpec(kind="ntk", depth=3, normalization="paper")
     rng = np.random.default_rng(SEED + 2)
     for n, t in [(600, 256), (500, 200), (450, 450)]:
         X = rng.standard_normal((n, 9))
         V = rng.standard_normal((n, 3))
-        op = KernelOperator(client, "recompute", rows=X, problem=problem, tile=t)
+        op = make_operator(client, "recompute", rows=X, kernel=problem, tile=t)
         ref = ntk(X, depth=3) @ V
         np.testing.assert_allclose(op.matmat(V), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
         if n == 500:
@@ -173,7 +181,7 @@ def test_operators_one_after_another_on_one_client_use_their_own_data(client, tm
 
         K = np.asarray(open_kernel(path).compute(scheduler="threads"))
         V = rng.standard_normal((n, 3))
-        op = KernelOperator(client, "memory", store=path, precision="mixed")
+        op = make_operator(client, "memory", store=path, precision="mixed")
         np.testing.assert_allclose(op.matmat_fast(V), K @ V, rtol=0,
                                    atol=1e-5 * np.abs(K @ V).max())
 
@@ -225,12 +233,12 @@ def test_a_lost_worker_stops_the_solve_with_one_line(client, tmp_path, capfd):
     from ntkdist.cluster import connect
 
     path = _store(client, tmp_path, "float64", n=300, tile=100)
-    problem = {"depth": 3, "kernel": "ntk", "normalization": "paper"}
+    problem = KernelSpec(kind="ntk", depth=3, normalization="paper")
     X = np.random.default_rng(SEED).standard_normal((3000, 8))
     V = np.ones((3000, 2))
     capfd.readouterr()
     with connect(workers=1) as c:
-        op = KernelOperator(c, "recompute", rows=X, problem=problem, tile=500)
+        op = make_operator(c, "recompute", rows=X, kernel=problem, tile=500)
         op.matmat(V)
         pid = next(iter(c.run(os.getpid).values()))
         threading.Timer(0.2, os.kill, (pid, 9)).start()
@@ -241,7 +249,7 @@ def test_a_lost_worker_stops_the_solve_with_one_line(client, tmp_path, capfd):
         op.close()
 
         c.wait_for_workers(1, timeout=30)  # the nanny's new worker
-        kept = KernelOperator(c, "memory", store=path)
+        kept = make_operator(c, "memory", store=path)
         W = np.ones((300, 2))
         kept.matmat(W)
         _kill_the_worker(c)

@@ -1,6 +1,9 @@
-"""The README's Python examples run as written: each ```python block, saved to a file and
-run with ``python file.py`` in an empty folder, exits with status 0."""
+"""The Python examples of the README and of docs/*.md run as written: each ```python block,
+saved to a file and run with ``python file.py`` in an empty folder, exits with status 0.
+Each is meant to take a few seconds (under 10 s on two cores); the timeout only catches a
+hang."""
 
+import glob
 import json
 import os
 import re
@@ -9,43 +12,51 @@ import sys
 
 import pytest
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 
 
-def _text():
-    with open(README, encoding="utf-8") as f:
+def _text(path=README):
+    with open(path, encoding="utf-8") as f:
         return f.read()
 
 
+def _blocks_of(path):
+    text = _text(path)
+    name = os.path.relpath(path, ROOT)
+    return [(name, text.count("\n", 0, m.start()) + 1, m.group(1))
+            for m in BLOCK.finditer(text)]
+
+
 def _blocks():
-    text = _text()
-    out = []
-    for m in BLOCK.finditer(text):
-        line = text.count("\n", 0, m.start()) + 1
-        out.append(pytest.param(line, m.group(1), id=f"line{line}"))
-    return out
+    return [pytest.param(name, line, code, id=f"{name}:line{line}")
+            for path in [README, *DOCS] for name, line, code in _blocks_of(path)]
 
 
 def _section(title):
+    """The README's section under the heading ``title`` (any level), up to the next heading
+    of the same or a higher level."""
     text = _text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end >= 0 else len(text)]
+    head = re.search(rf"^(#+) {re.escape(title)}\n", text, re.M)
+    level = len(head.group(1))
+    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, head.end())
+    return text[head.start():end.start() if end else len(text)]
 
 
 def test_readme_has_python_blocks():
-    assert len(_blocks()) >= 4
+    assert len(_blocks_of(README)) >= 3
 
 
-@pytest.mark.parametrize("line, code", _blocks())
-def test_python_block_runs_as_a_script(line, code, tmp_path):
-    script = tmp_path / f"readme_line{line}.py"
+@pytest.mark.parametrize("name, line, code", _blocks())
+def test_python_block_runs_as_a_script(name, line, code, tmp_path):
+    script = tmp_path / f"block_line{line}.py"
     script.write_text(code, encoding="utf-8")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, (f"README block at line {line} failed:\n{done.stdout[-2000:]}"
+    assert done.returncode == 0, (f"{name}: block at line {line} failed:\n{done.stdout[-2000:]}"
                                   f"\n{done.stderr[-4000:]}")
 
 

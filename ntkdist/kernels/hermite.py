@@ -1,6 +1,6 @@
 """Hermite coefficients of ReLU in the normalised probabilists' Hermite basis.
 
-relu(g) = Σ_r μ_r h_r(g) with h_r = He_r/√(r!), g ~ N(0, 1). Closed forms (theory.md, from
+relu(g) = Σ_r μ_r h_r(g) with h_r = He_r/√(r!), g ~ N(0, 1). Closed forms (docs/theory.md, "Hermite coefficients", from
 Nguyen, Mondelli, Montúfar 2021, Sec. 3): μ_0 = 1/√(2π), μ_1 = 1/2, μ_r = 0 for odd r ≥ 3, and
 for even r ≥ 2
 

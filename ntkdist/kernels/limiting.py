@@ -31,6 +31,7 @@ the same code runs on a CPU or a GPU block. A fused NumPy fast path lives in ``f
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -54,12 +55,14 @@ _FIXUP_CHUNK = 1 << 16
 
 
 def array_module(a):
-    """NumPy or CuPy, whichever ``a`` belongs to."""
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
+    """NumPy or CuPy, whichever ``a`` belongs to, as ``cupy.get_array_module`` says (an
+    array of CuPy's implies CuPy is imported; NumPy arrays skip the look-up)."""
+    if isinstance(a, np.ndarray):
+        return np
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        return np
+    return cupy.get_array_module(a)
 
 
 @dataclass(frozen=True)

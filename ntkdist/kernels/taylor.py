@@ -2,7 +2,7 @@
 
 For unit vectors at correlation ρ the depth-L NTK is κ(ρ) (κ(1) = L) and the NNGP is the
 L-fold layer map (value 1 at ρ = 1); on the sphere of radius √d, K = d Σ_r a_r (X̂X̂ᵀ)^∘r
-(theory.md, "Beyond the bounds"). All a_r are ≥ 0.
+(docs/theory.md, "Taylor coefficients"). All a_r are ≥ 0.
 
 Computed by exact power-series algebra in float64, layer by layer. With the layer map
 κ₁(ρ) = (√(1−ρ²) + (π − arccos ρ) ρ)/π and its derivative Ġ(ρ) = (π − arccos ρ)/π, whose
@@ -88,3 +88,20 @@ def kernel_coefficients(depth: int, kernel: str = "ntk", r_max: int = 20) -> np.
         k = _mul(k, _compose(gdot, h, order), order) + rho
     out = k if kernel == "ntk" else rho
     return out[:r_max + 1].copy()
+
+
+def deflation_factor(X: np.ndarray, depth: int, kernel: str = "ntk",
+                     normalization: str = "paper") -> np.ndarray:
+    """F (N × (1+d)) with F Fᵀ the degree-0 and degree-1 terms of the kernel's Taylor series
+    on the rows X: K = s D κ(X̂X̂ᵀ) D with κ(ρ) = Σ a_r ρ^r, so F = √s·[√a₀·‖x‖, √a₁·‖x‖ x̂]
+    (zero columns for a kernel without known coefficients). Mixed precision keeps K − F Fᵀ
+    in float32 (:mod:`ntkdist.operator`)."""
+    from .limiting import normalization_factor, row_block
+
+    if kernel not in KERNELS:
+        return np.zeros((len(X), 0))
+    a = kernel_coefficients(depth, kernel, 1)
+    block = row_block(np.asarray(X, dtype=np.float64))
+    s = normalization_factor(normalization, X.shape[1])
+    norms = block.norms[:, None]
+    return np.hstack([np.sqrt(s * a[0]) * norms, np.sqrt(s * a[1]) * norms * block.unit])

@@ -7,18 +7,18 @@ blocks by default, so the space is restarted every third iteration), and
 restarts to the ``keep`` smallest Ritz vectors plus the previous iteration's Ritz vectors
 (which carry the conjugate direction that LOBPCG keeps in P). One product A·W per
 iteration, as LOBPCG, but Rayleigh–Ritz sees a larger space, which is what the dense bottom
-cluster of an NTK needs. Stops exactly as :func:`ntkdist.solvers.lobpcg.lobpcg_smallest`.
+cluster of an NTK needs. Stops exactly as :func:`ntkdist.solvers.lobpcg.lobpcg_smallest`:
+the stopping rule and the Rayleigh–Ritz pieces both share are in
+:mod:`ntkdist.solvers.certificate`.
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from .certificate import weights
-from .lobpcg import (HOPELESS_STALL, LobpcgResult, _check, _fresh_ritz, _Stall, _start_block,
-                     _svqb, block_size)
+from .certificate import (Iteration, block_size, broke_down, fresh_ritz, initial_block,
+                          next_directions, svqb)
+from .result import EigenResult
 
 
 class _Basis:
@@ -62,7 +62,7 @@ def _orthonormalize_against(V, W, passes: int = 2):
     """W with V's span removed (classical Gram–Schmidt, twice), then orthonormalised."""
     for _ in range(passes):
         W = W - V @ (V.T @ W)
-    return _svqb(W, None)[0]
+    return svqb(W)[0]
 
 
 def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, precond=None,
@@ -70,57 +70,42 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
                       X0: np.ndarray | None = None, trace: float = 0.0, log=None,
                       max_seconds: float | None = None, on_iterate=None,
                       basis: int | None = None, keep: int | None = None,
-                      stall: int | None = None, project=None, diag=None) -> LobpcgResult:
+                      stall: int | None = None, project=None, diag=None) -> EigenResult:
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
     the largest search space ``basis`` (default 6·block) and the Ritz vectors ``keep``
     at restart (default 2·block; the previous iteration's block is kept as well)."""
     block = block_size(n, k, block)
     basis = min(basis or 6 * block, n)
     keep = min(keep or 2 * block, basis - 2 * block) if basis >= 3 * block else block
-    rng = np.random.default_rng(seed)
-    X = _start_block(rng, n, block, precond) if X0 is None else np.array(X0, dtype=np.float64)
-    if project is not None:
-        X = project(X)
+    X = initial_block(n, block, precond, seed, X0, project)
     space = _Basis(n, basis)
-    Xf, AXf, lam = _fresh_ritz(X, matmat)
+    Xf, AXf, lam = fresh_ritz(X, matmat)
     space.set(Xf, AXf)
     H, C = np.diag(lam), np.eye(block)  # projected matrix, its eigenvectors
     prev = None  # the previous iteration's Ritz vectors, as coefficients on V
-    products, matvecs, restarts, it = 1, block, 0, 0
-    history = []
-    stalling, hopeless = _Stall(stall), _Stall(HOPELESS_STALL)
-    t0 = time.perf_counter()
+    state = Iteration(n, k, tol, trace, diag, log, max_products, max_seconds, stall, block,
+                      on_iterate)
     while True:
         X, AX = space.V @ C[:, :block], space.AV @ C[:, :block]
         theta = lam[:block]
-        R = AX - X * theta
-        history.append(float(theta[0]))
-        rnorm, gaps, converged, floor, stop = _check(
-            R, theta, k, tol, n, trace, weights(X, diag), it, t0, log, products,
-            max_products, max_seconds, stalling, hopeless)
+        R, stop = state.check(X, AX, theta)
         if stop:
             break
-        if on_iterate is not None:
-            on_iterate(X, theta, it, products)
         if space.m + block > basis:  # restart: smallest Ritz vectors + the previous ones
             Q = C[:, :keep]
             if prev is not None:
-                extra = _svqb(prev - Q @ (Q.T @ prev), None)[0]
+                extra = svqb(prev - Q @ (Q.T @ prev))[0]
                 Q = np.hstack([Q, extra])
             space.transform(Q)
             H = Q.T @ H @ Q
             H = (H + H.T) / 2
             lam, C = np.linalg.eigh(H)
             prev = None
-        W = precond(R) if precond is not None else R.copy()
-        if project is not None:
-            W = project(W)
-        W = _orthonormalize_against(space.V, W)
+        W = _orthonormalize_against(space.V, next_directions(R, precond, project))
         if W.shape[1] == 0:  # the space is invariant: nothing new to add
             break
         AW = matmat(W)
-        products += 1
-        matvecs += W.shape[1]
+        state.product(W.shape[1])
         b = W.shape[1]
         VAW = space.V.T @ AW
         WAW = W.T @ AW
@@ -128,23 +113,13 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
         space.append(W, AW)
         prev = np.vstack([C[:, :block], np.zeros((b, block))])
         lam_new, C_new = np.linalg.eigh(H)
-        scale = max(abs(lam_new[-1]), 1e-300)
-        if lam_new[0] > theta[0] + 1e-10 * scale or lam_new[0] < -1e-8 * scale:
-            # The space contains the previous Ritz vectors, so λ_1 cannot rise (nor fall below
-            # 0): rounding in the implicitly updated A·V broke down. Restart from X afresh.
-            Xf, AXf, lam = _fresh_ritz(X, matmat)
+        if broke_down(lam_new, theta, abs(lam_new[-1])):
+            # The space contains the previous Ritz vectors: restart from X afresh.
+            Xf, AXf, lam = fresh_ritz(X, matmat)
             space.set(Xf, AXf)
             H, C, prev = np.diag(lam), np.eye(block), None
-            products += 1
-            matvecs += block
-            restarts += 1
-            it += 1
+            state.restart(block)
             continue
         lam, C = lam_new, C_new
-        it += 1
-    return LobpcgResult(values=theta[:k].copy(), vectors=X[:, :k].copy(),
-                        residuals=rnorm[:k].copy(), gaps=gaps[:k].copy(), iterations=it,
-                        products=products, matvecs=matvecs, converged=converged,
-                        restarts=restarts, history=history, block=X,
-                        stalled=stalling.stalled or hopeless.stalled,
-                        block_values=theta.copy(), at_floor=floor)
+        state.iterations += 1
+    return state.result("davidson", X, theta, block)

@@ -6,43 +6,35 @@ Every iterative solver of ntkdist is tested against this one at small N.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
+from .certificate import ENTRY_ERROR, EPS, residual_norms
+from .result import EigenResult
 
-@dataclass(frozen=True)
-class EigenResult:
-    """The k smallest eigenpairs with residuals recomputed from a fresh product K v."""
-
-    values: np.ndarray  # (k,) ascending
-    vectors: np.ndarray  # (N, k), unit columns
-    residuals: np.ndarray  # (k,) ‖K v − λ v‖₂
-    method: str
-
-    @property
-    def lambda_min(self) -> float:
-        return float(self.values[0])
+#: The method name of the plain dense path.
+DENSE_METHOD = "dense: scipy.linalg.eigh float64, driver evr, subset_by_index"
 
 
-def residual_norms(matmat, values: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """‖K v_i − λ_i v_i‖₂ for each column, with K applied by ``matmat`` (a fresh product)."""
-    R = matmat(vectors) - vectors * values[None, :]
-    return np.linalg.norm(R, axis=0)
+def eigh_smallest(K: np.ndarray, count: int):
+    """The ``count`` smallest eigenvalues and eigenvectors of the symmetric K (float64,
+    LAPACK ``syevr``)."""
+    return scipy.linalg.eigh(K, subset_by_index=[0, count - 1], driver="evr",
+                             check_finite=False)
 
 
 def dense_smallest(K: np.ndarray, k: int = 1) -> EigenResult:
-    """The k smallest eigenpairs of the symmetric matrix K (float64, LAPACK ``syevr``)."""
+    """The k smallest eigenpairs of the symmetric matrix K (float64, LAPACK ``syevr``), with
+    residuals recomputed from a fresh product K v."""
     K = np.asarray(K, dtype=np.float64)
     n = K.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    values, vectors = scipy.linalg.eigh(K, subset_by_index=[0, k - 1], driver="evr",
-                                        check_finite=False)
+    values, vectors = eigh_smallest(K, k)
     residuals = residual_norms(lambda V: K @ V, values, vectors)
-    return EigenResult(values=values, vectors=vectors, residuals=residuals,
-                       method="dense: scipy.linalg.eigh float64, driver evr, subset_by_index")
+    return EigenResult(values=values, vectors=vectors, residuals=residuals, method=DENSE_METHOD,
+                       smallest_proved=True)
 
 
 #: The scaled formulation is tried when the diagonal of K varies by more than this factor
@@ -52,7 +44,7 @@ SCALED_MIN_RATIO = 4.0
 SCALED_MAX_N = 8000
 
 
-def scaled_smallest(K: np.ndarray, k: int, log=None) -> dict | None:
+def scaled_smallest(K: np.ndarray, k: int, log=None) -> EigenResult | None:
     """The k + 1 smallest eigenpairs of a PSD K = D A D (D = diag(K)^½, A with unit diagonal)
     to high *relative* accuracy, or None where the formulation does not apply.
 
@@ -65,10 +57,11 @@ def scaled_smallest(K: np.ndarray, k: int, log=None) -> dict | None:
     well-conditioned matrix, by LAPACK's preconditioned one-sided Jacobi ``dgejsv`` (Drmač &
     Veselić 2008), accurate to O(ε κ(L)) relative. Each λ_i = σ_i² is then within
     λ_i · [N (``ENTRY_ERROR`` + (N+1)ε) / λ_min(A) + 4Nε√κ(A)] of the exact one.
+
+    The result's ``bounds`` hold those absolute bounds (``best`` and ``residual``; no
+    Kato–Temple bound), its residuals are from a fresh product K v.
     """
     from scipy.linalg.lapack import dgejsv
-
-    from .certificate import ENTRY_ERROR, EPS
 
     n = K.shape[0]
     diag = np.diag(K).copy()
@@ -100,7 +93,11 @@ def scaled_smallest(K: np.ndarray, k: int, log=None) -> dict | None:
     if log:
         log(f"scaled formulation K = D A D: λ_min(A) = {wA[0]:.3g}, relative accuracy "
             f"{rel:.1e}, {time.perf_counter() - t0:.1f} s")
-    return {"values": values, "vectors": np.ascontiguousarray(V[:, order]),
-            "abs_bound": values * rel, "rel_bound": rel, "lambda_min_A": float(wA[0]),
-            "method": "dense, scaled: K = D A D, D = diag(K)^½, A = LLᵀ, Jacobi SVD of LᵀD "
-                      "(LAPACK dgejsv)"}
+    vectors = np.ascontiguousarray(V[:, order])
+    bound = values * rel
+    return EigenResult(
+        values=values, vectors=vectors, residuals=residual_norms(lambda W: K @ W, values, vectors),
+        method="dense, scaled: K = D A D, D = diag(K)^½, A = LLᵀ, Jacobi SVD of LᵀD "
+               "(LAPACK dgejsv)",
+        gaps=np.full(len(values), np.nan), smallest_proved=True,
+        bounds={"best": bound, "residual": bound, "kato_temple": np.full(len(values), np.inf)})

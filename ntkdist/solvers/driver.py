@@ -18,89 +18,34 @@ iteration:
   scaled formulation K = D A D, D = diag(K)^½, is tried (:func:`ntkdist.solvers.dense.
   scaled_smallest`), which resolves λ to a relative accuracy set by A's conditioning rather
   than by ‖K‖.
+
+The methods themselves are in :mod:`~ntkdist.solvers.dense`, :mod:`~ntkdist.solvers.lobpcg`
+and :mod:`~ntkdist.solvers.davidson` (run in phases by :mod:`~ntkdist.solvers.mixed`), and
+ARPACK for ``lanczos``; every result is an :class:`~ntkdist.solvers.result.EigenResult`, whose
+status is set here (:func:`_judged_solution`; docs/accuracy.md, "Status").
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import NtkdistError
-from .certificate import certified, error_bounds, floors, gap_estimates, resolution, weights
+from .certificate import (block_size, certified, floors, initial_block, judge, residuals,
+                          resolution, weights)
 from .davidson import davidson_smallest
-from .dense import scaled_smallest
-from .lobpcg import _start_block, block_size, lobpcg_smallest
+from .dense import DENSE_METHOD, eigh_smallest, scaled_smallest
+from .lobpcg import lobpcg_smallest
+from .mixed import solve_in_phases
+from .result import EigenResult
 
 METHODS = ("lobpcg", "davidson", "lanczos", "dense")
-#: Iterations without a tenth's fall of the residuals that end a float32 phase (its noise
-#: floor: plain float32 tiles stall at ‖r‖ = 3.5e-4 at N = 20000, benchmarks/solver.py mixed).
-MIXED_STALL = 10
 #: At most this many rows (of the problem left once exact zeros are set aside), K is formed
 #: from products and solved densely, whatever the method.
 SMALL_N = 64
 #: Columns per product when K is formed from products.
 EXPLICIT_COLUMNS = 256
-#: Times an iterative solve that stopped certified by its own residuals, but not by the fresh
-#: product's, is continued from its block.
-RESUMES = 3
-
-
-@dataclass
-class Eigensolution:
-    values: np.ndarray  # (k,)
-    vectors: np.ndarray  # (N, k)
-    residuals: np.ndarray  # (k,) ‖K v − λ v‖ from a fresh product after the solve
-    gaps: np.ndarray  # (k,) estimated distance to the next eigenvalue (NaN: no estimate)
-    method: str
-    converged: bool
-    iterations: int
-    solver_seconds: float
-    resumed: dict | None = None  # the checkpoint this solve started from (iterations, passes)
-    phases: list | None = None  # mixed precision: products and outcome of each phase
-    bounds: dict = field(default_factory=dict)  # absolute bounds: residual, kato_temple, best
-    exact: np.ndarray | None = None  # (k,) bool: exact zeros (repeated rows)
-    status: str = "not_converged"  # certified|exact|below_resolution|missed|not_converged
-    resolution: float = 0.0  # the smallest λ float64 can resolve for this K (absolute)
-    trace: float = 0.0  # tr(K) used for the rounding floors
-    smallest_proved: bool = False  # the values are the smallest (dense: all are computed)
-    block: int | None = None  # LOBPCG/Davidson block used
-    notes: list = field(default_factory=list)  # what the solve did that a user should know
-    rounding_limited: bool = False  # float64's rounding alone exceeds tol·λ: tol unreachable
-    resolved: np.ndarray | None = None  # (k,) bool: the value's first digit is certain
-
-    def certificate(self) -> dict:
-        """Error bounds of each value, absolute and relative (JSON-ready; None: no bound)."""
-        def listed(values, relative):
-            out = []
-            for v, lam in zip(values, self.values):
-                v = float(v) / max(abs(float(lam)), 1e-300) if relative else float(v)
-                out.append(v if np.isfinite(v) else None)
-            return out
-
-        exact = self.exact if self.exact is not None else np.zeros(len(self.values), bool)
-        res = np.where(exact, 0.0, self.bounds.get("residual", self.residuals))
-        kt = np.where(exact, 0.0, self.bounds.get("kato_temple", np.full(len(res), np.inf)))
-        best = np.where(exact, 0.0, self.bounds.get("best", res))
-        rel = [0.0 if e else v for e, v in zip(exact, listed(best, True))]
-        return {
-            "status": self.status,
-            "abs_error_bound": listed(best, False),
-            "rel_error_bound": rel,
-            "abs_error_bound_residual": listed(res, False),
-            "abs_error_bound_kato_temple": listed(kt, False),
-            "rel_error_bound_residual": [0.0 if e else v
-                                         for e, v in zip(exact, listed(res, True))],
-            "rel_error_bound_kato_temple": [0.0 if e else v
-                                            for e, v in zip(exact, listed(kt, True))],
-            "exact_zero": [bool(e) for e in exact],
-            "resolved": [bool(r) for r in (self.resolved if self.resolved is not None
-                                           else np.ones(len(self.values), bool))],
-            "resolution": float(self.resolution),
-            "trace": float(self.trace),
-            "smallest_proved": bool(self.smallest_proved),
-        }
 
 
 class RepeatedRows:
@@ -172,24 +117,12 @@ def _trace_estimate(matmat, n: int, seed: int) -> float:
     return 2.0 * float(np.mean(np.einsum("ij,ij->j", Z, matmat(Z))))
 
 
-def _judge(AV, V, n, trace, diag=None):
-    """Fresh Rayleigh quotients, residual norms, gap estimates and bounds of V's columns
-    (normalised first)."""
-    norms = np.linalg.norm(V, axis=0)
-    V, AV = V / norms, AV / norms
-    theta = np.einsum("ij,ij->j", V, AV)
-    rnorm = np.linalg.norm(AV - V * theta, axis=0)
-    w = weights(V, diag)
-    gaps = gap_estimates(theta, rnorm, floors(n, trace, w)[1])
-    return theta, rnorm, gaps, error_bounds(rnorm, gaps, n, trace, w), V
-
-
 def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol: float = 1e-8,
                         block: int | None = None, precond=None, max_products: int = 600,
                         seed: int = 0, dense_matrix=None, scale: float = 0.0,
                         log=None, max_seconds: float | None = None,
                         checkpoint=None, fast_matmat=None, groups=None,
-                        start: np.ndarray | None = None, diag=None) -> Eigensolution:
+                        start: np.ndarray | None = None, diag=None) -> EigenResult:
     """The k smallest eigenpairs of the PSD operator ``matmat`` (N×b ↦ K·V), certified.
 
     ``lobpcg``: :func:`ntkdist.solvers.lobpcg.lobpcg_smallest` with ``precond``
@@ -210,11 +143,11 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     the solve goes.
 
     ``fast_matmat`` (LOBPCG and Davidson only): a cheaper, inexact K·V (float32 deflated
-    products, :meth:`ntkdist.operator.KernelOperator.matmat_fast`). The solve then runs in two
-    phases: with ``fast_matmat`` until converged, stalled at its noise floor (residuals not
-    falling by a tenth in ``MIXED_STALL`` iterations) or out of four fifths of the products;
-    then with ``matmat`` from the first phase's Ritz block until the float64 products certify
-    ``tol``. Values, residuals and the certificate come from ``matmat`` alone.
+    products, the distributed operator's ``matmat_fast``). The solve then runs in two phases
+    (:mod:`ntkdist.solvers.mixed`): with ``fast_matmat`` until converged, stalled at its noise
+    floor or out of four fifths of the products; then with ``matmat`` from the first phase's
+    Ritz block until the float64 products certify ``tol``. Values, residuals and the
+    certificate come from ``matmat`` alone.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -247,15 +180,13 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     if kk == 0:
         return _finish(matmat, n, k, tol, trace, rep, m, None, None, "exact: repeated rows",
                        True, 0, t0, None, None, None, notes)
-    used_block = None
-    phases = resumed = None
     if method == "dense":
         V, name = _dense(K, rep, kk)
-        judged = _judge(matmat(V), V, n, trace, diag)
-        best = judged[3]["best"]
-        if not certified(judged[0][:kk], best[:kk], tol) and rep is None:
+        judged = judge(matmat(V), V, n, trace, diag)
+        best = judged.bounds["best"]
+        if not certified(judged.values[:kk], best[:kk], tol) and rep is None:
             scaled = scaled_smallest(K, kk, log=log)
-            if scaled is not None and scaled["abs_bound"][0] < best[0]:
+            if scaled is not None and scaled.bounds["best"][0] < best[0]:
                 return _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes, diag)
         return _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, True, 0, t0,
                        None, None, None, notes, diag)
@@ -268,70 +199,34 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                          "is estimated from the next Ritz value")
         X0 = checkpoint.load(n, used_block) if checkpoint is not None else None
         if X0 is None and start is not None and start.shape[1]:
-            X0 = _start_block(np.random.default_rng(seed), n, used_block, precond)
+            X0 = initial_block(n, used_block, precond, seed)
             s = min(start.shape[1], used_block - 1)
             X0[:, :s] = start[:, :s]
-        common = dict(k=kk, block=used_block, precond=precond, tol=tol, seed=seed,
-                      trace=trace, project=project, diag=diag)
-        phases, used, done_its = (None if fast_matmat is None else []), 0, 0
-
-        def saver(X, lam, it, products):  # counts continue across the phases
-            checkpoint.save(X, lam, it + done_its, products + used)
-        on_iterate = saver if checkpoint is not None else None
-        resumed_stage = (checkpoint.resumed or {}).get("stage") if checkpoint is not None else None
-        if fast_matmat is not None and resumed_stage != "float64":
-            if log:
-                log("phase 1: float32 deflated products")
-            cap = max(1, max_products - max(10, max_products // 5))  # keep a fifth for phase 2
-            r1 = solver(fast_matmat, n, max_products=cap,
-                        max_seconds=None if max_seconds is None else 0.8 * max_seconds,
-                        X0=X0, log=log, stall=MIXED_STALL, on_iterate=on_iterate, **common)
-            used, done_its = r1.products, r1.iterations
-            if np.all(np.isfinite(r1.block)):  # else start the float64 phase as phase 1 did
-                X0 = r1.block
-            phases.append({"products": "float32 deflated", "passes": r1.products,
-                           "iterations": r1.iterations,
-                           "stopped": ("converged" if r1.converged else
-                                       "stalled" if r1.stalled else "limit"),
-                           "lambda_1": float(r1.values[0]),
-                           "residual_1": float(r1.residuals[0])})
-            if log:
-                log(f"phase 2: float64 products from the phase-1 block ({phases[0]['stopped']} "
-                    f"after {r1.products} passes)")
-        if checkpoint is not None and fast_matmat is not None:
-            checkpoint.stage = "float64"
-        start_used, start_its = used, done_its
-        for attempt in range(RESUMES + 1):
-            left = None if max_seconds is None else max_seconds - (time.perf_counter() - t0)
-            r = solver(matmat, n, max_products=max(1, max_products - used), log=log,
-                       max_seconds=left, X0=X0, on_iterate=on_iterate, **common)
-            used += r.products
-            done_its += r.iterations
-            V = r.block[:, :kk + 1]
-            judged = _judge(matmat(V), V, n, trace, diag)
-            used += 1
-            fresh_ok = certified(judged[0][:kk], judged[3]["best"][:kk], tol)
-            if fresh_ok or not r.converged or used >= max_products or attempt == RESUMES:
-                break
-            if log:  # certified by the iteration's residuals, not by the fresh product's
-                log("the fresh product does not certify what the iteration did: continuing")
-            X0 = r.block
-        if phases is not None:  # the last fresh product is the result's own (+1 in passes)
-            phases.append({"products": "float64", "passes": used - start_used - 1,
-                           "iterations": done_its - start_its,
-                           "stopped": ("converged" if r.converged else "rounding floor"
-                                       if r.at_floor else "stalled" if r.stalled
-                                       else "limit")})
+        r, judged = solve_in_phases(
+            solver, matmat, n, kk, X0, fast_matmat=fast_matmat, checkpoint=checkpoint,
+            block=used_block, precond=precond, tol=tol, seed=seed, trace=trace,
+            project=project, diag=diag, max_products=max_products, max_seconds=max_seconds,
+            t0=t0, log=log)
         what = ("ntkdist block LOBPCG" if method == "lobpcg"
                 else "ntkdist block generalized Davidson, GD+k")
         mixed = ", mixed precision: float32 deflated then float64 products"
         name = (f"{method} ({what}, block {used_block}, "
                 f"{'preconditioned' if precond is not None else 'no preconditioner'}"
-                f"{mixed if phases is not None else ''})")
+                f"{mixed if r.phases is not None else ''})")
         resumed = checkpoint.resumed if checkpoint is not None else None
-        return _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, False, done_its, t0,
-                       phases, resumed, used_block, notes, diag)
-    # lanczos
+        return _finish(matmat, n, k, tol, trace, rep, m, judged.vectors, judged, name, False,
+                       r.iterations, t0, r.phases, resumed, used_block, notes, diag)
+    V = _lanczos(matmat, n, kk, rep, trace, tol, seed, max_products)
+    return _finish(matmat, n, k, tol, trace, rep, m, V, None,
+                   "lanczos (ARPACK eigsh, which='SA', no preconditioner)", False, -1, t0,
+                   None, None, None, notes, diag)
+
+
+def _lanczos(matmat, n: int, kk: int, rep: RepeatedRows | None, trace: float, tol: float,
+             seed: int, max_products: int) -> np.ndarray:
+    """The kk + 1 smallest Ritz vectors (kk at least) by ARPACK (``eigsh``, which='SA'),
+    restarts capped so that the products stay within ``max_products``; with repeated rows, on
+    the complement of their null space (shifted beyond the spectrum)."""
     import scipy.sparse.linalg as sla
 
     shift = 2.0 * trace  # beyond every eigenvalue: moves the exact zeros out of the way
@@ -359,31 +254,25 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                 f"lanczos (ARPACK) converged {len(w)} of {kk} eigenvalues within "
                 f"--max-products {max_products}; raise it, or use --method davidson or "
                 "lobpcg (preconditioned)") from None
-    order = np.argsort(w)
-    V = V[:, order]
-    return _finish(matmat, n, k, tol, trace, rep, m, V, None,
-                   "lanczos (ARPACK eigsh, which='SA', no preconditioner)", False, -1, t0,
-                   None, None, None, notes, diag)
+    return V[:, np.argsort(w)]
 
 
 def _dense(K: np.ndarray, rep: RepeatedRows | None, kk: int):
     """The kk + 1 smallest eigenvectors of K (on the complement of the repeated rows' null
     space when there are repeated rows), by LAPACK ``syevr``."""
-    import scipy.linalg
-
     A = rep.reduce(K) if rep is not None else K
-    top = min(kk, A.shape[0] - 1)
-    _, W = scipy.linalg.eigh(A, subset_by_index=[0, top], driver="evr", check_finite=False)
+    _, W = eigh_smallest(A, min(kk, A.shape[0] - 1) + 1)
     V = rep.expand(W) if rep is not None else W
-    return V, "dense: scipy.linalg.eigh float64, driver evr, subset_by_index"
+    return V, DENSE_METHOD
 
 
 def _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, smallest_proved, iterations,
-            t0, phases, resumed, block, notes, diag=None) -> Eigensolution:
-    """Exact zeros first, then the computed values, each with its bounds; the status."""
+            t0, phases, resumed, block, notes, diag=None) -> EigenResult:
+    """Exact zeros first, then the computed values, each with its bounds (``judged``: V
+    judged by :func:`ntkdist.solvers.certificate.judge`, done here if None); the status."""
     kk = k - m
     if V is not None and judged is None:
-        judged = _judge(matmat(V), V, n, trace, diag)
+        judged = judge(matmat(V), V, n, trace, diag)
     parts_V, values, rnorms, gaps = [], [], [], []
     best, res, kt = [], [], []
     if m:
@@ -391,17 +280,17 @@ def _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, smallest_proved, 
         AZ = matmat(Z)
         parts_V.append(Z)
         values += [0.0] * m
-        rnorms += list(np.linalg.norm(AZ, axis=0))
+        rnorms += list(residuals(AZ, Z, np.zeros(m))[1])
         gaps += [np.nan] * m
         best += [0.0] * m
         res += [0.0] * m
         kt += [0.0] * m
     if kk:
-        theta, rnorm, g, b, V = judged
+        V, b = judged.vectors, judged.bounds
         parts_V.append(V[:, :kk])
-        values += list(theta[:kk])
-        rnorms += list(rnorm[:kk])
-        gaps += list(g[:kk])
+        values += list(judged.values[:kk])
+        rnorms += list(judged.residuals[:kk])
+        gaps += list(judged.gaps[:kk])
         best += list(b["best"][:kk])
         res += list(b["residual"][:kk])
         kt += list(b["kato_temple"][:kk])
@@ -419,7 +308,7 @@ def _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, smallest_proved, 
         block=block, rounding_limited=limited))
 
 
-def _judged_solution(values, best, exact, tol, diag, notes, fields) -> Eigensolution:
+def _judged_solution(values, best, exact, tol, diag, notes, fields) -> EigenResult:
     """The status of k values with their bounds (``exact``: exact zeros, bound 0).
 
     A value is *resolved* when it exceeds its bound (its first digit is certain). λ_i is at
@@ -445,19 +334,21 @@ def _judged_solution(values, best, exact, tol, diag, notes, fields) -> Eigensolu
         status = "below_resolution"
     else:
         status = "not_converged"
-    return Eigensolution(values=values, converged=ok, exact=exact, status=status, notes=notes,
-                         resolved=resolved & ~missed, **fields)
+    return EigenResult(values=values, converged=ok, exact=exact, status=status, notes=notes,
+                       resolved=resolved & ~missed, **fields)
 
 
-def _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes, diag) -> Eigensolution:
-    V = scaled["vectors"][:, :k]
-    values = scaled["values"][:k]
-    rnorm = np.linalg.norm(matmat(V) - V * values, axis=0)
-    best = scaled["abs_bound"][:k]
+def _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes, diag) -> EigenResult:
+    """The k smallest of the scaled formulation's pairs (:func:`ntkdist.solvers.dense.
+    scaled_smallest`), residuals from a fresh product, bounds its own; the status."""
+    V = scaled.vectors[:, :k]
+    values = scaled.values[:k]
+    rnorm = residuals(matmat(V), V, values)[1]
+    best = scaled.bounds["best"][:k]
     notes.append("rows of very different norms: λ resolved through the scaled formulation "
                  "K = D A D, D = diag(K)^½ (relative perturbation bound, not the residual)")
     return _judged_solution(values, best, np.zeros(k, bool), tol, diag, notes, dict(
-        vectors=V, residuals=rnorm, gaps=np.full(k, np.nan), method=scaled["method"],
+        vectors=V, residuals=rnorm, gaps=np.full(k, np.nan), method=scaled.method,
         iterations=0, solver_seconds=time.perf_counter() - t0,
         bounds={"best": best, "residual": best, "kato_temple": np.full(k, np.inf)},
         resolution=resolution(n, trace), trace=trace, smallest_proved=True))

@@ -2,13 +2,13 @@
 
 Both are built from the data alone, without a pass over the stored matrix.
 
-* ``harmonic`` (theory.md): K = s D κ(X̂X̂ᵀ) D with κ(ρ) = Σ_r a_r ρ^r (a_r ≥ 0 from
-  :func:`ntkdist.kernel_coefficients`), D = diag ‖x_i‖ and s the normalisation factor. Degrees
-  r ≤ 2 are kept exactly through explicit features Φ = [√a₀·1, √a₁·X̂, √a₂·sym(X̂ ⊗ X̂)]
-  (rank 1 + d + d(d+1)/2) and the tail as c·I, c = κ(1) − a₀ − a₁ − a₂, since
-  (X̂X̂ᵀ)^∘r ≈ I for r > 2 in high dimension. Then K ≈ s D (ΦΦᵀ + cI) D, inverted by
-  Woodbury: (cI + ΦΦᵀ)⁻¹ = (I − Φ (cI + ΦᵀΦ)⁻¹ Φᵀ)/c, with the small system factored once in
-  float64 and Φ held in float32. When d(d+1)/2 exceeds
+* ``harmonic`` (docs/theory.md, "Preconditioners"): K = s D κ(X̂X̂ᵀ) D with
+  κ(ρ) = Σ_r a_r ρ^r (a_r ≥ 0 from :func:`ntkdist.kernel_coefficients`), D = diag ‖x_i‖ and s
+  the normalisation factor. Degrees r ≤ 2 are kept exactly through explicit features
+  Φ = [√a₀·1, √a₁·X̂, √a₂·sym(X̂ ⊗ X̂)] (rank 1 + d + d(d+1)/2) and the tail as c·I,
+  c = κ(1) − a₀ − a₁ − a₂, since (X̂X̂ᵀ)^∘r ≈ I for r > 2 in high dimension. Then
+  K ≈ s D (ΦΦᵀ + cI) D, inverted by Woodbury: (cI + ΦΦᵀ)⁻¹ = (I − Φ (cI + ΦᵀΦ)⁻¹ Φᵀ)/c, with
+  the small system factored once in float64 and Φ held in float32. When d(d+1)/2 exceeds
   ``max_rank`` the degree-2 block joins the tail. c is then lowered by ``HARMONIC_SHIFT``
   (a shift towards λ_min: the preconditioner stays positive definite for any shift < 1).
 * ``nystrom``: m landmark rows S drawn with a seed, C = K(X, X_S) computed from the data,
