@@ -114,14 +114,26 @@ def lambda_min_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "
         out["lower"] = out["lower_gershgorin"]
         out["lower_note"] = "depth 1: K = XXᵀ, Gershgorin on XXᵀ"
         return out
-    layers = range(2, depth + 1) if kernel == "ntk" else (depth,)
+    layers = chain_layers(depth, kernel)
+    maxima = _max_row_power_sums(rows, depth - 1, [layer - 1 for layer in layers], block)
+    return chain_result(out, maxima, layers, factor * float(sq.min()))
+
+
+def chain_layers(depth: int, kernel: str):
+    """The layers l whose G^(l) enter the lower bound: 2..L for the NTK, L for the NNGP."""
+    return range(2, depth + 1) if kernel == "ntk" else (depth,)
+
+
+def chain_result(out: dict, maxima: dict, layers, scale: float) -> dict:
+    """The lower bound from the row maxima {m: max_i Σ_j≠i |P^(m)_ij|^r for r in
+    HERMITE_ORDERS}: Σ over ``layers`` l and r of ``scale``·2μ_r²(1 − maxima[l−1])₊, with
+    ``scale`` = s·min‖x‖²; its terms and note are added to ``out`` (returned)."""
     mu2 = np.array([relu_hermite_coefficient(r) ** 2 for r in HERMITE_ORDERS])
     terms = {}
     total = 0.0
-    maxima = _max_row_power_sums(rows, depth - 1, [layer - 1 for layer in layers], block)
     for layer in layers:
         gersh = np.clip(1.0 - maxima[layer - 1], 0.0, None)
-        contrib = factor * float(sq.min()) * 2.0 * mu2 * gersh
+        contrib = scale * 2.0 * mu2 * gersh
         terms[f"G{layer}"] = {f"r={r}": float(c) for r, c in zip(HERMITE_ORDERS, contrib)}
         total += float(contrib.sum())
     out["lower_hermite_gershgorin"] = total

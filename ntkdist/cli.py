@@ -125,6 +125,19 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_arg(asm, "[data] [kernel] [store] [cluster]")
     _add_data_args(asm)
     _add_store_args(asm)
+    swp = sub.add_parser("sweep", help="a scaling study: a grid of runs from a TOML file, "
+                                       "results.csv, fits.csv and figures (resumable)")
+    swp.add_argument("study", metavar="STUDY.toml", help="the study file (docs/studies.md)")
+    swp.add_argument("--out", required=True, help="the study's folder (a rerun resumes it)")
+    swp.add_argument("--dry-run", action="store_true",
+                     help="print each point with its estimated disk, memory and time; run "
+                          "nothing")
+    _add_cluster_args(swp)
+    _add_device_arg(swp)
+    bnd = sub.add_parser("bounds", help="the paper's bounds, the proof chain's quantities and "
+                                        "the prediction for a data set")
+    _add_data_args(bnd)
+    _add_cluster_args(bnd, prefix="above N = 25000 (the chain on workers): ")
     info = sub.add_parser("info", help="spec, size and progress of a kernel store")
     info.add_argument("--store", required=True)
     ver = sub.add_parser("verify", help="check every tile of a store against its checksum "
@@ -191,6 +204,41 @@ def _cmd_assemble(args) -> int:
     report = assemble(spec, store, cluster, tile=tile, dtype=dtype, log=_log)
     print(f"done: {report['tiles_computed']} tiles computed now, {report['tiles_total']} in all, "
           f"{report['seconds']:.1f} s")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .pipeline import sweep
+
+    flags = {k: getattr(args, k) for k in ("scheduler", "scheduler_file", "workers",
+                                           "memory_limit", "device")}
+    report = sweep(args.study, args.out, flags, dry_run=args.dry_run, log=_log)
+    if not args.dry_run:
+        print(f"done: {report['ran']} point(s) run now, {report['points']} in all, "
+              f"{report['seconds']:.1f} s; {report['results']}, {report['fits']}"
+              + "".join(f", {f}" for f in report["figures"]))
+    return 0
+
+
+def _cmd_bounds(args) -> int:
+    from .config import cluster_request, problem_request
+    from .pipeline import bounds
+
+    o = _options(args)
+    spec = problem_request(o)
+    b = bounds(spec, cluster_request(o), log=_log)
+    k = spec.kernel
+    print(f"data       {spec.data.source}, N={spec.n} d={spec.d}; kernel {k.kind} depth "
+          f"{k.depth} ({k.normalization} normalization)")
+    print(f"upper      λ_min ≤ min_i K_ii = {b['upper_min_diagonal']:.6g}; "
+          f"tr(K)/N = {b['upper_trace_over_n']:.6g}")
+    print(f"lower      λ_min ≥ {b['lower']:.6g}  ({b['lower_note']})")
+    for layer, terms in (b.get("lower_hermite_gershgorin_terms") or {}).items():
+        shown = ", ".join(f"{r} {v:.3g}" for r, v in terms.items() if v > 0) or "all 0"
+        print(f"  {layer:<8} {shown}")
+    p = b["prediction_staircase"]
+    print(f"prediction λ_min ≈ {p['value']:.6g} (degree ℓ = {p['degree']}, D_ℓ+1 = "
+          f"{p['D_next']}; {p['note']})")
     return 0
 
 
@@ -327,7 +375,8 @@ def main(argv=None) -> int:
     try:
         args = _build_parser().parse_args(argv)
         commands = {"run": _cmd_run, "solve": _cmd_solve, "assemble": _cmd_assemble,
-                    "info": _cmd_info, "verify": _cmd_verify}
+                    "sweep": _cmd_sweep, "bounds": _cmd_bounds, "info": _cmd_info,
+                    "verify": _cmd_verify}
         return commands[args.command](args)
     except NtkdistError as exc:
         print(f"ntkdist: error: {exc}", file=sys.stderr)

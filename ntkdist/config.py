@@ -81,18 +81,26 @@ class Options(dict):
         return SpecError(f"--{name.replace('_', '-')} {rest}")
 
 
-def load_config(path: str) -> Options:
-    """The options a TOML run file sets; one line naming the key for anything unknown."""
+def read_toml(path: str, what: str = "config file") -> tuple[dict, str]:
+    """(the document, the file's name) of a TOML file; one line for a file that is missing,
+    unreadable or not TOML."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except FileNotFoundError:
-        raise SpecError(f"config file {path!r} does not exist") from None
+        raise SpecError(f"{what} {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise SpecError(f"{what} {path!r} is a directory") from None
     except OSError as exc:
-        raise SpecError(f"cannot read config file {path!r} ({exc.strerror or exc})") from None
+        raise SpecError(f"cannot read {what} {path!r} ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: not valid TOML ({exc})") from None
-    name = os.path.basename(path)
+    return doc, os.path.basename(path)
+
+
+def load_config(path: str) -> Options:
+    """The options a TOML run file sets; one line naming the key for anything unknown."""
+    doc, name = read_toml(path)
     out = Options(source=name)
     for key, value in doc.items():
         if key in TABLES:

@@ -26,14 +26,16 @@ from .solvers.driver import smallest_eigenpairs
 from .solvers.precond import make_preconditioner
 from .spec import ClusterSpec, RunSpec, content_hash, make_solver_spec, make_store_spec
 
-__all__ = ["BOUNDS_MAX_N", "DENSE_MAX_N", "assemble", "info", "run", "solve", "verify"]
+__all__ = ["BOUNDS_MAX_N", "DENSE_MAX_N", "assemble", "bounds", "info", "run", "solve", "sweep",
+           "verify"]
 
 #: Largest N for which the lower-bound chain (an O(N² L) pass over the data) is computed.
 BOUNDS_MAX_N = 25000
 
 
 def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str | None = None,
-        tile: int | None = None, dtype: str | None = None, log=print) -> RunResult:
+        tile: int | None = None, dtype: str | None = None, log=print,
+        client=None) -> RunResult:
     """Compute the k smallest eigenvalues for ``spec``; write ``out/result.json`` and
     ``out/eigvec.npy``.
 
@@ -41,7 +43,9 @@ def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str 
     Dask cluster ``cluster`` and solved from there. Without it, ``dense`` builds the kernel
     in this process and iterative methods recompute tiles on the workers every pass
     (``tile``: their side). Iterative solves save their Ritz block to ``out/checkpoint.npz``
-    every ``spec.solver.checkpoint_every`` seconds and resume from it.
+    every ``spec.solver.checkpoint_every`` seconds and resume from it. ``client``: a
+    ``distributed.Client`` to use instead of connecting to ``cluster`` (a sweep's points
+    share one); ``cluster`` still says the device.
     """
     cluster = cluster or ClusterSpec()
     if store is not None:
@@ -60,14 +64,15 @@ def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str 
 
     try:
         return _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0,
-                    claim)
+                    claim, client)
     except BaseException:
         if claimed:  # a failed run leaves no folder that only refuses the corrected rerun
             release_out_dir(out, claimed[0])
         raise
 
 
-def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0, claim):
+def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0, claim,
+         client=None):
     log(f"data: {spec.data.source} N={spec.n} d={spec.d}; kernel {spec.kernel.kind} depth "
         f"{spec.kernel.depth}")
     for note in plan.notes:
@@ -82,7 +87,7 @@ def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0,
 
     # The output folder is claimed once the cluster is up and, without a store, once the
     # operator has checked its workers (GPUs included): a refusal there writes nothing.
-    with cluster.connect() as client:
+    with contextlib.nullcontext(client) if client is not None else cluster.connect() as client:
         workers, gpus, names = cluster_facts(client, cluster.device)
         if store is not None:
             had_tile, had_dtype = existing_layout(store, spec)
@@ -163,6 +168,35 @@ def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,
             f"({store_spec.blocks}x{store_spec.blocks} blocks), {store_spec.dtype}")
         report = assemble_tiles(store_spec, store, client, log=log)
     return {**report, "store_spec": store_spec}
+
+
+def bounds(spec: RunSpec, cluster: ClusterSpec | None = None, log=print) -> dict:
+    """The bounds of ``spec``'s rows (the upper bounds, the proof chain's lower bound and its
+    terms) and the prediction. Up to ``BOUNDS_MAX_N`` rows the chain runs in this process,
+    above on the workers of ``cluster``."""
+    X = spec.rows()
+    check_rows(X, name=spec.data.source, depth=spec.kernel.depth)
+    k = spec.kernel
+    if spec.n <= BOUNDS_MAX_N:
+        out = lambda_min_bounds(X, k.depth, k.kind, k.normalization)
+    else:
+        from .chain import lambda_min_bounds_distributed
+
+        with (cluster or ClusterSpec()).connect() as client:
+            out = lambda_min_bounds_distributed(client, X, k.depth, k.kind, k.normalization,
+                                                log=log)
+    out["prediction_staircase"] = staircase_prediction(spec.n, spec.d, k.depth, k.kind,
+                                                       k.normalization)
+    return out
+
+
+def sweep(path: str, out: str, cluster: dict | None = None, dry_run: bool = False,
+          log=print) -> dict:
+    """Run the study file ``path`` into the folder ``out`` (:mod:`ntkdist.study`);
+    ``cluster``: cluster options overriding the file's ``[cluster]``."""
+    from .study import load_study, sweep as run_study
+
+    return run_study(load_study(path, out, cluster), log=log, dry_run=dry_run)
 
 
 def info(store: str) -> dict:
@@ -251,6 +285,12 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         log(f"note: {note}")
     if spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, kern.depth, kern.kind, kern.normalization)
+    elif op is not None and op.device == "cpu":  # O(N² L): on the workers, tile by tile
+        from .chain import lambda_min_bounds_distributed
+
+        log(f"lower-bound chain on the workers (N = {spec.n} > {BOUNDS_MAX_N})")
+        bounds = lambda_min_bounds_distributed(op.client, X, kern.depth, kern.kind,
+                                               kern.normalization, tile=op.tile, log=log)
     else:
         bounds = cheap
     if spec.data.source == "sphere":

@@ -111,6 +111,19 @@ def write_json(path: str, obj: dict) -> None:
         raise
 
 
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a reader sees the old file or the new one)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_npy(path: str, array: np.ndarray) -> None:
     tmp = path + ".tmp.npy"
     try:

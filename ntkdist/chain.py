@@ -1,0 +1,261 @@
+"""The rigorous lower-bound chain of :func:`ntkdist.bounds.lambda_min_bounds` on Dask workers.
+
+The chain needs, for each layer m it uses and each even order r in ``HERMITE_ORDERS``,
+max_i Σ_{j≠i} |P^(m)_ij|^r over all N² pairs (at depth 1: min_i 2|XXᵀ|_ii − Σ_j |XXᵀ|_ij).
+In memory that is O(N² L) on one core; here it is cut like the kernel assembly:
+
+* the checked rows (unit rows and norms, or the raw rows at depth 1) are split into row
+  blocks of side ``tile`` and scattered once to every worker;
+* one task per upper tile (I, J), I ≤ J, runs the correlation recursion for the pair of
+  blocks once, up to the deepest layer it is asked for, and at each wanted layer returns the
+  per-row partial sums Σ_{j∈J} |P^(m)_ij|^r for the rows of I and, for I ≠ J, the column sums
+  Σ_{i∈I} |P^(m)_ij|^r for the rows of J (P^(m) is symmetric, so the tile's transpose serves
+  the lower tile); on a diagonal tile the diagonal is left out. The elementwise operations
+  are those of ``bounds._max_row_power_sums``, so the values differ from it only by the order
+  in which the N terms of each row are summed;
+* the client adds each result into an (N, layers, orders) accumulator *in the fixed order of
+  the tile list* (results are consumed in submission order through a bounded window of
+  tasks in flight, so the sums do not depend on which task finishes first), takes the max
+  over rows and forms the same dict as ``lambda_min_bounds``.
+
+Memory. A worker holds O(tile²) per task (the recursion's state and two power arrays) plus
+the scattered rows, O(N d). The client holds the accumulator, N · g · len(HERMITE_ORDERS)
+floats for a group of g layers, plus one result at a time of 2 · tile · g · len(orders)
+floats (the budget also counts the ``window`` results in flight). When all layers at once
+would exceed ``CLIENT_BYTES`` (deep NTK chains at large N: N · (L − 1) · 10 · 8 bytes, e.g.
+N = 10⁶ and L ≥ 14), the layers are taken in
+consecutive groups of g, one pass over the tiles per group, each task running the recursion
+once from layer 1 to its group's deepest layer. This trades recursion work (about
+(L − 1)² / (2g) layer steps per tile instead of L − 1) for memory; the alternatives, keeping
+every tile's recursion state between passes (the whole kernel, thrice) or returning only row
+maxima (wrong: a row's sum is spread over many tiles), are worse. g never drops below one
+layer, so above ~12 million rows the accumulator of a single layer (N · 80 bytes) is the
+floor.
+
+Errors: a failed task or a lost worker (including lost scattered rows, which Dask would wait
+for for ever) is one line of :class:`ntkdist.errors.NtkdistError`, as in the operator.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+
+from .bounds import HERMITE_ORDERS, chain_layers, chain_result, upper_bounds
+from .errors import SpecError
+from .kernels.limiting import (
+    RowBlock,
+    _correlations,
+    check_kernel_args,
+    correlation_layers,
+    normalization_factor,
+    row_block,
+)
+from .operator.client import LOST_POLL, _lost_worker_errors, _one_line, _worker_lost
+
+#: Default side of the row blocks (capped at N).
+DEFAULT_TILE = 2048
+#: Budget of the client's accumulators and buffered results, in bytes (see module doc).
+CLIENT_BYTES = 2 ** 30
+#: Tasks in flight per worker thread: enough to keep the workers busy while the client waits
+#: for the oldest one, few enough to bound the buffered results.
+TASKS_PER_THREAD = 2
+
+_DURING = "while the bounds chain ran on the workers"
+_FAILED = "a bounds-chain tile"
+
+
+# ----------------------------------------------------------------------------- worker tasks
+
+def chain_tile(A: RowBlock, B: RowBlock, same: bool, layers: tuple) -> tuple:
+    """Task: partial power sums of tile (I, J) at each layer m in ``layers`` (ascending).
+
+    Returns (rows, cols): ``rows[a, k, q]`` = Σ_b |P^(m_k)_ab|^r_q over the tile's columns,
+    ``cols[b, k, q]`` = Σ_a |P^(m_k)_ab|^r_q over its rows (None when ``same``: a diagonal
+    tile, whose diagonal is excluded).
+    """
+    n_orders = len(HERMITE_ORDERS)
+    rows = np.zeros((A.unit.shape[0], len(layers), n_orders))
+    cols = None if same else np.zeros((B.unit.shape[0], len(layers), n_orders))
+    index = {m: k for k, m in enumerate(layers)}
+    for m, P in enumerate(correlation_layers(A, B, max(layers)), start=1):
+        k = index.get(m)
+        if k is None:
+            continue
+        P = np.abs(P)  # a new array: the recursion goes on from the yielded one
+        if same:
+            np.fill_diagonal(P, 0.0)
+        P *= P  # P², elementwise the same as bounds' P * P
+        power = P.copy()
+        for q in range(n_orders):
+            if q:
+                power *= P
+            rows[:, k, q] = power.sum(axis=1)
+            if cols is not None:
+                cols[:, k, q] = power.sum(axis=0)
+    return rows, cols
+
+
+def gershgorin_tile(XA: np.ndarray, XB: np.ndarray, same: bool) -> tuple:
+    """Task, depth 1: (rows, cols) with rows[a] = (Σ_b |XXᵀ|_ab, |XXᵀ|_aa on a diagonal tile
+    else 0) and cols[b] = (Σ_a |XXᵀ|_ab, 0) (None when ``same``)."""
+    G = np.abs(_correlations(XA, XB, np))
+    rows = np.zeros((XA.shape[0], 2))
+    rows[:, 0] = G.sum(axis=1)
+    if same:
+        rows[:, 1] = np.diagonal(G)
+        return rows, None
+    cols = np.zeros((XB.shape[0], 2))
+    cols[:, 0] = G.sum(axis=0)
+    return rows, cols
+
+
+# ----------------------------------------------------------------------------- client side
+
+def _tile_side(tile, n: int) -> int:
+    if tile is None:
+        return max(1, min(DEFAULT_TILE, n))
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
+        raise SpecError(f"tile must be an integer >= 1, got {tile!r}")
+    return max(1, min(int(tile), n))
+
+
+def _threads(client) -> int:
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    return max(1, sum(int(w.get("nthreads") or 1) for w in info.values()))
+
+
+def _require_blocks(blocks) -> None:
+    """A one-line error if a scattered row block went with a lost worker."""
+    for f in blocks:
+        if f.status in ("lost", "cancelled", "error"):
+            raise _worker_lost(_DURING + ", with row blocks its tasks need")
+
+
+def _result(future, blocks):
+    """The future's result, checking every ``LOST_POLL`` s that the rows are still there."""
+    from distributed import wait
+    from distributed.utils import TimeoutError as DaskTimeout
+
+    while True:
+        try:
+            wait([future], timeout=LOST_POLL)
+            break
+        except (TimeoutError, DaskTimeout):
+            _require_blocks(blocks)
+    return future.result()
+
+
+def _run_pass(client, func, blocks, bounds, width: tuple, extra: tuple, window: int, log,
+              label: str):
+    """One pass over the upper tiles: ``func(block_I, block_J, I == J, *extra)`` per tile,
+    results added into an (N, width…) accumulator in the fixed order of the tile list."""
+    nb = len(blocks)
+    pairs = [(i, j) for i in range(nb) for j in range(i, nb)]
+    n = bounds[-1]
+    acc = np.zeros((n, *width))
+    step = max(1, math.ceil(len(pairs) / 10))
+    inflight = collections.deque()
+    submitted = done = 0
+    try:
+        while done < len(pairs):
+            while submitted < len(pairs) and len(inflight) < window:
+                i, j = pairs[submitted]
+                inflight.append(client.submit(func, blocks[i], blocks[j], i == j, *extra,
+                                              pure=False))
+                submitted += 1
+            fut = inflight.popleft()
+            rows, cols = _result(fut, blocks)
+            fut.release()
+            i, j = pairs[done]
+            acc[bounds[i]:bounds[i + 1]] += rows
+            if cols is not None:
+                acc[bounds[j]:bounds[j + 1]] += cols
+            done += 1
+            if log and (done % step == 0 or done == len(pairs)):
+                log(f"bounds chain{label}: {done} of {len(pairs)} tiles "
+                    f"({100 * done // len(pairs)} %)")
+    finally:
+        for f in inflight:
+            f.cancel()
+    return acc
+
+
+def _layer_groups(layers: list, n: int, tile: int, window: int) -> list:
+    """Consecutive groups of layers whose accumulator and buffered results fit CLIENT_BYTES."""
+    per_layer = (n + 2 * tile * window) * len(HERMITE_ORDERS) * 8
+    g = max(1, min(len(layers), CLIENT_BYTES // per_layer))
+    return [tuple(layers[k:k + g]) for k in range(0, len(layers), g)]
+
+
+def _scatter(client, pieces):
+    try:
+        return client.scatter(pieces, broadcast=True, hash=False)
+    except _lost_worker_errors() as exc:
+        raise _worker_lost("while the rows were sent to the workers", exc) from None
+
+
+def _release(futures) -> None:
+    for f in futures:
+        f.release()
+
+
+def lambda_min_bounds_distributed(client, X, depth: int, kernel: str = "ntk",
+                                  normalization: str = "paper", tile=None, log=None) -> dict:
+    """:func:`ntkdist.bounds.lambda_min_bounds` computed tile by tile on ``client``'s workers.
+
+    Returns the same dict (keys, notes, values up to the order of summation). ``tile``: the
+    side of the row blocks (default 2048, at most N). ``log``: called with a progress line
+    about every 10 % of the tiles. See the module docstring for the memory bounds and the
+    layer groups.
+    """
+    check_kernel_args(depth, kernel, normalization)
+    X = np.asarray(X, dtype=np.float64)
+    rows = row_block(X, "X")  # refuses non-2-D and non-finite rows before any work
+    n, d = X.shape
+    sq = np.einsum("ij,ij->i", X, X)
+    factor = normalization_factor(normalization, d)
+    out = upper_bounds(X, depth, kernel, normalization)
+    t = _tile_side(tile, n)
+    bounds = list(range(0, n, t)) + [n]
+    slices = [slice(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
+
+    if depth == 1:
+        with _one_line(_DURING, _FAILED):
+            window = TASKS_PER_THREAD * _threads(client)
+            blocks = _scatter(client, [np.ascontiguousarray(X[s]) for s in slices])
+            try:
+                acc = _run_pass(client, gershgorin_tile, blocks, bounds, (2,), (), window, log,
+                                "")
+            finally:
+                _release(blocks)
+        worst = float(np.min(2.0 * acc[:, 1] - acc[:, 0]))
+        out["lower_gershgorin"] = factor * max(0.0, worst)
+        out["lower"] = out["lower_gershgorin"]
+        out["lower_note"] = "depth 1: K = XXᵀ, Gershgorin on XXᵀ"
+        return out
+
+    layers = chain_layers(depth, kernel)
+    wanted = [layer - 1 for layer in layers]
+    maxima = {}
+    with _one_line(_DURING, _FAILED):
+        window = TASKS_PER_THREAD * _threads(client)
+        groups = _layer_groups(wanted, n, t, window)
+        blocks = _scatter(client, [RowBlock(unit=rows.unit[s], norms=rows.norms[s])
+                                   for s in slices])
+        try:
+            for p, group in enumerate(groups, start=1):
+                label = f" (layers {group[0]}–{group[-1]}, pass {p}/{len(groups)})" \
+                    if len(groups) > 1 else ""
+                acc = _run_pass(client, chain_tile, blocks, bounds,
+                                (len(group), len(HERMITE_ORDERS)), (group,), window, log,
+                                label)
+                top = acc.max(axis=0)
+                del acc
+                for k, m in enumerate(group):
+                    maxima[m] = top[k]
+        finally:
+            _release(blocks)
+    return chain_result(out, maxima, layers, factor * float(sq.min()))

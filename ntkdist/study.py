@@ -1,0 +1,547 @@
+"""Scaling studies: a grid of runs from one TOML file, one cluster, one table, figures, fits.
+
+A study file has the run file's tables (:mod:`ntkdist.config`: ``[data]``, ``[kernel]``,
+``[solver]``, ``[store]``, ``[cluster]``) where any value of ``[data]``, ``[kernel]``,
+``[solver]`` and ``[store]`` may be a list: each list is an axis of the grid, and the points
+are the product of the axes. A ``[zip]`` table holds lists of equal length, taken element by
+element (``n = [1000, 100000]`` with ``tol = [1e-8, 1e-6]``) and combined with the product.
+``[study]`` names the storage policy and the crossover fraction::
+
+    [study]
+    storage = "none"            # keep | delete | none (no store: dense or recompute)
+    crossover_fraction = 0.5    # N*: where λ_min/d falls below this share of its plateau
+    [data]
+    source = "sphere"
+    n = [1000, 2000, 5000]
+    d = [16, 32]
+    seed = [0, 1, 2]
+    [kernel]
+    depth = [2, 3]
+
+Each point is a full run (:func:`ntkdist.pipeline.run`) with its own result folder
+``DIR/points/LABEL``; one cluster serves them all. After each point ``DIR/results.csv``
+is rewritten from the result folders, so a rerun skips finished points (by spec hash),
+resumes an interrupted one (its store resumes, its solve restarts from its checkpoint) and
+ends with the same table. At the end: ``fits.csv`` and the figures (:mod:`ntkdist.figures`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+from .config import (TABLES, Options, cluster_request, read_toml, run_request,
+                     store_request)
+from .errors import SpecError
+from .spec import ClusterSpec, RunSpec, content_hash
+
+STORAGE = ("keep", "delete", "none")
+STUDY_KEYS = {"storage": "keep | delete | none", "crossover_fraction": "a number in (0, 1)",
+              "name": "a name"}
+#: Tables whose values may be lists (axes); the cluster is one for the whole study.
+AXIS_TABLES = ("data", "kernel", "solver", "store")
+RESULTS_CSV = "results.csv"
+FITS_CSV = "fits.csv"
+COLUMNS = (
+    "point", "n", "d", "depth", "kernel", "normalization", "data", "seed", "method", "k",
+    "tol", "status", "lambda_min", "lambda_over_d", "residual_norm", "certified_rel_accuracy",
+    "lower_bound", "upper_bound", "prediction", "measured_over_predicted", "passes",
+    "iterations", "wall_seconds", "solver_seconds", "bytes_read", "store_bytes", "spec_hash",
+)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the study: its specs, result folder and store (None: no store)."""
+
+    label: str
+    spec: RunSpec
+    out: str
+    store: str | None
+    tile: int | None
+    dtype: str | None
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    out: str
+    storage: str
+    crossover_fraction: float
+    cluster: ClusterSpec
+    points: tuple
+
+
+def _axis_values(name: str, table: str, key: str, value):
+    if isinstance(value, list):
+        if not value:
+            raise SpecError(f"{name}: [{table}] {key} is an empty list")
+        if any(isinstance(v, (list, dict)) for v in value):
+            raise SpecError(f"{name}: [{table}] {key} must be a value or a list of values")
+        return value
+    if isinstance(value, dict):
+        raise SpecError(f"{name}: [{table}] {key} must be a value, not a table")
+    return [value]
+
+
+def load_study(path: str, out: str, cluster_flags: dict | None = None) -> Study:
+    """Read and validate a study file: every point is checked (data, kernel, solver) before
+    anything runs; one line naming the key for anything wrong."""
+    doc, name = read_toml(path, "study file")
+    known = ("study", "zip", *TABLES)
+    for key, value in doc.items():
+        if key not in known:
+            raise SpecError(f"{name}: unknown key {key} (known: "
+                            f"{', '.join(f'[{k}]' for k in known)})")
+        if not isinstance(value, dict):
+            raise SpecError(f"{name}: [{key}] must be a table, got {value!r}")
+    study = doc.get("study", {})
+    for key in study:
+        if key not in STUDY_KEYS:
+            raise SpecError(f"{name}: unknown key [study] {key} (known: {', '.join(STUDY_KEYS)})")
+    storage = study.get("storage", "keep")
+    if storage not in STORAGE:
+        raise SpecError(f"{name}: [study] storage must be one of {', '.join(STORAGE)}, "
+                        f"got {storage!r}")
+    fraction = study.get("crossover_fraction", 0.5)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            0 < fraction < 1):
+        raise SpecError(f"{name}: [study] crossover_fraction must be in (0, 1), "
+                        f"got {fraction!r}")
+    label = study.get("name", os.path.splitext(name)[0])
+    if not isinstance(label, str) or not label:
+        raise SpecError(f"{name}: [study] name must be a non-empty string")
+    fixed, axes = Options(source=name), []
+    for table, keys in TABLES.items():
+        for key, value in doc.get(table, {}).items():
+            if key not in keys:
+                raise SpecError(f"{name}: unknown key [{table}] {key} (known: "
+                                f"{', '.join(keys)})")
+            opt = keys[key]
+            if table == "store" and key == "path":
+                raise SpecError(f"{name}: [store] path is chosen by the study (DIR/stores); "
+                                "set [study] storage instead")
+            if table == "cluster" or not isinstance(value, list):
+                if isinstance(value, (list, dict)):
+                    raise SpecError(f"{name}: [{table}] {key} must be one value (one cluster "
+                                    "serves the whole study)")
+                fixed[opt] = value
+            else:
+                axes.append((opt, _axis_values(name, table, key, value)))
+    zipped = doc.get("zip", {})
+    flat = {opt: (table, key) for table, keys in TABLES.items() if table in AXIS_TABLES
+            for key, opt in keys.items() if not (table == "store" and key == "path")}
+    by_key = {key: opt for table, keys in TABLES.items() if table in AXIS_TABLES
+              for key, opt in keys.items() if not (table == "store" and key == "path")}
+    zip_axes = []
+    for key, value in zipped.items():
+        opt = key if key in flat else by_key.get(key)
+        if opt is None:
+            raise SpecError(f"{name}: unknown key [zip] {key} (known: {', '.join(flat)})")
+        if opt in fixed or any(opt == a for a, _ in axes):
+            raise SpecError(f"{name}: [zip] {key} is also set in [{flat[opt][0]}]")
+        if not isinstance(value, list):
+            raise SpecError(f"{name}: [zip] {key} must be a list")
+        zip_axes.append((opt, _axis_values(name, "zip", key, value)))
+    lengths = {len(v) for _, v in zip_axes}
+    if len(lengths) > 1:
+        raise SpecError(f"{name}: the [zip] lists must have equal lengths, got "
+                        + ", ".join(f"{k} {len(v)}" for k, v in zip_axes))
+    fixed.from_file = set(fixed)
+    for k, v in (cluster_flags or {}).items():
+        if v is not None:
+            fixed[k] = v
+            fixed.from_file.discard(k)
+    cluster = cluster_request(fixed)
+    if storage == "none" and any(k in fixed for k in ("tile", "dtype")) or storage == "none" \
+            and any(a in ("tile", "dtype") for a, _ in axes + zip_axes):
+        raise SpecError(f"{name}: [store] tile and dtype need [study] storage keep or delete")
+    combos = list(itertools.product(*[v for _, v in axes])) or [()]
+    rows = list(zip(*[v for _, v in zip_axes])) if zip_axes else [()]
+    points, seen = [], {}
+    for zrow in rows:
+        for combo in combos:
+            o = Options(fixed, source=name, from_file=fixed.from_file | {
+                a for a, _ in axes + zip_axes})
+            o.update({a: v for (a, _), v in zip(axes, combo)})
+            o.update({a: v for (a, _), v in zip(zip_axes, zrow)})
+            points.append(_point(o, out, storage, cluster))
+    for p in points:
+        if p.label in seen:
+            raise SpecError(f"{name}: two points of the grid are the same run ({p.label})")
+        seen[p.label] = p
+    return Study(label, out, storage, float(fraction), cluster, tuple(points))
+
+
+def _point(o: Options, out: str, storage: str, cluster: ClusterSpec) -> Point:
+    if storage != "none":
+        o["store"] = "(study)"  # the method's default is that of a run with a store
+    spec, _ = run_request(o)
+    _, tile, dtype = store_request(o)
+    from .operator.plan import Facts, make_plan
+
+    try:  # the refusals that need no cluster, for every point before any runs
+        make_plan(spec.solver, cluster, Facts(n=spec.n, store="assemble" if storage != "none"
+                                              else None), tile, dtype)
+    except SpecError as exc:
+        raise SpecError(f"{o.source}: point n={spec.n} d={spec.d} depth={spec.kernel.depth}: "
+                        f"{exc}") from None
+    source = spec.data.source if spec.data.synthetic else os.path.splitext(
+        os.path.basename(spec.data.source))[0]
+    label = (f"{source}-n{spec.n}-d{spec.d}-L{spec.kernel.depth}-{spec.kernel.kind}"
+             + (f"-s{spec.data.seed}" if spec.data.seed is not None else "")
+             + f"-{spec.hash()[:8]}")
+    store = None
+    if storage != "none":
+        problem = content_hash({**spec.problem(), "tile": tile, "dtype": dtype})
+        store = os.path.join(out, "stores", f"{problem[:16]}.zarr")
+    return Point(label, spec, os.path.join(out, "points", label), store, tile, dtype)
+
+
+# ------------------------------------------------------------------------------- the plan
+
+def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
+    """Disk (bytes of its store), memory (bytes at its peak) and time (seconds) of a point,
+    from the machine's ``rates`` (:func:`machine_rates`)."""
+    from .operator.plan import DENSE_MAX_N, default_dtype, default_tile
+
+    spec, n = point.spec, point.spec.n
+    s = spec.solver
+    workers = cluster.workers or rates["cores"]
+    cores = min(workers, rates["cores"]) if cluster.kind == "local" else workers
+    depth = spec.kernel.depth
+    entries_s = rates["entries_per_core"] * cores * 3 / (depth + 2)
+    gemm = rates["gemm_flops_per_core"] * cores
+    dtype = point.dtype or default_dtype(n)
+    disk = n * n * (4 if dtype == "float32" else 8) // 2 if point.store else 0
+    chain = 0.0 if n > DENSE_MAX_N else n * n * depth / entries_s  # the lower-bound chain
+    if s.method == "dense" and point.store is None:
+        memory = 3 * 8 * n * n
+        seconds = n * n / entries_s * 2 + rates["eigh_seconds_per_n3"] * n ** 3 + chain
+        return {"disk": disk, "memory": memory, "seconds": seconds}
+    tile = point.tile or default_tile(n, rates["worker_memory"])
+    passes = max(20.0, 63.0 * math.sqrt(n / 8000.0))
+    block = s.block or 32
+    pass_flops = 2.0 * block * n * n
+    if point.store:
+        assemble = n * n / 2 / entries_s
+        cached = disk <= 0.4 * rates["worker_memory"] * workers
+        per_pass = pass_flops / (gemm * (2 if cached and n > 4096 else 1)) + (
+            0 if cached else disk / rates["disk_bytes_per_s"])
+        memory = min(disk, 0.4 * rates["worker_memory"] * workers) + 40 * tile * tile
+        seconds = assemble + passes * per_pass + chain + 2.0
+    else:
+        per_pass = n * n / 2 / entries_s + pass_flops / gemm
+        memory = 40 * tile * tile * workers
+        seconds = passes * per_pass + chain + 2.0
+    return {"disk": disk, "memory": memory, "seconds": seconds}
+
+
+def machine_rates(cluster: ClusterSpec) -> dict:
+    """This machine's rates, measured in a fraction of a second: the tile function's entries
+    per second on one core (depth 3), float64 GEMM flops per core, the dense solver's
+    seconds per N³; the disk rate is a conservative 0.5 GB/s."""
+    import numpy as np
+
+    from .cluster import _cpu_count
+    from .kernels.limiting import kernel_tile, row_block
+
+    def best(f, repeats=3):
+        f()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return max(min(times), 1e-6)
+
+    rng = np.random.default_rng(0)
+    block = row_block(rng.standard_normal((512, 64)))
+    entries = 512 * 512 / best(lambda: kernel_tile(block, block, 3))
+    A = rng.standard_normal((1024, 1024))
+    gemm = 2 * 1024 ** 3 / best(lambda: A @ A)
+    cores = _cpu_count()
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"entries_per_core": entries, "gemm_flops_per_core": gemm / max(1, cores),
+            "eigh_seconds_per_n3": 4.0 / (gemm), "cores": cores,
+            "worker_memory": total / (cluster.workers or cores), "memory": total,
+            "disk_bytes_per_s": 0.5e9}
+
+
+def check_fits(study: Study, estimates: list, rates: dict) -> None:
+    """Refuse, before anything starts, a point that cannot fit the disk or memory it has."""
+    free = shutil.disk_usage(_existing_parent(study.out)).free
+    held = 0
+    stores_done = set()
+    for p, e in zip(study.points, estimates):
+        if e["memory"] > rates["memory"]:
+            raise SpecError(f"point {p.label} needs about {e['memory'] / 1e9:.1f} GB of memory; "
+                            f"this machine has {rates['memory'] / 1e9:.1f} GB (use a store: "
+                            "[study] storage keep or delete, or a smaller n)")
+        if p.store and p.store not in stores_done and not os.path.exists(p.store):
+            need = e["disk"] if study.storage == "delete" else held + e["disk"]
+            if need > free:
+                raise SpecError(f"point {p.label} needs {need / 1e9:.1f} GB of disk for its "
+                                f"store{'s' if study.storage == 'keep' else ''}; "
+                                f"{_existing_parent(study.out)} has {free / 1e9:.1f} GB free")
+            if study.storage == "keep":
+                held += e["disk"]
+            stores_done.add(p.store)
+
+
+def _existing_parent(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def plan_text(study: Study, estimates: list) -> str:
+    lines = [f"study {study.name}: {len(study.points)} point(s), storage {study.storage}, "
+             f"results in {study.out}"]
+    lines.append(f"{'point':<48} {'method':<9} {'disk GB':>8} {'memory GB':>10} {'time s':>9}"
+                 "  state")
+    for p, e in zip(study.points, estimates):
+        state = "done" if _finished(p) else "resumes" if os.path.exists(p.out) else "to run"
+        lines.append(f"{p.label:<48} {p.spec.solver.method:<9} {e['disk'] / 1e9:>8.2f} "
+                     f"{e['memory'] / 1e9:>10.2f} {e['seconds']:>9.1f}  {state}")
+    todo = [e for p, e in zip(study.points, estimates) if not _finished(p)]
+    lines.append(f"to run: {len(todo)} point(s), about {sum(e['seconds'] for e in todo):.0f} s")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the sweep
+
+def _finished(p: Point) -> dict | None:
+    """The point's result if it is complete for this spec, else None."""
+    try:
+        with open(os.path.join(p.out, "result.json")) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return result if result.get("spec_hash") == p.spec.hash() else None
+
+
+def sweep(study: Study, log=print, dry_run: bool = False) -> dict:
+    """Run every point not yet finished, rewriting results.csv after each; then the fits
+    and figures. ``dry_run``: print the plan and refuse what cannot fit, run nothing."""
+    from .pipeline import run
+
+    rates = machine_rates(study.cluster)
+    estimates = [estimate(p, study.cluster, rates) for p in study.points]
+    check_fits(study, estimates, rates)
+    if dry_run:
+        log(plan_text(study, estimates))
+        return {"points": len(study.points), "ran": 0}
+    os.makedirs(os.path.join(study.out, "points"), exist_ok=True)
+    ran, t0 = 0, time.perf_counter()
+    needs_cluster = any(not (p.spec.solver.method == "dense" and p.store is None)
+                        and not _finished(p) for p in study.points)
+    with (study.cluster.connect() if needs_cluster else _no_cluster()) as client:
+        for i, p in enumerate(study.points):
+            if _finished(p):
+                continue
+            log(f"[{i + 1}/{len(study.points)}] {p.label}")
+            run(p.spec, p.out, study.cluster, store=p.store, tile=p.tile, dtype=p.dtype,
+                log=lambda msg: None, client=client)
+            ran += 1
+            if study.storage == "delete" and p.store and not any(
+                    q.store == p.store and not _finished(q) for q in study.points[i + 1:]):
+                shutil.rmtree(p.store, ignore_errors=True)
+            write_results(study)
+            r = _finished(p)
+            log(f"    λ_min = {r['lambda_min']}, {r['status']}, {r['wall_seconds']:.1f} s")
+    rows = write_results(study)
+    fits = write_fits(study, rows)
+    figures = []
+    try:
+        from .figures import study_figures
+
+        figures = study_figures(study, rows, fits)
+    except ImportError:
+        log("note: matplotlib is not installed; no figures (pip install matplotlib)")
+    return {"points": len(study.points), "ran": ran, "seconds": time.perf_counter() - t0,
+            "results": os.path.join(study.out, RESULTS_CSV),
+            "fits": os.path.join(study.out, FITS_CSV), "figures": figures}
+
+
+class _no_cluster:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _row(p: Point, r: dict) -> dict:
+    b = r.get("bounds") or {}
+    prediction = b.get("prediction") or b.get("prediction_staircase")
+    pred = prediction.get("value") if isinstance(prediction, dict) else None
+    lam = r.get("lambda_min")
+    store_bytes = None
+    if p.store and r.get("operator_memory"):
+        store_bytes = r["operator_memory"].get("tile_bytes")
+    return {
+        "point": p.label, "n": r["n"], "d": r["d"], "depth": r["depth"], "kernel": r["kernel"],
+        "normalization": r["normalization"],
+        "data": r["data"] if p.spec.data.synthetic else p.spec.data.source,
+        "seed": r["seed"], "method": r["spec"]["method"], "k": r["k"], "tol": r["spec"]["tol"],
+        "status": r["status"], "lambda_min": lam,
+        "lambda_over_d": None if lam is None else lam / r["d"],
+        "residual_norm": r["residual_norm"],
+        "certified_rel_accuracy": r["relative_accuracy"] if r["status"] in (
+            "certified", "exact") else None,
+        "lower_bound": b.get("lower"), "upper_bound": b.get("upper_min_diagonal"),
+        "prediction": pred,
+        "measured_over_predicted": None if lam is None or not pred else lam / pred,
+        "passes": r.get("passes_total") if r.get("passes_total") is not None else r.get("passes"),
+        "iterations": r.get("iterations"), "wall_seconds": r["wall_seconds"],
+        "solver_seconds": r["solver_seconds"], "bytes_read": r.get("bytes_read"),
+        "store_bytes": store_bytes, "spec_hash": r["spec_hash"],
+    }
+
+
+def collect(study: Study) -> list[dict]:
+    """The finished points' rows, in the study's order."""
+    rows = []
+    for p in study.points:
+        r = _finished(p)
+        if r is not None:
+            rows.append(_row(p, r))
+    return rows
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _write_csv(path: str, columns, rows) -> None:
+    from .results import write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for row in rows:
+        w.writerow([_format(row.get(c)) for c in columns])
+    write_text(path, buf.getvalue())
+
+
+def write_results(study: Study) -> list[dict]:
+    rows = collect(study)
+    _write_csv(os.path.join(study.out, RESULTS_CSV), COLUMNS, rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------- fits
+
+FIT_COLUMNS = ("kind", "kernel", "data", "depth", "d", "value", "ci_low", "ci_high",
+               "points", "seeds", "note")
+
+
+def _groups(rows, keys):
+    out = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def _t_quantile(dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
+def fit_rows(rows: list[dict], fraction: float) -> list[dict]:
+    """Per (kernel, data, depth, d): the exponent of λ_min in N (least squares on log-log per
+    seed; mean over seeds with a 95 % t-interval, or the regression's own interval with one
+    seed) and the crossover N* where the mean λ_min/d first falls below ``fraction`` of its
+    value at the smallest N (log-linear interpolation); per (kernel, data, depth): the
+    growth exponent of N* in d."""
+    import numpy as np
+
+    ok = [r for r in rows if r["lambda_min"] not in (None, "") and r["lambda_min"] > 0]
+    out = []
+    for (kernel, data, depth, d), group in sorted(_groups(
+            ok, ("kernel", "data", "depth", "d")).items(), key=lambda kv: str(kv[0])):
+        by_seed = _groups(group, ("seed",))
+        slopes, lone = [], None
+        for seed_rows in by_seed.values():
+            ns = np.log([r["n"] for r in seed_rows])
+            if len(set(ns)) < 2:
+                continue
+            lam = np.log([r["lambda_min"] for r in seed_rows])
+            A = np.vstack([ns, np.ones_like(ns)]).T
+            coef, res, *_ = np.linalg.lstsq(A, lam, rcond=None)
+            slopes.append(float(coef[0]))
+            if len(ns) > 2:
+                sigma2 = float(np.sum((A @ coef - lam) ** 2)) / (len(ns) - 2)
+                lone = math.sqrt(sigma2 / float(np.sum((ns - ns.mean()) ** 2)))
+                lone *= _t_quantile(len(ns) - 2)
+        if slopes:
+            mean = float(np.mean(slopes))
+            if len(slopes) > 1:
+                half = _t_quantile(len(slopes) - 1) * float(np.std(slopes, ddof=1)) / math.sqrt(
+                    len(slopes))
+                note = "mean over seeds, 95 % t-interval"
+            else:
+                half = lone if lone is not None else float("nan")
+                note = "one seed: the regression's 95 % interval" if lone is not None else \
+                    "one seed, two N: no interval"
+            out.append({"kind": "exponent", "kernel": kernel, "data": data, "depth": depth,
+                        "d": d, "value": mean, "ci_low": mean - half, "ci_high": mean + half,
+                        "points": len(group), "seeds": len(slopes), "note": note})
+        star = crossover(group, fraction)
+        if star is not None:
+            out.append({"kind": "crossover", "kernel": kernel, "data": data, "depth": depth,
+                        "d": d, "value": star, "ci_low": None, "ci_high": None,
+                        "points": len(group), "seeds": len(by_seed),
+                        "note": f"N* where mean λ_min/d < {fraction:g} × its value at the "
+                                "smallest N"})
+    crossings = [r for r in out if r["kind"] == "crossover"]
+    for (kernel, data, depth), group in _groups(crossings, ("kernel", "data", "depth")).items():
+        if len({r["d"] for r in group}) < 2:
+            continue
+        x = np.log([r["d"] for r in group])
+        y = np.log([r["value"] for r in group])
+        slope = float(np.polyfit(x, y, 1)[0])
+        out.append({"kind": "crossover_growth", "kernel": kernel, "data": data, "depth": depth,
+                    "d": None, "value": slope, "ci_low": None, "ci_high": None,
+                    "points": len(group), "seeds": None,
+                    "note": "exponent of N* in d (log-log least squares over d)"})
+    return out
+
+
+def crossover(group: list[dict], fraction: float) -> float | None:
+    """N* at which the mean over seeds of λ_min/d first falls below ``fraction`` of its value
+    at the smallest N, interpolated in log N and log λ; None if it never does."""
+    import numpy as np
+
+    by_n = _groups(group, ("n",))
+    ns = sorted(k[0] for k in by_n)
+    means = [float(np.mean([r["lambda_min"] / r["d"] for r in by_n[(n,)]])) for n in ns]
+    if len(ns) < 2:
+        return None
+    target = fraction * means[0]
+    for i in range(1, len(ns)):
+        if means[i] < target:
+            a, b = math.log(means[i - 1]), math.log(means[i])
+            w = (math.log(target) - a) / (b - a) if b != a else 1.0
+            return float(math.exp(math.log(ns[i - 1]) + w * (math.log(ns[i]) - math.log(ns[i - 1]))))
+    return None
+
+
+def write_fits(study: Study, rows: list[dict]) -> list[dict]:
+    fits = fit_rows(rows, study.crossover_fraction)
+    _write_csv(os.path.join(study.out, FITS_CSV), FIT_COLUMNS, fits)
+    return fits
