@@ -108,21 +108,21 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ntkdist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="compute λ_min of a kernel Gram matrix with the paper's bounds")
-    _add_config_arg(run, "[data] [kernel] [solver] [store] [cluster] and out")
+    _add_config_arg(run, "out, and the [data] [kernel] [solver] [store] [cluster]")
     _add_data_args(run)
     run.add_argument("--out", help="result folder (created; refused if another run's); required")
     _add_store_args(run)
     _add_solver_args(run)
     _add_device_arg(run)
     sol = sub.add_parser("solve", help="smallest eigenvalues of the kernel in a complete store")
-    _add_config_arg(sol, "[solver] [store] path, [cluster] and out")
+    _add_config_arg(sol, "out, [store] path, and the [solver] [cluster]")
     sol.add_argument("--store", help="a complete kernel store (PATH.zarr); required")
     sol.add_argument("--out", help="result folder (created; refused if another run's); required")
     _add_cluster_args(sol)
     _add_solver_args(sol)
     _add_device_arg(sol)
     asm = sub.add_parser("assemble", help="assemble the kernel's tiles into a Zarr store (resumable)")
-    _add_config_arg(asm, "[data] [kernel] [store] [cluster]")
+    _add_config_arg(asm, "the [data] [kernel] [store] [cluster]")
     _add_data_args(asm)
     _add_store_args(asm)
     swp = sub.add_parser("sweep", help="a scaling study: a grid of runs from a TOML file, "
@@ -177,30 +177,47 @@ def _cmd_run(args) -> int:
     out = required(o, "out", "--out")
     spec, cluster = run_request(o)
     store, tile, dtype = store_request(o)
-    result = run(spec, out, cluster, store=store, tile=tile, dtype=dtype, log=_log)
+    with o.blaming():
+        result = run(spec, out, cluster, store=store, tile=tile, dtype=dtype, log=_log)
     print(summary(result.to_dict(), out))
     return 0
 
 
+#: Options of the data and the kernel: in a file given to 'solve', checked against the store.
+_PROBLEM_OPTIONS = {"data", "n", "d", "seed", "dedupe", "kernel", "depth", "normalization"}
+
+
 def _cmd_solve(args) -> int:
-    from .config import cluster_request, required, solver_options
+    from .config import cluster_request, problem_request, required, solver_options
     from .pipeline import solve
 
     o = _options(args)
     store, out = required(o, "store", "--store"), required(o, "out", "--out")
-    result = solve(store, out, cluster_request(o), log=_log, **solver_options(o))
+    cluster = cluster_request(o)
+    problem = problem_request(o) if _PROBLEM_OPTIONS & set(o) else None
+    with o.blaming():
+        result = solve(store, out, cluster, log=_log, problem=problem, **solver_options(o))
     print(summary(result.to_dict(), out))
     return 0
 
 
 def _cmd_assemble(args) -> int:
-    from .config import cluster_request, problem_request, required, store_request
+    from .config import (cluster_request, problem_request, required, solver_options,
+                         store_request)
+    from .errors import SpecError
+    from .spec import make_solver_spec
     from .pipeline import assemble
 
     o = _options(args)
     store = required(o, "store", "--store")
     spec, cluster = problem_request(o), cluster_request(o)
     _, tile, dtype = store_request(o)
+    with o.blaming():  # a run file's [solver] is checked too, though assembly needs none
+        make_solver_spec(spec.n, **{k: v for k, v in solver_options(o).items()
+                                    if v is not None})
+    if cluster.device != "cpu":
+        raise o.blame(SpecError(f"device {cluster.device} does not apply to assemble (its "
+                                "tiles are built on CPU workers); it is for run and solve"))
     report = assemble(spec, store, cluster, tile=tile, dtype=dtype, log=_log)
     print(f"done: {report['tiles_computed']} tiles computed now, {report['tiles_total']} in all, "
           f"{report['seconds']:.1f} s")

@@ -28,6 +28,7 @@ give the same spec hash. A bad key or value is one line naming it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -51,6 +52,8 @@ TABLES = {
                                "device")},
 }
 TOP_KEYS = {"out": "out"}
+#: The ways of choosing a cluster: a flag giving one replaces all of them from the file.
+CLUSTER_WAYS = ("scheduler", "scheduler_file", "workers")
 #: option name → (table, key) in the file, for messages
 WHERE = {opt: (table, key) for table, keys in TABLES.items() for key, opt in keys.items()}
 WHERE["out"] = (None, "out")
@@ -64,13 +67,21 @@ class Options(dict):
         self.source = source
         self.from_file = set(from_file)
 
+    @contextlib.contextmanager
+    def blaming(self):
+        """A context in which a SpecError is re-raised in the words of :meth:`blame`."""
+        try:
+            yield
+        except SpecError as exc:
+            raise self.blame(exc) from None
+
     def blame(self, exc: SpecError) -> SpecError:
         """The error in the words of where the value came from: ``FILE: [table] key …`` for a
         value of the file, ``--flag …`` for a flag's."""
         text = str(exc)
         head, _, rest = text.partition(" ")
         name = head.lstrip("-").replace("-", "_")
-        if name == "synthetic" and self.from_file & {"data", "n", "d"}:
+        if name == "synthetic" and "data" in self.from_file:
             return SpecError(f"{self.source}: [data] {text}")
         if name not in WHERE or name not in self:
             return exc
@@ -117,7 +128,9 @@ def load_config(path: str) -> Options:
             out[TOP_KEYS[key]] = value
         else:
             known = ", ".join([*TOP_KEYS, *(f"[{t}]" for t in TABLES)])
-            raise SpecError(f"{name}: unknown key {key} (known: {known})")
+            what = "table" if isinstance(value, dict) else "key"
+            shown = f"[{key}]" if isinstance(value, dict) else key
+            raise SpecError(f"{name}: unknown {what} {shown} (known: {known})")
     out.from_file = set(out)
     return out
 
@@ -126,6 +139,12 @@ def merge(file_options: Options | None, flags: dict) -> Options:
     """The file's options overridden by the flags given (None: not given)."""
     base = file_options if file_options is not None else Options()
     merged = Options(base, source=base.source, from_file=base.from_file)
+    given = {k for k, v in flags.items() if v is not None}
+    if given & set(CLUSTER_WAYS):  # a cluster chosen by a flag replaces the file's choice
+        for k in CLUSTER_WAYS:
+            if k in merged.from_file:
+                del merged[k]
+                merged.from_file.discard(k)
     for k, v in flags.items():
         if v is not None:
             merged[k] = v
@@ -169,6 +188,10 @@ def store_request(o: Options) -> tuple[str | None, int | None, str | None]:
     store, tile, dtype = o.get("store"), o.get("tile"), o.get("dtype")
     if store is not None and (not isinstance(store, str) or not store):
         raise o.blame(SpecError(f"store must be a path, got {store!r}"))
+    if store is None and dtype is not None:
+        raise o.blame(SpecError(f"dtype {dtype} applies to a store: give --store (or [store] "
+                                "path)"))
+    store = None if store is None else os.path.expanduser(store)
     _checked(o, lambda: check_layout(tile, dtype))
     return store, tile, dtype
 
@@ -191,8 +214,8 @@ def run_request(o: Options) -> tuple[RunSpec, ClusterSpec]:
 
     def build():
         opts = solver_options(o)
-        opts["method"] = opts["method"] or default_method(spec.n, o.get("store") is not None,
-                                                          cluster.device)
+        if opts["method"] is None:
+            opts["method"] = default_method(spec.n, o.get("store") is not None, cluster.device)
         return spec.with_solver(make_solver_spec(spec.n, **opts))
 
     return _checked(o, build), cluster
@@ -208,4 +231,4 @@ def required(o: Options, name: str, flag: str) -> str:
                         "the --config file)")
     if not isinstance(value, str) or not value:
         raise o.blame(SpecError(f"{name} must be a path, got {value!r}"))
-    return value
+    return os.path.expanduser(value)

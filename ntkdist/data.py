@@ -179,7 +179,8 @@ def check_rows(X, name: str = "input", block: int = 65536, depth: int = 1) -> Ro
                          f"(row {tiny[0]}: ‖x‖ = {norms[tiny[0]]:.3g}); rescale the data "
                          "(λ_min scales with the square of a common factor)")
     top = float(norms.max())
-    if not 2 * np.log10(top) + np.log10(n * max(depth, 1)) <= np.log10(MAX_SCALE):
+    if not 2 * np.log10(top) + np.log10(float(n)) + np.log10(float(max(depth, 1))) <= \
+            np.log10(MAX_SCALE):
         raise InputError(f"{name} has rows too large for float64 (‖x‖ up to {top:.3g}: N·L·‖x‖² "
                          f"exceeds {MAX_SCALE:.0e}, the solver's squares would overflow); "
                          "rescale the data (λ_min scales with the square of a "

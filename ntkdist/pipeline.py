@@ -52,11 +52,13 @@ def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str 
         _check_paths(store, out)
         make_store_spec(spec, 1 if tile is None else tile, dtype or "float64")  # validates
     t0 = time.perf_counter()
+    make_plan(spec.solver, cluster, Facts(n=spec.n, store="assemble" if store else None),
+              tile, dtype)  # refuses before the rows are read
     X = spec.rows()
     check = check_rows(X, name=spec.data.source, depth=spec.kernel.depth)
     facts = Facts(n=spec.n, store="assemble" if store else None,
                   parallel_rows=check.parallel_rows)
-    plan = make_plan(spec.solver, cluster, facts, tile, dtype)  # refuses before anything starts
+    plan = make_plan(spec.solver, cluster, facts, tile, dtype)
     claimed = []
 
     def claim():
@@ -109,10 +111,11 @@ def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0,
 
 
 def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
-          **options) -> RunResult:
+          problem: RunSpec | None = None, **options) -> RunResult:
     """Solve for the smallest eigenvalues of the kernel in a complete ``store``; ``options``:
     the solver's (:class:`ntkdist.spec.SolverSpec` fields; ``method`` None or left out: the
-    default for a store)."""
+    default for a store). ``problem``: the data and kernel the caller expects (a run file's);
+    a store of another problem is refused, naming the fields that differ."""
     from .operator import KernelOperator, cluster_facts
     from .store import KernelStore
 
@@ -121,13 +124,20 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
     _check_paths(store, out)
     kstore = KernelStore.open(store)
     n = kstore.spec.n
-    options["method"] = options.get("method") or default_method(n, True, cluster.device)
+    if problem is not None and problem.problem() != kstore.spec.problem:
+        from .spec import spec_differences
+
+        raise SpecError(f"store {store!r} holds another kernel than the run file's: it differs "
+                        f"in {', '.join(spec_differences(kstore.spec.problem, problem.problem()))}")
+    if options.get("method") is None:
+        options["method"] = default_method(n, True, cluster.device)
     spec = kstore.spec.run_spec(make_solver_spec(n, **options))
+    facts = Facts(n=n, store="complete", store_tile=kstore.spec.tile,
+                  store_dtype=kstore.spec.dtype)
+    make_plan(spec.solver, cluster, facts)  # refuses before the rows are read
     X = kstore.rows_checked()
     check = check_rows(X, name=store, depth=spec.kernel.depth)
-    facts = Facts(n=n, store="complete", store_tile=kstore.spec.tile,
-                  store_dtype=kstore.spec.dtype, parallel_rows=check.parallel_rows)
-    make_plan(spec.solver, cluster, facts)  # refuses before the cluster starts
+    facts = Facts(**{**facts.__dict__, "parallel_rows": check.parallel_rows})
     with cluster.connect() as client:
         workers, gpus, names = cluster_facts(client, cluster.device)
         plan = make_plan(spec.solver, cluster, Facts(**{**facts.__dict__, "workers": workers,

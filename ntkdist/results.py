@@ -212,6 +212,12 @@ class RunResult:
             raise KeyError(name)
         return getattr(self, name)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.__dataclass_fields__
+
+    def keys(self):
+        return list(self.__dataclass_fields__)
+
     def get(self, name: str, default=None):
         return getattr(self, name, default) if name in self.__dataclass_fields__ else default
 

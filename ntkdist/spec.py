@@ -36,11 +36,15 @@ OPERATORS = ("auto", "store", "memory", "recompute")
 PRECISIONS = ("auto", "float64", "mixed")
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "gpu")
-#: How a cluster is reached. Batch systems (Slurm, PBS) will be further kinds.
-CLUSTER_KINDS = ("local", "address", "scheduler_file")
 #: Fields of a run's flat dict that choose the solver, not the matrix.
 SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "precision",
                  "max_products")
+#: Deepest network accepted (the recursion and the lower-bound chain are O(L) per entry).
+MAX_DEPTH = 100000
+#: Local clusters: at most this many worker processes per core.
+MAX_WORKERS_PER_CORE = 8
+#: Smallest memory limit per worker (a Dask worker alone takes ~100 MB).
+MIN_WORKER_MEMORY = 256 * 2 ** 20
 
 
 def spec_differences(old: dict, new: dict) -> list[str]:
@@ -82,6 +86,12 @@ class DataSpec:
     dedupe: bool = False
     n_input: int | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source:
+            raise SpecError(f"data must be sphere, gaussian or a path, got {self.source!r}")
+        _positive_int(self.n, "n", 2)
+        _positive_int(self.d, "d")
+
     @property
     def synthetic(self) -> bool:
         return self.source in SYNTHETIC
@@ -122,6 +132,13 @@ class KernelSpec:
     kind: str = "ntk"
     depth: int = 1
     normalization: str = "paper"
+
+    def __post_init__(self):
+        _choice(self.kind, "kernel", KERNELS)
+        _positive_int(self.depth, "depth")
+        if self.depth > MAX_DEPTH:
+            raise SpecError(f"depth must be at most {MAX_DEPTH}, got {self.depth}")
+        _choice(self.normalization, "normalization", NORMALIZATIONS)
 
     def fields(self) -> dict:
         return {"depth": self.depth, "kernel": self.kind, "normalization": self.normalization}
@@ -165,16 +182,22 @@ class ClusterSpec:
     ``memory_limit`` each), ``address`` (a running scheduler) or ``scheduler_file``; the
     device the products run on."""
 
-    kind: str = "local"
+    kind: str = "local"  # local | address | scheduler_file; batch systems will add kinds
     scheduler: str | None = None
     scheduler_file: str | None = None
     workers: int | None = None
     memory_limit: str | None = None
     device: str = "cpu"
 
+    def __post_init__(self):
+        _choice(self.kind, "cluster kind", ("local", "address", "scheduler_file"))
+        _choice(self.device, "device", DEVICES)
+        if self.workers is not None:
+            _positive_int(self.workers, "workers")
+
     def connect(self):
-        """A context manager yielding a ``distributed.Client`` (:func:`ntkdist.cluster.
-        connect`)."""
+        """A context manager yielding a ``distributed.Client``
+        (:func:`ntkdist.cluster.connect`)."""
         from .cluster import connect
 
         return connect(scheduler=self.scheduler, scheduler_file=self.scheduler_file,
@@ -307,7 +330,7 @@ def _choice(value, name: str, choices) -> str:
 def check_solver(solver: SolverSpec, n: int) -> None:
     """Refuse solver values that cannot work, with one line. Whether they fit together with
     the data, the store, the cluster and the device is the plan's to say
-    (:func:`ntkdist.plan.make_plan`)."""
+    (:func:`ntkdist.operator.plan.make_plan`)."""
     _choice(solver.method, "method", METHODS)
     k = solver.k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
@@ -344,8 +367,7 @@ def make_kernel_spec(kind: str = "ntk", depth: int | None = None,
                      normalization: str = "paper") -> KernelSpec:
     if depth is None:
         raise SpecError("depth is required (the network depth L >= 1)")
-    return KernelSpec(kind=_choice(kind, "kernel", KERNELS), depth=_positive_int(depth, "depth"),
-                      normalization=_choice(normalization, "normalization", NORMALIZATIONS))
+    return KernelSpec(kind=kind, depth=depth, normalization=normalization)
 
 
 def make_cluster_spec(scheduler: str | None = None, scheduler_file: str | None = None,
@@ -360,7 +382,13 @@ def make_cluster_spec(scheduler: str | None = None, scheduler_file: str | None =
         if value is not None and (not isinstance(value, str) or not value):
             raise SpecError(f"{name} must be a non-empty string, got {value!r}")
     if workers is not None:
+        from .cluster import _cpu_count
+
         _positive_int(workers, "workers")
+        if not (scheduler or scheduler_file) and workers > MAX_WORKERS_PER_CORE * _cpu_count():
+            raise SpecError(f"workers must be at most {MAX_WORKERS_PER_CORE} per core for a "
+                            f"local cluster ({MAX_WORKERS_PER_CORE * _cpu_count()} here), got "
+                            f"{workers}")
     if memory_limit not in (None, "auto"):
         from dask.utils import parse_bytes
 
@@ -370,6 +398,9 @@ def make_cluster_spec(scheduler: str | None = None, scheduler_file: str | None =
         except (ValueError, TypeError):
             raise SpecError(f"memory_limit must be a size such as 4GB or 500MiB, got "
                             f"{memory_limit!r}") from None
+        if parse_bytes(memory_limit) < MIN_WORKER_MEMORY:
+            raise SpecError(f"memory_limit must be at least 256MiB (a Dask worker alone takes "
+                            f"about 100 MB), got {memory_limit!r}")
     kind = "address" if scheduler else "scheduler_file" if scheduler_file else "local"
     return ClusterSpec(kind=kind, scheduler=scheduler, scheduler_file=scheduler_file,
                        workers=workers, memory_limit=memory_limit,
@@ -394,9 +425,10 @@ def make_data_spec(source: str = "sphere", n: int | None = None, d: int | None =
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise SpecError(f"seed must be an integer >= 0, got {seed!r}")
         spec = DataSpec(source=source, n=n, d=d, seed=seed)
+        _check_client_memory(n, d)
     else:
         spec = _file_data(source, n, d, seed)
-    if dedupe not in (True, False):
+    if not isinstance(dedupe, bool):
         raise SpecError(f"dedupe must be true or false, got {dedupe!r}")
     if not dedupe:
         return spec
@@ -409,10 +441,22 @@ def make_data_spec(source: str = "sphere", n: int | None = None, d: int | None =
     return replace(spec, n=kept, dedupe=True, n_input=spec.n)
 
 
+def _check_client_memory(n: int, d: int) -> None:
+    """The rows are held in this process (float64): refuse more than half its memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = 8 * n * d
+    if need > total / 2:
+        raise SpecError(f"n must fit in memory: {n} rows of d = {d} take {need / 1e9:.3g} GB "
+                        f"in this process, more than half of its {total / 1e9:.3g} GB")
+
+
 def _file_data(source, n, d, seed) -> DataSpec:
     if seed is not None:
         raise SpecError("--seed applies to synthetic data only, not to an input file")
-    path = os.path.abspath(source)
+    path = os.path.abspath(os.path.expanduser(source))
     arr = load_array(path)
     shape = getattr(arr, "shape", ())
     if len(shape) != 2:
@@ -421,13 +465,14 @@ def _file_data(source, n, d, seed) -> DataSpec:
     rows, cols = (int(v) for v in shape)
     if rows < 2:
         raise SpecError(f"{source!r} has {rows} row(s); at least 2 are needed (N < 2)")
-    if d is not None and d != cols:
+    if d is not None and _positive_int(d, "d") != cols:
         raise SpecError(f"--d {d} does not match the {cols} columns of {source!r}")
     if n is not None:
         n = _positive_int(n, "n", 2)
         if n > rows:
             raise SpecError(f"--n {n} exceeds the {rows} rows of {source!r}")
     n = rows if n is None else n
+    _check_client_memory(n, cols)
     return DataSpec(source=path, n=n, d=cols, input_sha256=file_sha256(path))
 
 

@@ -99,7 +99,7 @@ def test_the_same_result_by_file_and_by_flags(tmp_path, capsys):
 
 @pytest.mark.parametrize("text, words", [
     ("[solver]\ntolerance = 1e-8\n", r"run.toml: unknown key \[solver\] tolerance"),
-    ("[solvers]\ntol = 1e-8\n", r"run.toml: unknown key solvers"),
+    ("[solvers]\ntol = 1e-8\n", r"run.toml: unknown table \[solvers\]"),
     ("[solver]\ntol = 2.0\n", r"run.toml: \[solver\] tol must be in \(0, 1\), got 2.0"),
     ("[solver]\nk = \"two\"\n", r"run.toml: \[solver\] k must be an integer"),
     ("[kernel]\nkind = \"rbf\"\ndepth = 3\n", r"run.toml: \[kernel\] kind must be one of"),
@@ -156,3 +156,50 @@ def test_assemble_takes_a_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tile 16" in out and "3 tiles computed now" in out
     assert problem_request(load_config(path)).n == 30
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--depth", "9223372036854775807"], "--depth must be at most"),
+    (["--depth", "2", "--n", "100000000000"], "--n must fit in memory"),
+    (["--depth", "2", "--workers", "100000"], "--workers must be at most"),
+    (["--depth", "2", "--memory-limit", "1kB"], "--memory-limit must be at least"),
+    (["--depth", "2", "--dtype", "float32"], "--dtype float32 applies to a store"),
+])
+def test_hostile_values_are_refused_in_one_line(tmp_path, capsys, argv, words):
+    code = main(["run", "--n", "300", "--d", "8", "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_typed_specs_validate_themselves():
+    for build in (lambda: ClusterSpec(workers=0), lambda: ClusterSpec(device="tpu"),
+                  lambda: ClusterSpec(workers="2"), lambda: DataSpec("sphere", n=1, d=3),
+                  lambda: KernelSpec(depth=0), lambda: KernelSpec(kind="rbf")):
+        with pytest.raises(SpecError):
+            build()
+
+
+def test_a_cluster_flag_replaces_the_files_cluster(tmp_path):
+    path = _write(tmp_path, "[cluster]\nscheduler = \"tcp://nowhere:1\"\n")
+    o = merge(load_config(path), {"workers": 1, "scheduler": None})
+    assert "scheduler" not in o and o["workers"] == 1
+    o = merge(load_config(path), {"scheduler_file": "s.json"})
+    assert "scheduler" not in o and o["scheduler_file"] == "s.json"
+
+
+def test_solve_refuses_a_run_file_of_another_kernel(tmp_path, capsys):
+    store = tmp_path / "s.zarr"
+    assert main(["assemble", "--n", "40", "--d", "3", "--depth", "2", "--store", str(store),
+                 "--workers", "1"]) == 0
+    path = _write(tmp_path, f"out = '{tmp_path / 'o'}'\n[data]\nn = 40\nd = 3\n[kernel]\n"
+                  f"depth = 3\n[store]\npath = '{store}'\n[cluster]\nworkers = 1\n")
+    capsys.readouterr()
+    assert main(["solve", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "holds another kernel" in err and "depth (2 ≠ 3)" in err
+    assert not (tmp_path / "o").exists()
+    path = _write(tmp_path, f"[data]\nn = 40\nd = 3\n[kernel]\ndepth = 2\n[store]\npath = "
+                  f"'{tmp_path / 't.zarr'}'\n[solver]\nk = 'two'\n", "asm.toml")
+    assert main(["assemble", "--config", path]) == 2
+    assert "asm.toml: [solver] k must be" in capsys.readouterr().err

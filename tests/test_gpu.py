@@ -59,7 +59,7 @@ def test_gpu_operators_match_the_cpu_operators(client, store, fake_gpu):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
         if expected == "memory":
             kept = _GPU_TILES[gpu._gpu_token]  # the fake's workers share this process
-            assert sorted(kept) == sorted(gpu.pairs)
+            assert sorted(kept) == sorted(gpu.plan.kept)
             # built by the tile function on the device arrays, and kept there
             assert all(type(t) is fakecupy.FakeDeviceArray for t in kept.values())
             assert gpu.cached_bytes == sum(t.nbytes for t in kept.values())

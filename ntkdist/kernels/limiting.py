@@ -1,6 +1,6 @@
 """Limiting (infinite-width) NTK and NNGP kernels of deep ReLU networks without biases.
 
-Paper normalisation (Nguyen, Mondelli, Montúfar 2021, Sec. 2; theory.md). With
+Paper normalisation (Nguyen, Mondelli, Montúfar 2021, Sec. 2; docs/theory.md, "Kernels"). With
 G^(1) = XXᵀ and, for l ≥ 2, ρ = G^(l−1)_ij / √(G^(l−1)_ii G^(l−1)_jj), θ = arccos ρ:
 
     G^(l)_ij = ‖x_i‖‖x_j‖ (sin θ + (π − θ) cos θ) / π

@@ -25,7 +25,7 @@ from ..kernels.limiting import row_block
 from ..kernels.taylor import deflation_factor
 from ..store import KernelStore
 from .gpu import _drop_gpu_tiles, _pass_on_gpu, gpu_info
-from .plan import CACHE_FRACTION, Facts, Plan, make_plan, tile_sizes
+from .plan import CACHE_FRACTION, Facts, Plan, make_plan
 from .tasks import _load_tile, _pass_on_worker
 
 #: Seconds between checks, while a pass runs, that the workers and data it needs are there.
@@ -106,6 +106,8 @@ class KernelOperator:
 
     def __init__(self, client, plan: Plan, kernel=None, rows=None, store: str | None = None,
                  gpus: dict | None = None):
+        if not plan.complete:
+            raise ValueError("KernelOperator needs a plan made with the cluster's facts")
         self.client, self.plan = client, plan
         self.mode, self.precision, self.device = plan.operator, plan.precision, plan.device
         self.gpus = dict(gpus or {})
@@ -125,7 +127,6 @@ class KernelOperator:
             self.store, self.kernel, self.n = None, kernel, len(rows)
         self.tile = plan.tile
         self._assign = {w: list(pairs) for w, pairs in plan.assignment}
-        self.pairs = sorted(tile_sizes(self.n, self.tile))
         self.tile_bytes, self.streamed_bytes_per_pass = (plan.tile_bytes,
                                                          plan.streamed_bytes_per_pass)
         self.cached_bytes = plan.cached_bytes

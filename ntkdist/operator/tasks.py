@@ -24,7 +24,7 @@ STRIP = 256
 #: Rows of a float32 tile multiplied at once by both blocks in a float32 pass: the strip
 #: (1 MB) is still in cache for the second product (0.95-1.32× per tile, faster in 11 of 12
 #: measurements). Float64 tiles lose by it in 9 of 12 (0.75-1.19×) and take two whole-tile
-#: GEMMs (``python benchmarks/solver.py strips``, RESULTS.md).
+#: GEMMs (``python benchmarks/solver.py strips``, benchmarks/RESULTS.md).
 FUSED_STRIP = 64
 
 
@@ -33,7 +33,7 @@ def _fused(tile, vi, vj, strip):
 
     No temporaries inside the loop: Dask workers run with glibc's ``MALLOC_TRIM_THRESHOLD_``
     set, so every allocation over 128 kB is a fresh mmap with its page faults (a fresh
-    product per strip made a first version slower than two GEMMs there; RESULTS.md)."""
+    product per strip made a first version slower than two GEMMs there; benchmarks/RESULTS.md)."""
     rows, cols = tile.shape
     dtype = np.result_type(tile, vj)
     yi = np.empty((rows, vj.shape[0]), dtype=dtype)  # (vj·tileᵀ)ᵀ = tile·vjᵀ, rows in order

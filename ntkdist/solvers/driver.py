@@ -15,8 +15,8 @@ iteration:
 * **Very small N** (at most ``SMALL_N``, or too small for a block of k + 1 with room to
   iterate): K is formed from N columns of products and solved densely.
 * **Rows of very different norms** (dense path): if the plain ``eigh`` cannot certify λ, the
-  scaled formulation K = D A D, D = diag(K)^½, is tried (:func:`ntkdist.solvers.dense.
-  scaled_smallest`), which resolves λ to a relative accuracy set by A's conditioning rather
+  scaled formulation K = D A D, D = diag(K)^½, is tried
+  (:func:`ntkdist.solvers.dense.scaled_smallest`), which resolves λ to a relative accuracy set by A's conditioning rather
   than by ‖K‖.
 
 The methods themselves are in :mod:`~ntkdist.solvers.dense`, :mod:`~ntkdist.solvers.lobpcg`
@@ -339,8 +339,9 @@ def _judged_solution(values, best, exact, tol, diag, notes, fields) -> EigenResu
 
 
 def _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes, diag) -> EigenResult:
-    """The k smallest of the scaled formulation's pairs (:func:`ntkdist.solvers.dense.
-    scaled_smallest`), residuals from a fresh product, bounds its own; the status."""
+    """The k smallest of the scaled formulation's pairs
+    (:func:`ntkdist.solvers.dense.scaled_smallest`), residuals from a fresh product, bounds
+    its own; the status."""
     V = scaled.vectors[:, :k]
     values = scaled.values[:k]
     rnorm = residuals(matmat(V), V, values)[1]
