@@ -11,6 +11,7 @@ from .config import load_config
 from .errors import InputError, NtkdistError, OutputError, SpecError
 from .kernels import kernel_tile, nngp, ntk, relu_hermite_coefficient, row_block
 from .kernels.taylor import kernel_coefficients
+from .predict import predict_lambda_min
 from .spec import ClusterSpec, DataSpec, KernelSpec, RunSpec, SolverSpec, StoreSpec, make_spec
 from .store import open_kernel
 
@@ -40,6 +41,7 @@ __all__ = [
     "nngp",
     "ntk",
     "open_kernel",
+    "predict_lambda_min",
     "relu_hermite_coefficient",
     "row_block",
     "solvers",

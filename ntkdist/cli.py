@@ -253,9 +253,11 @@ def _cmd_bounds(args) -> int:
     for layer, terms in (b.get("lower_hermite_gershgorin_terms") or {}).items():
         shown = ", ".join(f"{r} {v:.3g}" for r, v in terms.items() if v > 0) or "all 0"
         print(f"  {layer:<8} {shown}")
-    p = b["prediction_staircase"]
-    print(f"prediction λ_min ≈ {p['value']:.6g} (degree ℓ = {p['degree']}, D_ℓ+1 = "
-          f"{p['D_next']}; {p['note']})")
+    p, s = b["prediction"], b["prediction_staircase"]
+    print(f"prediction λ_min ≈ {p['value']:.6g} (rows on the sphere; degree ℓ = {p['degree']}, "
+          f"D_ℓ+1 = {p['D_next']}, tail {p['tail']:.6g} + edge {p['edge']:.6g}; a heuristic, "
+          f"not a bound: docs/theory.md)")
+    print(f"staircase  λ_min ≈ {s['value']:.6g} (the simpler formula)")
     return 0
 
 

@@ -50,7 +50,12 @@ def _by(rows, keys):
     out = {}
     for r in rows:
         out.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return dict(sorted(out.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
+    return dict(sorted(out.items(), key=lambda kv: sort_key(kv[0])))
+
+
+def sort_key(values: tuple) -> tuple:
+    """Numbers in numeric order before other values (d = 8 before d = 12)."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in values)
 
 
 def _mean_by_n(group, value):

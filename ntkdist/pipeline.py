@@ -197,7 +197,19 @@ def bounds(spec: RunSpec, cluster: ClusterSpec | None = None, log=print) -> dict
                                                 log=log)
     out["prediction_staircase"] = staircase_prediction(spec.n, spec.d, k.depth, k.kind,
                                                        k.normalization)
+    out["prediction"] = _prediction(spec)
     return out
+
+
+def _prediction(spec: RunSpec) -> dict:
+    """:func:`ntkdist.predict.predict_lambda_min` for the spec, as a JSON-ready dict with
+    ``value`` (the predicted λ_min) beside its ingredients."""
+    from .predict import predict_lambda_min
+
+    k = spec.kernel
+    p = predict_lambda_min(spec.n, spec.d, k.depth, k.kind, k.normalization)
+    return {"value": p["lambda_min"], "degree": p["degree"], "D_next": p["D_next"],
+            "tail": p["tail"], "edge": p["edge"], "method": p["method"], "note": p["note"]}
 
 
 def sweep(path: str, out: str, cluster: dict | None = None, dry_run: bool = False,
@@ -306,6 +318,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     if spec.data.source == "sphere":
         bounds["prediction_staircase"] = staircase_prediction(
             spec.n, spec.d, kern.depth, kern.kind, kern.normalization)
+        bounds["prediction"] = _prediction(spec)
     lam, res = float(sol.values[0]), float(sol.residuals[0])
     cert = sol.certificate()
     # A value whose first digit is not certain (below float64's resolution, or above what

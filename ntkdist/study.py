@@ -207,47 +207,68 @@ def _point(o: Options, out: str, storage: str, cluster: ClusterSpec) -> Point:
 
 # ------------------------------------------------------------------------------- the plan
 
+#: The time model's constants, fitted on an Intel Xeon of 2 cores (benchmarks/RESULTS.md,
+#: "Scaling studies"): LOBPCG's passes to a certified 1e-8 (63 at N = 8000, growing like
+#: N^0.75: 137 at N = 20000, 199 at 40000), a pass's fixed cost (Dask's round trip and the
+#: client's Rayleigh–Ritz), the GEMM efficiency of a pass's thin products, and the dense
+#: solver's N³ factor.
+PASSES_AT_8000 = 63.0
+PASSES_GROWTH = 0.75
+PASS_OVERHEAD = 0.35
+PASS_EFFICIENCY = 1.0
+EIGH_FLOPS_PER_N3 = 7.0
+#: Distributed assembly's entries/s, and the bound's chain's entry-layers/s, as shares of the
+#: tile function's in-process rate at depth 3 (22 M/s and 18 M/s against 35 M/s measured).
+ASSEMBLY_SHARE = 0.65
+CHAIN_SHARE = 0.5
+
+
 def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     """Disk (bytes of its store), memory (bytes at its peak) and time (seconds) of a point,
-    from the machine's ``rates`` (:func:`machine_rates`)."""
+    from the machine's ``rates`` (:func:`machine_rates`) and the constants above."""
     from .operator.plan import DENSE_MAX_N, default_dtype, default_tile
 
     spec, n = point.spec, point.spec.n
     s = spec.solver
     workers = cluster.workers or rates["cores"]
-    cores = min(workers, rates["cores"]) if cluster.kind == "local" else workers
+    # The rates were measured with all of this machine's cores; a remote cluster's workers
+    # are taken as cores of the same speed.
+    share = (min(workers, rates["cores"]) if cluster.kind == "local" else workers) / rates[
+        "cores"]
     depth = spec.kernel.depth
-    entries_s = rates["entries_per_core"] * cores * 3 / (depth + 2)
-    gemm = rates["gemm_flops_per_core"] * cores
+    entries_s = ASSEMBLY_SHARE * rates["entries_per_s"] * share * 6.0 / (depth + 3)
+    chain_s = CHAIN_SHARE * rates["entries_per_s"] * share
+    gemm = rates["gemm_flops_per_s"] * share
     dtype = point.dtype or default_dtype(n)
     disk = n * n * (4 if dtype == "float32" else 8) // 2 if point.store else 0
-    chain = 0.0 if n > DENSE_MAX_N else n * n * depth / entries_s  # the lower-bound chain
+    chain = n * n * max(depth - 1, 1) / chain_s
     if s.method == "dense" and point.store is None:
         memory = 3 * 8 * n * n
-        seconds = n * n / entries_s * 2 + rates["eigh_seconds_per_n3"] * n ** 3 + chain
+        seconds = n * n / entries_s + EIGH_FLOPS_PER_N3 * n ** 3 / gemm + chain
         return {"disk": disk, "memory": memory, "seconds": seconds}
     tile = point.tile or default_tile(n, rates["worker_memory"])
-    passes = max(20.0, 63.0 * math.sqrt(n / 8000.0))
+    passes = min(s.max_products,
+                 max(20.0, PASSES_AT_8000 * (n / 8000.0) ** PASSES_GROWTH) * s.k ** 0.5)
     block = s.block or 32
-    pass_flops = 2.0 * block * n * n
+    products = 2.0 * block * n * n / (gemm * PASS_EFFICIENCY)
+    precond = 1e-8 * n * spec.d ** 2
     if point.store:
         assemble = n * n / 2 / entries_s
         cached = disk <= 0.4 * rates["worker_memory"] * workers
-        per_pass = pass_flops / (gemm * (2 if cached and n > 4096 else 1)) + (
-            0 if cached else disk / rates["disk_bytes_per_s"])
+        per_pass = PASS_OVERHEAD + products + (0 if cached else disk / rates["disk_bytes_per_s"])
         memory = min(disk, 0.4 * rates["worker_memory"] * workers) + 40 * tile * tile
-        seconds = assemble + passes * per_pass + chain + 2.0
+        seconds = assemble + passes * per_pass + chain + precond + 2.0
     else:
-        per_pass = n * n / 2 / entries_s + pass_flops / gemm
+        per_pass = PASS_OVERHEAD + n * n / 2 / entries_s + products
         memory = 40 * tile * tile * workers
-        seconds = passes * per_pass + chain + 2.0
+        seconds = passes * per_pass + chain + precond + 2.0
     return {"disk": disk, "memory": memory, "seconds": seconds}
 
 
 def machine_rates(cluster: ClusterSpec) -> dict:
-    """This machine's rates, measured in a fraction of a second: the tile function's entries
-    per second on one core (depth 3), float64 GEMM flops per core, the dense solver's
-    seconds per N³; the disk rate is a conservative 0.5 GB/s."""
+    """This machine's rates, measured in about a second with all its cores: the tile
+    function's entries per second (depth 3, a 1024² tile) and float64 GEMM flops per second
+    (1024²); the disk rate is taken as 1 GB/s (0.5–1.7 GB/s measured on these machines)."""
     import numpy as np
 
     from .cluster import _cpu_count
@@ -263,16 +284,15 @@ def machine_rates(cluster: ClusterSpec) -> dict:
         return max(min(times), 1e-6)
 
     rng = np.random.default_rng(0)
-    block = row_block(rng.standard_normal((512, 64)))
-    entries = 512 * 512 / best(lambda: kernel_tile(block, block, 3))
+    block = row_block(rng.standard_normal((1024, 64)))
+    entries = 1024 * 1024 / best(lambda: kernel_tile(block, block, 3))
     A = rng.standard_normal((1024, 1024))
     gemm = 2 * 1024 ** 3 / best(lambda: A @ A)
     cores = _cpu_count()
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"entries_per_core": entries, "gemm_flops_per_core": gemm / max(1, cores),
-            "eigh_seconds_per_n3": 4.0 / (gemm), "cores": cores,
+    return {"entries_per_s": entries, "gemm_flops_per_s": gemm, "cores": cores,
             "worker_memory": total / (cluster.workers or cores), "memory": total,
-            "disk_bytes_per_s": 0.5e9}
+            "disk_bytes_per_s": 1.0e9}
 
 
 def check_fits(study: Study, estimates: list, rates: dict) -> None:
@@ -350,7 +370,7 @@ def sweep(study: Study, log=print, dry_run: bool = False) -> dict:
                 continue
             log(f"[{i + 1}/{len(study.points)}] {p.label}")
             run(p.spec, p.out, study.cluster, store=p.store, tile=p.tile, dtype=p.dtype,
-                log=lambda msg: None, client=client)
+                log=lambda msg: log(f"    {msg}"), client=client)
             ran += 1
             if study.storage == "delete" and p.store and not any(
                     q.store == p.store and not _finished(q) for q in study.points[i + 1:]):
@@ -472,8 +492,10 @@ def fit_rows(rows: list[dict], fraction: float) -> list[dict]:
 
     ok = [r for r in rows if r["lambda_min"] not in (None, "") and r["lambda_min"] > 0]
     out = []
+    from .figures import sort_key
+
     for (kernel, data, depth, d), group in sorted(_groups(
-            ok, ("kernel", "data", "depth", "d")).items(), key=lambda kv: str(kv[0])):
+            ok, ("kernel", "data", "depth", "d")).items(), key=lambda kv: sort_key(kv[0])):
         by_seed = _groups(group, ("seed",))
         slopes, lone = [], None
         for seed_rows in by_seed.values():
