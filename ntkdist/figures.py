@@ -37,6 +37,14 @@ def _panels(plt, count: int):
     return fig, list(axes.flat[:count])
 
 
+def _plain_minor_ticks(ax) -> None:
+    """No labels on a log axis' minor ticks (they collide over a decade or two)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _save(plt, fig, path: str, title: str) -> str:
     if title:
         fig.suptitle(title, fontsize=10)
@@ -100,6 +108,7 @@ def lambda_against_n(rows, fits, path: str, title: str = "") -> str:
                     va="top", color="0.4")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_minor_ticks(ax)
         ax.set_xlabel("N")
         ax.set_ylabel("λ_min / d")
         ax.set_title(f"{kernel}, d = {d}, L = {depth}", fontsize=9)
@@ -137,6 +146,7 @@ def ratio_against_n(rows, path: str, title: str = "") -> str:
             ax.plot(ns, mean, "o-", ms=4, label=f"{kernel} d={d} L={depth}")
     ax.axhline(1.0, color="0.5", lw=0.8)
     ax.set_xscale("log")
+    _plain_minor_ticks(ax)
     ax.set_xlabel("N")
     ax.set_ylabel("measured / predicted λ_min")
     if ax.get_legend_handles_labels()[0]:
