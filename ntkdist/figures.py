@@ -7,6 +7,11 @@ import math
 import os
 
 
+def _short(data: str) -> str:
+    """A data source for a title: the generator's name, or the input file's name."""
+    return os.path.basename(str(data))
+
+
 def _pyplot():
     import matplotlib
 
@@ -78,18 +83,20 @@ def _mean_by_n(group, value):
 
 
 def lambda_against_n(rows, fits, path: str, title: str = "") -> str:
-    """λ_min/d against N (log-log), one panel per (d, L): every seed, the mean with the
+    """λ_min/d against N (log-log), one panel per (data, d, L, kernel): every seed, the mean with the
     seeds' spread, the bounds and the prediction as lines, vertical lines at D_2, D_3, D_4,
     and the fitted exponent in the legend."""
     plt = _pyplot()
-    groups = _by([r for r in rows if r["lambda_min"] is not None], ("d", "depth", "kernel"))
+    groups = _by([r for r in rows if r["lambda_min"] is not None],
+                 ("data", "d", "depth", "kernel"))
     fig, axes = _panels(plt, len(groups))
-    for ax, ((d, depth, kernel), group) in zip(axes, groups.items()):
+    for ax, ((data, d, depth, kernel), group) in zip(axes, groups.items()):
         ns, mean, low, high = _mean_by_n(group, lambda r: r["lambda_min"] / r["d"])
         ax.plot([r["n"] for r in group], [r["lambda_min"] / r["d"] for r in group], ".",
                 color="0.6", ms=4, label="seeds")
         exponent = next((f for f in fits if f["kind"] == "exponent" and f["d"] == d
-                         and f["depth"] == depth and f["kernel"] == kernel), None)
+                         and f["depth"] == depth and f["kernel"] == kernel
+                         and f["data"] == data), None)
         label = "λ_min/d (mean)" if exponent is None else (
             f"λ_min/d, slope {exponent['value']:.3f}")
         ax.errorbar(ns, mean, yerr=[[m - lo for m, lo in zip(mean, low)],
@@ -111,19 +118,20 @@ def lambda_against_n(rows, fits, path: str, title: str = "") -> str:
         _plain_minor_ticks(ax)
         ax.set_xlabel("N")
         ax.set_ylabel("λ_min / d")
-        ax.set_title(f"{kernel}, d = {d}, L = {depth}", fontsize=9)
+        ax.set_title(f"{_short(data)}, {kernel}, d = {d}, L = {depth}", fontsize=9)
         ax.legend(fontsize=6)
     return _save(plt, fig, path, title)
 
 
 def lambda_against_depth(rows, path: str, title: str = "") -> str:
-    """λ_min/d against depth, one panel per d, one line per N (mean over seeds)."""
+    """λ_min/d against depth, one panel per (data, d, kernel), one line per N (mean over
+    seeds)."""
     import numpy as np
 
     plt = _pyplot()
-    groups = _by([r for r in rows if r["lambda_min"] is not None], ("d", "kernel"))
+    groups = _by([r for r in rows if r["lambda_min"] is not None], ("data", "d", "kernel"))
     fig, axes = _panels(plt, len(groups))
-    for ax, ((d, kernel), group) in zip(axes, groups.items()):
+    for ax, ((data, d, kernel), group) in zip(axes, groups.items()):
         for (n,), line in _by(group, ("n",)).items():
             by_depth = _by(line, ("depth",))
             depths = sorted(k[0] for k in by_depth)
@@ -131,19 +139,20 @@ def lambda_against_depth(rows, path: str, title: str = "") -> str:
                              for L in depths], "o-", ms=4, label=f"N = {n}")
         ax.set_xlabel("depth L")
         ax.set_ylabel("λ_min / d")
-        ax.set_title(f"{kernel}, d = {d}", fontsize=9)
+        ax.set_title(f"{_short(data)}, {kernel}, d = {d}", fontsize=9)
         ax.legend(fontsize=6)
     return _save(plt, fig, path, title)
 
 
 def ratio_against_n(rows, path: str, title: str = "") -> str:
-    """measured/predicted λ_min against N, one line per (d, L, kernel), mean over seeds."""
+    """measured/predicted λ_min against N, one line per (data, d, L, kernel), mean over
+    seeds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for (d, depth, kernel), group in _by(rows, ("d", "depth", "kernel")).items():
+    for (data, d, depth, kernel), group in _by(rows, ("data", "d", "depth", "kernel")).items():
         ns, mean, _, _ = _mean_by_n(group, lambda r: r.get("measured_over_predicted") or None)
         if ns:
-            ax.plot(ns, mean, "o-", ms=4, label=f"{kernel} d={d} L={depth}")
+            ax.plot(ns, mean, "o-", ms=4, label=f"{_short(data)} {kernel} d={d} L={depth}")
     ax.axhline(1.0, color="0.5", lw=0.8)
     ax.set_xscale("log")
     _plain_minor_ticks(ax)
