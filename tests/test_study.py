@@ -198,3 +198,31 @@ def test_the_bounds_command_prints_the_chain_and_the_prediction(tmp_path, capsys
     assert lower <= lam
     assert main(["bounds", "--n", "300", "--d", "8"]) == 2
     assert "--depth" in capsys.readouterr().err
+
+
+def test_a_sweep_with_stores_deletes_each_after_its_last_point(tmp_path):
+    """storage = "delete": points solved from their stores (LOBPCG, one cluster), each store
+    removed once no later point needs it; the values match the dense ones."""
+    study = _write(tmp_path, """
+[study]
+storage = "delete"
+[data]
+n = 150
+d = 4
+[kernel]
+depth = 2
+[zip]
+tol = [1e-8, 1e-6]
+[cluster]
+workers = 1
+""")
+    out = tmp_path / "out"
+    assert main(["sweep", study, "--out", str(out)]) == 0
+    rows = _rows(out / "results.csv")
+    assert [r["method"] for r in rows] == ["lobpcg", "lobpcg"]
+    ref = np.linalg.eigvalsh(ntk(synthetic_rows("sphere", 4, 0, 0, 150), depth=2))[0]
+    for r in rows:
+        assert r["status"] == "certified"
+        assert float(r["lambda_min"]) == pytest.approx(ref, rel=float(r["tol"]))
+        assert int(r["store_bytes"]) == 8 * 150 * 150  # one diagonal tile of 150²
+    assert not any((out / "stores").iterdir())  # the shared store, deleted after both
