@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from .config import (TABLES, Options, cluster_request, read_toml, run_request,
+from .config import (TABLES, Options, cluster_request, merge, read_toml, run_request,
                      store_request)
 from .errors import SpecError
 from .spec import ClusterSpec, RunSpec, content_hash
@@ -155,10 +155,7 @@ def load_study(path: str, out: str, cluster_flags: dict | None = None) -> Study:
         raise SpecError(f"{name}: the [zip] lists must have equal lengths, got "
                         + ", ".join(f"{k} {len(v)}" for k, v in zip_axes))
     fixed.from_file = set(fixed)
-    for k, v in (cluster_flags or {}).items():
-        if v is not None:
-            fixed[k] = v
-            fixed.from_file.discard(k)
+    fixed = merge(fixed, cluster_flags or {})  # the command's cluster flags win
     cluster = cluster_request(fixed)
     if storage == "none" and any(k in fixed for k in ("tile", "dtype")) or storage == "none" \
             and any(a in ("tile", "dtype") for a, _ in axes + zip_axes):
