@@ -27,6 +27,7 @@ ends with the same table. At the end: ``fits.csv`` and the figures (:mod:`ntkdis
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -361,7 +362,7 @@ def sweep(study: Study, log=print, dry_run: bool = False) -> dict:
     ran, t0 = 0, time.perf_counter()
     needs_cluster = any(not (p.spec.solver.method == "dense" and p.store is None)
                         and not _finished(p) for p in study.points)
-    with (study.cluster.connect() if needs_cluster else _no_cluster()) as client:
+    with study.cluster.connect() if needs_cluster else contextlib.nullcontext() as client:
         for i, p in enumerate(study.points):
             if _finished(p):
                 continue
@@ -387,14 +388,6 @@ def sweep(study: Study, log=print, dry_run: bool = False) -> dict:
     return {"points": len(study.points), "ran": ran, "seconds": time.perf_counter() - t0,
             "results": os.path.join(study.out, RESULTS_CSV),
             "fits": os.path.join(study.out, FITS_CSV), "figures": figures}
-
-
-class _no_cluster:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _row(p: Point, r: dict) -> dict:
