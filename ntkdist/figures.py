@@ -168,8 +168,10 @@ def ratio_against_n(rows, path: str, title: str = "") -> str:
 
 
 def study_figures(study, rows, fits) -> list[str]:
-    """The three figures of a study, in its folder; the paths written."""
-    out = study.out
+    """The three figures of a study, in its folder, from its certified rows; the paths."""
+    from .study import certified_rows
+
+    out, rows = study.out, certified_rows(rows)
     return [lambda_against_n(rows, fits, os.path.join(out, "lambda_vs_n.png"), study.name),
             lambda_against_depth(rows, os.path.join(out, "lambda_vs_depth.png"), study.name),
             ratio_against_n(rows, os.path.join(out, "ratio_vs_n.png"), study.name)]

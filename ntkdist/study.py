@@ -477,10 +477,11 @@ def fit_rows(rows: list[dict], fraction: float) -> list[dict]:
     seed; mean over seeds with a 95 % t-interval, or the regression's own interval with one
     seed) and the crossover N* where the mean λ_min/d first falls below ``fraction`` of its
     value at the smallest N (log-linear interpolation); per (kernel, data, depth): the
-    growth exponent of N* in d."""
+    growth exponent of N* in d. Only certified values enter (``certified``, ``exact``): a
+    value stopped at float64's rounding floor says nothing about the exponent."""
     import numpy as np
 
-    ok = [r for r in rows if r["lambda_min"] not in (None, "") and r["lambda_min"] > 0]
+    ok = [r for r in certified_rows(rows) if r["lambda_min"] > 0]
     out = []
     from .figures import sort_key
 
@@ -532,6 +533,12 @@ def fit_rows(rows: list[dict], fraction: float) -> list[dict]:
                     "points": len(group), "seeds": None,
                     "note": "exponent of N* in d (log-log least squares over d)"})
     return out
+
+
+def certified_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose λ_min is certified (or exactly 0): what fits and figures use."""
+    return [r for r in rows if r["status"] in ("certified", "exact")
+            and r["lambda_min"] not in (None, "")]
 
 
 def crossover(group: list[dict], fraction: float) -> float | None:

@@ -173,7 +173,7 @@ def test_fits_recover_a_known_exponent_and_crossover():
             lam = 3.0 * 8 * (n / 1000.0) ** -0.5 * (1 if n == 1000 else
                                                     np.exp(0.02 * rng.standard_normal()))
             rows.append({"kernel": "ntk", "data": "sphere", "depth": 3, "d": 8, "n": n,
-                         "seed": seed, "lambda_min": lam})
+                         "seed": seed, "lambda_min": lam, "status": "certified"})
     fits = fit_rows(rows, 0.5)
     exponent = next(f for f in fits if f["kind"] == "exponent")
     assert exponent["value"] == pytest.approx(-0.5, abs=0.03)
@@ -186,6 +186,11 @@ def test_fits_recover_a_known_exponent_and_crossover():
     growth = next(f for f in fit_rows(rows + more, 0.5) if f["kind"] == "crossover_growth")
     assert growth["value"] == pytest.approx(2.0, rel=0.1)  # N* ∝ d² here
     assert crossover(rows[:2], 0.1) is None
+    # A value that is not certified does not enter the fits.
+    bad = [{**r, "lambda_min": r["lambda_min"] * 1e-3, "status": "not_converged"}
+           for r in rows if r["n"] == 16000]
+    assert next(f for f in fit_rows(rows + bad, 0.5) if f["kind"] == "exponent")[
+        "value"] == exponent["value"]
 
 
 def test_the_bounds_command_prints_the_chain_and_the_prediction(tmp_path, capsys):
