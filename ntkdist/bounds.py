@@ -102,21 +102,32 @@ def lambda_min_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "
     Returns a JSON-ready dict; all values in the requested normalisation. Costs O(N² L): one
     pass of the layer recursion over all pairs, whatever the number of layers in the chain.
     """
-    check_kernel_args(depth, kernel, normalization)
-    X = np.asarray(X, dtype=np.float64)
-    rows = row_block(X, "X")  # refuses non-2-D and non-finite rows before any work
-    n, d = X.shape
-    sq = np.einsum("ij,ij->i", X, X)
-    factor = normalization_factor(normalization, d)
-    out = upper_bounds(X, depth, kernel, normalization)
+    X, rows, factor, min_sq, out = chain_start(X, depth, kernel, normalization)
     if depth == 1:
-        out["lower_gershgorin"] = factor * _gershgorin_first_layer(X, block)
-        out["lower"] = out["lower_gershgorin"]
-        out["lower_note"] = "depth 1: K = XXᵀ, Gershgorin on XXᵀ"
-        return out
+        return gershgorin_result(out, factor, _gershgorin_first_layer(X, block))
     layers = chain_layers(depth, kernel)
     maxima = _max_row_power_sums(rows, depth - 1, [layer - 1 for layer in layers], block)
-    return chain_result(out, maxima, layers, factor * float(sq.min()))
+    return chain_result(out, maxima, layers, factor * min_sq)
+
+
+def chain_start(X, depth: int, kernel: str, normalization: str):
+    """What every evaluation of the chain starts from: (X as float64, its row block, the
+    normalisation factor s, min_i ‖x_i‖², the dict with the upper bounds). Refuses bad
+    arguments and non-2-D or non-finite rows before any work."""
+    check_kernel_args(depth, kernel, normalization)
+    X = np.asarray(X, dtype=np.float64)
+    rows = row_block(X, "X")
+    factor = normalization_factor(normalization, X.shape[1])
+    min_sq = float(np.einsum("ij,ij->i", X, X).min())
+    return X, rows, factor, min_sq, upper_bounds(X, depth, kernel, normalization)
+
+
+def gershgorin_result(out: dict, factor: float, worst: float) -> dict:
+    """Depth 1: ``worst`` = min_i (2|XXᵀ|_ii − Σ_j |XXᵀ|_ij), Gershgorin on K = s·XXᵀ."""
+    out["lower_gershgorin"] = factor * max(0.0, worst)
+    out["lower"] = out["lower_gershgorin"]
+    out["lower_note"] = "depth 1: K = XXᵀ, Gershgorin on XXᵀ"
+    return out
 
 
 def chain_layers(depth: int, kernel: str):

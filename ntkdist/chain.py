@@ -43,16 +43,9 @@ import math
 
 import numpy as np
 
-from .bounds import HERMITE_ORDERS, chain_layers, chain_result, upper_bounds
+from .bounds import HERMITE_ORDERS, chain_layers, chain_result, chain_start, gershgorin_result
 from .errors import SpecError
-from .kernels.limiting import (
-    RowBlock,
-    _correlations,
-    check_kernel_args,
-    correlation_layers,
-    normalization_factor,
-    row_block,
-)
+from .kernels.limiting import RowBlock, _correlations, correlation_layers
 from .operator.client import LOST_POLL, _lost_worker_errors, _one_line, _worker_lost
 
 #: Default side of the row blocks (capped at N).
@@ -211,13 +204,8 @@ def lambda_min_bounds_distributed(client, X, depth: int, kernel: str = "ntk",
     about every 10 % of the tiles. See the module docstring for the memory bounds and the
     layer groups.
     """
-    check_kernel_args(depth, kernel, normalization)
-    X = np.asarray(X, dtype=np.float64)
-    rows = row_block(X, "X")  # refuses non-2-D and non-finite rows before any work
-    n, d = X.shape
-    sq = np.einsum("ij,ij->i", X, X)
-    factor = normalization_factor(normalization, d)
-    out = upper_bounds(X, depth, kernel, normalization)
+    X, rows, factor, min_sq, out = chain_start(X, depth, kernel, normalization)
+    n = X.shape[0]
     t = _tile_side(tile, n)
     bounds = list(range(0, n, t)) + [n]
     slices = [slice(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
@@ -231,11 +219,7 @@ def lambda_min_bounds_distributed(client, X, depth: int, kernel: str = "ntk",
                                 "")
             finally:
                 _release(blocks)
-        worst = float(np.min(2.0 * acc[:, 1] - acc[:, 0]))
-        out["lower_gershgorin"] = factor * max(0.0, worst)
-        out["lower"] = out["lower_gershgorin"]
-        out["lower_note"] = "depth 1: K = XXᵀ, Gershgorin on XXᵀ"
-        return out
+        return gershgorin_result(out, factor, float(np.min(2.0 * acc[:, 1] - acc[:, 0])))
 
     layers = chain_layers(depth, kernel)
     wanted = [layer - 1 for layer in layers]
@@ -258,4 +242,4 @@ def lambda_min_bounds_distributed(client, X, depth: int, kernel: str = "ntk",
                     maxima[m] = top[k]
         finally:
             _release(blocks)
-    return chain_result(out, maxima, layers, factor * float(sq.min()))
+    return chain_result(out, maxima, layers, factor * min_sq)
