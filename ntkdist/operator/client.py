@@ -127,10 +127,6 @@ class KernelOperator:
             self.store, self.kernel, self.n = None, kernel, len(rows)
         self.tile = plan.tile
         self._assign = {w: list(pairs) for w, pairs in plan.assignment}
-        self.tile_bytes, self.streamed_bytes_per_pass = (plan.tile_bytes,
-                                                         plan.streamed_bytes_per_pass)
-        self.cached_bytes = plan.cached_bytes
-        self.deflated_bytes = plan.deflated_bytes
         if plan.kept and self.device == "cpu":
             with _one_line("while the tiles were loaded into worker memory",
                            "loading the tiles into worker memory"):
@@ -195,6 +191,12 @@ class KernelOperator:
         for f in futures:
             if f.status == "error":
                 f.result()  # raises the worker's exception
+
+    # The plan's byte counts (stored tiles, kept in memory, float32 copies, streamed a pass).
+    tile_bytes = property(lambda self: self.plan.tile_bytes)
+    cached_bytes = property(lambda self: self.plan.cached_bytes)
+    deflated_bytes = property(lambda self: self.plan.deflated_bytes)
+    streamed_bytes_per_pass = property(lambda self: self.plan.streamed_bytes_per_pass)
 
     @property
     def dtype(self):
