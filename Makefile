@@ -15,5 +15,5 @@ demo: $(BIN)/python
 	$(BIN)/ntkdist run --data sphere --n 8000 --d 64 --depth 3 --seed 0 --store $(DEMO_OUT).zarr --out $(DEMO_OUT)
 
 test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,hpc]'
 	$(BIN)/python -m pytest -q

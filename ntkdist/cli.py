@@ -66,6 +66,31 @@ def _add_cluster_args(p, prefix: str = "") -> None:
     p.add_argument("--workers", type=_count,
                    help=f"{prefix}local cluster: worker processes (default: cores)")
     p.add_argument("--memory-limit", help=f"{prefix}local cluster: memory per worker, e.g. 4GB")
+    b = p.add_argument_group("batch cluster (workers as Slurm or PBS jobs, dask-jobqueue)")
+    b.add_argument("--cluster", help="local (default), slurm or pbs")
+    b.add_argument("--queue", help="partition or queue of the worker jobs")
+    b.add_argument("--account", help="account (project) the jobs are charged to")
+    b.add_argument("--walltime", help="walltime per job, HH:MM:SS or D-HH:MM:SS (default "
+                                      "00:30:00); workers retire before it and are replaced")
+    b.add_argument("--cores", type=_count, help="cores per job")
+    b.add_argument("--memory", help="memory per job, e.g. 16GB")
+    b.add_argument("--jobs", type=_count, help="jobs to keep running (default 1)")
+    b.add_argument("--processes", type=_count,
+                   help="workers per job (default: one a core; GPU jobs: one a GPU)")
+    b.add_argument("--gpus-per-job", type=_count, help="GPUs per job (with --device gpu: "
+                                                       "dask-cuda workers, one a GPU)")
+    b.add_argument("--interface", help="network interface of scheduler and workers, e.g. ib0")
+    b.add_argument("--local-directory", help="workers' scratch directory on the nodes")
+    b.add_argument("--job-prologue", action="append", metavar="LINE",
+                   help="a line for the job script before the worker starts (repeatable), "
+                        "e.g. 'module load cuda'")
+    b.add_argument("--adapt", metavar="MIN:MAX", help="adaptive: between MIN and MAX jobs "
+                                                      "(instead of --jobs)")
+    b.add_argument("--worker-timeout", type=float, metavar="SECONDS",
+                   help="give up when the workers have not all connected after this long "
+                        "(default 1800)")
+    b.add_argument("--job-logs", metavar="DIR", help="the jobs' output files (default "
+                                                     "./ntkdist-jobs)")
 
 
 def _add_device_arg(p) -> None:
@@ -227,8 +252,9 @@ def _cmd_assemble(args) -> int:
 def _cmd_sweep(args) -> int:
     from .pipeline import sweep
 
-    flags = {k: getattr(args, k) for k in ("scheduler", "scheduler_file", "workers",
-                                           "memory_limit", "device")}
+    from .config import TABLES
+
+    flags = {k: getattr(args, k) for k in TABLES["cluster"].values()}
     report = sweep(args.study, args.out, flags, dry_run=args.dry_run, log=_log)
     if not args.dry_run:
         print(f"done: {report['ran']} point(s) run now, {report['points']} in all, "
@@ -289,8 +315,10 @@ def _cmd_verify(args) -> int:
     if args.recompute < 0:
         raise SpecError(f"--recompute must be >= 0 (tiles to recompute), got {args.recompute}")
     if not args.repair:
-        given = [f"--{n}" for n in ("scheduler", "scheduler-file", "workers", "memory-limit")
-                 if getattr(args, n.replace("-", "_")) is not None]
+        from .config import TABLES
+
+        given = [f"--{n.replace('_', '-')}" for n in TABLES["cluster"].values()
+                 if n != "device" and getattr(args, n, None) is not None]
         if given:
             raise SpecError(f"{', '.join(given)} only apply to 'verify --repair'")
     cluster = cluster_request(_options(args)) if args.repair else None

@@ -33,8 +33,8 @@ import os
 import sys
 
 from .errors import SpecError
-from .spec import (ClusterSpec, RunSpec, make_cluster_spec, make_data_spec, make_kernel_spec,
-                   make_solver_spec)
+from .spec import (BATCH_OPTIONS, ClusterSpec, RunSpec, make_cluster_spec, make_data_spec,
+                   make_kernel_spec, make_solver_spec)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,12 +48,13 @@ TABLES = {
     "solver": {k: k for k in ("method", "k", "tol", "block", "precond", "operator",
                               "precision", "max_products", "checkpoint_every")},
     "store": {"path": "store", "tile": "tile", "dtype": "dtype"},
-    "cluster": {k: k for k in ("scheduler", "scheduler_file", "workers", "memory_limit",
-                               "device")},
+    "cluster": {"kind": "cluster",
+                **{k: k for k in ("scheduler", "scheduler_file", "workers", "memory_limit",
+                                  "device", *BATCH_OPTIONS)}},
 }
 TOP_KEYS = {"out": "out"}
 #: The ways of choosing a cluster: a flag giving one replaces all of them from the file.
-CLUSTER_WAYS = ("scheduler", "scheduler_file", "workers")
+CLUSTER_WAYS = ("cluster", "scheduler", "scheduler_file", "workers")
 #: option name → (table, key) in the file, for messages
 WHERE = {opt: (table, key) for table, keys in TABLES.items() for key, opt in keys.items()}
 WHERE["out"] = (None, "out")
@@ -140,8 +141,10 @@ def merge(file_options: Options | None, flags: dict) -> Options:
     base = file_options if file_options is not None else Options()
     merged = Options(base, source=base.source, from_file=base.from_file)
     given = {k for k, v in flags.items() if v is not None}
-    if given & set(CLUSTER_WAYS):  # a cluster chosen by a flag replaces the file's choice
-        for k in CLUSTER_WAYS:
+    if given & set(CLUSTER_WAYS) and _kind(flags) != _kind(merged):
+        # a cluster of another kind chosen by a flag replaces the file's cluster (its device
+        # stays); flags of the same kind amend it
+        for k in (*CLUSTER_WAYS, "memory_limit", *BATCH_OPTIONS):
             if k in merged.from_file:
                 del merged[k]
                 merged.from_file.discard(k)
@@ -150,6 +153,13 @@ def merge(file_options: Options | None, flags: dict) -> Options:
             merged[k] = v
             merged.from_file.discard(k)
     return merged
+
+
+def _kind(o) -> str:
+    """The cluster kind options choose: a batch system, a scheduler, or local."""
+    get = o.get
+    return (get("cluster") or ("address" if get("scheduler") else "scheduler_file"
+                               if get("scheduler_file") else "local"))
 
 
 def _checked(options: Options, build):
@@ -178,7 +188,7 @@ def problem_request(o: Options) -> RunSpec:
 def cluster_request(o: Options) -> ClusterSpec:
     return _checked(o, lambda: make_cluster_spec(
         o.get("scheduler"), o.get("scheduler_file"), o.get("workers"), o.get("memory_limit"),
-        o.get("device", "cpu")))
+        o.get("device", "cpu"), o.get("cluster"), **{k: o.get(k) for k in BATCH_OPTIONS}))
 
 
 def store_request(o: Options) -> tuple[str | None, int | None, str | None]:

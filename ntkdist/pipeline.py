@@ -24,7 +24,8 @@ from .results import RunResult, claim_out_dir, release_out_dir, write_result
 from .solvers.checkpoint import CHECKPOINT_FILE, Checkpoint
 from .solvers.driver import smallest_eigenpairs
 from .solvers.precond import make_preconditioner
-from .spec import ClusterSpec, RunSpec, content_hash, make_solver_spec, make_store_spec
+from .spec import (BATCH_KINDS, ClusterSpec, RunSpec, content_hash, make_solver_spec,
+                   make_store_spec)
 
 __all__ = ["BOUNDS_MAX_N", "DENSE_MAX_N", "assemble", "bounds", "info", "run", "solve", "sweep",
            "verify"]
@@ -89,7 +90,8 @@ def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0,
 
     # The output folder is claimed once the cluster is up and, without a store, once the
     # operator has checked its workers (GPUs included): a refusal there writes nothing.
-    with contextlib.nullcontext(client) if client is not None else cluster.connect() as client:
+    shared = contextlib.nullcontext(client) if client is not None else None
+    with shared or cluster.connect(log) as client:
         workers, gpus, names = cluster_facts(client, cluster.device)
         if store is not None:
             had_tile, had_dtype = existing_layout(store, spec)
@@ -101,13 +103,65 @@ def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0,
             store_spec = make_store_spec(spec, plan.tile, plan.dtype)
             log(f"store: {store} (tile {store_spec.tile}, {store_spec.dtype})")
             assemble_tiles(store_spec, store, client, log=log)
-        op = KernelOperator(client, plan, kernel=spec.kernel, rows=X, store=store, gpus=names)
-        with contextlib.closing(op):
-            if store is None:
+            facts = Facts(**{**facts.__dict__, "store": "complete", "store_tile": plan.tile,
+                             "store_dtype": plan.dtype})
+        pending = [(plan, names)]  # the first operator's plan; a resumed one plans anew
+
+        def make_op():
+            layout = () if store is not None else (tile, dtype)  # a store's is its own
+            p, gpu_names = pending.pop() if pending else _replan(client, cluster, spec, facts,
+                                                                 *layout)
+            return KernelOperator(client, p, kernel=spec.kernel, rows=X, store=store,
+                                  gpus=gpu_names)
+
+        def solve_with(op):
+            if not claimed_out:
                 claim()
+                claimed_out.append(True)
             _log_device(op, log)
             return _solve_and_write(spec, X, check, out, op.matmat, lambda: _dense_from(op, X, spec),
-                                    op, t0, log, store=store, ckpt_hash=spec.hash())
+                                    op, t0, log, store=store, ckpt_hash=spec.hash(),
+                                    cluster=cluster)
+
+        claimed_out = [True] if store is not None else []
+        return _resuming(client, cluster, make_op, solve_with, log)
+
+
+#: Times a solve on a batch cluster resumes from its checkpoint after losing a worker.
+MAX_RESUMES = 20
+
+
+def _replan(client, cluster, spec, facts, tile=None, dtype=None):
+    """(plan, GPU worker names) for the workers the cluster has now."""
+    from .operator import cluster_facts
+
+    workers, gpus, names = cluster_facts(client, cluster.device)
+    plan = make_plan(spec.solver, cluster, Facts(**{**facts.__dict__, "workers": workers,
+                                                   "gpus": gpus}), tile, dtype)
+    return plan, names
+
+
+def _resuming(client, cluster, make_op, solve_with, log):
+    """``solve_with(make_op())``; on a batch cluster (whose lost jobs are replaced, and whose
+    workers retire before their walltime) a lost worker is waited out: the operator is
+    rebuilt on the workers there are then and the solve resumes from its checkpoint, up to
+    :data:`MAX_RESUMES` times. Elsewhere the loss is one line (rerun to resume)."""
+    from .operator.client import WorkerLostError
+
+    for attempt in range(MAX_RESUMES + 1):
+        try:
+            op = make_op()
+            with contextlib.closing(op):
+                return solve_with(op)
+        except WorkerLostError as exc:
+            if cluster.kind not in BATCH_KINDS or attempt == MAX_RESUMES:
+                raise
+            log(f"{str(exc).split(' (')[0]}; waiting for the batch cluster's replacement, "
+                f"then resuming from the checkpoint ({attempt + 1}/{MAX_RESUMES})")
+            from .batch import wait_for_workers
+
+            wait_for_workers(client, None, cluster.min_workers, cluster.worker_timeout, log,
+                             cluster.kind, cluster.job_logs)
 
 
 def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
@@ -116,7 +170,7 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
     the solver's (:class:`ntkdist.spec.SolverSpec` fields; ``method`` None or left out: the
     default for a store). ``problem``: the data and kernel the caller expects (a run file's);
     a store of another problem is refused, naming the fields that differ."""
-    from .operator import KernelOperator, cluster_facts
+    from .operator import KernelOperator
     from .store import KernelStore
 
     cluster = cluster or ClusterSpec()
@@ -138,23 +192,30 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
     X = kstore.rows_checked()
     check = check_rows(X, name=store, depth=spec.kernel.depth)
     facts = Facts(**{**facts.__dict__, "parallel_rows": check.parallel_rows})
-    with cluster.connect() as client:
-        workers, gpus, names = cluster_facts(client, cluster.device)
-        plan = make_plan(spec.solver, cluster, Facts(**{**facts.__dict__, "workers": workers,
-                                                       "gpus": gpus}))
-        op = KernelOperator(client, plan, rows=X, store=store, gpus=names)
-        with contextlib.closing(op):
-            out_hash = content_hash({**spec.to_dict(), "store_spec_hash": kstore.spec.hash()})
-            claimed = claim_out_dir(out, {**spec.to_dict(),
-                                          "store_spec_hash": kstore.spec.hash()}, out_hash)
+    out_spec = {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()}
+    out_hash = content_hash(out_spec)
+    with cluster.connect(log) as client:
+        pending = [_replan(client, cluster, spec, facts)]  # a resumed solve plans anew
+        claimed = []
+
+        def make_op():
+            plan, names = pending.pop() if pending else _replan(client, cluster, spec, facts)
+            return KernelOperator(client, plan, rows=X, store=store, gpus=names)
+
+        def solve_with(op):
+            if not claimed:
+                claimed.append(claim_out_dir(out, out_spec, out_hash))
             _log_device(op, log)
-            try:
-                return _solve_and_write(spec, X, check, out, op.matmat,
-                                        lambda: _dense_from(op, X, spec), op, t0, log,
-                                        store=store, ckpt_hash=out_hash)
-            except BaseException:
-                release_out_dir(out, claimed)
-                raise
+            return _solve_and_write(spec, X, check, out, op.matmat,
+                                    lambda: _dense_from(op, X, spec), op, t0, log,
+                                    store=store, ckpt_hash=out_hash, cluster=cluster)
+
+        try:
+            return _resuming(client, cluster, make_op, solve_with, log)
+        except BaseException:
+            if claimed:
+                release_out_dir(out, claimed[0])
+            raise
 
 
 def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,
@@ -169,7 +230,7 @@ def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,
 
     make_store_spec(spec, 1 if tile is None else tile, dtype or "float64")  # validates
     check_rows(spec.rows(), name=spec.data.source)
-    with (cluster or ClusterSpec()).connect() as client:
+    with (cluster or ClusterSpec()).connect(log) as client:
         workers, _, _ = cluster_facts(client)
         had = existing_layout(store, spec)
         tile, dtype = store_layout(spec.n, tile, dtype, *had, [m for _, m in workers])
@@ -192,7 +253,7 @@ def bounds(spec: RunSpec, cluster: ClusterSpec | None = None, log=print) -> dict
     else:
         from .chain import lambda_min_bounds_distributed
 
-        with (cluster or ClusterSpec()).connect() as client:
+        with (cluster or ClusterSpec()).connect(log) as client:
             out = lambda_min_bounds_distributed(client, X, k.depth, k.kind, k.normalization,
                                                 log=log)
     out["prediction_staircase"] = staircase_prediction(spec.n, spec.d, k.depth, k.kind,
@@ -281,15 +342,28 @@ def _dense_from(op, X, spec):
     return spec.kernel.gram(X)
 
 
+def checkpoint_every(solver, cluster) -> float:
+    """Seconds between checkpoints: the solver's, and on a batch cluster at most a third of
+    a worker's shortest lifetime (so that a solve whose workers retire keeps its progress)."""
+    every = solver.checkpoint_every
+    if cluster is not None and cluster.kind in BATCH_KINDS:
+        from .batch import lifetime, parse_walltime
+
+        life = lifetime(parse_walltime(cluster.walltime))
+        if life:
+            every = min(every, max(5.0, (life[0] - life[1]) / 3))
+    return every
+
+
 def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, store=None,
-                     ckpt_hash=None) -> RunResult:
+                     ckpt_hash=None, cluster=None) -> RunResult:
     precond = checkpoint = None
     s, kern = spec.solver, spec.kernel
     if s.method in ("lobpcg", "davidson"):
         if ckpt_hash is not None:
             checkpoint = Checkpoint(os.path.join(out, CHECKPOINT_FILE),
                                     {"out_hash": ckpt_hash, "method": s.method, "n": spec.n},
-                                    every=s.checkpoint_every, log=log)
+                                    every=checkpoint_every(s, cluster), log=log)
         precond = make_preconditioner(s.precond, X, kern.depth, kern.kind, kern.normalization)
         log(f"preconditioner {precond.name} (rank {precond.rank}), "
             f"set-up {precond.setup_seconds:.1f} s")

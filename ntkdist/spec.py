@@ -36,6 +36,8 @@ OPERATORS = ("auto", "store", "memory", "recompute")
 PRECISIONS = ("auto", "float64", "mixed")
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "gpu")
+BATCH_KINDS = ("slurm", "pbs")
+CLUSTER_KINDS = ("local", *BATCH_KINDS, "address", "scheduler_file")
 #: Fields of a run's flat dict that choose the solver, not the matrix.
 SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "precision",
                  "max_products")
@@ -178,26 +180,50 @@ class SolverSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """Where the work runs: ``kind`` ``local`` (a LocalCluster of ``workers`` processes with
-    ``memory_limit`` each), ``address`` (a running scheduler) or ``scheduler_file``; the
-    device the products run on."""
+    """Where the work runs.
 
-    kind: str = "local"  # local | address | scheduler_file; batch systems will add kinds
+    ``kind``: ``local`` (a LocalCluster of ``workers`` processes with ``memory_limit`` each),
+    ``slurm`` or ``pbs`` (workers started as batch jobs through dask-jobqueue: ``jobs`` jobs of
+    ``cores`` cores and ``memory`` each, ``processes`` workers a job), ``address`` (a running
+    scheduler) or ``scheduler_file``; and the device the products run on. The batch fields are
+    described in :mod:`ntkdist.batch`."""
+
+    kind: str = "local"  # local | slurm | pbs | address | scheduler_file
     scheduler: str | None = None
     scheduler_file: str | None = None
     workers: int | None = None
     memory_limit: str | None = None
     device: str = "cpu"
+    # batch jobs (kind slurm or pbs)
+    queue: str | None = None
+    account: str | None = None
+    walltime: str | None = None
+    cores: int | None = None
+    memory: str | None = None
+    jobs: int | None = None
+    processes: int | None = None
+    gpus_per_job: int | None = None
+    interface: str | None = None
+    local_directory: str | None = None
+    job_prologue: tuple = ()
+    adapt: tuple | None = None
+    worker_timeout: float | None = None
+    job_logs: str | None = None
 
     def __post_init__(self):
-        _choice(self.kind, "cluster kind", ("local", "address", "scheduler_file"))
+        _choice(self.kind, "cluster kind", CLUSTER_KINDS)
         _choice(self.device, "device", DEVICES)
         if self.workers is not None:
             _positive_int(self.workers, "workers")
 
-    def connect(self):
-        """A context manager yielding a ``distributed.Client``
-        (:func:`ntkdist.cluster.connect`)."""
+    def connect(self, log=None):
+        """A context manager yielding a ``distributed.Client`` (:func:`ntkdist.cluster.
+        connect`; batch kinds: :func:`ntkdist.batch.connect_batch`, which reports the workers
+        it waits for through ``log``)."""
+        if self.kind in BATCH_KINDS:
+            from .batch import connect_batch
+
+            return connect_batch(self, log=log)
         from .cluster import connect
 
         return connect(scheduler=self.scheduler, scheduler_file=self.scheduler_file,
@@ -206,8 +232,25 @@ class ClusterSpec:
 
     @property
     def explicit(self) -> bool:
-        """Whether the user chose a cluster (an address, a scheduler file or a worker count)."""
+        """Whether the user chose a cluster (an address, a scheduler file, a batch system or a
+        worker count)."""
         return self.kind != "local" or self.workers is not None
+
+    @property
+    def min_workers(self) -> int:
+        """Workers a batch cluster waits for before work starts: its jobs' (with adapt, its
+        minimum's, at least one job's)."""
+        jobs = max(1, self.adapt[0]) if self.adapt else (self.jobs or 1)
+        return jobs * (self.processes or 1)
+
+    @property
+    def expected_workers(self) -> int | None:
+        """Workers the cluster will have, where known: a local cluster's count (None: one per
+        core), a batch cluster's jobs × processes (with adapt, its maximum)."""
+        if self.kind in BATCH_KINDS:
+            jobs = self.adapt[1] if self.adapt else (self.jobs or 1)
+            return jobs * (self.processes or 1)
+        return self.workers
 
 
 @dataclass(frozen=True)
@@ -370,17 +413,49 @@ def make_kernel_spec(kind: str = "ntk", depth: int | None = None,
     return KernelSpec(kind=kind, depth=depth, normalization=normalization)
 
 
+#: Options of a batch cluster (kind slurm or pbs), as ClusterSpec fields.
+BATCH_OPTIONS = ("queue", "account", "walltime", "cores", "memory", "jobs", "processes",
+                 "gpus_per_job", "interface", "local_directory", "job_prologue", "adapt",
+                 "worker_timeout", "job_logs")
+
+
 def make_cluster_spec(scheduler: str | None = None, scheduler_file: str | None = None,
                       workers: int | None = None, memory_limit: str | None = None,
-                      device: str = "cpu") -> ClusterSpec:
-    """A validated ClusterSpec; its kind follows from what is given."""
+                      device: str = "cpu", kind: str | None = None, **batch) -> ClusterSpec:
+    """A validated ClusterSpec. ``kind`` (local, slurm, pbs) may be left out: it follows from
+    what is given (an address, a scheduler file, else local). ``batch``: the
+    :data:`BATCH_OPTIONS` of a slurm or pbs cluster (None: not given)."""
+    unknown = set(batch) - set(BATCH_OPTIONS)
+    if unknown:
+        raise SpecError(f"unknown cluster option {sorted(unknown)[0]}")
+    batch = {k: v for k, v in batch.items() if v is not None and v != [] and v != ()}
     if scheduler and scheduler_file:
         raise SpecError("give either scheduler (--scheduler) or scheduler_file "
                         "(--scheduler-file), not both")
+    if kind is not None:
+        _choice(kind, "cluster", ("local", *BATCH_KINDS))
+        if scheduler or scheduler_file:
+            which = "scheduler" if scheduler else "scheduler_file"
+            raise SpecError(f"cluster {kind} starts its own scheduler; {which} attaches to a "
+                            "running one: give one of them")
     for name, value in (("scheduler", scheduler), ("scheduler_file", scheduler_file),
                         ("memory_limit", memory_limit)):
         if value is not None and (not isinstance(value, str) or not value):
             raise SpecError(f"{name} must be a non-empty string, got {value!r}")
+    kind = kind or ("address" if scheduler else "scheduler_file" if scheduler_file else "local")
+    device = _choice(device, "device", DEVICES)
+    if kind in BATCH_KINDS:
+        for name, value in (("workers", workers), ("memory_limit", memory_limit)):
+            if value is not None:
+                raise SpecError(f"{name} is for a local cluster; a {kind} cluster takes jobs, "
+                                "cores, memory and processes (per job)")
+        from .batch import check_batch_options
+
+        return ClusterSpec(kind=kind, device=device, **check_batch_options(kind, device, batch))
+    if batch:
+        name = sorted(batch, key=BATCH_OPTIONS.index)[0]
+        raise SpecError(f"{name} applies to a batch cluster (cluster slurm or pbs), not to a "
+                        f"{'local cluster' if kind == 'local' else 'running scheduler'}")
     if workers is not None:
         from .cluster import _cpu_count
 
@@ -390,21 +465,26 @@ def make_cluster_spec(scheduler: str | None = None, scheduler_file: str | None =
                             f"local cluster ({MAX_WORKERS_PER_CORE * _cpu_count()} here), got "
                             f"{workers}")
     if memory_limit not in (None, "auto"):
+        parse_size(memory_limit, "memory_limit")
         from dask.utils import parse_bytes
 
-        try:
-            if parse_bytes(memory_limit) <= 0:
-                raise ValueError
-        except (ValueError, TypeError):
-            raise SpecError(f"memory_limit must be a size such as 4GB or 500MiB, got "
-                            f"{memory_limit!r}") from None
         if parse_bytes(memory_limit) < MIN_WORKER_MEMORY:
             raise SpecError(f"memory_limit must be at least 256MiB (a Dask worker alone takes "
                             f"about 100 MB), got {memory_limit!r}")
-    kind = "address" if scheduler else "scheduler_file" if scheduler_file else "local"
     return ClusterSpec(kind=kind, scheduler=scheduler, scheduler_file=scheduler_file,
-                       workers=workers, memory_limit=memory_limit,
-                       device=_choice(device, "device", DEVICES))
+                       workers=workers, memory_limit=memory_limit, device=device)
+
+
+def parse_size(value, name: str) -> int:
+    """Bytes of a size such as 4GB or 500MiB; a SpecError naming ``name`` otherwise."""
+    from dask.utils import parse_bytes
+
+    try:
+        if not isinstance(value, str) or parse_bytes(value) <= 0:
+            raise ValueError
+        return int(parse_bytes(value))
+    except (ValueError, TypeError):
+        raise SpecError(f"{name} must be a size such as 4GB or 500MiB, got {value!r}") from None
 
 
 def make_data_spec(source: str = "sphere", n: int | None = None, d: int | None = None,

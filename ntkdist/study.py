@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from .config import (TABLES, Options, cluster_request, merge, read_toml, run_request,
                      store_request)
 from .errors import SpecError
-from .spec import ClusterSpec, RunSpec, content_hash
+from .spec import BATCH_KINDS, ClusterSpec, RunSpec, content_hash
 
 STORAGE = ("keep", "delete", "none")
 STUDY_KEYS = {"storage": "keep | delete | none", "crossover_fraction": "a number in (0, 1)",
@@ -224,15 +224,16 @@ CHAIN_SHARE = 0.5
 def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     """Disk (bytes of its store), memory (bytes at its peak) and time (seconds) of a point,
     from the machine's ``rates`` (:func:`machine_rates`) and the constants above."""
-    from .operator.plan import DENSE_MAX_N, default_dtype, default_tile
+    from .operator.plan import default_dtype, default_tile
 
     spec, n = point.spec, point.spec.n
     s = spec.solver
-    workers = cluster.workers or rates["cores"]
+    workers = cluster.expected_workers or rates["cores"]
     # The rates were measured with all of this machine's cores; a remote cluster's workers
-    # are taken as cores of the same speed.
-    share = (min(workers, rates["cores"]) if cluster.kind == "local" else workers) / rates[
-        "cores"]
+    # (a batch cluster's cores) are taken as cores of the same speed.
+    cores = (min(workers, rates["cores"]) if cluster.kind == "local" else workers
+             if cluster.kind not in BATCH_KINDS else workers // cluster.processes * cluster.cores)
+    share = cores / rates["cores"]
     depth = spec.kernel.depth
     entries_s = ASSEMBLY_SHARE * rates["entries_per_s"] * share * 6.0 / (depth + 3)
     chain_s = CHAIN_SHARE * rates["entries_per_s"] * share
@@ -288,8 +289,14 @@ def machine_rates(cluster: ClusterSpec) -> dict:
     gemm = 2 * 1024 ** 3 / best(lambda: A @ A)
     cores = _cpu_count()
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    worker_memory, cluster_memory = total / (cluster.workers or cores), total
+    if cluster.kind in BATCH_KINDS:  # the jobs' memory, not this machine's
+        from dask.utils import parse_bytes
+
+        worker_memory = parse_bytes(cluster.memory) / cluster.processes
+        cluster_memory = worker_memory * cluster.expected_workers
     return {"entries_per_s": entries, "gemm_flops_per_s": gemm, "cores": cores,
-            "worker_memory": total / (cluster.workers or cores), "memory": total,
+            "worker_memory": worker_memory, "memory": total, "cluster_memory": cluster_memory,
             "disk_bytes_per_s": 1.0e9}
 
 
@@ -299,9 +306,13 @@ def check_fits(study: Study, estimates: list, rates: dict) -> None:
     held = 0
     stores_done = set()
     for p, e in zip(study.points, estimates):
-        if e["memory"] > rates["memory"]:
+        here = p.store is None and p.spec.solver.method == "dense"  # in this process
+        has = rates["memory"] if here else rates.get("cluster_memory", rates["memory"])
+        if e["memory"] > has:
+            where = "this machine has" if here or study.cluster.kind not in BATCH_KINDS else \
+                "the batch cluster's jobs have"
             raise SpecError(f"point {p.label} needs about {e['memory'] / 1e9:.1f} GB of memory; "
-                            f"this machine has {rates['memory'] / 1e9:.1f} GB (use a store: "
+                            f"{where} {has / 1e9:.1f} GB (use a store: "
                             "[study] storage keep or delete, or a smaller n)")
         if p.store and p.store not in stores_done and not os.path.exists(p.store):
             need = e["disk"] if study.storage == "delete" else held + e["disk"]
@@ -362,7 +373,7 @@ def sweep(study: Study, log=print, dry_run: bool = False) -> dict:
     ran, t0 = 0, time.perf_counter()
     needs_cluster = any(not (p.spec.solver.method == "dense" and p.store is None)
                         and not _finished(p) for p in study.points)
-    with study.cluster.connect() if needs_cluster else contextlib.nullcontext() as client:
+    with study.cluster.connect(log) if needs_cluster else contextlib.nullcontext() as client:
         for i, p in enumerate(study.points):
             if _finished(p):
                 continue

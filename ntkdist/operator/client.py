@@ -61,10 +61,15 @@ def _one_line(during: str, failed: str):
             from None
 
 
+class WorkerLostError(NtkdistError):
+    """A Dask worker left with data a pass needed. On a batch cluster, whose jobs are replaced,
+    the run resumes from its checkpoint by itself (:func:`ntkdist.pipeline.run`)."""
+
+
 def _worker_lost(during: str, exc: BaseException | None = None) -> NtkdistError:
     why = (" (" + " ".join(f"{type(exc).__name__}: {exc}".split()) + ")"
            if exc is not None else "")
-    return NtkdistError(f"a Dask worker was lost {during}{why} (killed, or out of its memory "
+    return WorkerLostError(f"a Dask worker was lost {during}{why} (killed, or out of its memory "
                         "limit); rerun the same command: an iterative solve resumes from its "
                         "last checkpoint")
 
@@ -300,7 +305,7 @@ class KernelOperator:
                 alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
                 gone = sorted(set(self.gpus) - alive)
                 if gone:
-                    raise NtkdistError(
+                    raise WorkerLostError(
                         f"GPU worker {gone[0]} left the cluster during a pass (its tiles and "
                         f"GPU with it); rerun the same command to resume from the checkpoint")
 

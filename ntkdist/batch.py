@@ -1,0 +1,336 @@
+"""Batch clusters: Dask workers started as Slurm or PBS jobs through dask-jobqueue.
+
+``--cluster slurm`` (or ``pbs``) submits ``jobs`` jobs of ``cores`` cores and ``memory`` each,
+``processes`` single-purpose workers a job (default: one a core; with ``--device gpu``, one a
+GPU, started by ``dask-cuda``). The scheduler runs in this process. The run
+
+* waits for the workers, printing their count as they connect, and gives up after
+  ``worker_timeout`` seconds with one line (jobs still queued, where their logs are);
+* keeps the jobs it asked for: the cluster is adaptive with ``minimum = maximum = jobs`` (or the
+  ``adapt`` range), so a job that ends (walltime, ``scancel``, a node lost) is replaced by a
+  new one, and Dask recomputes the lost tasks (finished tiles are already in the store);
+* retires each worker before its job's walltime: workers get ``--lifetime`` (walltime less a
+  margin) with a random ``--lifetime-stagger``, so that they leave one by one, handing their
+  data over, and new jobs take their place, and a long study outlives any one job;
+* cancels every job at the end: on success, on error, on Ctrl-C, SIGTERM and SIGHUP. After a
+  SIGKILL of this process the workers exit by themselves ``death_timeout`` (60 s) after
+  losing the scheduler.
+
+Everything here but :func:`connect_batch` is pure and testable without a batch system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sys
+import time
+
+from .errors import NtkdistError, SpecError
+
+#: Seconds the run waits for its workers when no ``worker_timeout`` is given.
+DEFAULT_WORKER_TIMEOUT = 1800.0
+#: Seconds a worker waits for a lost scheduler before it exits (and its job ends).
+DEATH_TIMEOUT = 60
+#: The walltime when none is given (dask-jobqueue's own default).
+DEFAULT_WALLTIME = "00:30:00"
+#: The worker module of a job: Dask's own, or dask-cuda's for GPU jobs.
+CPU_WORKER = "distributed.cli.dask_worker"
+GPU_WORKER = "dask_cuda.cli"
+
+_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+):([0-5]?\d):([0-5]?\d)$")
+
+
+class BatchError(NtkdistError):
+    """A batch cluster cannot be started, or its workers do not come."""
+
+
+def parse_walltime(value) -> int:
+    """Seconds of a walltime: ``HH:MM:SS``, ``D-HH:MM:SS`` or a number of minutes."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and value > 0:
+        return 60 * value
+    text = str(value).strip() if isinstance(value, str) else ""
+    if text.isdigit() and int(text) > 0:
+        return 60 * int(text)
+    m = _WALLTIME.match(text)
+    if m:
+        days, h, mi, s = (int(g) if g else 0 for g in m.groups())
+        seconds = ((days * 24 + h) * 60 + mi) * 60 + s
+        if seconds >= 60:
+            return seconds
+    raise SpecError(f"walltime must be HH:MM:SS, D-HH:MM:SS or minutes, at least one minute, "
+                    f"got {value!r}")
+
+
+def format_walltime(seconds: int, kind: str) -> str:
+    """Slurm: ``D-HH:MM:SS`` from a day on; PBS: ``HH:MM:SS`` (hours past 24)."""
+    h, rest = divmod(int(seconds), 3600)
+    m, s = divmod(rest, 60)
+    if kind == "slurm" and h >= 24:
+        return f"{h // 24}-{h % 24:02d}:{m:02d}:{s:02d}"
+    return f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def lifetime(walltime_s: int) -> tuple[int, int] | None:
+    """(lifetime, stagger) in seconds for a worker of a job of ``walltime_s``: it retires
+    between lifetime − stagger and lifetime + stagger, at least a margin (10 % of the
+    walltime, from one to ten minutes) before its job ends. None when the walltime is too
+    short to leave a margin."""
+    margin = min(max(0.1 * walltime_s, 60), 600)
+    stagger = int(min(0.05 * walltime_s, 300))
+    life = int(walltime_s - margin - stagger)
+    return (life, stagger) if life - stagger >= 30 else None
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str) or not value.strip() or "\n" in value:
+        raise SpecError(f"{name} must be a non-empty one-line string, got {value!r}")
+    return value
+
+
+def _count(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_adapt(value) -> tuple[int, int]:
+    """``"MIN:MAX"`` (or a two-item list) → (MIN, MAX) with 0 <= MIN <= MAX and MAX >= 1."""
+    pair = None
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*:\s*\d+\s*", value):
+        pair = tuple(int(x) for x in value.split(":"))
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in value):
+        pair = tuple(value)
+    if pair is None or not (0 <= pair[0] <= pair[1] and pair[1] >= 1):
+        raise SpecError(f"adapt must be MIN:MAX jobs with 0 <= MIN <= MAX and MAX >= 1, got "
+                        f"{value!r}")
+    return pair
+
+
+def check_batch_options(kind: str, device: str, o: dict) -> dict:
+    """The ClusterSpec fields of a ``kind`` (slurm, pbs) cluster from the options given
+    (``o``: option → value, absent when not given), checked; a SpecError naming the first bad
+    one. Cores, memory, queue, account and walltime not given come from Dask's jobqueue
+    configuration (``jobqueue.<kind>.*``), where a site may set them."""
+    import dask.config
+
+    from .spec import MIN_WORKER_MEMORY, parse_size
+
+    def site(key):
+        return dask.config.get(f"jobqueue.{kind}.{key}", None)
+
+    out = {}
+    for name in ("queue", "account", "interface", "local_directory", "job_logs"):
+        value = o.get(name, site(name.replace("_", "-")) if name in ("queue", "account",
+                                                                       "interface") else None)
+        if value is not None:
+            out[name] = _text(value, name)
+    cores = o.get("cores", site("cores"))
+    memory = o.get("memory", site("memory"))
+    if cores is None or memory is None:
+        missing = " and ".join(n for n, v in (("cores", cores), ("memory", memory)) if v is None)
+        raise SpecError(f"a {kind} cluster needs {missing} per job (--cores, --memory, or "
+                        f"[cluster] in the run file, or jobqueue.{kind} in Dask's config)")
+    out["cores"] = _count(cores, "cores")
+    mem_bytes = parse_size(memory, "memory")
+    out["memory"] = memory
+    gpus = o.get("gpus_per_job")
+    if gpus is not None:
+        _count(gpus, "gpus_per_job")
+        if device != "gpu":
+            raise SpecError("gpus_per_job is for GPU workers: add --device gpu")
+        out["gpus_per_job"] = gpus
+    elif device == "gpu":
+        raise SpecError(f"--device gpu on a {kind} cluster needs --gpus-per-job (one worker a "
+                        "GPU, started by dask-cuda)")
+    default_processes = gpus if gpus is not None else out["cores"]
+    processes = o.get("processes", default_processes)
+    _count(processes, "processes")
+    if gpus is not None and processes != gpus:
+        raise SpecError(f"processes must equal gpus_per_job ({gpus}) on GPU jobs (one worker a "
+                        f"GPU), got {processes}")
+    if processes > out["cores"]:
+        raise SpecError(f"processes ({processes}) must be at most cores ({out['cores']}): "
+                        "each worker needs a core")
+    if mem_bytes / processes < MIN_WORKER_MEMORY:
+        raise SpecError(f"memory {memory} for {processes} worker(s) a job leaves under 256MiB "
+                        "each (a Dask worker alone takes about 100 MB)")
+    out["processes"] = processes
+    if "jobs" in o and "adapt" in o:
+        raise SpecError("give jobs (--jobs) or adapt (--adapt MIN:MAX), not both")
+    if "adapt" in o:
+        out["adapt"] = parse_adapt(o["adapt"])
+    else:
+        out["jobs"] = _count(o.get("jobs", 1), "jobs")
+    walltime = o.get("walltime", site("walltime") or DEFAULT_WALLTIME)
+    out["walltime"] = format_walltime(parse_walltime(walltime), kind)
+    prologue = o.get("job_prologue", ())
+    if isinstance(prologue, str):
+        prologue = [prologue]
+    if not isinstance(prologue, (list, tuple)):
+        raise SpecError(f"job_prologue must be a list of lines, got {prologue!r}")
+    out["job_prologue"] = tuple(_text(line, "job_prologue line") for line in prologue)
+    timeout = o.get("worker_timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                0 < timeout < float("inf")):
+            raise SpecError(f"worker_timeout must be a number of seconds > 0, got {timeout!r}")
+        out["worker_timeout"] = float(timeout)
+    return out
+
+
+def jobqueue_kwargs(spec) -> dict:
+    """The keyword arguments of ``SLURMCluster`` / ``PBSCluster`` for a batch ClusterSpec."""
+    walltime_s = parse_walltime(spec.walltime)
+    threads = max(1, spec.cores // spec.processes)
+    gpu = spec.device == "gpu"
+    prologue = [f"export {v}={threads}" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                   "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")]
+    prologue += list(spec.job_prologue)
+    extra_args = []
+    life = lifetime(walltime_s)
+    if life and not gpu:  # dask-cuda's worker has no --lifetime
+        extra_args += ["--lifetime", f"{life[0]}s", "--lifetime-stagger", f"{life[1]}s"]
+    kwargs = dict(cores=spec.cores, memory=spec.memory, processes=spec.processes,
+                  walltime=spec.walltime, job_script_prologue=prologue,
+                  worker_extra_args=extra_args, death_timeout=DEATH_TIMEOUT,
+                  job_name="ntkdist", log_directory=spec.job_logs or "ntkdist-jobs",
+                  worker_command=GPU_WORKER if gpu else CPU_WORKER)
+    for name in ("queue", "account", "interface", "local_directory"):
+        if getattr(spec, name) is not None:
+            kwargs[name] = getattr(spec, name)
+    if gpu:
+        if spec.kind == "slurm":
+            kwargs["job_extra_directives"] = [f"--gres=gpu:{spec.gpus_per_job}"]
+        else:
+            from dask.utils import parse_bytes
+
+            mem = f"{max(1, parse_bytes(spec.memory) // 2 ** 20)}mb"
+            kwargs["resource_spec"] = (f"select=1:ncpus={spec.cores}:ngpus={spec.gpus_per_job}"
+                                       f":mem={mem}")
+    if spec.interface is None:
+        kwargs["scheduler_options"] = {"dashboard_address": ":0"}
+    else:
+        kwargs["scheduler_options"] = {"interface": spec.interface, "dashboard_address": ":0"}
+    return kwargs
+
+
+def _cluster_class(kind: str):
+    try:
+        from dask_jobqueue import PBSCluster, SLURMCluster
+    except ImportError:
+        raise BatchError(f"--cluster {kind} needs dask-jobqueue (pip install "
+                         "'ntkdist[hpc]')") from None
+    return SLURMCluster if kind == "slurm" else PBSCluster
+
+
+def make_cluster(spec):
+    """A started (scheduler only) dask-jobqueue cluster for ``spec``; no job submitted yet."""
+    import shutil
+
+    cls = _cluster_class(spec.kind)
+    submit = cls.job_cls.submit_command
+    if shutil.which(submit) is None:
+        raise BatchError(f"--cluster {spec.kind}: {submit} is not on PATH (is this a "
+                         f"{spec.kind} login node?)")
+    try:
+        return cls(**jobqueue_kwargs(spec))
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        raise BatchError(f"cannot start the {spec.kind} cluster ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def job_script(spec) -> str:
+    """The job script each worker job runs (for ``--dry-run`` and for tests)."""
+    cls = _cluster_class(spec.kind)
+    return cls.job_cls("tcp://SCHEDULER:8786", name="ntkdist-worker",
+                       **{k: v for k, v in jobqueue_kwargs(spec).items()
+                          if k != "scheduler_options"}).job_script()
+
+
+def _jobs_submitted(cluster) -> int:
+    """Jobs the dask-jobqueue cluster has submitted and not yet seen end."""
+    with contextlib.suppress(Exception):
+        return len(cluster.workers)
+    return 0
+
+
+def wait_for_workers(client, cluster, want: int, timeout: float | None, log, kind: str,
+                     logs: str | None) -> None:
+    """Block until ``want`` workers are connected, logging the count as it changes; a
+    BatchError after ``timeout`` seconds (None: the default). ``cluster``: the dask-jobqueue
+    cluster, for its job count (None: not shown)."""
+    timeout = timeout or DEFAULT_WORKER_TIMEOUT
+    logs = logs or "ntkdist-jobs"
+    start = time.monotonic()
+    last = None
+    while True:
+        have = len(client.scheduler_info(n_workers=-1)["workers"])
+        if have != last:
+            jobs = f"{_jobs_submitted(cluster)} {kind} job(s) submitted, " if cluster else ""
+            log(f"workers {have}/{want} connected ({jobs}{time.monotonic() - start:.0f} s)")
+            last = have
+        if have >= want:
+            return
+        if time.monotonic() - start > timeout:
+            raise BatchError(f"only {have} of {want} workers connected after {timeout:.0f} s "
+                             f"(jobs still queued or failing; their logs are in {logs}/); "
+                             "raise --worker-timeout or check the queue")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt while the cluster is up (so that its jobs
+    are cancelled on the way out); the old handlers come back afterwards."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):
+            old[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def connect_batch(spec, log=None):
+    """Yield a ``distributed.Client`` of a batch cluster for ``spec`` (module docstring)."""
+    from distributed import Client
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    with _signals_raise():
+        cluster = make_cluster(spec)
+        adaptive = None
+        try:
+            lo, hi = spec.adapt if spec.adapt else (spec.jobs, spec.jobs)
+            adaptive = cluster.adapt(minimum_jobs=lo, maximum_jobs=hi)
+            logs = os.path.abspath(spec.job_logs or "ntkdist-jobs")
+            log(f"{spec.kind}: scheduler at {cluster.scheduler_address}; "
+                f"{'adaptive ' + str(lo) + '–' + str(hi) if spec.adapt else hi} job(s) of "
+                f"{spec.cores} core(s), {spec.memory}, {spec.processes} worker(s) each, "
+                f"walltime {spec.walltime}; job logs in {logs}/")
+            with Client(cluster) as client:
+                wait_for_workers(client, cluster, spec.min_workers, spec.worker_timeout, log,
+                                 spec.kind, logs)
+                yield client
+        finally:
+            with contextlib.suppress(Exception):  # no replacement jobs while closing
+                adaptive.stop()
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=30)
