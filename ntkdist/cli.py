@@ -154,6 +154,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                        "results.csv, fits.csv and figures (resumable)")
     swp.add_argument("study", metavar="STUDY.toml", help="the study file (docs/studies.md)")
     swp.add_argument("--out", required=True, help="the study's folder (a rerun resumes it)")
+    swp.add_argument("--report-only", action="store_true",
+                     help="write results.csv, fits.csv and the figures from the points "
+                          "finished so far; run nothing")
     swp.add_argument("--dry-run", action="store_true",
                      help="print each point with its estimated disk, memory and time; run "
                           "nothing")
@@ -175,6 +178,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="recompute the bad pieces on Dask workers (row blocks from the data "
                           "source, tiles from the stored rows), then check them again")
     _add_cluster_args(ver, prefix="--repair: ")
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)  # bench [options] --out DIR | bench compare A B (ntkdist/bench.py)
     return parser
 
 
@@ -255,8 +261,17 @@ def _cmd_sweep(args) -> int:
     from .config import TABLES
 
     flags = {k: getattr(args, k) for k in TABLES["cluster"].values()}
-    report = sweep(args.study, args.out, flags, dry_run=args.dry_run, log=_log)
-    if not args.dry_run:
+    if args.dry_run and args.report_only:
+        from .errors import SpecError
+
+        raise SpecError("give --dry-run or --report-only, not both")
+    report = sweep(args.study, args.out, flags, dry_run=args.dry_run,
+                   report_only=args.report_only, log=_log)
+    if args.report_only:
+        print(f"{report['finished']} of {report['points']} point(s) finished; "
+              f"{report['results']}, {report['fits']}" + "".join(f", {f}" for f in
+                                                            report["figures"]))
+    elif not args.dry_run:
         print(f"done: {report['ran']} point(s) run now, {report['points']} in all, "
               f"{report['seconds']:.1f} s; {report['results']}, {report['fits']}"
               + "".join(f", {f}" for f in report["figures"]))
@@ -352,6 +367,12 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import cmd_bench
+
+    return cmd_bench(args, log=_log)
+
+
 def summary(result: dict, out: str) -> str:
     """A short human summary of a result (result.json's dict)."""
     b = result["bounds"]
@@ -423,7 +444,7 @@ def main(argv=None) -> int:
         args = _build_parser().parse_args(argv)
         commands = {"run": _cmd_run, "solve": _cmd_solve, "assemble": _cmd_assemble,
                     "sweep": _cmd_sweep, "bounds": _cmd_bounds, "info": _cmd_info,
-                    "verify": _cmd_verify}
+                    "verify": _cmd_verify, "bench": _cmd_bench}
         return commands[args.command](args)
     except NtkdistError as exc:
         print(f"ntkdist: error: {exc}", file=sys.stderr)

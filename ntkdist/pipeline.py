@@ -274,12 +274,14 @@ def _prediction(spec: RunSpec) -> dict:
 
 
 def sweep(path: str, out: str, cluster: dict | None = None, dry_run: bool = False,
-          log=print) -> dict:
+          log=print, report_only: bool = False) -> dict:
     """Run the study file ``path`` into the folder ``out`` (:mod:`ntkdist.study`);
-    ``cluster``: cluster options overriding the file's ``[cluster]``."""
+    ``cluster``: cluster options overriding the file's ``[cluster]``; ``report_only``: only
+    write the table, fits and figures of the points finished so far."""
     from .study import load_study, sweep as run_study
 
-    return run_study(load_study(path, out, cluster), log=log, dry_run=dry_run)
+    return run_study(load_study(path, out, cluster), log=log, dry_run=dry_run,
+                     report_only=report_only)
 
 
 def info(store: str) -> dict:

@@ -358,11 +358,21 @@ def _finished(p: Point) -> dict | None:
     return result if result.get("spec_hash") == p.spec.hash() else None
 
 
-def sweep(study: Study, log=print, dry_run: bool = False) -> dict:
+def sweep(study: Study, log=print, dry_run: bool = False, report_only: bool = False) -> dict:
     """Run every point not yet finished, rewriting results.csv after each; then the fits
-    and figures. ``dry_run``: print the plan and refuse what cannot fit, run nothing."""
+    and figures. ``dry_run``: print the plan and refuse what cannot fit, run nothing;
+    ``report_only``: the table, fits and figures of the points finished so far, nothing run."""
     from .pipeline import run
 
+    if report_only:
+        if not os.path.isdir(os.path.join(study.out, "points")):
+            raise SpecError(f"{study.out!r} holds no points of a sweep yet")
+        rows = write_results(study)
+        fits = write_fits(study, rows)
+        return {"points": len(study.points), "finished": len(rows), "ran": 0,
+                "results": os.path.join(study.out, RESULTS_CSV),
+                "fits": os.path.join(study.out, FITS_CSV),
+                "figures": _figures(study, rows, fits, log)}
     rates = machine_rates(study.cluster)
     estimates = [estimate(p, study.cluster, rates) for p in study.points]
     check_fits(study, estimates, rates)
@@ -389,16 +399,20 @@ def sweep(study: Study, log=print, dry_run: bool = False) -> dict:
             log(f"    λ_min = {r['lambda_min']}, {r['status']}, {r['wall_seconds']:.1f} s")
     rows = write_results(study)
     fits = write_fits(study, rows)
-    figures = []
+    return {"points": len(study.points), "ran": ran, "seconds": time.perf_counter() - t0,
+            "results": os.path.join(study.out, RESULTS_CSV),
+            "fits": os.path.join(study.out, FITS_CSV),
+            "figures": _figures(study, rows, fits, log)}
+
+
+def _figures(study: Study, rows: list[dict], fits: list[dict], log) -> list[str]:
     try:
         from .figures import study_figures
 
-        figures = study_figures(study, rows, fits)
+        return study_figures(study, rows, fits)
     except ImportError:
         log("note: matplotlib is not installed; no figures (pip install matplotlib)")
-    return {"points": len(study.points), "ran": ran, "seconds": time.perf_counter() - t0,
-            "results": os.path.join(study.out, RESULTS_CSV),
-            "fits": os.path.join(study.out, FITS_CSV), "figures": figures}
+        return []
 
 
 def _row(p: Point, r: dict) -> dict:

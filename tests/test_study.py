@@ -158,6 +158,17 @@ def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(_rows(killed / "results.csv")) < 12
+    # --report-only: the table, fits and figures of the finished points, nothing run
+    finished = len(os.listdir(killed / "points"))
+    (killed / "results.csv").unlink()
+    assert main(["sweep", study, "--out", str(killed), "--report-only"]) == 0
+    done = [r for r in _rows(whole / "results.csv")
+            if r["point"] in {r2["point"] for r2 in _rows(killed / "results.csv")}]
+    assert 1 <= len(_rows(killed / "results.csv")) <= finished
+    assert [r["lambda_min"] for r in done] == [r["lambda_min"] for r in _rows(
+        killed / "results.csv")]
+    assert (killed / "lambda_vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(os.listdir(killed / "points")) == finished
     assert main(["sweep", study, "--out", str(killed)]) == 0
 
     def values(path):

@@ -144,9 +144,11 @@ class KernelOperator:
         if self.mode == "recompute" or self.device == "gpu":
             t = self.tile
             X = self._rows(rows)
-            try:  # a list, as the low-rank parts in _load
+            try:  # a list, as the low-rank parts in _load; fresh keys (hash=False): the
+                # same rows scattered again by a later operator (a resumed solve, the next
+                # point of a sweep) must not race with the release of this one's
                 futs = client.scatter([row_block(X[i:i + t]) for i in range(0, self.n, t)],
-                                      broadcast=True)
+                                      broadcast=True, hash=False)
             except _lost_worker_errors() as exc:
                 raise _worker_lost("while the rows were sent to the workers", exc) from None
             self._blocks = dict(enumerate(futs))
@@ -165,7 +167,7 @@ class KernelOperator:
             # A list, not a dict: a dict's keys would name the data on the cluster, and a
             # second operator's blocks under the same names would not replace the first's.
             parts = client.scatter([self._F[i:i + t] for i in range(0, self.n, t)],
-                                   broadcast=True)
+                                   broadcast=True, hash=False)
         futs = {}
         for w, pairs in self._assign.items():
             for p in pairs:
