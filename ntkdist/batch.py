@@ -22,6 +22,7 @@ Everything here but :func:`connect_batch` is pure and testable without a batch s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -253,6 +254,45 @@ def job_script(spec) -> str:
                           if k != "scheduler_options"}).job_script()
 
 
+class SubmitFailures(logging.Filter):
+    """Catches dask-jobqueue's failed submissions (``sbatch``/``qsub`` exiting non-zero), which
+    it only logs, with a traceback, from its event loop: the records are dropped and the
+    submit command's error lines kept, for one line of ours (:meth:`message`)."""
+
+    LOGGERS = ("tornado.application", "asyncio", "distributed.deploy.spec",
+               "distributed.deploy.adaptive", "distributed.deploy.adaptive_core")
+
+    def __init__(self):
+        super().__init__("ntkdist-batch")
+        self.errors: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = str(exc) if exc is not None else record.getMessage()
+        if "Command exited with non-zero exit code" not in text:
+            return True
+        lines = [ln.strip() for ln in text.replace("\\n", "\n").split("\n")]
+        last = max((i for i, ln in enumerate(lines) if ln == "stderr:"), default=None)
+        stderr = lines[last + 1:] if last is not None else lines[-3:]
+        said = [ln.split("error:", 1)[-1].strip(" ')>") for ln in stderr if ln.strip(" ')>")]
+        self.errors.append("; ".join(dict.fromkeys(said)) or "no message")
+        return False
+
+    def message(self, submit: str) -> str | None:
+        return f"{submit} refused the worker job: {self.errors[-1]}" if self.errors else None
+
+    @contextlib.contextmanager
+    def installed(self):
+        loggers = [logging.getLogger(name) for name in self.LOGGERS]
+        for log in loggers:
+            log.addFilter(self)
+        try:
+            yield self
+        finally:
+            for log in loggers:
+                log.removeFilter(self)
+
+
 def _jobs_submitted(cluster) -> int:
     """Jobs the dask-jobqueue cluster has submitted and not yet seen end."""
     with contextlib.suppress(Exception):
@@ -261,15 +301,20 @@ def _jobs_submitted(cluster) -> int:
 
 
 def wait_for_workers(client, cluster, want: int, timeout: float | None, log, kind: str,
-                     logs: str | None) -> None:
+                     logs: str | None, failures: SubmitFailures | None = None) -> None:
     """Block until ``want`` workers are connected, logging the count as it changes; a
-    BatchError after ``timeout`` seconds (None: the default). ``cluster``: the dask-jobqueue
-    cluster, for its job count (None: not shown)."""
+    BatchError after ``timeout`` seconds (None: the default), or as soon as the batch system
+    refuses a job (``failures``). ``cluster``: the dask-jobqueue cluster, for its job count
+    (None: not shown)."""
     timeout = timeout or DEFAULT_WORKER_TIMEOUT
     logs = logs or "ntkdist-jobs"
+    submit = "sbatch" if kind == "slurm" else "qsub"
     start = time.monotonic()
     last = None
     while True:
+        refused = failures.message(submit) if failures is not None else None
+        if refused:
+            raise BatchError(refused)
         have = len(client.scheduler_info(n_workers=-1)["workers"])
         if have != last:
             jobs = f"{_jobs_submitted(cluster)} {kind} job(s) submitted, " if cluster else ""
@@ -314,7 +359,7 @@ def connect_batch(spec, log=None):
     from distributed import Client
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    with _signals_raise():
+    with _signals_raise(), SubmitFailures().installed() as failures:
         cluster = make_cluster(spec)
         adaptive = None
         try:
@@ -327,7 +372,7 @@ def connect_batch(spec, log=None):
                 f"walltime {spec.walltime}; job logs in {logs}/")
             with Client(cluster) as client:
                 wait_for_workers(client, cluster, spec.min_workers, spec.worker_timeout, log,
-                                 spec.kind, logs)
+                                 spec.kind, logs, failures)
                 yield client
         finally:
             with contextlib.suppress(Exception):  # no replacement jobs while closing

@@ -230,3 +230,28 @@ def test_checkpoints_come_before_workers_retire():
     life, stagger = lifetime(120)
     assert checkpoint_every(solver, _slurm(walltime="00:02:00")) == (life - stagger) / 3
     assert checkpoint_every(solver, _slurm(walltime="04:00:00")) == 60
+
+
+def test_a_refused_submission_becomes_one_line():
+    """dask-jobqueue only logs a failed sbatch (with a traceback, from its event loop): the
+    record is dropped and the refusal kept for one line."""
+    import logging
+
+    from ntkdist.batch import SubmitFailures
+
+    exc = RuntimeError("Command exited with non-zero exit code.\nExit code: 1\nCommand:\n"
+                       "sbatch /tmp/x.sh\nstdout:\n\nstderr:\nsbatch: error: invalid partition "
+                       "specified: q9\nsbatch: error: Batch job submission failed: Invalid "
+                       "partition name specified\n\n")
+    failures = SubmitFailures()
+    with failures.installed():
+        record = logging.LogRecord("tornado.application", logging.ERROR, __file__, 1,
+                                   "Exception in callback", None, (RuntimeError, exc, None))
+        assert failures.filter(record) is False
+        other = logging.LogRecord("tornado.application", logging.ERROR, __file__, 1,
+                                  "something else", None, None)
+        assert failures.filter(other) is True
+    assert failures.message("sbatch") == ("sbatch refused the worker job: invalid partition "
+                                          "specified: q9; Batch job submission failed: "
+                                          "Invalid partition name specified")
+    assert SubmitFailures().message("qsub") is None

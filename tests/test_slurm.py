@@ -156,3 +156,17 @@ def test_scancel_mid_assembly_completes_on_a_replacement(tmp_path):
     _ntkdist(*args, "--store", tmp_path / "clean.zarr", "--workers", 1, cwd=tmp_path)
     _stores_equal(tmp_path / "batch.zarr", tmp_path / "clean.zarr")
     _assert_released(logs)
+
+
+def test_a_job_slurm_refuses_is_one_line(tmp_path):
+    """More memory than the node has: sbatch refuses the job, and the run stops at once with
+    sbatch's reason, no traceback, no result folder."""
+    proc = subprocess.run([sys.executable, "-m", "ntkdist.cli", "run", "--n", "3000", "--d",
+                           "8", "--depth", "2", "--method", "lobpcg", "--out", "r", "--cluster",
+                           "slurm", "--cores", "1", "--memory", "100TB", "--job-logs", "jobs"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("ntkdist: error: sbatch refused the worker job:"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
