@@ -378,6 +378,11 @@ def sweep(study: Study, log=print, dry_run: bool = False, report_only: bool = Fa
     check_fits(study, estimates, rates)
     if dry_run:
         log(plan_text(study, estimates))
+        if study.cluster.kind in BATCH_KINDS:
+            from .batch import job_script
+
+            log(f"each worker job of the {study.cluster.kind} cluster runs:\n"
+                f"{job_script(study.cluster)}")
         return {"points": len(study.points), "ran": 0}
     os.makedirs(os.path.join(study.out, "points"), exist_ok=True)
     ran, t0 = 0, time.perf_counter()

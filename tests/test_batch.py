@@ -255,3 +255,15 @@ def test_a_refused_submission_becomes_one_line():
                                           "specified: q9; Batch job submission failed: "
                                           "Invalid partition name specified")
     assert SubmitFailures().message("qsub") is None
+
+
+def test_dry_run_shows_the_job_script(tmp_path, capsys):
+    study = tmp_path / "s.toml"
+    study.write_text('[data]\nn = [30000]\nd = 8\n[kernel]\ndepth = 2\n[study]\n'
+                     'storage = "none"\n')
+    assert main(["sweep", str(study), "--out", str(tmp_path / "o"), "--dry-run", "--cluster",
+                 "slurm", "--cores", "2", "--memory", "4GB", "--jobs", "3",
+                 "--job-prologue", "module load x"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --cpus-per-task=2" in out and "module load x" in out
+    assert not (tmp_path / "o").exists()
