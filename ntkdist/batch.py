@@ -50,8 +50,12 @@ class BatchError(NtkdistError):
 
 def parse_walltime(value) -> int:
     """Seconds of a walltime: ``HH:MM:SS``, ``D-HH:MM:SS`` or a number of minutes."""
+    import datetime
+
     if isinstance(value, bool):
         value = None
+    if isinstance(value, datetime.time) and value.tzinfo is None:  # TOML's 04:00:00
+        value = f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}"
     if isinstance(value, int) and value > 0:
         return 60 * value
     text = str(value).strip() if isinstance(value, str) else ""
@@ -87,15 +91,29 @@ def lifetime(walltime_s: int) -> tuple[int, int] | None:
     return (life, stagger) if life - stagger >= 30 else None
 
 
-def _text(value, name: str) -> str:
+#: Values pasted into job scripts: names (queue, account, interface) and paths (the
+#: workers' scratch and log folders, where $VAR and ${VAR} stay for the job's shell).
+_NAME = re.compile(r"^[A-Za-z0-9_.,:+@%/=-]+$")
+_PATH = re.compile(r"^[A-Za-z0-9_.,:+@%/=~${}-]+$")
+#: Upper limits of a batch cluster's counts (a typo must not flood the queue).
+MAX_JOBS, MAX_CORES, MAX_GPUS = 10000, 4096, 64
+
+
+def _text(value, name: str, pattern=None) -> str:
     if not isinstance(value, str) or not value.strip() or "\n" in value:
         raise SpecError(f"{name} must be a non-empty one-line string, got {value!r}")
+    if pattern is not None and not pattern.match(value):
+        what = "letters, digits and _.,:+@%/=-" if pattern is _NAME else \
+            "a path without spaces, quotes or shell operators ($VAR allowed)"
+        raise SpecError(f"{name} must be {what} (it goes into the job script), got {value!r}")
     return value
 
 
-def _count(value, name: str, minimum: int = 1) -> int:
+def _count(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SpecError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise SpecError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -107,9 +125,10 @@ def parse_adapt(value) -> tuple[int, int]:
     elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
             isinstance(x, int) and not isinstance(x, bool) for x in value):
         pair = tuple(value)
-    if pair is None or not (0 <= pair[0] <= pair[1] and pair[1] >= 1):
-        raise SpecError(f"adapt must be MIN:MAX jobs with 0 <= MIN <= MAX and MAX >= 1, got "
-                        f"{value!r}")
+    if pair is None or not (1 <= pair[0] <= pair[1] <= MAX_JOBS):
+        raise SpecError(f"adapt must be MIN:MAX jobs with 1 <= MIN <= MAX <= {MAX_JOBS}, got "
+                        f"{value!r} (ntkdist plans its work on the workers it has: at least one "
+                        "job stays)")
     return pair
 
 
@@ -130,19 +149,20 @@ def check_batch_options(kind: str, device: str, o: dict) -> dict:
         value = o.get(name, site(name.replace("_", "-")) if name in ("queue", "account",
                                                                        "interface") else None)
         if value is not None:
-            out[name] = _text(value, name)
+            out[name] = _text(value, name, _NAME if name in ("queue", "account", "interface")
+                              else _PATH)
     cores = o.get("cores", site("cores"))
     memory = o.get("memory", site("memory"))
     if cores is None or memory is None:
         missing = " and ".join(n for n, v in (("cores", cores), ("memory", memory)) if v is None)
         raise SpecError(f"a {kind} cluster needs {missing} per job (--cores, --memory, or "
                         f"[cluster] in the run file, or jobqueue.{kind} in Dask's config)")
-    out["cores"] = _count(cores, "cores")
+    out["cores"] = _count(cores, "cores", maximum=MAX_CORES)
     mem_bytes = parse_size(memory, "memory")
     out["memory"] = memory
     gpus = o.get("gpus_per_job")
     if gpus is not None:
-        _count(gpus, "gpus_per_job")
+        _count(gpus, "gpus_per_job", maximum=MAX_GPUS)
         if device != "gpu":
             raise SpecError("gpus_per_job is for GPU workers: add --device gpu")
         out["gpus_per_job"] = gpus
@@ -167,7 +187,7 @@ def check_batch_options(kind: str, device: str, o: dict) -> dict:
     if "adapt" in o:
         out["adapt"] = parse_adapt(o["adapt"])
     else:
-        out["jobs"] = _count(o.get("jobs", 1), "jobs")
+        out["jobs"] = _count(o.get("jobs", 1), "jobs", maximum=MAX_JOBS)
     walltime = o.get("walltime", site("walltime") or DEFAULT_WALLTIME)
     out["walltime"] = format_walltime(parse_walltime(walltime), kind)
     prologue = o.get("job_prologue", ())
@@ -190,8 +210,16 @@ def jobqueue_kwargs(spec) -> dict:
     walltime_s = parse_walltime(spec.walltime)
     threads = max(1, spec.cores // spec.processes)
     gpu = spec.device == "gpu"
-    prologue = [f"export {v}={threads}" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                   "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")]
+    import dask.config
+
+    def site(key, default):
+        return list(dask.config.get(f"jobqueue.{spec.kind}.{key}", None) or default)
+
+    # The site's Dask configuration comes first (its module loads, directives, scheduler
+    # options); ntkdist's own settings and the user's options after it.
+    prologue = site("job-script-prologue", [])
+    prologue += [f"export {v}={threads}" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                    "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")]
     prologue += list(spec.job_prologue)
     extra_args = []
     life = lifetime(walltime_s)
@@ -205,19 +233,22 @@ def jobqueue_kwargs(spec) -> dict:
     for name in ("queue", "account", "interface", "local_directory"):
         if getattr(spec, name) is not None:
             kwargs[name] = getattr(spec, name)
-    if gpu:
-        if spec.kind == "slurm":
-            kwargs["job_extra_directives"] = [f"--gres=gpu:{spec.gpus_per_job}"]
-        else:
-            from dask.utils import parse_bytes
+    directives = site("job-extra-directives", [])
+    if gpu and spec.kind == "slurm":
+        directives.append(f"--gres=gpu:{spec.gpus_per_job}")
+    if directives:
+        kwargs["job_extra_directives"] = directives
+    if gpu and spec.kind == "pbs":
+        from dask.utils import parse_bytes
 
-            mem = f"{max(1, parse_bytes(spec.memory) // 2 ** 20)}mb"
-            kwargs["resource_spec"] = (f"select=1:ncpus={spec.cores}:ngpus={spec.gpus_per_job}"
-                                       f":mem={mem}")
-    if spec.interface is None:
-        kwargs["scheduler_options"] = {"dashboard_address": ":0"}
-    else:
-        kwargs["scheduler_options"] = {"interface": spec.interface, "dashboard_address": ":0"}
+        mem = f"{max(1, parse_bytes(spec.memory) // 2 ** 20)}mb"
+        kwargs["resource_spec"] = (f"select=1:ncpus={spec.cores}:ngpus={spec.gpus_per_job}"
+                                   f":mem={mem}")
+    scheduler = dict(dask.config.get(f"jobqueue.{spec.kind}.scheduler-options", None) or {})
+    scheduler.setdefault("dashboard_address", ":0")
+    if spec.interface is not None and "host" not in scheduler:
+        scheduler.setdefault("interface", spec.interface)
+    kwargs["scheduler_options"] = scheduler
     return kwargs
 
 
@@ -249,9 +280,15 @@ def make_cluster(spec):
 def job_script(spec) -> str:
     """The job script each worker job runs (for ``--dry-run`` and for tests)."""
     cls = _cluster_class(spec.kind)
-    return cls.job_cls("tcp://SCHEDULER:8786", name="ntkdist-worker",
-                       **{k: v for k, v in jobqueue_kwargs(spec).items()
-                          if k != "scheduler_options"}).job_script()
+    kwargs = {k: v for k, v in jobqueue_kwargs(spec).items() if k != "scheduler_options"}
+    logs = kwargs.pop("log_directory")  # shown, not created (dask-jobqueue would create it)
+    script = cls.job_cls("tcp://SCHEDULER:8786", name="ntkdist-worker", **kwargs).job_script()
+    flag = {"slurm": "#SBATCH -e {0}/ntkdist-%J.err\n#SBATCH -o {0}/ntkdist-%J.out",
+            "pbs": "#PBS -e {0}/\n#PBS -o {0}/"}[spec.kind].format(logs)
+    lines = script.split("\n")
+    prefix = "#SBATCH" if spec.kind == "slurm" else "#PBS"
+    last = max((i for i, ln in enumerate(lines) if ln.startswith(prefix)), default=0)
+    return "\n".join([*lines[:last + 1], flag, *lines[last + 1:]])
 
 
 class SubmitFailures(logging.Filter):
@@ -344,6 +381,8 @@ def _signals_raise():
 
     old = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_IGN:  # nohup: the user chose to ignore it
+            continue
         with contextlib.suppress(ValueError, OSError):
             old[sig] = signal.signal(sig, interrupt)
     try:
@@ -354,28 +393,110 @@ def _signals_raise():
 
 
 @contextlib.contextmanager
+def _signals_ignored():
+    """Ctrl-C, SIGTERM and SIGHUP wait while the jobs are being cancelled (a second Ctrl-C
+    must not leave them queued)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):
+            old[sig] = signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+#: Seconds a job may have none of its workers connected, after it had some, before it is
+#: taken as ended and replaced (Dask's own lost-worker timeout).
+JOB_GONE_AFTER = 15.0
+
+
+def _replace_ended_jobs(cluster, interval: float = 5.0):
+    """A periodic callback on the cluster's event loop that forgets a job none of whose
+    workers has been connected for :data:`JOB_GONE_AFTER` seconds, after it had some, and
+    cancels it, so that the adaptive cluster submits a replacement. Dask does this itself
+    for a job of one worker only: a job of several names its workers ``JOB-0``, ``JOB-1``…,
+    which Dask's check does not match (dask-jobqueue issue 611). Returns the callback."""
+    import asyncio
+
+    from tornado.ioloop import PeriodicCallback
+
+    seen: dict = {}
+
+    def names_of(job) -> set:
+        group = cluster.worker_spec.get(job, {}).get("group")
+        return {f"{job}{suffix}" for suffix in group} if group else {str(job)}
+
+    def check():
+        connected = {str(w.get("name")) for w in cluster.scheduler_info.get("workers",
+                                                                              {}).values()}
+        now = time.monotonic()
+        for job in list(cluster.workers):
+            if names_of(job) & connected:
+                seen[job] = now
+            elif job in seen and now - seen[job] > JOB_GONE_AFTER:
+                del seen[job]
+                ended = cluster.workers.pop(job)
+                cluster._futures.add(asyncio.ensure_future(ended.close()))
+
+    callback = PeriodicCallback(check, interval * 1000)
+    cluster.loop.add_callback(callback.start)
+    return callback
+
+
+#: {id(client): SubmitFailures} of the batch clusters open in this process, for the waits
+#: after a lost worker (:func:`submit_failures`).
+_FAILURES: dict = {}
+
+
+def submit_failures(client) -> "SubmitFailures | None":
+    """The refused submissions of the batch cluster behind ``client`` (None: not one)."""
+    return _FAILURES.get(id(client))
+
+
+@contextlib.contextmanager
 def connect_batch(spec, log=None):
     """Yield a ``distributed.Client`` of a batch cluster for ``spec`` (module docstring)."""
     from distributed import Client
 
+    from .spec import make_cluster_spec
+
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if spec.processes is None:  # a ClusterSpec built by hand: its batch fields checked here
+        spec = make_cluster_spec(kind=spec.kind, device=spec.device, **{
+            k: getattr(spec, k) for k in ("queue", "account", "walltime", "cores", "memory",
+                                          "jobs", "gpus_per_job", "interface",
+                                          "local_directory", "job_prologue", "adapt",
+                                          "worker_timeout", "job_logs")})
     with _signals_raise(), SubmitFailures().installed() as failures:
         cluster = make_cluster(spec)
-        adaptive = None
+        adaptive = reaper = client = None
         try:
             lo, hi = spec.adapt if spec.adapt else (spec.jobs, spec.jobs)
             adaptive = cluster.adapt(minimum_jobs=lo, maximum_jobs=hi)
+            reaper = _replace_ended_jobs(cluster)
             logs = os.path.abspath(spec.job_logs or "ntkdist-jobs")
             log(f"{spec.kind}: scheduler at {cluster.scheduler_address}; "
                 f"{'adaptive ' + str(lo) + '–' + str(hi) if spec.adapt else hi} job(s) of "
                 f"{spec.cores} core(s), {spec.memory}, {spec.processes} worker(s) each, "
                 f"walltime {spec.walltime}; job logs in {logs}/")
             with Client(cluster) as client:
+                _FAILURES[id(client)] = failures
                 wait_for_workers(client, cluster, spec.min_workers, spec.worker_timeout, log,
                                  spec.kind, logs, failures)
                 yield client
         finally:
-            with contextlib.suppress(Exception):  # no replacement jobs while closing
-                adaptive.stop()
-            with contextlib.suppress(Exception):
-                cluster.close(timeout=30)
+            _FAILURES.pop(id(client), None)
+            with _signals_ignored():
+                with contextlib.suppress(Exception):  # no replacement jobs while closing
+                    adaptive.stop()
+                with contextlib.suppress(Exception):
+                    cluster.loop.add_callback(reaper.stop)
+                with contextlib.suppress(Exception):
+                    cluster.close(timeout=30)

@@ -124,7 +124,8 @@ def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0,
                                     cluster=cluster)
 
         claimed_out = [True] if store is not None else []
-        return _resuming(client, cluster, make_op, solve_with, log)
+        return _resuming(client, cluster, make_op, solve_with, log,
+                         lambda: _checkpoint_mtime(out))
 
 
 #: Times a solve on a batch cluster resumes from its checkpoint after losing a worker.
@@ -141,27 +142,40 @@ def _replan(client, cluster, spec, facts, tile=None, dtype=None):
     return plan, names
 
 
-def _resuming(client, cluster, make_op, solve_with, log):
+def _resuming(client, cluster, make_op, solve_with, log, progress=lambda: None):
     """``solve_with(make_op())``; on a batch cluster (whose lost jobs are replaced, and whose
     workers retire before their walltime) a lost worker is waited out: the operator is
-    rebuilt on the workers there are then and the solve resumes from its checkpoint, up to
-    :data:`MAX_RESUMES` times. Elsewhere the loss is one line (rerun to resume)."""
+    rebuilt on the workers there are then and the solve resumes from its checkpoint. Up to
+    :data:`MAX_RESUMES` losses in a row without progress (``progress()``: a value that
+    changes when the checkpoint moves on). Elsewhere the loss is one line (rerun to
+    resume)."""
     from .operator.client import WorkerLostError
 
-    for attempt in range(MAX_RESUMES + 1):
+    losses = 0
+    while True:
+        before = progress()
         try:
             op = make_op()
             with contextlib.closing(op):
                 return solve_with(op)
         except WorkerLostError as exc:
-            if cluster.kind not in BATCH_KINDS or attempt == MAX_RESUMES:
+            losses = 1 if progress() != before else losses + 1
+            if cluster.kind not in BATCH_KINDS or losses > MAX_RESUMES:
                 raise
             log(f"{str(exc).split(' (')[0]}; waiting for the batch cluster's replacement, "
-                f"then resuming from the checkpoint ({attempt + 1}/{MAX_RESUMES})")
-            from .batch import wait_for_workers
+                f"then resuming from the checkpoint ({losses}/{MAX_RESUMES} in a row)")
+            from .batch import submit_failures, wait_for_workers
 
             wait_for_workers(client, None, cluster.min_workers, cluster.worker_timeout, log,
-                             cluster.kind, cluster.job_logs)
+                             cluster.kind, cluster.job_logs, submit_failures(client))
+
+
+def _checkpoint_mtime(out: str):
+    """When the solve's checkpoint in ``out`` was last written (None: none yet)."""
+    try:
+        return os.stat(os.path.join(out, CHECKPOINT_FILE)).st_mtime_ns
+    except OSError:
+        return None
 
 
 def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
@@ -211,7 +225,8 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
                                     store=store, ckpt_hash=out_hash, cluster=cluster)
 
         try:
-            return _resuming(client, cluster, make_op, solve_with, log)
+            return _resuming(client, cluster, make_op, solve_with, log,
+                             lambda: _checkpoint_mtime(out))
         except BaseException:
             if claimed:
                 release_out_dir(out, claimed[0])

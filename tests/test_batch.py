@@ -6,7 +6,7 @@ import pytest
 from ntkdist.batch import (format_walltime, job_script, jobqueue_kwargs, lifetime, parse_adapt,
                            parse_walltime)
 from ntkdist.cli import main
-from ntkdist.config import Options, cluster_request, merge
+from ntkdist.config import cluster_request, merge
 from ntkdist.errors import SpecError
 from ntkdist.spec import make_cluster_spec
 
@@ -42,12 +42,13 @@ def test_lifetime_leaves_a_margin_before_the_walltime():
     assert lifetime(60) is None
 
 
-@pytest.mark.parametrize("value, pair", [("0:4", (0, 4)), ("2:2", (2, 2)), ([1, 3], (1, 3))])
+@pytest.mark.parametrize("value, pair", [("1:4", (1, 4)), ("2:2", (2, 2)), ([1, 3], (1, 3))])
 def test_adapt_parsed(value, pair):
     assert parse_adapt(value) == pair
 
 
-@pytest.mark.parametrize("value", ["3:1", "0:0", "a:b", "1", [1], [1, 2, 3], "-1:2", [True, 2]])
+@pytest.mark.parametrize("value", ["3:1", "0:0", "0:4", "a:b", "1", [1], [1, 2, 3], "-1:2",
+                                   [True, 2], "1:100000"])
 def test_bad_adapt_refused(value):
     with pytest.raises(SpecError, match="adapt"):
         parse_adapt(value)
@@ -157,12 +158,12 @@ def test_bad_cluster_options_are_one_line(tmp_path, capsys, monkeypatch, args, w
 def test_run_file_cluster_table(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[cluster]\nkind = "slurm"\ncores = 2\nmemory = "4GB"\nwalltime = "01:00:00"'
-                    '\njob_prologue = ["module load x"]\nadapt = [0, 4]\n')
+                    '\njob_prologue = ["module load x"]\nadapt = [1, 4]\n')
     from ntkdist.config import load_config
 
     o = merge(load_config(str(path)), {})
     spec = cluster_request(o)
-    assert (spec.kind, spec.cores, spec.adapt, spec.job_prologue) == ("slurm", 2, (0, 4),
+    assert (spec.kind, spec.cores, spec.adapt, spec.job_prologue) == ("slurm", 2, (1, 4),
                                                                        ("module load x",))
     # flags of the same kind amend the file's cluster; another kind replaces it
     spec = cluster_request(merge(load_config(str(path)), {"cores": 4, "processes": 2}))
@@ -183,7 +184,6 @@ def test_missing_submit_command_is_one_line(tmp_path, capsys, monkeypatch):
                  "--out", "o", "--cluster", "pbs", "--cores", "1", "--memory", "1GB"])
     err = capsys.readouterr().err
     assert code == 2 and "qsub is not on PATH" in err and len(err.strip().splitlines()) == 1
-    Options()  # the module's API stays importable
 
 
 def test_lost_worker_on_a_batch_cluster_resumes(monkeypatch):
@@ -267,3 +267,127 @@ def test_dry_run_shows_the_job_script(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "#SBATCH --cpus-per-task=2" in out and "module load x" in out
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("queue", "debug -A other"), ("account", "a;b"), ("interface", "ib0;touch x"),
+    ("queue", "q'"), ("local_directory", "/scratch/my dir"), ("job_logs", "logs|x"),
+    ("local_directory", "/tmp/`id`"),
+])
+def test_values_that_would_break_the_job_script_are_refused(option, value):
+    with pytest.raises(SpecError, match=f"^{option} must be"):
+        _slurm(**{option: value})
+
+
+def test_names_and_paths_jobs_scripts_take():
+    spec = _slurm(queue="gpu,debug", account="proj-1.a", interface="ib0",
+                  local_directory="$TMPDIR/ntk", job_logs="${HOME}/logs")
+    assert "--local-directory $TMPDIR/ntk" in job_script(spec)
+
+
+@pytest.mark.parametrize("option, value", [("jobs", 10 ** 8), ("cores", 10 ** 6),
+                                           ("gpus_per_job", 1000)])
+def test_counts_are_capped(option, value):
+    with pytest.raises(SpecError, match=f"{option} must be at most"):
+        _slurm(**{option: value}, **({"device": "gpu"} if option == "gpus_per_job" else {}))
+
+
+def test_toml_time_walltime(tmp_path):
+    import datetime
+
+    assert parse_walltime(datetime.time(4, 0)) == 4 * 3600
+    path = tmp_path / "run.toml"
+    path.write_text('[cluster]\nkind = "slurm"\ncores = 2\nmemory = "4GB"\n'
+                    'walltime = 04:00:00\n')
+    from ntkdist.config import load_config
+
+    assert cluster_request(merge(load_config(str(path)), {})).walltime == "04:00:00"
+
+
+def test_site_prologue_directives_and_scheduler_options_are_kept():
+    import dask
+
+    with dask.config.set({"jobqueue.slurm.job-script-prologue": ["module load site"],
+                          "jobqueue.slurm.job-extra-directives": ["--qos=long"],
+                          "jobqueue.slurm.scheduler-options": {"host": "10.0.0.1"}}):
+        spec = _slurm(job_prologue=["source env"], interface="ib0")
+        kw = jobqueue_kwargs(spec)
+        script = job_script(spec)
+    assert kw["scheduler_options"]["host"] == "10.0.0.1" and "interface" not in kw[
+        "scheduler_options"]
+    assert "#SBATCH --qos=long" in script
+    assert script.index("module load site") < script.index("source env")
+
+
+def test_job_script_creates_no_log_folder(tmp_path):
+    job_script(_slurm(job_logs=str(tmp_path / "logs")))
+    assert not (tmp_path / "logs").exists()
+
+
+def test_nohup_is_respected_and_signals_restored():
+    import signal
+
+    from ntkdist.batch import _signals_raise
+
+    old_term = signal.getsignal(signal.SIGTERM)
+    old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _signals_raise():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # nohup kept
+            assert signal.getsignal(signal.SIGTERM) not in (old_term, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) == old_term
+    finally:
+        signal.signal(signal.SIGHUP, old_hup)
+
+
+def test_a_cluster_spec_built_by_hand_is_checked_before_it_connects(monkeypatch):
+    from ntkdist.spec import ClusterSpec
+
+    with pytest.raises(SpecError, match="cores and memory"):
+        with ClusterSpec(kind="slurm").connect():
+            pass
+
+
+def test_resumes_stop_after_many_losses_without_progress():
+    from ntkdist import batch, pipeline
+    from ntkdist.operator.client import WorkerLostError
+
+    class Op:
+        def close(self):
+            pass
+
+    def lose(op):
+        raise WorkerLostError("a Dask worker was lost during a pass (x)")
+
+    waits = []
+    spec = _slurm()
+    orig = batch.wait_for_workers
+    batch.wait_for_workers = lambda *a, **k: waits.append(1)
+    try:
+        with pytest.raises(WorkerLostError):
+            pipeline._resuming(None, spec, Op, lose, lambda m: None)
+        assert len(waits) == pipeline.MAX_RESUMES
+        # progress between losses resets the count: 3 × MAX losses, all resumed, then done
+        ticks, calls = iter(range(10 ** 6)), iter(range(10 ** 6))
+
+        def lose_then_finish(op):
+            if next(calls) < 3 * pipeline.MAX_RESUMES:
+                raise WorkerLostError("lost (x)")
+            return "done"
+
+        assert pipeline._resuming(None, spec, Op, lose_then_finish, lambda m: None,
+                                  lambda: next(ticks)) == "done"
+    finally:
+        batch.wait_for_workers = orig
+
+
+def test_killed_worker_is_not_resumed():
+    from types import SimpleNamespace
+
+    from distributed.scheduler import KilledWorker
+
+    from ntkdist.operator.client import WorkerLostError, _worker_lost
+
+    assert not isinstance(_worker_lost("x", KilledWorker("k", SimpleNamespace(address="tcp://w:1"), 3)),
+                          WorkerLostError)
+    assert isinstance(_worker_lost("x", None), WorkerLostError)

@@ -122,13 +122,14 @@ def _stores_equal(a, b):
 
 
 def test_scancel_mid_assembly_completes_on_a_replacement(tmp_path):
-    """The only worker job is cancelled while tiles are being written: the run waits for the
-    replacement job that the adaptive cluster submits, and the store equals a clean one."""
+    """The only worker job (two workers in it) is cancelled while tiles are being written:
+    the run waits for the replacement job that the cluster submits, and the store equals a
+    clean one."""
     logs = tmp_path / "jobs"
     args = ["assemble", "--data", "sphere", "--n", 9000, "--d", 8, "--depth", 2, "--tile", 512]
     proc = subprocess.Popen([sys.executable, "-m", "ntkdist.cli", *map(str, args), "--store",
-                             str(tmp_path / "batch.zarr"), *BATCH, "--jobs", "1", "--job-logs",
-                             str(logs)], cwd=tmp_path, stdout=subprocess.PIPE,
+                             str(tmp_path / "batch.zarr"), *BATCH, "--jobs", "1", "--cores",
+                             "2", "--processes", "2", "--job-logs", str(logs)], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         from ntkdist.store import KernelStore

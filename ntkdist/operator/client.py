@@ -67,9 +67,14 @@ class WorkerLostError(NtkdistError):
 
 
 def _worker_lost(during: str, exc: BaseException | None = None) -> NtkdistError:
+    """The one-line error of a lost worker: a WorkerLostError, but for a task whose workers
+    kept dying (KilledWorker), which a rerun on new workers would repeat."""
+    from distributed.scheduler import KilledWorker
+
     why = (" (" + " ".join(f"{type(exc).__name__}: {exc}".split()) + ")"
            if exc is not None else "")
-    return WorkerLostError(f"a Dask worker was lost {during}{why} (killed, or out of its memory "
+    cls = NtkdistError if isinstance(exc, KilledWorker) else WorkerLostError
+    return cls(f"a Dask worker was lost {during}{why} (killed, or out of its memory "
                         "limit); rerun the same command: an iterative solve resumes from its "
                         "last checkpoint")
 
