@@ -486,7 +486,10 @@ def connect_batch(spec, log=None):
                 f"{'adaptive ' + str(lo) + '–' + str(hi) if spec.adapt else hi} job(s) of "
                 f"{spec.cores} core(s), {spec.memory}, {spec.processes} worker(s) each, "
                 f"walltime {spec.walltime}; job logs in {logs}/")
-            with Client(cluster) as client:
+            from .cluster import _quiet_local_cluster
+
+            # a lost worker is ntkdist's one line, not Dask's log records of it
+            with Client(cluster) as client, _quiet_local_cluster(client):
                 _FAILURES[id(client)] = failures
                 wait_for_workers(client, cluster, spec.min_workers, spec.worker_timeout, log,
                                  spec.kind, logs, failures)
