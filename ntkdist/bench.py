@@ -267,18 +267,20 @@ def evict_files(paths, system: bool) -> dict:
     """Task (``client.run``): this host's page cache rid of the files under ``paths``: with
     ``system``, the whole page cache dropped (/proc/sys/vm/drop_caches, needs root); and
     every file's pages evicted with posix_fadvise(DONTNEED) (its own files, any user)."""
-    evicted = hasattr(os, "posix_fadvise")
+    evicted, files = hasattr(os, "posix_fadvise"), 0
     for path in _files(paths):
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
-                os.fdatasync(fd)
+                (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                files += 1
             finally:
                 os.close(fd)
         except OSError:
             evicted = False
+    evicted = evicted and files > 0  # a host that sees none of the files evicted nothing
     if not system:
         return {"dropped": False, "reason": "--no-drop-cache", "evicted": evicted}
     if hasattr(os, "geteuid") and os.geteuid() != 0:
@@ -460,7 +462,8 @@ def scratch_folder(out: str, store_dir: str | None):
     and dd's file, removed at the end however the run ends (and the default store
     directory with it, once empty)."""
     default = store_dir is None
-    store_dir = os.path.join(out, STORE_SUBDIR) if default else os.path.expanduser(store_dir)
+    store_dir = os.path.abspath(os.path.join(out, STORE_SUBDIR) if default else
+                                os.path.expanduser(store_dir))  # the workers see this path
     if os.path.exists(store_dir) and not os.path.isdir(store_dir):
         raise OutputError(f"--store-dir {store_dir!r} exists and is not a folder")
     try:
@@ -533,7 +536,20 @@ class _Bench:
         futures = {w: self.client.submit(fn, *args, workers=[w], allow_other_workers=False,
                                          pure=False) for w in addresses}
         with _one_line("during the bench", f"bench task {fn.__name__}"):
-            return {w: f.result() for w, f in futures.items()}
+            return {w: self._result(w, f) for w, f in futures.items()}
+
+    def _result(self, worker: str, future):
+        """A pinned task's result; a one-line error, not a wait for ever, if its worker
+        leaves the cluster (Dask keeps a task pinned to a lost worker waiting)."""
+        from distributed.utils import TimeoutError as DaskTimeout
+
+        while True:
+            try:
+                return future.result(timeout=2.0)
+            except (TimeoutError, DaskTimeout):
+                if worker not in self.client.scheduler_info(n_workers=-1)["workers"]:
+                    raise BenchError(f"worker {worker} left the cluster during the bench "
+                                     "(killed, out of memory, or its job ended)") from None
 
     # -- Dask's round trip
     def round_trip(self) -> dict:
@@ -641,7 +657,7 @@ class _Bench:
                                          allow_other_workers=False, pure=False)
                    for w, pairs in share.items() if pairs}
         with _one_line("during the bench", f"bench task {fn.__name__}"):
-            return {w: f.result() for w, f in futures.items()}
+            return {w: self._result(w, f) for w, f in futures.items()}
 
     def dd(self, nbytes: int) -> dict:
         """dd's write (conv=fdatasync) and read of about ``nbytes`` on the first worker, the
@@ -706,7 +722,9 @@ class _Bench:
                     "store_bytes_read": op.streamed_bytes_per_pass,
                     "bytes_kept_in_memory": op.cached_bytes,
                     "bytes_moved": 2 * BLOCK * n * 8 * used,
-                    "entries_per_s": (n * n / t["seconds"]) if name == "recompute" else None}
+                    # N² a second: the full symmetric matrix applied (its upper tiles built)
+                    "matrix_entries_per_s": (n * n / t["seconds"]) if name == "recompute"
+                    else None}
             finally:
                 self.retire(op)
             self.log(f"bench:   {t['seconds']:.3f} s a pass")
@@ -831,7 +849,7 @@ def judge_reference(lam, status: str, accuracy, expected: float) -> dict:
     if status != "certified" or lam is None:
         message = (f"reference λ_min not certified: status {status}, computed "
                    f"{lam!r}, expected {expected!r}")
-    elif diff > allowed:
+    elif not (math.isfinite(lam) and math.isfinite(allowed) and diff <= allowed):
         message = (f"reference λ_min wrong: got {lam!r}, expected {expected!r} "
                    f"(|difference| {diff:.3e} > allowed {allowed:.3e})")
     else:
@@ -987,6 +1005,8 @@ def write_report(out: str, report: dict, log=None) -> None:
     figures; figures a previous bench left and this one did not draw are removed."""
     from .results import write_json, write_text
 
+    report["figures"] = list(FIGURES)  # what the figures will be, if they are drawn
+    write_json(os.path.join(out, REPORT_JSON), report)
     drawn = []
     try:
         from .bench_figures import draw
@@ -1006,7 +1026,7 @@ def write_report(out: str, report: dict, log=None) -> None:
 def _worker_line(w: dict) -> str:
     """A worker's host, CPU, Dask threads, BLAS threads and memory limit, in words."""
     blas = "/".join(sorted({str(b["num_threads"]) for b in w.get("blas") or []})) or "?"
-    memory = _num(w["memory_limit"] and w["memory_limit"] / 2 ** 30, ".1f", "no")
+    memory = _num(w["memory_limit"] / 2 ** 30 if w["memory_limit"] else None, ".1f", "no")
     return (f"{w['host']}: {w['cpu']}, {w['threads']} Dask thread(s), {blas} BLAS thread(s), "
             f"{memory} GiB memory limit")
 
@@ -1125,6 +1145,18 @@ def load_report(path: str) -> dict:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(
             doc.get("metrics"), list):
         raise InputError(f"bench compare: {file!r} is not an ntkdist bench report")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"bench compare: {file!r} is a bench report of format version "
+                         f"{doc.get('format_version')!r}; this ntkdist reads version "
+                         f"{FORMAT_VERSION}")
+    fp = doc.get("fingerprint")
+    good = isinstance(fp, dict) and isinstance(fp.get("cluster", {}), dict) and all(
+        isinstance(m, list) and len(m) == 3 and isinstance(m[0], str)
+        and isinstance(m[2], str) and (m[1] is None or isinstance(m[1], (str, int, float)))
+        for m in doc["metrics"])
+    if not good:
+        raise InputError(f"bench compare: {file!r} is a damaged bench report (its fingerprint "
+                         "or metrics are not as a bench writes them)")
     return doc
 
 
@@ -1149,15 +1181,18 @@ def compare(a: str, b: str) -> str:
     names = list(ma) + [k for k in mb if k not in ma]
     table = [["metric", "A", "B", "B/A"]]
     for key in ("host", "cpu", "cores", "device", "date"):
-        va, vb = ((r["fingerprint"]["cluster"] if key == "device" else r["fingerprint"]).get(key)
-                  for r in (ra, rb))
+        va, vb = ((r["fingerprint"].get("cluster", {}) if key == "device" else
+                   r["fingerprint"]).get(key) for r in (ra, rb))
         table.append([key, str(va), str(vb), ""])
     for name in names:
         va, vb = (ma.get(name) or [None] * 3)[1], (mb.get(name) or [None] * 3)[1]
         unit = (ma.get(name) or mb.get(name))[2]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
                       for v in (va, vb))
-        ratio = f"{vb / va:.3g}" if numeric and va else "-"
+        try:
+            ratio = f"{vb / va:.3g}" if numeric and va else "-"
+        except (OverflowError, ZeroDivisionError):
+            ratio = "-"
         table.append([f"{name} ({unit})" if unit else name, _cell(va), _cell(vb), ratio])
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     lines = [f"A: {os.path.abspath(a)}", f"B: {os.path.abspath(b)}"]

@@ -101,7 +101,7 @@ def write_json(path: str, obj: dict) -> None:
     """Write ``obj`` as strict JSON (non-finite numbers as null), atomically."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(_finite(obj), f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
@@ -115,7 +115,7 @@ def write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a reader sees the old file or the new one)."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

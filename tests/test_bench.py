@@ -149,7 +149,11 @@ def test_compare_prints_both_reports(quick, report, tmp_path, capsys):
     assert row.split()[-1] == "2"
     head = next(r for r in lines if r.startswith("time to a certified"))
     assert head.split()[-1] == "1"
-    assert len({len(r) for r in lines[2:4]}) == 1  # aligned columns
+    data = [r for r in lines[4:] if r.strip()
+            and not r.startswith(("host", "cpu", "cores", "device", "date"))]
+    assert len(data) > 10
+    # aligned columns: every metric row's B/A column ends where the header's B/A ends
+    assert all(len(r) == len(lines[2]) for r in data), data
 
 
 def test_compare_refuses_what_is_not_a_report(quick, tmp_path, capsys):
@@ -249,6 +253,35 @@ def test_wrong_reference_fails_the_bench(report, tmp_path, monkeypatch, capsys):
                                                            rel=1e-9)
     assert "FAIL" in doc["headline"]
     assert "FAIL" in (out / "report.md").read_text(encoding="utf-8").splitlines()[2]
+
+
+def test_compare_refuses_damaged_or_other_version_reports(quick, tmp_path, capsys):
+    doc = json.loads(open(os.path.join(quick[3], "report.json")).read())
+    cases = {"version": {**doc, "format_version": 99},
+             "no-fingerprint": {k: v for k, v in doc.items() if k != "fingerprint"},
+             "fingerprint-list": {**doc, "fingerprint": []},
+             "bad-row": {**doc, "metrics": [[["a"], 1, "s"]]}}
+    for name, bad in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(bad))
+        assert main(["bench", "compare", quick[3], str(path)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("ntkdist: error: bench compare: ") and err.count("\n") == 1, err
+    huge = copy.deepcopy(doc)
+    huge["metrics"][0][1] = 1e308
+    (tmp_path / "huge.json").write_text(json.dumps(huge))
+    small = copy.deepcopy(doc)
+    small["metrics"][0][1] = 1e-308
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    assert main(["bench", "compare", str(tmp_path / "small.json"),
+                 str(tmp_path / "huge.json")]) == 0
+
+
+def test_judge_reference_never_passes_nan():
+    nan = float("nan")
+    assert not bench.judge_reference(nan, "certified", 1e-11, 1.0)["pass"]
+    assert not bench.judge_reference(2.0, "certified", nan, 1.0)["pass"]
+    assert not bench.judge_reference(float("inf"), "certified", 1e-11, 1.0)["pass"]
 
 
 def test_judge_reference():
