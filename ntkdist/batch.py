@@ -417,33 +417,48 @@ def _signals_ignored():
 JOB_GONE_AFTER = 15.0
 
 
-def _replace_ended_jobs(cluster, interval: float = 5.0):
-    """A periodic callback on the cluster's event loop that forgets a job none of whose
-    workers has been connected for :data:`JOB_GONE_AFTER` seconds, after it had some, and
-    cancels it, so that the adaptive cluster submits a replacement. Dask does this itself
-    for a job of one worker only: a job of several names its workers ``JOB-0``, ``JOB-1``…,
-    which Dask's check does not match (dask-jobqueue issue 611). Returns the callback."""
+def _replace_ended_jobs(cluster, interval: float = 2.0):
+    """A periodic callback on the cluster's event loop that forgets a job whose workers all
+    left, for :data:`JOB_GONE_AFTER` seconds, after some had connected, and cancels it, so
+    that the adaptive cluster submits a replacement. Dask does this itself for a job of one
+    worker only: a job of several names its workers ``JOB-0``, ``JOB-1``…, which Dask's check
+    does not match (dask-jobqueue issue 611). Every worker that ever connected is recorded as
+    the cluster learns of it (a job may connect and end between two checks). Returns the
+    callback."""
     import asyncio
 
     from tornado.ioloop import PeriodicCallback
 
-    seen: dict = {}
+    ever: set = set()  # names of the workers that have connected
+    absent: dict = {}  # job → when it was first seen started and without workers
+    update = cluster._update_worker_status
+
+    def record(op, msg):  # the cluster's own handler of the scheduler's worker events
+        if op == "add" and isinstance(msg, dict):
+            ever.update(str(w.get("name")) for w in (msg.get("workers") or {}).values())
+        return update(op, msg)
+
+    cluster._update_worker_status = record
 
     def names_of(job) -> set:
         group = cluster.worker_spec.get(job, {}).get("group")
         return {f"{job}{suffix}" for suffix in group} if group else {str(job)}
 
     def check():
-        connected = {str(w.get("name")) for w in cluster.scheduler_info.get("workers",
-                                                                              {}).values()}
+        workers = cluster.scheduler_info.get("workers", {}).values()
+        connected = {str(w.get("name")) for w in workers}
+        ever.update(connected)
         now = time.monotonic()
         for job in list(cluster.workers):
-            if names_of(job) & connected:
-                seen[job] = now
-            elif job in seen and now - seen[job] > JOB_GONE_AFTER:
-                del seen[job]
-                ended = cluster.workers.pop(job)
-                cluster._futures.add(asyncio.ensure_future(ended.close()))
+            names = names_of(job)
+            if names & connected or not names & ever:  # running, or not started yet
+                absent.pop(job, None)
+                continue
+            if now - absent.setdefault(job, now) > JOB_GONE_AFTER:
+                del absent[job]
+                ended = cluster.workers.pop(job, None)
+                if ended is not None:
+                    cluster._futures.add(asyncio.ensure_future(ended.close()))
 
     callback = PeriodicCallback(check, interval * 1000)
     cluster.loop.add_callback(callback.start)
