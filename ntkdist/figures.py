@@ -22,9 +22,10 @@ def _pyplot():
 
 
 def _harmonic_dims(d: int, n_min: float, n_max: float) -> list[tuple[int, int]]:
-    """(r, D_r = C(d+r−1, r)) for r = 2, 3, 4 within [n_min, n_max]·(1/2 … 2)."""
+    """(r, D_r = C(d+r−1, r)) for r = 2 … 8 within [n_min, n_max]·(1/2 … 2): D_2, D_3, D_4
+    and, for small d at large N, the higher steps of the staircase."""
     out = []
-    for r in (2, 3, 4):
+    for r in range(2, 9):
         D = math.comb(d + r - 1, r)
         if n_min / 2 <= D <= 2 * n_max:
             out.append((r, D))
@@ -83,9 +84,9 @@ def _mean_by_n(group, value):
 
 
 def lambda_against_n(rows, fits, path: str, title: str = "") -> str:
-    """λ_min/d against N (log-log), one panel per (data, d, L, kernel): every seed, the mean with the
-    seeds' spread, the bounds and the prediction as lines, vertical lines at D_2, D_3, D_4,
-    and the fitted exponent in the legend."""
+    """λ_min/d against N (log-log), one panel per (data, d, L, kernel): every seed, the mean
+    with the seeds' spread, the bounds and the prediction as lines, vertical lines at D_2,
+    D_3, D_4 (and the higher D_r in range), and the fitted exponent in the legend."""
     plt = _pyplot()
     groups = _by([r for r in rows if r["lambda_min"] is not None],
                  ("data", "d", "depth", "kernel"))
@@ -116,6 +117,8 @@ def lambda_against_n(rows, fits, path: str, title: str = "") -> str:
         ax.set_xscale("log")
         ax.set_yscale("log")
         _plain_minor_ticks(ax)
+        if max(ns) < 10 * min(ns):  # within a decade: no labelled major tick, so label the N
+            ax.set_xticks(ns, [f"{n:g}" for n in ns], fontsize=7)
         ax.set_xlabel("N")
         ax.set_ylabel("λ_min / d")
         ax.set_title(f"{_short(data)}, {kernel}, d = {d}, L = {depth}", fontsize=9)
