@@ -1,7 +1,7 @@
 """Batch clusters: Dask workers started as Slurm or PBS jobs through dask-jobqueue.
 
 ``--cluster slurm`` (or ``pbs``) submits ``jobs`` jobs of ``cores`` cores and ``memory`` each,
-``processes`` single-purpose workers a job (default: one a core; with ``--device gpu``, one a
+``processes`` workers a job (default: one a core; with ``--device gpu``, one a
 GPU, started by ``dask-cuda``). The scheduler runs in this process. The run
 
 * waits for the workers, printing their count as they connect, and gives up after
@@ -16,7 +16,9 @@ GPU, started by ``dask-cuda``). The scheduler runs in this process. The run
   SIGKILL of this process the workers exit by themselves ``death_timeout`` (60 s) after
   losing the scheduler.
 
-Everything here but :func:`connect_batch` is pure and testable without a batch system.
+The option checks, walltimes, lifetimes and job scripts are pure and tested without a batch
+system; :func:`make_cluster`, :func:`connect_batch` and the callback that replaces ended jobs
+need one (tests/test_slurm.py).
 """
 
 from __future__ import annotations
