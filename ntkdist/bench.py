@@ -715,7 +715,7 @@ class _Bench:
                 continue
             setup = time.perf_counter() - t0
             try:
-                t = _client_best(lambda: op.matmat(V), self.sizes.repeats)
+                t = best_of(lambda: op.matmat(V), self.sizes.repeats)
                 used = sum(1 for _, pairs in op.plan.assignment if pairs)
                 out[name] = {
                     **t, "setup_seconds": setup, "mode": op.mode, "tile": op.tile,
@@ -767,7 +767,7 @@ class _Bench:
                 op = self.subset_operator(self.addresses[:k], m, X[:m], kernel)
                 try:
                     V = np.random.default_rng(2).standard_normal((m, BLOCK))
-                    t = _client_best(lambda: op.matmat(V), self.sizes.repeats)
+                    t = best_of(lambda: op.matmat(V), self.sizes.repeats)
                 finally:
                     self.retire(op)
                 out[kind].append({"workers": k, "n": m, **t})
@@ -860,8 +860,9 @@ def judge_reference(lam, status: str, accuracy, expected: float) -> dict:
             "message": message}
 
 
-def _client_best(fn, repeats: int) -> dict:
-    """Seconds of ``fn()`` measured here: one warm-up call, then the best of ``repeats``."""
+def best_of(fn, repeats: int) -> dict:
+    """Seconds of ``fn()`` measured here: one warm-up call, then the best of ``repeats``
+    (with their median and samples). The dry run's machine rates use it too."""
     fn()
     samples = []
     for _ in range(repeats):
@@ -1222,7 +1223,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--out", help="report folder (created; a previous bench's is replaced)")
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes (N = {QUICK_N}, reference N = {REFERENCE_QUICK_N}, "
-                        "scaling over 1-2 workers): about a minute on 2 cores")
+                        "scaling over 1-2 workers): about 20 s on 2 cores")
     p.add_argument("--n", type=_count, help=f"N of the passes, the store and the scaling runs "
                                             f"(default {DEFAULT_N}, quick {QUICK_N}; "
                                             f"{MIN_N} to {MAX_N})")

@@ -270,17 +270,12 @@ def machine_rates(cluster: ClusterSpec) -> dict:
     (1024²); the disk rate is taken as 1 GB/s (0.5–1.7 GB/s measured on these machines)."""
     import numpy as np
 
+    from .bench import best_of
     from .cluster import _cpu_count
     from .kernels.limiting import kernel_tile, row_block
 
     def best(f, repeats=3):
-        f()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-        return max(min(times), 1e-6)
+        return max(best_of(f, repeats)["seconds"], 1e-6)
 
     rng = np.random.default_rng(0)
     block = row_block(rng.standard_normal((1024, 64)))
