@@ -501,11 +501,6 @@ class _Bench:
         self.memories = [m for _, m in self.workers]
         self.tile = bench_tile(sizes.n, len(self.workers), self.memories)
 
-    def retire(self, op) -> None:
-        """Close an operator that is done with (its scattered row blocks have keys of their
-        own, so the next operator's, on the same rows, do not race with their release)."""
-        op.close()
-
     # -- checks before anything is written
     def check_room(self) -> None:
         """One line if the passes' tiles do not fit in the workers' memory, or the stores and
@@ -726,7 +721,7 @@ class _Bench:
                     "matrix_entries_per_s": (n * n / t["seconds"]) if name == "recompute"
                     else None}
             finally:
-                self.retire(op)
+                op.close()
             self.log(f"bench:   {t['seconds']:.3f} s a pass")
         return out
 
@@ -769,7 +764,7 @@ class _Bench:
                     V = np.random.default_rng(2).standard_normal((m, BLOCK))
                     t = best_of(lambda: op.matmat(V), self.sizes.repeats)
                 finally:
-                    self.retire(op)
+                    op.close()
                 out[kind].append({"workers": k, "n": m, **t})
             t1 = out[kind][0]["seconds"]
             for row in out[kind]:
