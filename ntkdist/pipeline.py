@@ -55,6 +55,7 @@ def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str 
     t0 = time.perf_counter()
     make_plan(spec.solver, cluster, Facts(n=spec.n, store="assemble" if store else None),
               tile, dtype)  # refuses before the rows are read
+    check_certify(spec)
     X = spec.rows()
     check = check_rows(X, name=spec.data.source, depth=spec.kernel.depth)
     facts = Facts(n=spec.n, store="assemble" if store else None,
@@ -83,7 +84,8 @@ def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0,
     if plan.in_process:
         claim()
         K = spec.kernel.gram(X)
-        return _solve_and_write(spec, X, check, out, lambda V: K @ V, lambda: K, None, t0, log)
+        return _solve_and_write(spec, X, check, out, lambda V: K @ V, lambda: K, None, t0, log,
+                                in_process=True)
     from .assemble import assemble as assemble_tiles
     from .assemble import existing_layout
     from .operator import KernelOperator, cluster_facts
@@ -203,6 +205,7 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
     facts = Facts(n=n, store="complete", store_tile=kstore.spec.tile,
                   store_dtype=kstore.spec.dtype)
     make_plan(spec.solver, cluster, facts)  # refuses before the rows are read
+    check_certify(spec)
     X = kstore.rows_checked()
     check = check_rows(X, name=store, depth=spec.kernel.depth)
     facts = Facts(**{**facts.__dict__, "parallel_rows": check.parallel_rows})
@@ -345,6 +348,49 @@ def singular_reason(check, spec: RunSpec) -> str | None:
     return None
 
 
+def check_certify(spec: RunSpec) -> None:
+    """Refuse ``--certify cholesky`` where K cannot be held in float64 here, before the
+    solve starts."""
+    if spec.solver.certify == "cholesky":
+        from .solvers.cholesky import check_memory
+
+        reason = check_memory(spec.n)
+        if reason:
+            raise SpecError(reason)
+
+
+def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
+    """The Cholesky bracket of λ_min (:func:`ntkdist.solvers.cholesky.certify_cholesky`) on K
+    formed in float64 in this process (``K``: the in-process one, overwritten)."""
+    from .solvers.cholesky import _restore, certify_cholesky, check_memory, dense_kernel
+
+    if sol.exact is not None and bool(sol.exact[0]):
+        return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
+                "reason": "λ_min = 0 exactly (repeated rows): nothing to bracket"}
+    if K is None:
+        reason = check_memory(spec.n)
+        if reason:  # the memory went elsewhere since the start: the solve's result stays
+            log(f"note: {reason}; not certified by Cholesky")
+            return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
+                    "reason": reason}
+        log(f"--certify cholesky: forming K (N = {spec.n}) in float64 in this process")
+        t = time.perf_counter()
+        K = dense_kernel(X, spec.kernel)
+        formed = time.perf_counter() - t
+    else:
+        _restore(K, np.diagonal(K).copy())  # exactly symmetric: the triangle LAPACK reads
+        formed = 0.0
+    err = cert["abs_error_bound"][0]
+    proof = certify_cholesky(K, float(sol.values[0]), err, sol.vectors[:, 0], log=log)
+    proof["form_seconds"] = formed
+    if proof["status"] == "proved":
+        log(f"certified bracket: {proof['lower']:.12g} ≤ λ_min ≤ {proof['upper']:.12g} "
+            f"(Cholesky at σ = {proof['sigma']:.12g}, allowance {proof['allowance']:.2e})")
+    else:
+        log(f"note: --certify cholesky {proof['status']}: {proof['reason']}")
+    return proof
+
+
 def _log_device(op, log) -> None:
     if op.device == "gpu":
         log(f"operator {op.mode} on {len(op.gpus)} GPU worker(s): "
@@ -373,7 +419,10 @@ def checkpoint_every(solver, cluster) -> float:
 
 
 def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, store=None,
-                     ckpt_hash=None, cluster=None) -> RunResult:
+                     ckpt_hash=None, cluster=None, in_process=False) -> RunResult:
+    """Solve, judge, bound, certify (``--certify``) and write the result folder.
+    ``in_process``: ``dense_matrix()`` is the in-process K, which the certification may
+    overwrite."""
     precond = checkpoint = None
     s, kern = spec.solver, spec.kernel
     if s.method in ("lobpcg", "davidson"):
@@ -412,6 +461,15 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         bounds["prediction"] = _prediction(spec)
     lam, res = float(sol.values[0]), float(sol.residuals[0])
     cert = sol.certificate()
+    proof = None
+    if s.certify == "cholesky":
+        proof = _certify_cholesky(spec, X, sol, cert, log,
+                                  dense_matrix() if in_process else None)
+        if proof["status"] == "failed" and sol.status in ("certified", "not_converged"):
+            sol.status, sol.converged = "missed", False
+            sol.resolved = np.zeros(len(sol.values), bool)
+            sol.notes.append(f"--certify cholesky: {proof['reason']}")
+            cert = sol.certificate()
     # A value whose first digit is not certain (below float64's resolution, or above what
     # the smallest eigenvalue can be) is not reported: null, with the interval that is sure.
     shown = [float(v) if ok else None for v, ok in zip(sol.values, cert["resolved"])]
@@ -434,6 +492,9 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         "resolution": sol.resolution,
         "lambda_min_interval": interval,
         "lambda_min_computed": lam,
+        "lambda_min_lower_certified": proof["lower"] if proof else None,
+        "lambda_min_upper_certified": proof["upper"] if proof else None,
+        "certify": proof,
         "smallest_proved": sol.smallest_proved,
         "rounding_limited": sol.rounding_limited,
         "method": sol.method,

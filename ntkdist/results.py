@@ -153,6 +153,9 @@ class RunResult:
     resolution: float
     lambda_min_interval: list
     lambda_min_computed: float
+    lambda_min_lower_certified: float | None
+    lambda_min_upper_certified: float | None
+    certify: dict | None
     smallest_proved: bool
     rounding_limited: bool
     # How it was solved

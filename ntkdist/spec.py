@@ -40,7 +40,10 @@ BATCH_KINDS = ("slurm", "pbs")
 CLUSTER_KINDS = ("local", *BATCH_KINDS, "address", "scheduler_file")
 #: Fields of a run's flat dict that choose the solver, not the matrix.
 SOLVER_FIELDS = ("method", "k", "tol", "block", "precond", "operator", "precision",
-                 "max_products")
+                 "max_products", "certify")
+#: Proofs that may follow the solve: none, or a Cholesky factorisation of K − σI
+#: (:mod:`ntkdist.solvers.cholesky`).
+CERTIFY = ("none", "cholesky")
 #: Deepest network accepted (the recursion and the lower-bound chain are O(L) per entry).
 MAX_DEPTH = 100000
 #: Local clusters: at most this many worker processes per core.
@@ -172,10 +175,14 @@ class SolverSpec:
     operator: str = "auto"
     precision: str = "auto"
     max_products: int = 600
+    certify: str = "none"
     checkpoint_every: float = field(default=60.0, compare=False)
 
     def fields(self) -> dict:
-        return {name: getattr(self, name) for name in SOLVER_FIELDS}
+        """The fields that are part of the spec (``certify`` only when asked for, so that
+        the hashes of specs without it stay what they were)."""
+        return {name: getattr(self, name) for name in SOLVER_FIELDS
+                if not (name == "certify" and self.certify == "none")}
 
 
 @dataclass(frozen=True)
@@ -298,7 +305,7 @@ class RunSpec:
         """The fields that define the kernel matrix (everything but the solver)."""
         out = self.to_dict()
         for name in SOLVER_FIELDS:
-            del out[name]
+            out.pop(name, None)
         return out
 
     def with_solver(self, solver: SolverSpec | None = None, **options) -> "RunSpec":
@@ -375,6 +382,7 @@ def check_solver(solver: SolverSpec, n: int) -> None:
     the data, the store, the cluster and the device is the plan's to say
     (:func:`ntkdist.operator.plan.make_plan`)."""
     _choice(solver.method, "method", METHODS)
+    _choice(solver.certify, "certify", CERTIFY)
     k = solver.k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
         raise SpecError(f"k must be an integer in [1, N-1] = [1, {n - 1}], got {k!r}")

@@ -53,6 +53,7 @@ FITS_CSV = "fits.csv"
 COLUMNS = (
     "point", "n", "d", "depth", "kernel", "normalization", "data", "seed", "method", "k",
     "tol", "status", "lambda_min", "lambda_over_d", "residual_norm", "certified_rel_accuracy",
+    "lambda_min_lower_certified", "lambda_min_upper_certified",
     "lower_bound", "upper_bound", "prediction", "measured_over_predicted", "passes",
     "iterations", "wall_seconds", "solver_seconds", "bytes_read", "store_bytes", "spec_hash",
 )
@@ -241,10 +242,14 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     dtype = point.dtype or default_dtype(n)
     disk = n * n * (4 if dtype == "float32" else 8) // 2 if point.store else 0
     chain = n * n * max(depth - 1, 1) / chain_s
+    # --certify cholesky: K formed and factorised in this process (one attempt, n³/3 flops)
+    certify = (n * n / 2 / (entries_s / share) + n ** 3 / 3 / rates["gemm_flops_per_s"]
+               if s.certify == "cholesky" else 0.0)
+    client = 8 * n * n if s.certify == "cholesky" else 0
     if s.method == "dense" and point.store is None:
         memory = 3 * 8 * n * n
-        seconds = n * n / entries_s + EIGH_FLOPS_PER_N3 * n ** 3 / gemm + chain
-        return {"disk": disk, "memory": memory, "seconds": seconds}
+        seconds = n * n / entries_s + EIGH_FLOPS_PER_N3 * n ** 3 / gemm + chain + certify
+        return {"disk": disk, "memory": memory, "seconds": seconds, "client_memory": client}
     tile = point.tile or default_tile(n, rates["worker_memory"])
     passes = min(s.max_products,
                  max(20.0, PASSES_AT_8000 * (n / 8000.0) ** PASSES_GROWTH) * s.k ** 0.5)
@@ -261,7 +266,8 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
         per_pass = PASS_OVERHEAD + n * n / 2 / entries_s + products
         memory = 40 * tile * tile * workers
         seconds = passes * per_pass + chain + precond + 2.0
-    return {"disk": disk, "memory": memory, "seconds": seconds}
+    return {"disk": disk, "memory": memory, "seconds": seconds + certify,
+            "client_memory": client}
 
 
 def machine_rates(cluster: ClusterSpec) -> dict:
@@ -297,6 +303,8 @@ def machine_rates(cluster: ClusterSpec) -> dict:
 
 def check_fits(study: Study, estimates: list, rates: dict) -> None:
     """Refuse, before anything starts, a point that cannot fit the disk or memory it has."""
+    from .solvers.cholesky import MEMORY_SHARE
+
     free = shutil.disk_usage(_existing_parent(study.out)).free
     held = 0
     stores_done = set()
@@ -309,6 +317,10 @@ def check_fits(study: Study, estimates: list, rates: dict) -> None:
             raise SpecError(f"point {p.label} needs about {e['memory'] / 1e9:.1f} GB of memory; "
                             f"{where} {has / 1e9:.1f} GB (use a store: "
                             "[study] storage keep or delete, or a smaller n)")
+        if e.get("client_memory", 0) > MEMORY_SHARE * rates["memory"]:
+            raise SpecError(f"point {p.label}: --certify cholesky holds K in float64 in this "
+                            f"process, {e['client_memory'] / 1e9:.1f} GB; this machine has "
+                            f"{rates['memory'] / 1e9:.1f} GB (certify smaller n only)")
         if p.store and p.store not in stores_done and not os.path.exists(p.store):
             need = e["disk"] if study.storage == "delete" else held + e["disk"]
             if need > free:
@@ -433,6 +445,8 @@ def _row(p: Point, r: dict) -> dict:
         "residual_norm": r["residual_norm"],
         "certified_rel_accuracy": r["relative_accuracy"] if r["status"] in (
             "certified", "exact") else None,
+        "lambda_min_lower_certified": r.get("lambda_min_lower_certified"),
+        "lambda_min_upper_certified": r.get("lambda_min_upper_certified"),
         "lower_bound": b.get("lower"), "upper_bound": b.get("upper_min_diagonal"),
         "prediction": pred,
         "measured_over_predicted": None if lam is None or not pred else lam / pred,

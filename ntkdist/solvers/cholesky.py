@@ -1,0 +1,238 @@
+"""``--certify cholesky``: a proof that every eigenvalue of K lies above a value σ − δ, from a
+Cholesky factorisation of K − σI that succeeds in floating point.
+
+The bound (Demmel 1989, LAPACK Working Note 14; Higham, *Accuracy and Stability of
+Numerical Algorithms*, 2nd ed., Theorem 10.3; used for verification as in Rump, BIT 46, 2006):
+if the Cholesky factorisation of a symmetric A ∈ ℝ^{n×n} runs to completion in floating
+point with unit roundoff u, the computed R satisfies RᵀR = A + ΔA with
+|ΔA| ≤ γ_{n+1} |Rᵀ||R| (γ_k = ku / (1 − ku)), whatever the order of the inner products. Then
+‖ΔA‖₂ ≤ γ_{n+1} ‖R‖_F² and ‖R‖_F² = tr(A + ΔA) ≤ tr(A) + γ_{n+1} ‖R‖_F², so
+
+    ‖ΔA‖₂ ≤ γ_{n+1} / (1 − γ_{n+1}) · tr(A).
+
+With A = fl(K − σI) (the shift rounds each diagonal entry: |E_ii| ≤ u |A_ii|) and RᵀR
+positive definite (R's diagonal positive),
+
+    λ_min(K) > σ − γ_{n+1}/(1 − γ_{n+1}) · tr(A) − u · max_i |A_ii|.
+
+ntkdist takes γ_{2n+2} for γ_{n+1} (room for implementations that multiply by reciprocals or
+fuse multiply–adds in the triangular solves, as blocked LAPACK does) and adds n²·2⁻¹⁰²² for
+underflow: the *allowance* δ. The upper end of the bracket is the float64 Rayleigh quotient
+ρ = vᵀKv / vᵀv of the solver's vector, ≥ λ_min, plus its own rounding allowance
+γ_{2n+2} · |v|ᵀ|K||v| / vᵀv.
+
+Both ends are about K as ntkdist forms it in float64 from the rows (the tile function's own
+error against the exact kernel, a few ulps an entry, is not in them; docs/accuracy.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+#: float64's unit roundoff.
+UNIT_ROUNDOFF = 2.0 ** -53
+#: Rows of K formed, restored and multiplied at a time (bounds the temporaries).
+BLOCK = 2048
+#: σ tried at θ − δ₀·STEP^k, k = 0 … ATTEMPTS − 1.
+ATTEMPTS = 4
+STEP = 8.0
+#: The first σ sits this many allowances below θ (a float64 Cholesky's actual error is far
+#: below the worst case the allowance bounds), or the certified error below, if larger.
+FIRST_SHARE = 16.0
+#: Room for K itself besides what the process has: refused above this share of the
+#: available memory.
+MEMORY_SHARE = 0.85
+REFERENCE = ("Demmel (1989), LAPACK Working Note 14; Higham, Accuracy and Stability of "
+             "Numerical Algorithms, 2nd ed. (2002), Theorem 10.3: a successful float64 "
+             "Cholesky of A = fl(K − σI) gives λ_min(K) > σ − γ_{2n+2}/(1−γ_{2n+2})·tr(A) − "
+             "u·max|A_ii| − n²·2^-1022")
+
+
+def gamma(k: int) -> float:
+    ku = k * UNIT_ROUNDOFF
+    if ku >= 1:
+        return np.inf
+    return ku / (1.0 - ku)
+
+
+def cholesky_allowance(n: int, trace_shifted: float, max_diag: float) -> float:
+    """δ: what a successful Cholesky of the n×n A = fl(K − σI) leaves unproved below σ
+    (``trace_shifted`` = tr(A), ``max_diag`` = max_i |A_ii|), rounded up."""
+    g = gamma(2 * n + 2)
+    if not np.isfinite(g) or g >= 0.5:
+        return np.inf
+    delta = g / (1.0 - g) * trace_shifted + UNIT_ROUNDOFF * max_diag + n * n * 2.0 ** -1022
+    return float(np.nextafter(delta * (1 + 4 * UNIT_ROUNDOFF * n), np.inf))
+
+
+def memory_needed(n: int) -> int:
+    """Bytes the certification holds: K in float64, two row blocks of it (the Rayleigh
+    quotient's |K| rows, a restore's copy) and a tile's temporaries."""
+    return 8 * n * n + 2 * 8 * BLOCK * n + 40 * 8 * BLOCK * BLOCK
+
+
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(n: int, available: int | None = None) -> str | None:
+    """Why K (n×n float64) cannot be held for the factorisation here, or None."""
+    need = memory_needed(n)
+    have = available_memory() if available is None else available
+    if need > MEMORY_SHARE * have:
+        return (f"--certify cholesky holds K in float64 in this process: {need / 1e9:.1f} GB "
+                f"at N = {n}, and {have / 1e9:.1f} GB are available (N ≤ "
+                f"{max_n(have)} fits)")
+    return None
+
+
+def max_n(available: int) -> int:
+    n = int(np.sqrt(MEMORY_SHARE * available / 8))
+    while n > 1 and memory_needed(n) > MEMORY_SHARE * available:
+        n -= 1
+    return n
+
+
+def dense_kernel(X: np.ndarray, kernel) -> np.ndarray:
+    """K(X, X) in float64, formed block by block with ``kernel.tile`` (the tile function the
+    store and the operators use), C-ordered and exactly symmetric."""
+    from ..kernels.limiting import row_block
+
+    n = X.shape[0]
+    K = np.empty((n, n))
+    blocks = [row_block(X[i:i + BLOCK]) for i in range(0, n, BLOCK)]
+    for bi, A in enumerate(blocks):
+        i = bi * BLOCK
+        for bj in range(bi, len(blocks)):
+            j = bj * BLOCK
+            T = np.asarray(kernel.tile(A, blocks[bj]), dtype=np.float64)
+            K[i:i + T.shape[0], j:j + T.shape[1]] = T
+            if bj != bi:
+                K[j:j + T.shape[1], i:i + T.shape[0]] = T.T
+        D = K[i:i + BLOCK, i:i + BLOCK]
+        D[...] = np.triu(D) + np.triu(D, 1).T  # the diagonal tile exactly symmetric
+    return K
+
+
+def rayleigh_upper(K: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """(ρ, ρ + its rounding allowance): ρ = vᵀKv / vᵀv in float64, and a value that is
+    ≥ λ_min(K) for certain."""
+    v = np.asarray(v, dtype=np.float64)
+    n = v.shape[0]
+    w = np.empty(n)
+    bound = 0.0
+    av = np.abs(v)
+    for i in range(0, n, BLOCK):
+        rows = K[i:i + BLOCK]
+        w[i:i + BLOCK] = rows @ v
+        bound += float(av[i:i + BLOCK] @ (np.abs(rows) @ av))
+    vv = float(v @ v)
+    rho = float(v @ w) / vv
+    slack = gamma(2 * n + 2) * bound / (vv * (1 - gamma(n + 1)))
+    return rho, float(np.nextafter(rho + slack, np.inf))
+
+
+def _potrf_in_place(K: np.ndarray) -> bool:
+    """Factorise K (C-ordered, symmetric) in place: LAPACK's dpotrf on its lower triangle
+    (the upper one of the Fortran view Kᵀ), leaving K's strict upper triangle untouched.
+    True when it ran to completion with a positive diagonal."""
+    from scipy.linalg import lapack
+
+    R, info = lapack.dpotrf(K.T, lower=0, clean=0, overwrite_a=1)
+    if not np.shares_memory(R, K):  # pragma: no cover - scipy copied: use its result
+        d = np.diagonal(R)
+    else:
+        d = np.diagonal(K)
+    return info == 0 and bool(np.all(np.isfinite(d))) and bool(np.all(d > 0))
+
+
+def _restore(K: np.ndarray, diag: np.ndarray) -> None:
+    """Rebuild K's lower triangle from its untouched strict upper one, and its diagonal
+    from ``diag``, block by block."""
+    n = K.shape[0]
+    for i in range(0, n, BLOCK):
+        e = min(i + BLOCK, n)
+        K[i:e, :i] = K[:i, i:e].T
+        D = K[i:e, i:e]
+        D[...] = np.triu(D, 1) + np.triu(D, 1).T
+    K[np.diag_indices(n)] = diag
+
+
+def certify_cholesky(K: np.ndarray, theta: float, abs_error: float | None,
+                     vector: np.ndarray | None = None, log=None) -> dict:
+    """A two-sided bracket on λ_min(K) that rests on no gap estimate: ``lower`` from the
+    first σ = θ − δ₀·8^k (k < 4; δ₀ = max(allowance/16, the solver's certified
+    error)) at which float64 Cholesky of K − σI succeeds, less the
+    allowance; ``upper`` from the Rayleigh quotient of ``vector``. K (float64, C-ordered,
+    symmetric) is overwritten by the factor: pass one that is not needed afterwards.
+
+    ``theta``: the solver's λ_min; ``abs_error``: its certified absolute error (None: none).
+    Returns a JSON-ready dict: ``status`` (proved | failed | skipped), ``lower``, ``upper``,
+    ``rayleigh_quotient``, ``sigma``, ``allowance``, ``attempts`` [{sigma, factorised,
+    seconds}], ``reason`` (why not proved), ``bound`` (the theorem used)."""
+    n = K.shape[0]
+    t0 = time.perf_counter()
+    out = {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
+           "rayleigh_quotient": None, "sigma": None, "allowance": None, "attempts": [],
+           "reason": None, "bound": REFERENCE, "matrix": "K formed in float64 from the rows",
+           "seconds": None}
+    upper = None
+    if vector is not None:
+        rho, upper = rayleigh_upper(K, vector)
+        out.update(rayleigh_quotient=rho, upper=upper)
+    diag = np.diagonal(K).copy()
+    top = min(theta, upper) if upper is not None else theta
+    trace = float(np.sum(diag))
+    delta0 = cholesky_allowance(n, max(trace - n * top, 0.0),
+                                float(np.max(np.abs(diag - top)))) / FIRST_SHARE
+    if abs_error is not None and np.isfinite(abs_error):
+        delta0 = max(delta0, float(abs_error))
+    if not np.isfinite(delta0) or top - delta0 <= 0:
+        out["reason"] = (f"the rounding allowance of a float64 Cholesky at N = {n} "
+                         f"({delta0:.3g}) is not below the Ritz value {top:.6g}: nothing "
+                         "above 0 can be proved")
+        out["seconds"] = time.perf_counter() - t0
+        return out
+    for attempt in range(ATTEMPTS):
+        sigma = top - delta0 * STEP ** attempt
+        if sigma <= 0:
+            break
+        if attempt:
+            _restore(K, diag)
+        shifted = diag - sigma
+        if np.any(shifted <= 0):  # a diagonal entry at or below σ: cannot factorise
+            out["attempts"].append({"sigma": sigma, "factorised": False, "seconds": 0.0})
+            continue
+        K[np.diag_indices(n)] = shifted
+        t = time.perf_counter()
+        ok = _potrf_in_place(K)
+        seconds = time.perf_counter() - t
+        out["attempts"].append({"sigma": sigma, "factorised": ok, "seconds": seconds})
+        if log is not None:
+            log(f"cholesky of K − σI at σ = {sigma:.12g}: "
+                f"{'factorised' if ok else 'not positive definite'} ({seconds:.1f} s)")
+        if ok:
+            allowance = cholesky_allowance(n, float(np.sum(shifted)), float(np.max(shifted)))
+            lower = sigma - allowance
+            out.update(sigma=sigma, allowance=allowance)
+            if lower > 0:
+                out.update(status="proved", lower=float(lower))
+            else:
+                out["reason"] = (f"factorised at σ = {sigma:.6g}, but the allowance "
+                                 f"{allowance:.3g} leaves nothing above 0 proved")
+            break
+    tried = out["attempts"]
+    if out["status"] != "proved" and out["sigma"] is None:
+        if tried and not any(a["factorised"] for a in tried):
+            out["status"] = "failed"
+            out["reason"] = (f"K − σI is not positive definite in float64 at any σ tried "
+                             f"(down to {tried[-1]['sigma']:.6g}): K very likely has an "
+                             f"eigenvalue below the solver's λ_min {theta:.10g}")
+        else:
+            out["reason"] = "σ reached 0 before a factorisation succeeded"
+    out["seconds"] = time.perf_counter() - t0
+    return out
