@@ -110,8 +110,8 @@ def _add_solver_args(p) -> None:
                    help="relative accuracy of the k eigenvalues to certify (default 1e-8)")
     p.add_argument("--block", type=_count,
                    help="LOBPCG/Davidson block size (default max(32, 2k+16); at least k+1)")
-    p.add_argument("--precond", help="auto | harmonic | nystrom[:RANK] | none (default auto: "
-                                     "harmonic)")
+    p.add_argument("--precond", help="auto | harmonic[:DEGREE] | nystrom[:RANK] | none "
+                                     "(default auto: harmonic, degrees <= 3 where they fit)")
     p.add_argument("--operator", choices=["auto", "store", "memory", "recompute"],
                    help="how K·V is computed (default auto: with a store, memory if the "
                         "tiles fit, else store; without one, recompute)")

@@ -4,9 +4,10 @@ Both are built from the data alone, without a pass over the stored matrix.
 
 * ``harmonic`` (docs/theory.md, "Preconditioners"): K = s D κ(X̂X̂ᵀ) D with
   κ(ρ) = Σ_r a_r ρ^r (a_r ≥ 0 from :func:`ntkdist.kernel_coefficients`), D = diag ‖x_i‖ and s
-  the normalisation factor. Degrees r ≤ 2 are kept exactly through explicit features
-  Φ = [√a₀·1, √a₁·X̂, √a₂·sym(X̂ ⊗ X̂)] (rank 1 + d + d(d+1)/2) and the tail as c·I,
-  c = κ(1) − a₀ − a₁ − a₂, since (X̂X̂ᵀ)^∘r ≈ I for r > 2 in high dimension. Then
+  the normalisation factor. Degrees r ≤ 3 are kept exactly through explicit features
+  Φ = [√a₀·1, √a₁·X̂, √a₂·sym(X̂ ⊗ X̂), √a₃·sym(X̂^⊗3)] (rank 1 + d + C(d+1, 2) + C(d+2, 3);
+  degree 3 only where it fits, :func:`harmonic_degree`) and the tail as c·I,
+  c = κ(1) − Σ a_r, since (X̂X̂ᵀ)^∘r ≈ I for large r in high dimension. Then
   K ≈ s D (ΦΦᵀ + cI) D, inverted by Woodbury: (cI + ΦΦᵀ)⁻¹ = (I − Φ (cI + ΦᵀΦ)⁻¹ Φᵀ)/c, with
   the small system factored once in float64 and Φ held in float32. When d(d+1)/2 exceeds
   ``max_rank`` the degree-2 block joins the tail. c is then lowered by ``HARMONIC_SHIFT``
@@ -33,6 +34,10 @@ DEFAULT_NYSTROM_RANK = 1000
 #: (K − σI)⁻¹ with σ ≈ 0.9·s·c·‖x‖², a shift towards the bottom of the spectrum that, measured
 #: at N = 5000 (d = 64, L = 3, block 8), cut LOBPCG's passes to a certified 1e-8 from 162 to 67.
 HARMONIC_SHIFT = 0.9
+#: Largest rank of the harmonic features (1 + d + C(d+1, 2) [+ C(d+2, 3)]).
+HARMONIC_MAX_RANK = 6000
+#: Largest set-up of the harmonic features (N × rank in float64 and float32).
+HARMONIC_MAX_BYTES = 4e9
 
 
 @dataclass
@@ -43,9 +48,13 @@ class Preconditioner:
     apply: object  # callable (N, b) -> (N, b), or None for the identity
     setup_seconds: float
     rank: int
+    degree: int | None = None  # harmonic: the highest degree kept exactly
 
     def describe(self) -> dict:
-        return {"name": self.name, "rank": self.rank, "setup_seconds": self.setup_seconds}
+        out = {"name": self.name, "rank": self.rank, "setup_seconds": self.setup_seconds}
+        if self.degree is not None:
+            out["degree"] = self.degree
+        return out
 
 
 def _sym_square_features(UT: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -64,29 +73,69 @@ def _sym_square_features(UT: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return out
 
 
+def _sym_cube_features(UT: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Transposed degree-3 features: ⟨φ(x̂), φ(ŷ)⟩ = (x̂·ŷ)³, one row per multiset
+    {k ≤ l ≤ m} (C(d+2, 3) rows), weighted by √(3! / multiplicities!)."""
+    d = UT.shape[0]
+    row = 0
+    for k in range(d):
+        for l in range(k, d):
+            kl = UT[k] * UT[l]
+            w = d - l
+            mult = np.ones(w)  # multiplicity factors of (k, l, m) for m = l … d−1
+            if k == l:
+                mult[0], mult[1:] = 6.0, 2.0  # k = l = m; k = l < m
+            else:
+                mult[0] = 2.0  # k < l = m
+            weights = np.sqrt(6.0 / mult)
+            np.multiply(UT[l:], kl, out=out[row:row + w])
+            out[row:row + w] *= weights[:, None]
+            row += w
+    return out
+
+
+def harmonic_degree(n: int, d: int, degree: int = 3, max_rank: int = HARMONIC_MAX_RANK,
+                    max_bytes: float = HARMONIC_MAX_BYTES) -> int:
+    """The highest degree ≤ ``degree`` (at least 1) whose features fit: rank
+    Σ_{r ≤ degree} C(d+r−1, r) at most ``max_rank``, and for degree 3 the set-up's N × rank
+    float64 and float32 copies at most ``max_bytes``."""
+    sizes = [1, d, d * (d + 1) // 2, d * (d + 1) * (d + 2) // 6]
+    kept = 1
+    while kept < min(degree, 3):
+        rank = sum(sizes[:kept + 2])
+        if rank > max_rank or (kept == 2 and 12 * rank * n > max_bytes):
+            break
+        kept += 1
+    return kept
+
+
 def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
-             max_rank: int = 6000, shift: float = HARMONIC_SHIFT,
-             feature_dtype=np.float32) -> Preconditioner:
+             max_rank: int = HARMONIC_MAX_RANK, shift: float = HARMONIC_SHIFT,
+             feature_dtype=np.float32, degree: int = 3) -> Preconditioner:
     t0 = time.perf_counter()
     block = row_block(X)
     U, norms = block.unit, block.norms
     n, d = U.shape
-    a = kernel_coefficients(depth, kernel, 2)
+    a = kernel_coefficients(depth, kernel, 3)
     total = float(depth if kernel == "ntk" else 1.0)
-    use_square = 1 + d + d * (d + 1) // 2 <= max_rank
-    kept = a if use_square else a[:2]
+    sizes = [1, d, d * (d + 1) // 2, d * (d + 1) * (d + 2) // 6]
+    kept_degree = harmonic_degree(n, d, degree, max_rank)
+    kept = a[:kept_degree + 1]
     c = total - float(kept.sum())
     if c <= 1e-12 * total:
         c = 1e-6 * total  # depth 1: κ(ρ) = ρ exactly; keep the Woodbury system definite
     c = c * (1.0 - shift)
-    rank = 1 + d + (d * (d + 1) // 2 if use_square else 0)
+    rank = sum(sizes[:kept_degree + 1])
     PhiT = np.empty((rank, n))  # Φᵀ: features by rows, each row contiguous
     PhiT[0] = np.sqrt(a[0])
     UT = np.ascontiguousarray(U.T)
     np.multiply(UT, np.sqrt(a[1]), out=PhiT[1:1 + d])
-    if use_square:
-        _sym_square_features(UT, out=PhiT[1 + d:])
-        PhiT[1 + d:] *= np.sqrt(a[2])
+    if kept_degree >= 2:
+        _sym_square_features(UT, out=PhiT[1 + d:1 + d + sizes[2]])
+        PhiT[1 + d:1 + d + sizes[2]] *= np.sqrt(a[2])
+    if kept_degree >= 3:
+        _sym_cube_features(UT, out=PhiT[1 + d + sizes[2]:])
+        PhiT[1 + d + sizes[2]:] *= np.sqrt(a[3])
     # (cI + ΦΦᵀ)⁻¹ = (I − Φ G Φᵀ)/c with G = (cI + ΦᵀΦ)⁻¹ formed once in float64 from its
     # Cholesky factor (rank × rank: a small GEMM per application instead of two triangular
     # solves), and Φᵀ kept in float32 in C order (rank × N, each feature row contiguous).
@@ -105,7 +154,7 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
         Z -= (np.ascontiguousarray(C.T, dtype=feature_dtype) @ PhiT).T
         return Z * (inv_d / (c * scale))[:, None]
 
-    return Preconditioner("harmonic", apply, time.perf_counter() - t0, rank)
+    return Preconditioner("harmonic", apply, time.perf_counter() - t0, rank, kept_degree)
 
 
 def nystrom(X: np.ndarray, depth: int, kernel: str, normalization: str,
@@ -133,14 +182,15 @@ def nystrom(X: np.ndarray, depth: int, kernel: str, normalization: str,
 
 def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: str,
                         seed: int = 0) -> Preconditioner:
-    """``auto`` | ``harmonic`` | ``nystrom[:RANK]`` | ``none``."""
+    """``auto`` | ``harmonic[:DEGREE]`` | ``nystrom[:RANK]`` | ``none``."""
     base, _, arg = name.partition(":")
     if base == "auto":
         base = "harmonic" if depth >= 2 else "none"
     if base == "none":
         return Preconditioner("none", None, 0.0, 0)
     if base == "harmonic":
-        return harmonic(np.asarray(X, dtype=np.float64), depth, kernel, normalization)
+        return harmonic(np.asarray(X, dtype=np.float64), depth, kernel, normalization,
+                        degree=int(arg) if arg else 3)
     if base == "nystrom":
         rank = int(arg) if arg else DEFAULT_NYSTROM_RANK
         return nystrom(np.asarray(X, dtype=np.float64), depth, kernel, normalization, rank, seed)
