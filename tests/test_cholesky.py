@@ -87,6 +87,28 @@ def test_a_wrong_ritz_value_is_caught_and_k_is_restored_between_attempts():
     np.testing.assert_array_equal(work, K)
 
 
+@pytest.mark.parametrize("nb", [64, 100])
+def test_blocked_factorisation_over_many_blocks(monkeypatch, nb):
+    """Blocks of 64 and 100 rows (the default is 2048): the factor, the untouched upper
+    triangle, the restore, and the whole bracket against eigh."""
+    monkeypatch.setattr(ch, "BLOCK", nb)
+    X = _rows("gaussian", 530, 9, SEED)
+    K = ch.dense_kernel(X, _kernel(3))
+    np.testing.assert_allclose(K, _kernel(3).gram(X), rtol=1e-13, atol=1e-13)
+    work = K.copy()
+    assert ch._potrf_in_place(work)
+    L = np.tril(work)
+    np.testing.assert_allclose(L @ L.T, K, rtol=0, atol=1e-12 * np.abs(K).max())
+    np.testing.assert_array_equal(np.triu(work, 1), np.triu(K, 1))
+    ch._restore(work, np.diagonal(K).copy())
+    np.testing.assert_array_equal(work, K)
+    w, V = np.linalg.eigh(K)
+    proof = ch.certify_cholesky(K.copy(), w[0], 1e-12 * w[0], V[:, 0])
+    assert proof["status"] == "proved" and proof["lower"] <= w[0] <= proof["upper"]
+    proof = ch.certify_cholesky(K.copy(), w[1], 1e-12 * w[1], V[:, 1])
+    assert proof["status"] == "failed"
+
+
 def test_a_ritz_value_far_below_lambda_min_still_gives_a_true_bound():
     X = _rows("sphere", 300, 12, SEED)
     K = ch.dense_kernel(X, _kernel(3))

@@ -136,18 +136,41 @@ def rayleigh_upper(K: np.ndarray, v: np.ndarray) -> tuple[float, float]:
     return rho, float(np.nextafter(rho + slack, np.inf))
 
 
-def _potrf_in_place(K: np.ndarray) -> bool:
-    """Factorise K (C-ordered, symmetric) in place: LAPACK's dpotrf on its lower triangle
-    (the upper one of the Fortran view Kᵀ), leaving K's strict upper triangle untouched.
-    True when it ran to completion with a positive diagonal."""
-    from scipy.linalg import lapack
+def _potrf_in_place(K: np.ndarray, nb: int | None = None) -> bool:
+    """Factorise K = LLᵀ (C-ordered, symmetric) in place on its lower triangle, leaving its
+    strict upper triangle untouched: right-looking blocked Cholesky, LAPACK's dpotrf on the
+    nb × nb diagonal blocks, triangular solves for the panels and GEMMs for the trailing
+    updates. (One dpotrf call on the whole matrix overflows OpenBLAS's stack above
+    N ≈ 15000 under the default 8 MB limit.) True when it ran to completion with a positive
+    diagonal."""
+    from scipy.linalg import lapack, solve_triangular
 
-    R, info = lapack.dpotrf(K.T, lower=0, clean=0, overwrite_a=1)
-    if not np.shares_memory(R, K):  # pragma: no cover - scipy copied: use its result
-        d = np.diagonal(R)
-    else:
-        d = np.diagonal(K)
-    return info == 0 and bool(np.all(np.isfinite(d))) and bool(np.all(d > 0))
+    n = K.shape[0]
+    nb = nb or BLOCK
+    for k in range(0, n, nb):
+        e = min(k + nb, n)
+        L, info = lapack.dpotrf(np.array(K[k:e, k:e]), lower=1, clean=1)
+        d = np.diagonal(L)
+        if info != 0 or not (np.all(np.isfinite(d)) and np.all(d > 0)):
+            return False
+        _write_lower(K[k:e, k:e], L)
+        if e == n:
+            break
+        # panel: K[e:, k:e] ← K[e:, k:e] · L⁻ᵀ
+        K[e:, k:e] = solve_triangular(L, K[e:, k:e].T, lower=True, check_finite=False).T
+        P = K[e:, k:e]
+        for j in range(e, n, nb):  # trailing update of the lower triangle, a row block at a time
+            j2 = min(j + nb, n)
+            Pj = P[j - e:j2 - e]
+            if j > e:
+                K[j:j2, e:j] -= Pj @ P[:j - e].T
+            _write_lower(K[j:j2, j:j2], K[j:j2, j:j2] - Pj @ Pj.T)
+    return True
+
+
+def _write_lower(D: np.ndarray, T: np.ndarray) -> None:
+    """D's lower triangle (with the diagonal) ← T's; D's strict upper triangle untouched."""
+    np.copyto(D, T, where=np.tri(D.shape[0], dtype=bool))
 
 
 def _restore(K: np.ndarray, diag: np.ndarray) -> None:
