@@ -109,7 +109,8 @@ def _add_solver_args(p) -> None:
     p.add_argument("--tol", type=float,
                    help="relative accuracy of the k eigenvalues to certify (default 1e-8)")
     p.add_argument("--block", type=_count,
-                   help="LOBPCG/Davidson block size (default max(32, 2k+16); at least k+1)")
+                   help="LOBPCG/Davidson block size (default max(32, 2k+16), max(128, 2k+16) "
+                        "with the recompute operator; at least k+1)")
     p.add_argument("--precond", help="auto | harmonic[:DEGREE] | nystrom[:RANK] | none "
                                      "(default auto: harmonic, degrees <= 3 where they fit)")
     p.add_argument("--operator", choices=["auto", "store", "memory", "recompute"],

@@ -263,7 +263,10 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
         per_pass = PASS_OVERHEAD + products + (0 if cached else disk / rates["disk_bytes_per_s"])
         memory = min(disk, 0.4 * rates["worker_memory"] * workers) + 40 * tile * tile
         seconds = assemble + passes * per_pass + chain + precond + 2.0
-    else:
+    else:  # the recompute operator, whose default block is wider
+        from .pipeline import RECOMPUTE_BLOCK
+
+        products *= (s.block or RECOMPUTE_BLOCK) / block
         per_pass = PASS_OVERHEAD + n * n / 2 / entries_s + products
         memory = 40 * tile * tile * workers
         seconds = passes * per_pass + chain + precond + 2.0

@@ -83,8 +83,8 @@ def test_unusable_checkpoints_are_ignored(tmp_path):
         "truncated": lambda: path.write_bytes(good[: len(good) // 2]),
         "other problem": lambda: Checkpoint(str(path), {**key, "out_hash": "zzz"}, every=0).save(
             np.linalg.qr(np.random.default_rng(1).standard_normal((n, 8)))[0], np.ones(8), 3, 4),
-        "wrong shape": lambda: Checkpoint(str(path), key, every=0).save(
-            np.random.default_rng(1).standard_normal((n, 5)), np.ones(5), 3, 4),
+        "wrong length": lambda: Checkpoint(str(path), key, every=0).save(
+            np.random.default_rng(1).standard_normal((n - 1, 8)), np.ones(8), 3, 4),
         "nan": lambda: Checkpoint(str(path), key, every=0).save(
             np.full((n, 8), np.nan), np.ones(8), 3, 4),
     }
@@ -144,3 +144,25 @@ def test_checkpoint_interval_refused_when_negative(tmp_path, capsys):
                  "--checkpoint-every", "-1"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("saved", [5, 12])
+def test_a_checkpoint_of_another_block_width_is_fitted_and_resumed(tmp_path, saved):
+    """A checkpoint saved with another block (an older default, or --block changed) resumes:
+    its lowest Ritz vectors are kept, padded with random columns if it was narrower."""
+    X, K, ref = _problem(n=400, d=16)
+    n = len(K)
+    P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+    path = tmp_path / "checkpoint.npz"
+    key = {"out_hash": "abc", "method": "davidson", "n": n}
+    Q = np.linalg.eigh(K)[1][:, :saved]
+    Checkpoint(str(path), key, every=0).save(Q, np.arange(saved, dtype=float), 7, 9)
+    ck = Checkpoint(str(path), key, every=0)
+    X0 = ck.load(n, 8)
+    assert X0.shape == (n, 8) and ck.resumed["passes"] == 9
+    np.testing.assert_array_equal(X0[:, :min(saved, 8)], Q[:, :min(saved, 8)])
+    sol = smallest_eigenpairs(lambda V: K @ V, n, "davidson", k=1, block=8, tol=1e-9,
+                              precond=P.apply, scale=np.trace(K) / n,
+                              checkpoint=Checkpoint(str(path), key, every=0))
+    assert sol.converged and sol.resumed is not None
+    assert sol.values[0] == pytest.approx(ref[0], rel=1e-8)

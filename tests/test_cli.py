@@ -139,3 +139,20 @@ def test_bad_input_in_a_real_process(tmp_path):
                                     "--out", str(tmp_path / "o"))
     assert code == 2 and "non-finite" in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_the_recompute_operator_defaults_to_a_wide_block(client, tmp_path):
+    """A recompute pass costs the tile build whatever the block: the default block is 128
+    there, 32 with a store; --block still wins."""
+    addr = client.scheduler.address
+    base = ["--data", "sphere", "--n", "600", "--d", "12", "--depth", "3", "--method",
+            "davidson", "--tol", "1e-6", "--scheduler", addr]
+
+    def block(*extra, out):
+        assert main(["run", *base, *extra, "--out", str(tmp_path / out)]) == 0
+        r = json.load(open(tmp_path / out / "result.json"))
+        return r["operator"], r["block"]
+
+    assert block(out="a") == ("recompute", 128)
+    assert block("--block", "40", out="b") == ("recompute", 40)
+    assert block("--store", str(tmp_path / "k.zarr"), out="c")[1] == 32

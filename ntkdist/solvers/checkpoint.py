@@ -53,10 +53,12 @@ class Checkpoint:
         else:
             if any(meta.get(k) != v for k, v in self.key.items()):
                 why = "of another problem"
-            elif X.shape != (n, block):
+            elif X.ndim != 2 or X.shape[0] != n or X.shape[1] < 1:
                 why = f"of shape {X.shape}, not ({n}, {block})"
-            elif not np.all(np.isfinite(X)) or np.linalg.matrix_rank(X) < block:
+            elif not np.all(np.isfinite(X)) or np.linalg.matrix_rank(X) < X.shape[1]:
                 why = "not a usable basis (non-finite or rank-deficient)"
+            elif X.shape[1] != block:  # saved with another block: keep its lowest Ritz vectors
+                X = _fit_block(X, block)
         if why is not None:
             if self.log:
                 self.log(f"checkpoint {self.path} is {why}: ignored, starting afresh")
@@ -96,3 +98,12 @@ class Checkpoint:
                 os.remove(p)
             except FileNotFoundError:
                 pass
+
+
+def _fit_block(X: np.ndarray, block: int) -> np.ndarray:
+    """A saved Ritz block (columns in ascending Ritz order) of another width fitted to
+    ``block`` columns: its first ``block`` columns, or all of them and seeded random ones."""
+    if X.shape[1] >= block:
+        return np.ascontiguousarray(X[:, :block])
+    extra = np.random.default_rng(X.shape[1]).standard_normal((X.shape[0], block - X.shape[1]))
+    return np.hstack([X, extra])
