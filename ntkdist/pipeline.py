@@ -407,7 +407,7 @@ def _dense_from(op, X, spec):
 
 #: The default block of LOBPCG/Davidson with the recompute operator: a pass costs the tile
 #: build whatever the block, so a wider block is almost free and saves passes (d = 64,
-#: N = 20000: LOBPCG 120 → 74 passes, Davidson 104 → 80 at block 64; benchmarks/RESULTS.md).
+#: N = 20000, block 32 → 128: LOBPCG 120 → 74 passes, Davidson 104 → 63; benchmarks/RESULTS.md).
 RECOMPUTE_BLOCK = 128
 
 

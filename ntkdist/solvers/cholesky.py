@@ -38,8 +38,9 @@ BLOCK = 2048
 #: σ tried at θ − δ₀·STEP^k, k = 0 … ATTEMPTS − 1.
 ATTEMPTS = 4
 STEP = 8.0
-#: The first σ sits this many allowances below θ (a float64 Cholesky's actual error is far
-#: below the worst case the allowance bounds), or the certified error below, if larger.
+#: The first σ sits the allowance divided by this below θ (a float64 Cholesky's actual
+#: error is far below the worst case the allowance bounds), or the certified error below θ,
+#: if that is larger.
 FIRST_SHARE = 16.0
 #: Room for K itself besides what the process has: refused above this share of the
 #: available memory.
