@@ -393,8 +393,13 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
 
 def _log_device(op, log) -> None:
     if op.device == "gpu":
+        kept = len(op.plan.kept)
+        total = sum(len(pairs) for _, pairs in op.plan.assignment)
+        resident = ("" if op.mode == "memory" or not kept else
+                    f"; {kept} of {total} tiles kept on the GPUs "
+                    f"({op.plan.cached_bytes / 1e9:.1f} GB), the others rebuilt every pass")
         log(f"operator {op.mode} on {len(op.gpus)} GPU worker(s): "
-            f"{', '.join(sorted(set(op.gpus.values())))}")
+            f"{', '.join(sorted(set(op.gpus.values())))}{resident}")
 
 
 def _dense_from(op, X, spec):

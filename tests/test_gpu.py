@@ -81,6 +81,34 @@ def test_gpu_operators_match_the_cpu_operators(client, store, fake_gpu):
         op.close()
 
 
+def test_gpu_auto_keeps_what_fits_and_rebuilds_the_rest(client, store, monkeypatch):
+    """Free GPU memory for about two of a worker's tiles besides the room to build one:
+    auto keeps those on the GPU and rebuilds the others every pass, with the same products."""
+    from ntkdist.operator import _GPU_TILES
+
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=2_900_000))
+    V = np.random.default_rng(SEED).standard_normal((333, 4))
+    want = make_operator(client, "memory", store=store).matmat(V)
+    op = make_operator(client, "auto", store=store, device="gpu")
+    assert op.mode == "recompute" and op.plan.kept_on_gpu
+    assert 0 < len(op.plan.kept) < 6
+    assert op.memory()["cached_bytes"] == sum(
+        8 * min(128, 333 - 128 * i) * min(128, 333 - 128 * j) for i, j in op.plan.kept)
+    for _ in range(3):
+        got = op.matmat(V)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+        assert set(_GPU_TILES[op._gpu_token]) == set(op.plan.kept)  # never more than planned
+    token = op._gpu_token
+    op.close()
+    assert token not in _GPU_TILES
+    # memory refuses what does not fit; recompute keeps nothing
+    with pytest.raises(NtkdistError, match="do not fit"):
+        make_operator(client, "memory", store=store, device="gpu")
+    op = make_operator(client, "recompute", store=store, device="gpu")
+    assert op.plan.kept == () and not op.plan.kept_on_gpu
+    op.close()
+
+
 def test_gpu_refusals(client, store, fake_gpu, monkeypatch):
     with pytest.raises(NtkdistError, match="not store"):
         make_operator(client, "store", store=store, device="gpu")

@@ -142,6 +142,7 @@ class KernelOperator:
                            "loading the tiles into worker memory"):
                 self._load(rows)
             self.bytes_read += self.cached_bytes
+        self._gpu_keep = frozenset(plan.kept) if plan.kept_on_gpu else frozenset()
         if plan.kept_on_gpu:
             import uuid
 
@@ -263,9 +264,11 @@ class KernelOperator:
             # Row blocks for the tiles built from the rows (recompute, and every GPU mode).
             blocks = ({i: self._blocks[i] for p in other for i in p} if self._blocks else None)
             if self.device == "gpu":  # pinned: the task needs this worker's GPU (and tiles)
+                keep = None if self.mode == "memory" else self._gpu_keep
                 futures.append(self.client.submit(
                     _pass_on_gpu, Vf, self.n, self.tile, other, blocks, self.kernel,
-                    self._gpu_token, workers=[w], allow_other_workers=False, pure=False))
+                    self._gpu_token, keep, workers=[w], allow_other_workers=False,
+                    pure=False))
                 continue
             cached = [(i, j, self._cache[(i, j)]) for i, j in pairs if (i, j) in self._cache]
             streamed = [p for p in other if p in streaming]

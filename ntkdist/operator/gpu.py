@@ -12,10 +12,10 @@ from .tasks import _build_tile
 _GPU_TILES: dict = {}
 
 
-def _pass_on_gpu(VT, n, t, pairs, blocks, kernel, token=None):
+def _pass_on_gpu(VT, n, t, pairs, blocks, kernel, token=None, keep=None):
     """One GPU worker's share of a pass: tiles built on its GPU with CuPy (and, with a
-    ``token``, kept there for the next passes) and applied there in float64; only the b×N
-    result returns to the host."""
+    ``token``, kept there for the next passes: all of them, or those in ``keep``) and
+    applied there in float64; only the b×N result returns to the host."""
     import cupy as cp
 
     from ..kernels.limiting import RowBlock
@@ -34,7 +34,7 @@ def _pass_on_gpu(VT, n, t, pairs, blocks, kernel, token=None):
         tile = kept.get((i, j))
         if tile is None:
             tile = _build_tile(block(i), block(j), kernel, i == j)
-            if token is not None:
+            if token is not None and (keep is None or (i, j) in keep):
                 kept[(i, j)] = tile
         rows, cols = tile.shape
         Y[:, i * t:i * t + rows] += V[:, j * t:j * t + cols] @ tile.T

@@ -298,7 +298,8 @@ def _gpu_plan(s, facts, base, workers, sizes, tile, dtype) -> Plan:
     """GPU workers build their tiles from the rows: ``memory`` (built in the first pass and
     kept on the GPU) when every worker's share of the float64 tiles fits in
     ``GPU_MEMORY_FRACTION`` of its free GPU memory with room left for building a tile; else
-    ``recompute`` (``memory`` asked for and not fitting: a one-line error)."""
+    ``recompute``, which with ``auto`` keeps on each GPU the tiles that fit there and rebuilds
+    the others every pass (``memory`` asked for and not fitting: a one-line error)."""
     requested = s.operator
     free = dict(facts.gpus or ())
     assign = balance(list(sizes), sizes, workers)
@@ -313,10 +314,25 @@ def _gpu_plan(s, facts, base, workers, sizes, tile, dtype) -> Plan:
             f"{GPU_MEMORY_FRACTION:.0%} of its GPU's free memory ({free.get(w, 0) / 1e9:.1f} "
             "GB); use --operator recompute (or auto)")
     on_gpu = requested in ("memory", "auto") and not short
+    if on_gpu:
+        kept = tuple(sorted(sizes))
+    elif requested == "auto":  # keep what fits on each GPU, rebuild the rest every pass
+        kept = []
+        for w in sorted(assign):
+            room = GPU_MEMORY_FRACTION * free.get(w, 0) - work
+            for p in assign[w]:
+                size = 8 * sizes[p][0] * sizes[p][1]
+                if size <= room:
+                    kept.append(p)
+                    room -= size
+        kept = tuple(sorted(kept))
+    else:
+        kept = ()
     itemsize = {"float32": 4, "float64": 8}.get(dtype, 0) if facts.store else 0
     return Plan(**base, precision="float64", operator="memory" if on_gpu else "recompute",
-                tile=tile, dtype=dtype, kept=tuple(sorted(sizes)) if on_gpu else (),
+                tile=tile, dtype=dtype, kept=kept,
                 tile_bytes=sum(r * c * itemsize for r, c in sizes.values()),
-                kept_on_gpu=on_gpu,
+                kept_on_gpu=bool(kept),
                 assignment=tuple((w, tuple(assign[w])) for w in sorted(workers)),
-                cached_bytes=sum(need.values()) if on_gpu else 0, complete=True)
+                cached_bytes=sum(8 * sizes[p][0] * sizes[p][1] for p in kept),
+                complete=True)
