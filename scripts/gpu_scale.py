@@ -1,0 +1,167 @@
+"""The GPU measurements of the large-N work in one call (about 6 minutes on an H200), each
+figure printed as it comes and written to ``--out`` (JSON):
+
+    PYTHONPATH=. python3 scripts/gpu_scale.py --out gpu_scale.json
+    PYTHONPATH=. python3 scripts/gpu_scale.py --fake --out /tmp/g.json   # CPU check (stand-in)
+
+1. ``ntkdist run --device gpu --method davidson`` at N = ``--n-end`` (100000): end-to-end
+   seconds, passes, certificate (sphere, d = 64, L = 3, seed 0, tol 1e-8).
+2. Passes to a certified 1e-8 at each N of ``--pass-sizes`` (20000, 50000), Davidson with
+   blocks 32 and 128.
+3. At N = ``--n-big`` (300000): seconds per pass (b = 128) of the ``auto`` operator, which
+   keeps the tiles that fit on the GPU and rebuilds the others, against ``recompute``; the
+   tiles kept and their bytes.
+4. ``ntkdist bench --quick --device gpu``: the headline and the per-worker rates.
+
+``--fake`` runs every step on the CPU with the CuPy stand-in of tests/fakecupy.py, an
+in-process cluster and tiny sizes: it checks the script, not a GPU. Steps that fail print one
+line and the script goes on; its exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+
+def _cli_run(cli, args, out):
+    code = cli(["run", *args, "--out", out])
+    if code != 0:
+        raise RuntimeError(f"ntkdist run exited {code}")
+    with open(os.path.join(out, "result.json")) as f:
+        return json.load(f)
+
+
+def _pass_seconds(client, n, mode, b, repeats, tile):
+    from ntkdist.data import synthetic_rows
+    from ntkdist.operator import make_operator
+    from ntkdist.spec import KernelSpec
+
+    X = synthetic_rows("sphere", 64, 0, 0, n)
+    t0 = time.perf_counter()
+    op = make_operator(client, mode, rows=X, kernel=KernelSpec("ntk", 3, "paper"), tile=tile,
+                       device="gpu")
+    setup = time.perf_counter() - t0
+    V = np.random.default_rng(0).standard_normal((n, b))
+    t0 = time.perf_counter()
+    op.matmat(V)  # builds (and keeps what fits of) the tiles
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        op.matmat(V)
+    sec = (time.perf_counter() - t0) / repeats
+    out = {"n": n, "requested": mode, "mode": op.mode, "block": b, "seconds_per_pass": sec,
+           "first_pass_seconds": first, "setup_seconds": setup,
+           "tiles_kept": len(op.plan.kept),
+           "tiles": sum(len(p) for _, p in op.plan.assignment),
+           "kept_bytes": op.plan.cached_bytes,
+           "entries_per_s": n * (n + op.tile) / 2 / sec}
+    op.close()
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file for the figures")
+    p.add_argument("--fake", action="store_true", help="CPU check with the CuPy stand-in")
+    p.add_argument("--n-end", type=int, default=100000)
+    p.add_argument("--pass-sizes", default="20000,50000")
+    p.add_argument("--n-big", type=int, default=300000)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    if args.fake:
+        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+        import fakecupy
+
+        # free GPU memory for part of the N_big tiles only, as on a real GPU at 300000
+        sys.modules["cupy"] = fakecupy.module(free=48_000_000)
+        args.n_end, args.pass_sizes, args.n_big = 700, "300,600", 1500
+    figures, failed = {"fake": args.fake, "date": time.strftime("%Y-%m-%d %H:%M")}, []
+
+    def record(name, value):
+        figures[name] = value
+        print(f"{name}: {json.dumps(value)}", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(figures, f, indent=1)
+
+    from distributed import Client, LocalCluster
+
+    from ntkdist.cli import main as cli
+    from ntkdist.cluster import connect
+
+    common = ["--data", "sphere", "--d", "64", "--depth", "3", "--seed", "0", "--device", "gpu",
+              "--method", "davidson"]
+    ctx = (LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                        dashboard_address=None) if args.fake else None)
+    with tempfile.TemporaryDirectory() as tmp:
+        with (Client(ctx) if ctx else connect(device="gpu")) as client:
+            addr = ["--scheduler", client.scheduler.address]
+            steps = [
+                ("end_to_end", lambda: _end_to_end(cli, common + addr, args.n_end, tmp)),
+                ("passes", lambda: _passes(cli, common + addr, args.pass_sizes, tmp)),
+                ("big_passes", lambda: [
+                    _pass_seconds(client, args.n_big, mode, 128, args.repeats,
+                                  512 if args.fake else None)
+                    for mode in ("auto", "recompute")]),
+                ("bench_quick", lambda: _bench(cli, addr, tmp, args.fake)),
+            ]
+            for name, step in steps:
+                t0 = time.perf_counter()
+                try:
+                    value = step()
+                except Exception as exc:  # one line, then the next step
+                    failed.append(name)
+                    value = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+                if isinstance(value, dict):
+                    value["step_seconds"] = time.perf_counter() - t0
+                record(name, value)
+        if ctx:
+            ctx.close()
+    print(f"figures in {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _end_to_end(cli, common, n, tmp):
+    t0 = time.perf_counter()
+    r = _cli_run(cli, [*common, "--n", str(n)], os.path.join(tmp, f"e{n}"))
+    return {"n": n, "seconds": time.perf_counter() - t0, "wall_seconds": r["wall_seconds"],
+            "solver_seconds": r["solver_seconds"], "lambda_min": r["lambda_min"],
+            "status": r["status"], "relative_accuracy": r["relative_accuracy"],
+            "passes": r["passes"], "block": r["block"], "operator": r["operator"]}
+
+
+def _passes(cli, common, sizes, tmp):
+    out = {}
+    for n in (int(v) for v in sizes.split(",")):
+        for b in (32, 128):
+            r = _cli_run(cli, [*common, "--n", str(n), "--block", str(b)],
+                         os.path.join(tmp, f"p{n}-{b}"))
+            out[f"{n}/{b}"] = {"passes": r["passes"], "status": r["status"],
+                               "lambda_min": r["lambda_min"], "wall_seconds": r["wall_seconds"],
+                               "operator": r["operator"]}
+    return out
+
+
+def _bench(cli, addr, tmp, fake):
+    out = os.path.join(tmp, "bench")
+    code = cli(["bench", "--quick", "--device", "gpu", *addr, "--out", out]
+               + (["--n", "1024"] if fake else []))
+    if code != 0:
+        raise RuntimeError(f"ntkdist bench exited {code}")
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    return {"exit": code, "headline": report.get("headline"),
+            "workers": report.get("workers"), "passes": report.get("passes")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
