@@ -482,15 +482,12 @@ def connect_batch(spec, log=None):
     """Yield a ``distributed.Client`` of a batch cluster for ``spec`` (module docstring)."""
     from distributed import Client
 
-    from .spec import make_cluster_spec
+    from .spec import BATCH_OPTIONS, make_cluster_spec
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if spec.processes is None:  # a ClusterSpec built by hand: its batch fields checked here
         spec = make_cluster_spec(kind=spec.kind, device=spec.device, **{
-            k: getattr(spec, k) for k in ("queue", "account", "walltime", "cores", "memory",
-                                          "jobs", "gpus_per_job", "interface",
-                                          "local_directory", "job_prologue", "adapt",
-                                          "worker_timeout", "job_logs")})
+            k: getattr(spec, k) for k in BATCH_OPTIONS})
     with _signals_raise(), SubmitFailures().installed() as failures:
         cluster = make_cluster(spec)
         adaptive = reaper = client = None

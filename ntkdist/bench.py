@@ -142,17 +142,17 @@ def _nothing() -> None:
     return None
 
 
-def _best(fn, repeats: int, sync=lambda: None, min_seconds: float = MIN_SAMPLE_SECONDS) -> dict:
+def _best(fn, repeats: int, sync=lambda: None) -> dict:
     """Seconds a call of ``fn`` takes: one untimed warm-up call, a second to size the
-    samples, then ``repeats`` samples, each of as many calls as last ``min_seconds``
-    (``sync``: wait for the device)."""
+    samples, then ``repeats`` samples, each of as many calls as last
+    :data:`MIN_SAMPLE_SECONDS` (``sync``: wait for the device)."""
     fn()
     sync()
     t0 = time.perf_counter()
     fn()
     sync()
     once = max(time.perf_counter() - t0, 1e-9)
-    calls = max(1, min(1000, math.ceil(min_seconds / once)))
+    calls = max(1, min(1000, math.ceil(MIN_SAMPLE_SECONDS / once)))
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -875,11 +875,9 @@ def _num(value, fmt: str = ".3g", missing: str = "-") -> str:
 # ------------------------------------------------------------------------------- the job
 
 def bench(out: str, cluster=None, quick: bool = False, n: int | None = None,
-          store_dir: str | None = None, drop_cache: bool = True, log=print,
-          client=None) -> dict:
-    """Measure the cluster (``cluster``, a :class:`ntkdist.spec.ClusterSpec`; or the given
-    ``client``, with ``cluster`` saying its device) and write ``out/report.json``,
-    ``out/report.md`` and the figures. Returns the report; its ``status`` is FAIL when the
+          store_dir: str | None = None, drop_cache: bool = True, log=print) -> dict:
+    """Measure the cluster (``cluster``, a :class:`ntkdist.spec.ClusterSpec`) and write
+    ``out/report.json``, ``out/report.md`` and the figures. Returns the report; its ``status`` is FAIL when the
     reference problem came out wrong or uncertified."""
     from .spec import ClusterSpec
 
@@ -892,12 +890,9 @@ def bench(out: str, cluster=None, quick: bool = False, n: int | None = None,
     t0 = time.perf_counter()
     try:
         with scratch_folder(out, store_dir) as scratch:
-            if client is not None:
-                report = _measure(client, cluster, sizes, scratch, drop_cache, log)
-            else:
-                with cluster.connect(log=log) as c:
-                    _wait_for_a_worker(c, cluster)
-                    report = _measure(c, cluster, sizes, scratch, drop_cache, log)
+            with cluster.connect(log=log) as c:
+                _wait_for_a_worker(c, cluster)
+                report = _measure(c, cluster, sizes, scratch, drop_cache, log)
     except BaseException:
         if created:  # a run that failed before its report leaves no empty folder behind
             with contextlib.suppress(OSError):

@@ -226,6 +226,8 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     """Disk (bytes of its store), memory (bytes at its peak) and time (seconds) of a point,
     from the machine's ``rates`` (:func:`machine_rates`) and the constants above."""
     from .operator.plan import default_dtype, default_tile
+    from .pipeline import RECOMPUTE_BLOCK
+    from .solvers.cholesky import memory_needed
 
     spec, n = point.spec, point.spec.n
     s = spec.solver
@@ -245,7 +247,7 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     # --certify cholesky: K formed and factorised in this process (one attempt, n³/3 flops)
     certify = (n * n / 2 / (entries_s / share) + n ** 3 / 3 / rates["gemm_flops_per_s"]
                if s.certify == "cholesky" else 0.0)
-    client = 8 * n * n if s.certify == "cholesky" else 0
+    client = memory_needed(n) if s.certify == "cholesky" else 0
     if s.method == "dense" and point.store is None:
         memory = 3 * 8 * n * n
         seconds = n * n / entries_s + EIGH_FLOPS_PER_N3 * n ** 3 / gemm + chain + certify
@@ -254,7 +256,7 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     passes = min(s.max_products,
                  max(20.0, PASSES_AT_8000 * (n / 8000.0) ** PASSES_GROWTH) * s.k ** 0.5
                  * _passes_factor(spec))
-    block = s.block or 32
+    block = s.block or (32 if point.store else RECOMPUTE_BLOCK)  # recompute: wider
     products = 2.0 * block * n * n / (gemm * PASS_EFFICIENCY)
     precond = 1e-8 * n * spec.d ** 2
     if point.store:
@@ -263,10 +265,7 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
         per_pass = PASS_OVERHEAD + products + (0 if cached else disk / rates["disk_bytes_per_s"])
         memory = min(disk, 0.4 * rates["worker_memory"] * workers) + 40 * tile * tile
         seconds = assemble + passes * per_pass + chain + precond + 2.0
-    else:  # the recompute operator, whose default block is wider
-        from .pipeline import RECOMPUTE_BLOCK
-
-        products *= (s.block or RECOMPUTE_BLOCK) / block
+    else:  # the recompute operator
         per_pass = PASS_OVERHEAD + n * n / 2 / entries_s + products
         memory = 40 * tile * tile * workers
         seconds = passes * per_pass + chain + precond + 2.0

@@ -303,7 +303,8 @@ def _gpu_plan(s, facts, base, workers, sizes, tile, dtype) -> Plan:
     requested = s.operator
     free = dict(facts.gpus or ())
     assign = balance(list(sizes), sizes, workers)
-    need = {w: sum(8 * sizes[p][0] * sizes[p][1] for p in assign[w]) for w in assign}
+    nbytes = {p: 8 * r * c for p, (r, c) in sizes.items()}  # float64 tiles
+    need = {w: sum(nbytes[p] for p in assign[w]) for w in assign}
     work = GPU_TILE_WORKSPACE * 8 * tile ** 2
     short = [w for w in need if need[w] + work > GPU_MEMORY_FRACTION * free.get(w, 0)]
     if requested == "memory" and short:
@@ -321,10 +322,9 @@ def _gpu_plan(s, facts, base, workers, sizes, tile, dtype) -> Plan:
         for w in sorted(assign):
             room = GPU_MEMORY_FRACTION * free.get(w, 0) - work
             for p in assign[w]:
-                size = 8 * sizes[p][0] * sizes[p][1]
-                if size <= room:
+                if nbytes[p] <= room:
                     kept.append(p)
-                    room -= size
+                    room -= nbytes[p]
         kept = tuple(sorted(kept))
     else:
         kept = ()
@@ -334,5 +334,5 @@ def _gpu_plan(s, facts, base, workers, sizes, tile, dtype) -> Plan:
                 tile_bytes=sum(r * c * itemsize for r, c in sizes.values()),
                 kept_on_gpu=bool(kept),
                 assignment=tuple((w, tuple(assign[w])) for w in sorted(workers)),
-                cached_bytes=sum(8 * sizes[p][0] * sizes[p][1] for p in kept),
+                cached_bytes=sum(nbytes[p] for p in kept),
                 complete=True)

@@ -94,12 +94,17 @@ def _sym_cube_features(UT: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+def _feature_sizes(d: int) -> list:
+    """Rows of the harmonic features of degree 0, 1, 2, 3: C(d+r−1, r)."""
+    return [1, d, d * (d + 1) // 2, d * (d + 1) * (d + 2) // 6]
+
+
 def harmonic_degree(n: int, d: int, degree: int = 3, max_rank: int = HARMONIC_MAX_RANK,
                     max_bytes: float = HARMONIC_MAX_BYTES) -> int:
     """The highest degree ≤ ``degree`` (at least 1) whose features fit: rank
     Σ_{r ≤ degree} C(d+r−1, r) at most ``max_rank``, and for degree 3 the set-up's N × rank
     float64 and float32 copies at most ``max_bytes``."""
-    sizes = [1, d, d * (d + 1) // 2, d * (d + 1) * (d + 2) // 6]
+    sizes = _feature_sizes(d)
     kept = 1
     while kept < min(degree, 3):
         rank = sum(sizes[:kept + 2])
@@ -118,7 +123,7 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
     n, d = U.shape
     a = kernel_coefficients(depth, kernel, 3)
     total = float(depth if kernel == "ntk" else 1.0)
-    sizes = [1, d, d * (d + 1) // 2, d * (d + 1) * (d + 2) // 6]
+    sizes = _feature_sizes(d)
     kept_degree = harmonic_degree(n, d, degree, max_rank)
     kept = a[:kept_degree + 1]
     c = total - float(kept.sum())
