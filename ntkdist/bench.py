@@ -53,7 +53,8 @@ SCRATCH_PREFIX = "ntkdist-bench-"
 #: paper normalization.
 REFERENCE_D, REFERENCE_DEPTH, REFERENCE_SEED = 16, 3, 0
 REFERENCE_QUICK_N, REFERENCE_FULL_N = 2000, 10000
-#: λ_min of the float64 matrix ``ntkdist.ntk(X, depth=3)`` by N, computed offline: the
+#: λ_min of the float64 matrix ``ntkdist.ntk(X, depth=3)`` by N (recomputed by
+#: :func:`reference_value`, ``python benchmarks/reference_lambda.py``): the
 #: Rayleigh quotient of the eigenvector of ``scipy.linalg.eigh(K, subset_by_index=[0, 1],
 #: driver="evr")``, evaluated in extended precision (x86 long double; at N = 2000 also in
 #: mpmath at 40 digits, agreeing to 1e-18), whose residual (2.2e-13, 1.1e-12) and gap to
@@ -62,6 +63,27 @@ REFERENCE_QUICK_N, REFERENCE_FULL_N = 2000, 10000
 #: 4.302663603959234 (7.5e-15 and 2.4e-14 relative below); evr's eigenvalues are 9e-14 and
 #: 1.6e-12 below. λ_2 = 5.847676426266 and 4.323242836254: gaps of 2.8% and 0.48% of λ_1.
 REFERENCE_LAMBDA = {2000: 5.689322518609707, 10000: 4.302663603959335}
+
+
+def reference_value(n: int) -> dict:
+    """Recompute :data:`REFERENCE_LAMBDA` [n] (``python benchmarks/reference_lambda.py``): the
+    long-double Rayleigh quotient of evr's lowest eigenvector of the float64 K, its residual,
+    and the Kato–Temple bound on its distance to an eigenvalue (gap to evr's λ_2)."""
+    import numpy as np
+    import scipy.linalg
+
+    from .spec import make_spec
+
+    spec = make_spec(data="sphere", n=n, d=REFERENCE_D, depth=REFERENCE_DEPTH,
+                     seed=REFERENCE_SEED)
+    K = spec.kernel.gram(spec.rows())
+    w, V = scipy.linalg.eigh(K, subset_by_index=[0, 1], driver="evr")
+    v = V[:, 0].astype(np.longdouble)
+    Kv = K.astype(np.longdouble) @ v
+    rho = (v @ Kv) / (v @ v)
+    residual = float(np.sqrt(np.sum((Kv - rho * v) ** 2) / (v @ v)))
+    return {"lambda_min": float(rho), "residual": residual, "lambda_2": float(w[1]),
+            "kato_temple": residual ** 2 / (float(w[1]) - float(rho))}
 #: The reference solve's tolerance; a result within ref·(certified accuracy + this) passes.
 REFERENCE_TOL = 1e-10
 

@@ -321,3 +321,13 @@ def test_worker_rates_on_a_gpu_worker(client, monkeypatch):
     assert r["tile"]["entries_per_s"] > 0 and r["peak"]["float64"]["side"] == 64
     assert r["thin"]["float32"]["gflops"] > 0 and r["arccos"]["per_s"] > 0
     assert bench.gpus_here() == [fakecupy.NAME]
+
+
+def test_the_quick_reference_value_is_reproduced():
+    """REFERENCE_LAMBDA[2000] recomputed (benchmarks/reference_lambda.py): evr's lowest
+    eigenvector's long-double Rayleigh quotient, within a Kato–Temple bound of an
+    eigenvalue."""
+    r = bench.reference_value(2000)
+    assert r["lambda_min"] == pytest.approx(bench.REFERENCE_LAMBDA[2000], rel=2e-16, abs=0)
+    assert r["residual"] < 1e-11 and r["kato_temple"] < 1e-20
+    assert r["lambda_2"] > r["lambda_min"] * 1.02
