@@ -104,6 +104,9 @@ def test_report_values_are_sane(report):
     assert [r["n"] for r in sc["strong"]] == [4096, 4096]
     assert [r["n"] for r in sc["weak"]] == [round(4096 / 2 ** 0.5), 4096]
     assert sc["strong"][0]["efficiency"] == sc["weak"][0]["efficiency"] == 1.0
+    # every (workers, N) is timed once: the full-size pass is the recompute operator's
+    assert sc["strong"][-1]["seconds"] == sc["weak"][-1]["seconds"] == passes["recompute"][
+        "seconds"]
     names = [m[0] for m in report["metrics"]]
     assert names[0] == "time to a certified λ_min (N = 2000)"
     assert len(names) == len(set(names))
