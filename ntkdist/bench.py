@@ -525,13 +525,15 @@ class _Bench:
 
     # -- checks before anything is written
     def check_room(self) -> None:
-        """One line if the passes' tiles do not fit in the workers' memory, or the stores and
+        """One line if the passes' tiles do not fit in the workers' memory (on CPUs: GPU
+        workers keep them on their GPUs, whose room the GPU plan checks), or the stores and
         dd's file on the store's disk."""
         from .operator.plan import CACHE_FRACTION, tile_sizes
 
         n = self.sizes.n
         kept = sum(4 * r * c for r, c in tile_sizes(n, self.tile).values())
-        if all(self.memories) and kept > CACHE_FRACTION * sum(self.memories):
+        if self.device != "gpu" and all(self.memories) and \
+                kept > CACHE_FRACTION * sum(self.memories):
             raise SpecError(
                 f"--n {n}: the float32 tiles of the memory pass ({kept / 1e9:.2f} GB) do not "
                 f"fit in {CACHE_FRACTION:.0%} of the workers' memory "

@@ -334,3 +334,20 @@ def test_the_quick_reference_value_is_reproduced():
     assert r["lambda_min"] == pytest.approx(bench.REFERENCE_LAMBDA[2000], rel=2e-16, abs=0)
     assert r["residual"] < 1e-11 and r["kato_temple"] < 1e-20
     assert r["lambda_2"] > r["lambda_min"] * 1.02
+
+
+def test_gpu_workers_are_not_refused_for_host_memory(tmp_path):
+    """The memory pass's tiles stay on the GPUs of GPU workers: their host memory limit does
+    not refuse the bench (the CPU's does)."""
+    from types import SimpleNamespace
+
+    from ntkdist.errors import SpecError
+
+    state = dict(sizes=bench.make_sizes(False, 100000), tile=4096, memories=[10 ** 9],
+                 scratch=str(tmp_path))
+    with pytest.raises(SpecError, match="the float32 tiles"):
+        bench._Bench.check_room(SimpleNamespace(device="cpu", **state))
+    try:
+        bench._Bench.check_room(SimpleNamespace(device="gpu", **state))
+    except SpecError as exc:  # only the disk may refuse it
+        assert "free" in str(exc)
