@@ -10,6 +10,7 @@ from . import bounds, data, solvers
 from .config import load_config
 from .errors import InputError, NtkdistError, OutputError, SpecError
 from .kernels import kernel_tile, nngp, ntk, relu_hermite_coefficient, row_block
+from .kernels.finite import empirical_ntk, feature_gram, random_weights
 from .kernels.taylor import kernel_coefficients
 from .predict import predict_lambda_min
 from .spec import ClusterSpec, DataSpec, KernelSpec, RunSpec, SolverSpec, StoreSpec, make_spec
@@ -34,6 +35,8 @@ __all__ = [
     "__version__",
     "bounds",
     "data",
+    "empirical_ntk",
+    "feature_gram",
     "kernel_coefficients",
     "kernel_tile",
     "load_config",
@@ -42,6 +45,7 @@ __all__ = [
     "ntk",
     "open_kernel",
     "predict_lambda_min",
+    "random_weights",
     "relu_hermite_coefficient",
     "row_block",
     "solvers",

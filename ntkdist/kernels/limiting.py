@@ -264,17 +264,25 @@ def kernel_tile(A: RowBlock, B: RowBlock, depth: int, kernel: str = "ntk",
 _blas_controller = None
 
 
-def _correlations(U, V, xp):
-    """U Vᵀ. On the CPU the GEMM runs on one BLAS thread: multi-threaded BLAS may round
-    differently with the thread count, and a tile's bytes must depend only on its inputs."""
+def single_blas(xp):
+    """A context in which NumPy's BLAS runs on one thread (nothing on CuPy): multi-threaded
+    BLAS may round differently with the thread count, and a tile's bytes must depend only on
+    its inputs."""
     global _blas_controller
     if xp is not np:
-        return U @ V.T
+        import contextlib
+
+        return contextlib.nullcontext()
     if _blas_controller is None:
         from threadpoolctl import ThreadpoolController
 
         _blas_controller = ThreadpoolController()
-    with _blas_controller.limit(limits=1, user_api="blas"):
+    return _blas_controller.limit(limits=1, user_api="blas")
+
+
+def _correlations(U, V, xp):
+    """U Vᵀ, on one BLAS thread on the CPU (:func:`single_blas`)."""
+    with single_blas(xp):
         return U @ V.T
 
 
