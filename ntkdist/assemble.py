@@ -24,7 +24,7 @@ import numpy as np
 from .errors import NtkdistError, SpecError
 from .kernels.limiting import row_block
 from .spec import ClusterSpec, RunSpec, StoreSpec
-from .store import KernelStore, StoreError, checksum, os_reason
+from .store import FEATURES_DIR, KernelStore, StoreError, checksum, os_reason
 
 class AssemblyError(NtkdistError):
     """A task failed; the store keeps what was done and can be resumed."""
@@ -55,9 +55,99 @@ def repair_rows(path: str, i: int, recorded: str | None) -> str:
     return store.write_piece(store.rows_key(i), "X", (i, 0), rows)
 
 
-def compute_tile(store: KernelStore, i: int, j: int) -> np.ndarray:
-    """Tile (I, J) in the storage dtype, from the stored rows (diagonal tiles exactly symmetric)."""
-    tile = store.spec.kernel.tile(row_block(store.rows(i)), row_block(store.rows(j)))
+#: Feature files this process has checked against their checksums: (path, inode, size,
+#: mtime) → True (a file is hashed once per process, not once per tile that reads it).
+_checked_features: dict = {}
+
+
+def _features_file(store: KernelStore, i: int) -> str:
+    return os.path.join(store.path, FEATURES_DIR, f"{i}.npy")
+
+
+def _cached_features(store: KernelStore, i: int):
+    """Row block I's features from the store's feature cache, or None if they are not there
+    or do not match their checksum."""
+    file = _features_file(store, i)
+    try:
+        with open(file[:-4] + ".sum") as f:
+            recorded = f.read().strip()
+        st = os.stat(file)
+        arr = np.load(file, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    key = (file, st.st_ino, st.st_size, st.st_mtime_ns, recorded)
+    if key not in _checked_features:
+        if checksum(arr) != recorded:
+            return None
+        _checked_features[key] = True
+    kernel = store.spec.kernel
+    d = store.spec.data.d
+    from .kernels.finite import term_sizes
+
+    try:
+        return _finite_block(arr, term_sizes(d, kernel.widths, kernel.kind, kernel.layer),
+                             kernel.factor(d))
+    except NtkdistError:
+        return None
+
+
+def _finite_block(arr, sizes, factor):
+    from .kernels.finite import FiniteBlock
+
+    return FiniteBlock.from_array(arr, sizes, factor)
+
+
+def _make_features(store: KernelStore, i: int, cache: bool = True):
+    """Row block I's features from its checked rows; with ``cache``, also written to the
+    store's feature cache (array, then its checksum, each renamed into place)."""
+    block = store.spec.kernel.features(store.row_block_checked(i))
+    if cache:
+        arr = np.ascontiguousarray(block.to_array())
+        file = _features_file(store, i)
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(file[:-4] + ".sum")
+        tmp = f"{file}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, file)
+        tmp = f"{file[:-4]}.sum.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(checksum(arr))
+        os.replace(tmp, file[:-4] + ".sum")
+    return block
+
+
+def block_features(store: KernelStore, i: int, cache: bool = True):
+    """What row block I contributes to its tiles (:meth:`ntkdist.spec.KernelSpec.features`):
+    for finite widths from the store's feature cache, made (and with ``cache`` kept) if it
+    is not there; for the limits from the stored rows."""
+    kernel = store.spec.kernel
+    if not kernel.finite:
+        return row_block(store.rows(i))
+    block = _cached_features(store, i)
+    return block if block is not None else _make_features(store, i, cache)
+
+
+def write_features(path: str, i: int) -> None:
+    """Task: row block I's features into the store's feature cache (finite widths)."""
+    store = KernelStore.open(path)
+    if _cached_features(store, i) is None:
+        _make_features(store, i)
+
+
+def remove_features(store: KernelStore) -> None:
+    """Drop the feature cache of a complete store."""
+    import shutil
+
+    shutil.rmtree(os.path.join(store.path, FEATURES_DIR), ignore_errors=True)
+
+
+def compute_tile(store: KernelStore, i: int, j: int, cache: bool = True) -> np.ndarray:
+    """Tile (I, J) in the storage dtype, from the stored rows (diagonal tiles exactly
+    symmetric); finite widths from the blocks' features (``cache``: kept in the store)."""
+    tile = store.spec.kernel.tile(block_features(store, i, cache),
+                                  block_features(store, j, cache))
     if i == j:
         tile = np.triu(tile) + np.triu(tile, 1).T
     return tile.astype(store.spec.dtype, copy=False)
@@ -125,12 +215,21 @@ def assemble(spec: StoreSpec, path: str, client, progress: bool = True, log=None
             log(f"resuming: {done_before} of {total} tiles already done")
         _run({client.submit(write_rows, path, i, retries=2, pure=False): f"row block {i}"
               for i in rows}, path=path)
+        if spec.kernel.finite and tiles:
+            blocks = sorted({k for pair in tiles for k in pair})
+            if log:
+                log(f"features of {len(blocks)} row block(s) on the workers "
+                    f"({spec.kernel.feature_columns(spec.data.d)} values a row)")
+            _run({client.submit(write_features, path, i, retries=2, pure=False):
+                  f"features of row block {i}" for i in blocks}, path=path)
         bar = Progress(total, done_before, spec.tile ** 2) if progress else None
         futures = {client.submit(write_tile, path, i, j, retries=2, pure=False):
                    f"tile ({i}, {j})" for i, j in tiles}
         _run(futures, bar, path=path)
         if bar:
             bar.update(0, final=True)
+        if spec.kernel.finite and (rows or tiles):
+            remove_features(store)
     return {"tiles_total": total, "tiles_computed": len(tiles), "rows_computed": len(rows),
             "tiles_done_before": done_before, "seconds": time.perf_counter() - t0}
 
@@ -231,7 +330,7 @@ def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
     picks = rng.choice(len(tiles_done), size=min(recompute, len(tiles_done)), replace=False)
     for idx in sorted(int(k) for k in picks):
         i, j = tiles_done[idx]
-        fresh = compute_tile(store, i, j)
+        fresh = compute_tile(store, i, j, cache=False)
         stored = store.read_tile(i, j)
         scale = float(np.max(np.abs(fresh))) or 1.0
         diff = float(np.max(np.abs(fresh.astype(np.float64) - stored)))

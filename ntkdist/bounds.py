@@ -19,6 +19,8 @@ O hide constants; what can be computed for the data at hand is the chain of the 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .kernels.hermite import relu_hermite_coefficient
@@ -175,3 +177,45 @@ def staircase_prediction(n: int, d: int, depth: int, kernel: str = "ntk",
     value = d * (tail + a[ell + 1] * max(0.0, 1.0 - (n / D_next) ** 0.5) ** 2)
     return {"value": value * normalization_factor(normalization, d), "degree": ell,
             "D_next": D_next, "note": "heuristic for sphere data (docs/theory.md), not a bound"}
+
+
+#: δ of the finite-width theorems' width condition n_k ≥ N log N log(N/δ), as evaluated here.
+WIDTH_DELTA = 0.01
+
+
+def finite_width_bounds(n: int, d: int, kernel, cheap: dict) -> dict:
+    """What the paper says about a finite network's kernel (``kernel``: a finite-width
+    :class:`ntkdist.spec.KernelSpec`), beside the upper bounds in ``cheap`` (min_i K_ii,
+    tr(K)/N of the matrix itself).
+
+    Theorem 4.1 (empirical NTK) and Theorem 5.1 (layer k's feature Gram) give λ_min the
+    scale d·Π n_l (over all hidden layers, resp. l ≤ k) with N(0, 1) weights, times the
+    normalisation's factor, up to constants they do not state (the lower one carries μ_r²),
+    provided one hidden layer (Theorem 5.1: layer k itself) has width n ≥ N log N log(N/δ),
+    again up to a constant. The condition is evaluated here with constant 1 and δ = 0.01 and
+    reported as ``assumptions_hold``; no numerical lower bound follows from the theorems."""
+    widths = kernel.widths
+    if kernel.kind == "empirical":
+        theorem = "Theorem 4.1 (empirical NTK, one wide layer)"
+        scaled = widths
+        wide = max(range(len(widths)), key=lambda k: widths[k])
+    else:
+        theorem = "Theorem 5.1 (feature Gram of layer k)"
+        scaled = widths[:kernel.layer]
+        wide = kernel.layer - 1
+    need = n * math.log(n) * math.log(n / WIDTH_DELTA)
+    holds = widths[wide] >= need
+    scale = d * math.prod(float(w) for w in scaled) * kernel.factor(d)
+    note = (f"layer {wide + 1} has width {widths[wide]}"
+            + (" ≥ " if holds else " < ") + f"N log N log(N/δ) = {need:.3g} (δ = {WIDTH_DELTA}, "
+            "constant 1)" + ("" if holds else ": the theorem's width condition does not hold, "
+                             "its scale need not describe λ_min"))
+    return {**cheap, "lower": None,
+            "lower_note": "the finite-width theorems give a scale with unstated constants, "
+                          "not a numerical lower bound",
+            "theorem": theorem, "theorem_scale": scale,
+            "theorem_scale_note": "λ_min = Θ(d Π n_l) with N(0,1) weights, times the "
+                                  "normalisation's factor; the lower constant carries μ_r²",
+            "wide_layer": wide + 1, "wide_layer_width": widths[wide],
+            "wide_layer_needed": need, "assumptions_hold": bool(holds),
+            "assumptions_note": note}

@@ -43,9 +43,19 @@ def _add_data_args(p) -> None:
     p.add_argument("--d", type=int, help="input dimension (synthetic: required; file: checked)")
     p.add_argument("--depth", type=int, help="network depth L (>= 1); required")
     p.add_argument("--seed", type=int, help="seed of synthetic data (default 0)")
-    p.add_argument("--kernel", choices=["ntk", "nngp"], help="default ntk")
-    p.add_argument("--normalization", choices=["paper", "nt"],
-                   help="paper (default): K_ii = L||x||^2; nt: neural-tangents' stack, (2/d)K")
+    p.add_argument("--kernel", choices=["ntk", "nngp", "empirical", "features"],
+                   help="ntk (default) or nngp: the infinite-width limits; empirical: a "
+                        "finite network's NTK JJ^T; features: a hidden layer's feature Gram")
+    p.add_argument("--widths", help="empirical/features: hidden widths n1,...,n_(L-1) (the "
+                                    "depth follows from them)")
+    p.add_argument("--weights-seed", type=int, help="empirical/features: seed of the network's "
+                                                    "N(0,1) weights (default 0)")
+    p.add_argument("--layer", type=int, help="features: the hidden layer k, 1..L-1 "
+                                             "(default L-1)")
+    p.add_argument("--normalization", choices=["paper", "nt", "raw"],
+                   help="paper (default): K_ii = L||x||^2 in the limit (finite widths: scaled "
+                        "by prod 2/n_l to converge to it); nt: neural-tangents' stack, (2/d)K; "
+                        "raw: the finite network's unscaled matrix")
     p.add_argument("--dedupe", action="store_true", default=None,
                    help="drop repeated rows (first occurrences kept) and solve for the distinct "
                         "rows; without it repeated rows give λ_min = 0 exactly")
@@ -221,7 +231,8 @@ def _cmd_run(args) -> int:
 
 
 #: Options of the data and the kernel: in a file given to 'solve', checked against the store.
-_PROBLEM_OPTIONS = {"data", "n", "d", "seed", "dedupe", "kernel", "depth", "normalization"}
+_PROBLEM_OPTIONS = {"data", "n", "d", "seed", "dedupe", "kernel", "depth", "normalization",
+                    "widths", "weights_seed", "layer"}
 
 
 def _cmd_solve(args) -> int:
@@ -292,8 +303,7 @@ def _cmd_bounds(args) -> int:
     spec = problem_request(o)
     b = bounds(spec, cluster_request(o), log=_log)
     k = spec.kernel
-    print(f"data       {spec.data.source}, N={spec.n} d={spec.d}; kernel {k.kind} depth "
-          f"{k.depth} ({k.normalization} normalization)")
+    print(f"data       {spec.data.source}, N={spec.n} d={spec.d}; kernel {k.describe()}")
     print(f"upper      λ_min ≤ min_i K_ii = {b['upper_min_diagonal']:.6g}; "
           f"tr(K)/N = {b['upper_trace_over_n']:.6g}")
     print(f"lower      λ_min ≥ {b['lower']:.6g}  ({b['lower_note']})")
@@ -317,7 +327,7 @@ def _cmd_info(args) -> int:
     source = f"seed {data.seed}" if data.seed is not None else f"sha256 {data.input_sha256}"
     rows = r["rows_missing"]
     print(f"store      {args.store}")
-    print(f"kernel     {kernel.kind} depth {kernel.depth} ({kernel.normalization} normalization)")
+    print(f"kernel     {kernel.describe()}")
     print(f"data       {data.source} ({source}), N={data.n} d={data.d}")
     print(f"tiles      {r['tiles_done']}/{r['tiles_total']} done, tile {spec.tile}, {spec.dtype}"
           f"{'' if not rows else f'; {rows} row blocks missing'}")

@@ -44,7 +44,8 @@ else:  # pragma: no cover - Python 3.10
 #: table → {key in the file: option name}
 TABLES = {
     "data": {"source": "data", "n": "n", "d": "d", "seed": "seed", "dedupe": "dedupe"},
-    "kernel": {"kind": "kernel", "depth": "depth", "normalization": "normalization"},
+    "kernel": {"kind": "kernel", "depth": "depth", "normalization": "normalization",
+               "widths": "widths", "weights_seed": "weights_seed", "layer": "layer"},
     "solver": {k: k for k in ("method", "k", "tol", "block", "precond", "operator",
                               "precision", "max_products", "certify",
                               "checkpoint_every")},
@@ -172,15 +173,16 @@ def _checked(options: Options, build):
 
 def problem_request(o: Options) -> RunSpec:
     """The data and kernel of the options (the solver with its defaults)."""
-    if o.get("depth") is None:
+    if o.get("depth") is None and o.get("widths") is None:
         raise SpecError("the following arguments are required: --depth (or [kernel] depth in "
-                        "the --config file)")
+                        "the --config file; --widths for --kernel empirical or features)")
 
     def build():
         kernel = make_kernel_spec(o.get("kernel", "ntk"), o.get("depth"),
-                                  o.get("normalization", "paper"))
+                                  o.get("normalization", "paper"), o.get("widths"),
+                                  o.get("weights_seed"), o.get("layer"))
         data = make_data_spec(o.get("data", "sphere"), o.get("n"), o.get("d"), o.get("seed"),
-                              o.get("dedupe", False), depth=kernel.depth)
+                              o.get("dedupe", False), depth=kernel.growth())
         return RunSpec(data, kernel)
 
     return _checked(o, build)

@@ -53,13 +53,14 @@ def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str 
         _check_paths(store, out)
         make_store_spec(spec, 1 if tile is None else tile, dtype or "float64")  # validates
     t0 = time.perf_counter()
-    make_plan(spec.solver, cluster, Facts(n=spec.n, store="assemble" if store else None),
+    make_plan(spec.solver, cluster, Facts(n=spec.n, store="assemble" if store else None,
+                                          feature_columns=feature_columns(spec)),
               tile, dtype)  # refuses before the rows are read
-    check_certify(spec)
+    check_certify(spec, store is None and spec.solver.method == "dense")
     X = spec.rows()
-    check = check_rows(X, name=spec.data.source, depth=spec.kernel.depth)
+    check = check_rows(X, name=spec.data.source, depth=spec.kernel.growth())
     facts = Facts(n=spec.n, store="assemble" if store else None,
-                  parallel_rows=check.parallel_rows)
+                  parallel_rows=check.parallel_rows, feature_columns=feature_columns(spec))
     plan = make_plan(spec.solver, cluster, facts, tile, dtype)
     claimed = []
 
@@ -203,11 +204,11 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
         options["method"] = default_method(n, True, cluster.device)
     spec = kstore.spec.run_spec(make_solver_spec(n, **options))
     facts = Facts(n=n, store="complete", store_tile=kstore.spec.tile,
-                  store_dtype=kstore.spec.dtype)
+                  store_dtype=kstore.spec.dtype, feature_columns=feature_columns(spec))
     make_plan(spec.solver, cluster, facts)  # refuses before the rows are read
     check_certify(spec)
     X = kstore.rows_checked()
-    check = check_rows(X, name=store, depth=spec.kernel.depth)
+    check = check_rows(X, name=store, depth=spec.kernel.growth())
     facts = Facts(**{**facts.__dict__, "parallel_rows": check.parallel_rows})
     out_spec = {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()}
     out_hash = content_hash(out_spec)
@@ -251,7 +252,8 @@ def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,
     with (cluster or ClusterSpec()).connect(log) as client:
         workers, _, _ = cluster_facts(client)
         had = existing_layout(store, spec)
-        tile, dtype = store_layout(spec.n, tile, dtype, *had, [m for _, m in workers])
+        tile, dtype = store_layout(spec.n, tile, dtype, *had, [m for _, m in workers],
+                                   feature_columns(spec))
         store_spec = make_store_spec(spec, tile, dtype)
         log(f"store {store}: N={spec.n} d={spec.d} tile {store_spec.tile} "
             f"({store_spec.blocks}x{store_spec.blocks} blocks), {store_spec.dtype}")
@@ -263,8 +265,12 @@ def bounds(spec: RunSpec, cluster: ClusterSpec | None = None, log=print) -> dict
     """The bounds of ``spec``'s rows (the upper bounds, the proof chain's lower bound and its
     terms) and the prediction. Up to ``BOUNDS_MAX_N`` rows the chain runs in this process,
     above on the workers of ``cluster``."""
+    if spec.kernel.finite:
+        raise SpecError(f"'ntkdist bounds' gives the limiting kernels' bounds; for --kernel "
+                        f"{spec.kernel.kind} run 'ntkdist run': its result.json holds the "
+                        "finite-width theorem's scale and its assumptions")
     X = spec.rows()
-    check_rows(X, name=spec.data.source, depth=spec.kernel.depth)
+    check_rows(X, name=spec.data.source, depth=spec.kernel.growth())
     k = spec.kernel
     if spec.n <= BOUNDS_MAX_N:
         out = lambda_min_bounds(X, k.depth, k.kind, k.normalization)
@@ -334,6 +340,11 @@ def _check_paths(store: str, out: str) -> None:
                         "neither inside the other")
 
 
+def feature_columns(spec: RunSpec) -> int:
+    """Finite widths: float64 values per row of a block's features (0 for the limits)."""
+    return spec.kernel.feature_columns(spec.d) if spec.kernel.finite else 0
+
+
 def singular_reason(check, spec: RunSpec) -> str | None:
     """Why K is singular for reasons the rows show, or None."""
     if check.duplicate_rows:
@@ -345,16 +356,38 @@ def singular_reason(check, spec: RunSpec) -> str | None:
     if spec.kernel.depth == 1 and spec.n > spec.d:
         return (f"depth 1: K = XXᵀ has rank ≤ d = {spec.d} < N = {spec.n}: K is singular, "
                 "λ_min = 0")
+    k = spec.kernel
+    if k.kind == "features" and spec.n > k.widths[k.layer - 1]:
+        return (f"the Gram of layer {k.layer}'s features has rank ≤ its width "
+                f"{k.widths[k.layer - 1]} < N = {spec.n}: it is singular, λ_min = 0")
+    if k.kind == "empirical":
+        dims = (spec.d, *k.widths, 1)
+        params = sum(a * b for a, b in zip(dims, dims[1:]))
+        if spec.n > params:
+            return (f"JJᵀ has rank ≤ the network's {params} parameters < N = {spec.n}: it is "
+                    "singular, λ_min = 0")
     return None
 
 
-def check_certify(spec: RunSpec) -> None:
-    """Refuse ``--certify cholesky`` where K cannot be held in float64 here, before the
-    solve starts."""
+def check_certify(spec: RunSpec, in_process: bool = False) -> None:
+    """Refuse, before the solve starts: ``--certify cholesky`` where K cannot be held in
+    float64 here; a preconditioner of the limits for a finite-width kernel; the in-process
+    dense path (``in_process``) where a finite network's features and K do not fit here."""
+    if spec.kernel.finite and in_process:
+        from .solvers.cholesky import available_memory
+
+        need = 3 * 8 * spec.n ** 2 + 3 * 8 * spec.n * feature_columns(spec)
+        if need > 0.8 * available_memory():
+            raise SpecError(f"the dense path forms the features of all N = {spec.n} rows and "
+                            f"K in this process: {need / 1e9:.1f} GB, more than is available; "
+                            "give --store (assembled on the workers) or --method lobpcg")
+    if spec.kernel.finite and spec.solver.precond.partition(":")[0] not in ("auto", "none"):
+        raise SpecError(f"--precond {spec.solver.precond} models the limiting kernels; for "
+                        f"--kernel {spec.kernel.kind} use --precond none (or auto)")
     if spec.solver.certify == "cholesky":
         from .solvers.cholesky import check_memory
 
-        reason = check_memory(spec.n)
+        reason = check_memory(spec.n, feature_columns(spec))
         if reason:
             raise SpecError(reason)
 
@@ -368,7 +401,7 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
         return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
                 "reason": "λ_min = 0 exactly (repeated rows): nothing to bracket"}
     if K is None:
-        reason = check_memory(spec.n)
+        reason = check_memory(spec.n, feature_columns(spec))
         if reason:  # the memory went elsewhere since the start: the solve's result stays
             log(f"note: {reason}; not certified by Cholesky")
             return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
@@ -451,11 +484,18 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
             checkpoint = Checkpoint(os.path.join(out, CHECKPOINT_FILE),
                                     {"out_hash": ckpt_hash, "method": s.method, "n": spec.n},
                                     every=checkpoint_every(s, cluster), log=log)
-        precond = make_preconditioner(s.precond, X, kern.depth, kern.kind, kern.normalization)
+        precond = make_preconditioner("none" if kern.finite else s.precond, X, kern.depth,
+                                      kern.kind, kern.normalization)
         log(f"preconditioner {precond.name} (rank {precond.rank}), "
             f"set-up {precond.setup_seconds:.1f} s")
-    cheap = upper_bounds(X, kern.depth, kern.kind, kern.normalization)
-    diag = kernel_diagonal(X, kern.depth, kern.kind, kern.normalization)
+    if kern.finite:  # no closed form: the diagonal of the matrix itself
+        diag = (np.diagonal(dense_matrix()).copy() if in_process or op is None
+                else op.diagonal())
+        cheap = {"upper_min_diagonal": float(diag.min()),
+                 "upper_trace_over_n": float(diag.mean())}
+    else:
+        cheap = upper_bounds(X, kern.depth, kern.kind, kern.normalization)
+        diag = kernel_diagonal(X, kern.depth, kern.kind, kern.normalization)
     sol = smallest_eigenpairs(matmat, spec.n, s.method, k=s.k, tol=s.tol,
                               block=_default_block(s, op),
                               precond=precond.apply if precond else None,
@@ -467,7 +507,11 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                               start=near_null_vectors(check, row_norms(X), spec.n))
     for note in sol.notes:
         log(f"note: {note}")
-    if spec.n <= BOUNDS_MAX_N:
+    if kern.finite:
+        from .bounds import finite_width_bounds
+
+        bounds = finite_width_bounds(spec.n, spec.d, kern, cheap)
+    elif spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, kern.depth, kern.kind, kern.normalization)
     elif op is not None and op.device == "cpu":  # O(N² L): on the workers, tile by tile
         from .chain import lambda_min_bounds_distributed
@@ -477,7 +521,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                                                kern.normalization, tile=op.tile, log=log)
     else:
         bounds = cheap
-    if spec.data.source == "sphere":
+    if spec.data.source == "sphere" and not kern.finite:
         bounds["prediction_staircase"] = staircase_prediction(
             spec.n, spec.d, kern.depth, kern.kind, kern.normalization)
         bounds["prediction"] = _prediction(spec)

@@ -31,6 +31,9 @@ from .data import (SYNTHETIC, check_dtype, check_rows, distinct_rows, file_sha25
 from .errors import SpecError
 from .kernels.limiting import KERNELS, NORMALIZATIONS
 
+#: Every kernel kind: the limits and the finite-width networks'.
+ALL_KERNELS = (*KERNELS, "empirical", "features")
+
 METHODS = ("dense", "lobpcg", "davidson", "lanczos")
 OPERATORS = ("auto", "store", "memory", "recompute")
 PRECISIONS = ("auto", "float64", "mixed")
@@ -130,36 +133,146 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """Which kernel matrix of the rows. Finite-width kinds will add their widths and weights
-    seed as further fields, written to the spec dict only when set (so that the hashes of
-    the limiting kernels do not change)."""
+    """Which kernel matrix of the rows: a limiting kernel (``ntk``, ``nngp``) or a finite-width
+    network's (``empirical``: the empirical NTK JJᵀ; ``features``: hidden layer ``layer``'s
+    feature Gram) with hidden ``widths`` and weights from ``weights_seed``
+    (:mod:`ntkdist.kernels.finite`). The finite-width fields are written to the spec dict only
+    when set, so the hashes of the limiting kernels do not change."""
 
     kind: str = "ntk"
     depth: int = 1
     normalization: str = "paper"
+    widths: tuple | None = None
+    weights_seed: int | None = None
+    layer: int | None = None
 
     def __post_init__(self):
-        _choice(self.kind, "kernel", KERNELS)
+        from .kernels.finite import FINITE_KERNELS, FINITE_NORMALIZATIONS, check_seed, check_widths
+
+        _choice(self.kind, "kernel", ALL_KERNELS)
         _positive_int(self.depth, "depth")
         if self.depth > MAX_DEPTH:
             raise SpecError(f"depth must be at most {MAX_DEPTH}, got {self.depth}")
-        _choice(self.normalization, "normalization", NORMALIZATIONS)
+        if self.kind not in FINITE_KERNELS:
+            for name in ("widths", "weights_seed", "layer"):
+                if getattr(self, name) is not None:
+                    raise SpecError(f"{name.replace('_', ' ')} applies to --kernel empirical "
+                                    f"or features, not {self.kind}")
+            _choice(self.normalization, "normalization", NORMALIZATIONS)
+            return
+        _choice(self.normalization, "normalization", FINITE_NORMALIZATIONS)
+        if self.widths is None:
+            raise SpecError(f"--kernel {self.kind} needs --widths n1,...,n_(L-1) (the hidden "
+                            "layers' widths)")
+        object.__setattr__(self, "widths", check_widths(self.widths))
+        if self.depth != len(self.widths) + 1:
+            raise SpecError(f"depth {self.depth} does not match the {len(self.widths)} hidden "
+                            f"width(s) given (depth = number of widths + 1 = "
+                            f"{len(self.widths) + 1}); leave --depth out")
+        object.__setattr__(self, "weights_seed", check_seed(
+            0 if self.weights_seed is None else self.weights_seed))
+        if self.kind == "features":
+            layer = self.depth - 1 if self.layer is None else self.layer
+            if isinstance(layer, bool) or not isinstance(layer, int) or \
+                    not 1 <= layer <= self.depth - 1:
+                raise SpecError(f"layer must be an integer in 1..{self.depth - 1} (a hidden "
+                                f"layer of the {len(self.widths)} given), got {layer!r}")
+            object.__setattr__(self, "layer", layer)
+        elif self.layer is not None:
+            raise SpecError("layer applies to --kernel features")
+
+    @property
+    def finite(self) -> bool:
+        return self.widths is not None
 
     def fields(self) -> dict:
-        return {"depth": self.depth, "kernel": self.kind, "normalization": self.normalization}
+        out = {"depth": self.depth, "kernel": self.kind, "normalization": self.normalization}
+        if self.finite:
+            out.update(widths=list(self.widths), weights_seed=self.weights_seed)
+            if self.layer is not None:
+                out["layer"] = self.layer
+        return out
+
+    def describe(self) -> str:
+        """One line: kind, depth, widths, normalisation."""
+        if not self.finite:
+            return f"{self.kind} depth {self.depth} ({self.normalization} normalization)"
+        what = "empirical NTK" if self.kind == "empirical" else f"layer {self.layer} features"
+        return (f"{what}, widths {','.join(map(str, self.widths))} (depth {self.depth}), "
+                f"weights seed {self.weights_seed} ({self.normalization} normalization)")
+
+    def _weights(self, d: int):
+        from .kernels.finite import SeededWeights
+
+        return SeededWeights(d, self.widths, self.weights_seed)
+
+    def factor(self, d: int) -> float:
+        """Finite kinds: the normalisation factor of the raw matrix."""
+        from .kernels.finite import normalization_factor
+
+        return normalization_factor(self.widths, self.kind, self.normalization, d, self.layer)
+
+    def features(self, rows, name: str = "rows"):
+        """What a row block contributes to its tiles: unit rows and norms
+        (:func:`ntkdist.kernels.row_block`) for the limiting kernels; for finite widths the
+        block's features and backward vectors (:func:`ntkdist.kernels.finite.block_features`),
+        computed from the seeded weights. NumPy or CuPy, as the rows."""
+        if not self.finite:
+            from .kernels.limiting import row_block
+
+            return row_block(rows, name)
+        from .kernels.finite import block_features
+
+        d = int(rows.shape[1])
+        return block_features(rows, self._weights(d), self.kind, self.layer, self.factor(d),
+                              name)
+
+    def feature_columns(self, d: int) -> int:
+        """Float64 values per row that :meth:`features` holds."""
+        if not self.finite:
+            return d + 1
+        from .kernels.finite import feature_columns
+
+        return feature_columns(d, self.widths, self.kind, self.layer)
+
+    def growth(self) -> float:
+        """A bound on K_ii/‖x_i‖² up to fluctuations (L; for finite widths L·Π n_l, the raw
+        matrix's scale), for refusing rows whose kernel would overflow."""
+        if not self.finite:
+            return float(self.depth)
+        return float(self.depth) * math.prod(float(n) for n in self.widths)
 
     def gram(self, X, Y=None):
         """The dense kernel matrix K(X, Y) (K(X, X) without Y), float64."""
+        if self.finite:
+            from .kernels.limiting import array_module
+
+            A = self.features(X, "X")
+            if Y is None:
+                K = self.tile(A, A)
+                xp = array_module(K)
+                return xp.triu(K) + xp.triu(K, 1).T
+            return self.tile(A, self.features(Y, "Y"))
         from .kernels.limiting import nngp, ntk
 
         return (ntk if self.kind == "ntk" else nngp)(X, Y, depth=self.depth,
                                                     normalization=self.normalization)
 
     def tile(self, A, B):
-        """K between two row blocks (:func:`ntkdist.kernels.row_block`), NumPy or CuPy."""
+        """K between two row blocks' :meth:`features`, NumPy or CuPy."""
+        if self.finite:
+            from .kernels.finite import finite_tile
+
+            return finite_tile(A, B)
         from .kernels.limiting import kernel_tile
 
         return kernel_tile(A, B, self.depth, self.kind, self.normalization)
+
+    def diagonal(self, A):
+        """K_ii of a row block's :meth:`features` (finite widths), float64 on its module."""
+        from .kernels.finite import finite_diagonal
+
+        return finite_diagonal(A)
 
 
 @dataclass(frozen=True)
@@ -286,15 +399,18 @@ class RunSpec:
     def from_dict(cls, d: dict) -> "RunSpec":
         """The inverse of :meth:`to_dict` (a result's or a store's recorded spec)."""
         known = {"data", "n", "d", "depth", "kernel", "normalization", "seed", "input_sha256",
-                 "dedupe", "n_input", *SOLVER_FIELDS}
+                 "dedupe", "n_input", "widths", "weights_seed", "layer", *SOLVER_FIELDS}
         unknown = sorted(set(d) - known)
         if unknown:
             raise SpecError(f"unknown spec field(s) {', '.join(unknown)}")
         data = DataSpec(source=d["data"], n=d["n"], d=d["d"], seed=d.get("seed"),
                         input_sha256=d.get("input_sha256"), dedupe=d.get("dedupe", False),
                         n_input=d.get("n_input"))
+        widths = d.get("widths")
         kernel = KernelSpec(kind=d.get("kernel", "ntk"), depth=d["depth"],
-                            normalization=d.get("normalization", "paper"))
+                            normalization=d.get("normalization", "paper"),
+                            widths=None if widths is None else tuple(widths),
+                            weights_seed=d.get("weights_seed"), layer=d.get("layer"))
         solver = SolverSpec(**{k: d[k] for k in SOLVER_FIELDS if k in d})
         return cls(data, kernel, solver)
 
@@ -417,10 +533,23 @@ def make_solver_spec(n: int, **options) -> SolverSpec:
 
 
 def make_kernel_spec(kind: str = "ntk", depth: int | None = None,
-                     normalization: str = "paper") -> KernelSpec:
+                     normalization: str | None = None, widths=None, weights_seed=None,
+                     layer=None) -> KernelSpec:
+    """A validated KernelSpec. Finite widths: the depth follows from ``widths`` (a given one
+    must agree), the weights seed defaults to 0, the layer of ``features`` to the last hidden
+    one."""
+    if kind in ("empirical", "features") and widths is not None:
+        from .kernels.finite import check_widths
+
+        widths = check_widths(widths)
+        depth = len(widths) + 1 if depth is None else depth
     if depth is None:
+        if kind in ("empirical", "features"):
+            raise SpecError(f"--kernel {kind} needs --widths n1,...,n_(L-1) (the hidden "
+                            "layers' widths)")
         raise SpecError("depth is required (the network depth L >= 1)")
-    return KernelSpec(kind=kind, depth=depth, normalization=normalization)
+    return KernelSpec(kind=kind, depth=depth, normalization=normalization or "paper",
+                      widths=widths, weights_seed=weights_seed, layer=layer)
 
 
 #: Options of a batch cluster (kind slurm or pbs), as ClusterSpec fields.
@@ -567,12 +696,14 @@ def _file_data(source, n, d, seed) -> DataSpec:
 
 
 def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = None,
-              depth: int, kernel: str = "ntk", normalization: str = "paper",
-              seed: int | None = None, method: str = "dense", dedupe: bool = False) -> RunSpec:
+              depth: int | None = None, kernel: str = "ntk", normalization: str = "paper",
+              seed: int | None = None, method: str = "dense", dedupe: bool = False,
+              widths=None, weights_seed: int | None = None,
+              layer: int | None = None) -> RunSpec:
     """A validated :class:`RunSpec` from plain values (the solver with its defaults and
-    ``method``)."""
-    kernel_spec = make_kernel_spec(kernel, depth, normalization)
-    data_spec = make_data_spec(data, n, d, seed, dedupe, depth=depth)
+    ``method``); finite widths: ``widths`` (the depth follows), ``weights_seed``, ``layer``."""
+    kernel_spec = make_kernel_spec(kernel, depth, normalization, widths, weights_seed, layer)
+    data_spec = make_data_spec(data, n, d, seed, dedupe, depth=kernel_spec.growth())
     return RunSpec(data_spec, kernel_spec, make_solver_spec(data_spec.n, method=method))
 
 

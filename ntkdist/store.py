@@ -36,6 +36,9 @@ from .zarr_chunks import ChunkSizeError, read_block
 FORMAT = "ntkdist-kernel-store"
 FORMAT_VERSION = 1
 DONE_DIR = "done"
+#: Finite widths: each row block's features, made once by an assembly for its tiles and
+#: removed when the store is complete (derived data, checked by a checksum beside each).
+FEATURES_DIR = "features"
 LOCK_FILE = ".lock"
 LAYOUT = ("X: N×d float64 rows, chunks (tile, d); K: N×N, chunks (tile, tile), fill NaN, "
           "only tiles I<=J written, K[J,I] = K[I,J]^T; done/X.I and done/K.I.J: JSON markers "
@@ -243,7 +246,8 @@ class KernelStore:
         half-written)."""
         for root, _, files in os.walk(self.path):
             for name in files:
-                if name.endswith(".partial") or (root.endswith(DONE_DIR) and ".tmp" in name):
+                if name.endswith(".partial") or (
+                        root.endswith((DONE_DIR, FEATURES_DIR)) and ".tmp" in name):
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(root, name))
 

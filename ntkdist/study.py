@@ -187,8 +187,10 @@ def _point(o: Options, out: str, storage: str, cluster: ClusterSpec) -> Point:
     from .operator.plan import Facts, make_plan
 
     try:  # the refusals that need no cluster, for every point before any runs
-        make_plan(spec.solver, cluster, Facts(n=spec.n, store="assemble" if storage != "none"
-                                              else None), tile, dtype)
+        make_plan(spec.solver, cluster, Facts(
+            n=spec.n, store="assemble" if storage != "none" else None,
+            feature_columns=spec.kernel.feature_columns(spec.d) if spec.kernel.finite else 0),
+            tile, dtype)
     except SpecError as exc:
         raise SpecError(f"{o.source}: point n={spec.n} d={spec.d} depth={spec.kernel.depth}: "
                         f"{exc}") from None

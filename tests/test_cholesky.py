@@ -141,8 +141,8 @@ def test_memory_check():
     reason = ch.check_memory(100000, available=24 * 10 ** 9)
     assert "at N = 100000" in reason and "24.0 GB are available" in reason and "N ≤" in reason
     n = ch.max_n(24 * 10 ** 9)
-    assert ch.check_memory(n, 24 * 10 ** 9) is None
-    assert ch.check_memory(n + 1, 24 * 10 ** 9) is not None
+    assert ch.check_memory(n, available=24 * 10 ** 9) is None
+    assert ch.check_memory(n + 1, available=24 * 10 ** 9) is not None
 
 
 def test_run_reports_the_bracket(tmp_path, capsys):

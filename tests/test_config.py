@@ -62,7 +62,25 @@ def test_specs_round_trip_through_their_dicts():
     assert isinstance(run.data, DataSpec) and isinstance(run.kernel, KernelSpec)
     assert isinstance(run.solver, SolverSpec)
     with pytest.raises(SpecError, match="unknown spec field"):
+        RunSpec.from_dict({**run.to_dict(), "activation": "tanh"})
+    with pytest.raises(SpecError, match="widths applies to --kernel empirical"):
         RunSpec.from_dict({**run.to_dict(), "widths": [3]})
+    for kernel, layer in (("empirical", None), ("features", 1)):
+        finite = make_spec(data="sphere", n=30, d=3, kernel=kernel, widths=[5, 7],
+                           weights_seed=4, layer=layer)
+        assert finite.kernel.depth == 3
+        assert RunSpec.from_dict(finite.to_dict()) == finite
+        fstore = make_store_spec(finite, 7, "float64")
+        assert StoreSpec.from_dict(fstore.to_dict()).hash() == fstore.hash()
+    assert make_spec(data="sphere", n=30, d=3, kernel="features", widths=[5, 7]).kernel.layer == 2
+    with pytest.raises(SpecError, match="does not match"):
+        make_spec(data="sphere", n=30, d=3, depth=2, kernel="empirical", widths=[5, 7])
+    with pytest.raises(SpecError, match="needs --widths"):
+        make_spec(data="sphere", n=30, d=3, depth=3, kernel="empirical")
+    with pytest.raises(SpecError, match="layer must be"):
+        make_spec(data="sphere", n=30, d=3, kernel="features", widths=[5, 7], layer=3)
+    with pytest.raises(SpecError, match="normalization"):
+        make_spec(data="sphere", n=30, d=3, kernel="ntk", depth=2, normalization="raw")
 
 
 def test_specs_are_frozen():

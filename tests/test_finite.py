@@ -193,3 +193,13 @@ def test_bad_inputs_are_refused_in_one_line():
         ntkdist.random_weights(3, [4, 0], 0)
     with pytest.raises(SpecError, match="seed"):
         ntkdist.random_weights(3, [4], -1)
+
+
+def test_finite_diagonal_is_the_tile_diagonal():
+    from ntkdist.kernels.finite import finite_diagonal
+
+    X = sphere(7, 4, 1)
+    for kind, layer in (("empirical", None), ("features", 1)):
+        A = block_features(X, SeededWeights(4, [9, 6], 2), kind, layer, factor=0.3)
+        np.testing.assert_allclose(finite_diagonal(A), np.diagonal(finite_tile(A, A)),
+                                   rtol=1e-14)

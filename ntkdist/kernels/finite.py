@@ -293,6 +293,29 @@ def finite_tile(A: FiniteBlock, B: FiniteBlock):
     return out
 
 
+def on_module(block, xp):
+    """A row block's features (a :class:`FiniteBlock` or a limiting ``RowBlock``) with its
+    arrays moved to the array module ``xp`` (NumPy or CuPy)."""
+    from .limiting import RowBlock
+
+    if isinstance(block, RowBlock):
+        return RowBlock(unit=xp.asarray(block.unit), norms=xp.asarray(block.norms))
+    return FiniteBlock(tuple((xp.asarray(F), None if D is None else xp.asarray(D))
+                             for F, D in block.terms), block.factor)
+
+
+def finite_diagonal(A: FiniteBlock):
+    """The diagonal of :func:`finite_tile` (A, A): factor · Σ ‖F_i‖² ‖Δ_i‖², rowwise."""
+    xp = array_module(A.terms[0][0])
+    out = xp.zeros(A.rows)
+    for F, D in A.terms:
+        part = xp.einsum("ij,ij->i", F, F)
+        if D is not None:
+            part *= xp.einsum("ij,ij->i", D, D)
+        out += part
+    return out * A.factor
+
+
 def _normalized(normalize) -> str:
     if normalize is True:
         return "paper"

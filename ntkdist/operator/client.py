@@ -153,11 +153,27 @@ class KernelOperator:
             try:  # a list, as the low-rank parts in _load; fresh keys (hash=False): the
                 # same rows scattered again by a later operator (a resumed solve, the next
                 # point of a sweep) must not race with the release of this one's
-                futs = client.scatter([row_block(X[i:i + t]) for i in range(0, self.n, t)],
-                                      broadcast=True, hash=False)
+                if self.kernel.finite:  # features made on the workers, block by block
+                    futs = self._finite_blocks(X, t)
+                else:
+                    futs = client.scatter([row_block(X[i:i + t]) for i in range(0, self.n, t)],
+                                          broadcast=True, hash=False)
             except _lost_worker_errors() as exc:
                 raise _worker_lost("while the rows were sent to the workers", exc) from None
             self._blocks = dict(enumerate(futs))
+
+    def _finite_blocks(self, X, t) -> list:
+        """Finite widths: each row block's features and backward vectors computed once, on
+        a worker (from the seeded weights, never sent), and kept there for every pass."""
+        from distributed import wait
+
+        parts = self.client.scatter([X[i:i + t] for i in range(0, self.n, t)], hash=False)
+        futs = [self.client.submit(self.kernel.features, p, pure=False) for p in parts]
+        with _one_line("while the features were computed",
+                       "computing the row blocks' features"):
+            wait(futs)
+            self._check_failed(futs)
+        return futs
 
     def _load(self, rows) -> None:
         """Read the kept tiles into the memory of the workers the plan assigns them to (with
@@ -198,6 +214,18 @@ class KernelOperator:
         """The rows X: as given (the caller's, already checked), else the store's, checked."""
         return np.asarray(rows if rows is not None else self.store.rows_checked(),
                           dtype=np.float64)
+
+    def diagonal(self) -> np.ndarray:
+        """K_ii in float64: from the store's diagonal tiles (checked), else from the row
+        blocks' features on the workers (finite widths)."""
+        if self.store is not None:
+            return np.concatenate([
+                np.diagonal(self.store.read_tile_checked(i, i)).astype(np.float64)
+                for i in range(self.store.spec.blocks)])
+        futs = [self.client.submit(self.kernel.diagonal, self._blocks[i], pure=False)
+                for i in sorted(self._blocks)]
+        with _one_line("while the diagonal was computed", "computing the kernel's diagonal"):
+            return np.concatenate([np.asarray(f.result(), dtype=np.float64) for f in futs])
 
     @staticmethod
     def _check_failed(futures):

@@ -18,7 +18,7 @@ def _pass_on_gpu(VT, n, t, pairs, blocks, kernel, token=None, keep=None):
     applied there in float64; only the b×N result returns to the host."""
     import cupy as cp
 
-    from ..kernels.limiting import RowBlock
+    from ..kernels.finite import on_module
 
     V = cp.asarray(VT, dtype=cp.float64)
     Y = cp.zeros((VT.shape[0], n), dtype=cp.float64)
@@ -27,7 +27,7 @@ def _pass_on_gpu(VT, n, t, pairs, blocks, kernel, token=None, keep=None):
 
     def block(i):
         if i not in gpu:
-            gpu[i] = RowBlock(unit=cp.asarray(blocks[i].unit), norms=cp.asarray(blocks[i].norms))
+            gpu[i] = on_module(blocks[i], cp)
         return gpu[i]
 
     for i, j in pairs:

@@ -54,11 +54,29 @@ def default_method(n: int, store: bool, device: str = "cpu") -> str:
     return "dense" if not store and n <= DENSE_MAX_N else "lobpcg"
 
 
-def default_tile(n: int, worker_memory: int | None) -> int:
-    """Tile side from worker memory: a tile task uses at most a quarter of its worker's limit."""
+#: Finite widths: the largest tile side, and the smallest: below it a tile's GEMMs lose
+#: their speed (a row block of features is what the tile task holds besides the tile).
+MIN_FINITE_TILE = 64
+#: Worker memory assumed where the cluster gives none, for sizing finite-width row blocks.
+UNKNOWN_MEMORY = 4 * 2 ** 30
+
+
+def feature_task_bytes(tile: int, columns: int) -> int:
+    """Bytes a tile task of finite widths holds besides the tile: two row blocks' features
+    and backward vectors (``columns`` float64 values a row) and the forward pass's temporaries
+    while one is made."""
+    return 3 * 8 * tile * columns
+
+
+def default_tile(n: int, worker_memory: int | None, columns: int = 0) -> int:
+    """Tile side from worker memory: a tile task uses at most a quarter of its worker's limit
+    (finite widths: with its row blocks' features, ``columns`` values a row)."""
     tile = DEFAULT_TILE
-    if worker_memory:
-        while tile > 256 and BYTES_PER_ENTRY * tile * tile > worker_memory / 4:
+    memory = worker_memory or (UNKNOWN_MEMORY if columns else None)
+    floor = MIN_FINITE_TILE if columns else 256
+    if memory:
+        while tile > floor and (BYTES_PER_ENTRY * tile * tile
+                                + feature_task_bytes(tile, columns)) > memory / 4:
             tile //= 2
     return min(tile, n)
 
@@ -74,11 +92,11 @@ def _smallest(memories) -> int | None:
 
 
 def store_layout(n: int, tile: int | None, dtype: str | None, had_tile: int | None,
-                 had_dtype: str | None, memories) -> tuple[int, str]:
+                 had_dtype: str | None, memories, columns: int = 0) -> tuple[int, str]:
     """(tile, dtype) of a store to assemble: the user's, else those of a store of the same
     problem already there (``had_…``, so that a rerun resumes it), else the defaults (tile
     from the smallest of the workers' ``memories``, dtype from N)."""
-    tile = tile or had_tile or default_tile(n, _smallest(memories))
+    tile = tile or had_tile or default_tile(n, _smallest(memories), columns)
     return min(tile, n), dtype or had_dtype or default_dtype(n)
 
 
@@ -91,7 +109,8 @@ class Facts:
     the complete store, or of an existing store of the same problem that a ``run --store``
     resumes. ``workers``: ((address, memory limit in bytes, 0 for none), …), None before the
     cluster is up. ``gpus``: ((address, free GPU bytes), …) of GPU workers. ``parallel_rows``:
-    rows parallel to (or repeating) another row.
+    rows parallel to (or repeating) another row. ``feature_columns``: finite-width kernels'
+    float64 values per row of a block's features (0 for the limiting kernels).
     """
 
     n: int
@@ -101,6 +120,7 @@ class Facts:
     workers: tuple | None = None
     gpus: tuple | None = None
     parallel_rows: int = 0
+    feature_columns: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +194,9 @@ def make_plan(solver: SolverSpec, cluster: ClusterSpec, facts: Facts, tile: int 
     s, n, device = solver, facts.n, cluster.device
     store = facts.store
     _refuse(s, n, device, store)
+    if facts.feature_columns and s.precision == "mixed":
+        raise SpecError("--precision mixed deflates the limiting kernels' Taylor part; for "
+                        "--kernel empirical or features use --precision float64 (or auto)")
     notes = []
     in_process = store is None and s.method == "dense"
     if in_process and cluster.explicit:
@@ -191,9 +214,10 @@ def make_plan(solver: SolverSpec, cluster: ClusterSpec, facts: Facts, tile: int 
         tile, dtype = facts.store_tile, facts.store_dtype
     elif store == "assemble":
         tile, dtype = store_layout(n, tile, dtype, facts.store_tile, facts.store_dtype,
-                                   workers.values())
+                                   workers.values(), facts.feature_columns)
     else:
-        tile = min(tile or default_tile(n, _smallest(workers.values())), n)
+        tile = min(tile or default_tile(n, _smallest(workers.values()), facts.feature_columns),
+                   n)
     sizes = tile_sizes(n, tile)
     if device == "gpu":
         return _gpu_plan(s, facts, base, workers, sizes, tile, dtype)
@@ -236,7 +260,7 @@ def _requested_precision(s: SolverSpec, facts: Facts) -> str:
     :mod:`ntkdist.solvers.mixed`). ``auto`` stays in float64 when rows repeat or are
     parallel: λ_min ≈ 0 then needs an absolute accuracy far below float32 products' noise
     floor (measured: N = 1500 with two such rows, 85 passes mixed against 57 in float64)."""
-    if s.method not in ("lobpcg", "davidson") or facts.store is None:
+    if s.method not in ("lobpcg", "davidson") or facts.store is None or facts.feature_columns:
         return "float64"
     if s.precision == "auto" and facts.parallel_rows > 0:
         return "float64"

@@ -68,10 +68,11 @@ def cholesky_allowance(n: int, trace_shifted: float, max_diag: float) -> float:
     return float(np.nextafter(delta * (1 + 4 * UNIT_ROUNDOFF * n), np.inf))
 
 
-def memory_needed(n: int) -> int:
+def memory_needed(n: int, columns: int = 0) -> int:
     """Bytes the certification holds: K in float64, two row blocks of it (the Rayleigh
-    quotient's |K| rows, a restore's copy) and a tile's temporaries."""
-    return 8 * n * n + 2 * 8 * BLOCK * n + 40 * 8 * BLOCK * BLOCK
+    quotient's |K| rows, a restore's copy) and a tile's temporaries; finite widths: every
+    row block's features while K is formed (``columns`` float64 values a row)."""
+    return 8 * n * n + 2 * 8 * BLOCK * n + 40 * 8 * BLOCK * BLOCK + 8 * n * columns
 
 
 def available_memory() -> int:
@@ -80,9 +81,9 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_memory(n: int, available: int | None = None) -> str | None:
+def check_memory(n: int, columns: int = 0, available: int | None = None) -> str | None:
     """Why K (n×n float64) cannot be held for the factorisation here, or None."""
-    need = memory_needed(n)
+    need = memory_needed(n, columns)
     have = available_memory() if available is None else available
     if need > MEMORY_SHARE * have:
         return (f"--certify cholesky holds K in float64 in this process: {need / 1e9:.1f} GB "
@@ -101,11 +102,9 @@ def max_n(available: int) -> int:
 def dense_kernel(X: np.ndarray, kernel) -> np.ndarray:
     """K(X, X) in float64, formed block by block with ``kernel.tile`` (the tile function the
     store and the operators use), C-ordered and exactly symmetric."""
-    from ..kernels.limiting import row_block
-
     n = X.shape[0]
     K = np.empty((n, n))
-    blocks = [row_block(X[i:i + BLOCK]) for i in range(0, n, BLOCK)]
+    blocks = [kernel.features(X[i:i + BLOCK]) for i in range(0, n, BLOCK)]
     for bi, A in enumerate(blocks):
         i = bi * BLOCK
         for bj in range(bi, len(blocks)):

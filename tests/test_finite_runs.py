@@ -1,0 +1,153 @@
+"""Finite-width kernels as users run them: run (dense, recompute), assemble, kill and resume,
+solve, verify, the result's theorem fields and the refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import ntkdist
+from conftest import file_tree
+from ntkdist.cli import main
+from ntkdist.spec import make_spec
+from ntkdist.store import KernelStore
+
+BASE = ["--n", "150", "--d", "6", "--seed", "5", "--kernel", "empirical", "--widths", "20,30",
+        "--weights-seed", "3"]
+
+
+def reference(n=150, d=6, seed=5, widths=(20, 30), weights_seed=3, kind="empirical",
+              layer=None, normalize="paper"):
+    X = make_spec(data="sphere", n=n, d=d, depth=2, seed=seed).rows()
+    weights = ntkdist.random_weights(d, widths, weights_seed)
+    if kind == "empirical":
+        return ntkdist.empirical_ntk(X, weights=weights, normalize=normalize)
+    return ntkdist.feature_gram(X, weights=weights, layer=layer, normalize=normalize)
+
+
+def result(path):
+    return json.load(open(os.path.join(path, "result.json")))
+
+
+def test_dense_run_matches_the_python_api_and_reports_the_theorem(tmp_path):
+    out = str(tmp_path / "r")
+    assert main(["run", *BASE, "--out", out]) == 0
+    r = result(out)
+    lam = np.linalg.eigvalsh(reference())[0]
+    assert r["lambda_min"] == pytest.approx(lam, rel=1e-10)
+    assert r["spec"]["widths"] == [20, 30] and r["spec"]["weights_seed"] == 3
+    assert r["depth"] == 3 and r["kernel"] == "empirical"
+    b = r["bounds"]
+    assert b["theorem"].startswith("Theorem 4.1") and b["assumptions_hold"] is False
+    assert "does not hold" in b["assumptions_note"]
+    assert b["upper_min_diagonal"] == pytest.approx(np.diagonal(reference()).min(), rel=1e-12)
+    assert b["theorem_scale"] == pytest.approx(6 * 20 * 30 * (2 / 20) * (2 / 30))
+    assert "prediction" not in b
+
+
+def test_features_raw_and_singular_width(tmp_path):
+    out = str(tmp_path / "f")
+    assert main(["run", "--n", "40", "--d", "5", "--kernel", "features", "--widths", "60,30",
+                 "--layer", "1", "--normalization", "raw", "--out", out]) == 0
+    r = result(out)
+    G = reference(n=40, d=5, seed=None, widths=(60, 30), weights_seed=0, kind="features",
+                  layer=1, normalize=False)
+    assert r["lambda_min"] == pytest.approx(np.linalg.eigvalsh(G)[0], rel=1e-9)
+    assert r["bounds"]["theorem"].startswith("Theorem 5.1")
+    out2 = str(tmp_path / "f2")
+    assert main(["run", "--n", "40", "--d", "5", "--kernel", "features", "--widths", "60,30",
+                 "--out", out2]) == 0
+    r2 = result(out2)
+    assert r2["singular_expected"] and "rank ≤ its width 30" in r2["singular_reason"]
+
+
+def test_recompute_store_and_solve_agree_with_dense(client, tmp_path):
+    addr = client.scheduler.address
+    lam = np.linalg.eigvalsh(reference())[0]
+    rec = str(tmp_path / "rec")
+    assert main(["run", *BASE, "--method", "lobpcg", "--tile", "40", "--scheduler", addr,
+                 "--out", rec]) == 0
+    assert result(rec)["lambda_min"] == pytest.approx(lam, rel=1e-7)
+    assert result(rec)["bounds"]["upper_min_diagonal"] == pytest.approx(
+        np.diagonal(reference()).min(), rel=1e-12)
+    store = str(tmp_path / "k.zarr")
+    assert main(["assemble", *BASE, "--store", store, "--tile", "40", "--scheduler", addr]) == 0
+    assert not os.path.exists(os.path.join(store, "features")), "the feature cache is dropped"
+    K = np.asarray(ntkdist.open_kernel(store).compute(scheduler="threads"))
+    ref = reference()
+    assert np.max(np.abs(K - ref)) <= 1e-12 * np.max(np.abs(ref))
+    sol = str(tmp_path / "sol")
+    assert main(["solve", "--store", store, "--method", "dense", "--out", sol]) == 0
+    assert result(sol)["lambda_min"] == pytest.approx(lam, rel=1e-10)
+    assert main(["verify", "--store", store, "--recompute", "3"]) == 0
+    assert not os.path.exists(os.path.join(store, "features")), "verify writes nothing"
+
+
+def test_weights_and_stores_do_not_depend_on_tiling_or_workers(client, tmp_path):
+    """Another tile side changes entries only by rounding; another worker count not at all."""
+    addr = client.scheduler.address
+    one, two, other = (str(tmp_path / f"{k}.zarr") for k in ("one", "two", "other"))
+    assert main(["assemble", *BASE, "--store", one, "--tile", "50", "--workers", "1"]) == 0
+    assert main(["assemble", *BASE, "--store", two, "--tile", "50", "--scheduler", addr]) == 0
+    assert file_tree(one) == file_tree(two)
+    assert main(["assemble", *BASE, "--store", other, "--tile", "64", "--scheduler", addr]) == 0
+    A = np.asarray(ntkdist.open_kernel(one).compute(scheduler="threads"))
+    B = np.asarray(ntkdist.open_kernel(other).compute(scheduler="threads"))
+    assert np.max(np.abs(A - B)) <= 1e-13 * np.max(np.abs(A))
+
+
+def test_killed_empirical_assembly_resumes_bitwise(client, tmp_path):
+    args = ["--n", "1200", "--d", "8", "--seed", "2", "--kernel", "empirical", "--widths",
+            "300,200", "--tile", "60"]
+    killed = str(tmp_path / "killed.zarr")
+    proc = subprocess.Popen([sys.executable, "-m", "ntkdist", "assemble", *args, "--store",
+                             killed, "--workers", "1"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = os.path.join(killed, "done")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        count = sum(n.startswith("K.") for n in os.listdir(done_dir)) if os.path.isdir(
+            done_dir) else 0
+        if count >= 30:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = KernelStore.open(killed)
+    assert 0 < len(store.pending()[1]) < len(store.upper_tiles()) - 25
+    assert os.listdir(os.path.join(killed, "features")), "the feature cache survives a kill"
+    # a damaged cached feature block is detected and made again, not trusted
+    with open(os.path.join(killed, "features", "3.npy"), "r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        f.write(b"\x7f" * 16)
+    addr = client.scheduler.address
+    assert main(["assemble", *args, "--store", killed, "--scheduler", addr]) == 0
+    clean = str(tmp_path / "clean.zarr")
+    assert main(["assemble", *args, "--store", clean, "--scheduler", addr]) == 0
+    assert file_tree(killed) == file_tree(clean)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--kernel", "ntk", "--depth", "2", "--widths", "4"], "widths applies to --kernel"),
+    (["--kernel", "empirical", "--widths", "4,0"], "widths must be positive"),
+    (["--kernel", "empirical", "--widths", "4,x"], "widths must be positive"),
+    (["--kernel", "empirical"], "--widths"),
+    (["--kernel", "empirical", "--widths", "4", "--depth", "3"], "does not match"),
+    (["--kernel", "features", "--widths", "4,5", "--layer", "0"], "layer must be"),
+    (["--kernel", "empirical", "--widths", "4", "--layer", "1"], "layer applies"),
+    (["--kernel", "empirical", "--widths", "4", "--weights-seed", "-2"], "seed"),
+    (["--kernel", "empirical", "--widths", "4", "--method", "lobpcg", "--precond",
+      "harmonic"], "--precond none"),
+    (["--kernel", "ntk", "--depth", "2", "--normalization", "raw"], "normalization"),
+])
+def test_refusals_are_one_line_exit_2(tmp_path, capsys, argv, words):
+    out = str(tmp_path / "bad")
+    assert main(["run", "--n", "30", "--d", "3", *argv, "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not os.path.exists(out)
