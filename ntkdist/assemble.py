@@ -97,25 +97,56 @@ def _finite_block(arr, sizes, factor):
     return FiniteBlock.from_array(arr, sizes, factor)
 
 
+#: Finite widths: the features of consecutive row blocks are made together, up to this many
+#: bytes, so that each group draws the weights once (a row block of a wide network costs its
+#: weights' generation, ~60 M normals/s, as much as its GEMMs).
+FEATURE_GROUP_BYTES = 2 * 2 ** 30
+
+
+def feature_group(store: KernelStore, i: int) -> range:
+    """The row blocks whose features are made with block I's: a fixed partition from the
+    store's spec alone, so a block's bytes never depend on the cluster or on what was done."""
+    spec = store.spec
+    row_bytes = 8 * spec.kernel.feature_columns(spec.data.d)
+    size = max(1, min(spec.blocks, FEATURE_GROUP_BYTES // (row_bytes * spec.tile)))
+    start = i // size * size
+    return range(start, min(start + size, spec.blocks))
+
+
+def _save_features(store: KernelStore, i: int, arr) -> None:
+    """Block I's features into the cache: the array, then its checksum, each renamed into
+    place (a reader never takes a half-written file for a done one)."""
+    file = _features_file(store, i)
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(file[:-4] + ".sum")
+    tmp = f"{file}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, file)
+    tmp = f"{file[:-4]}.sum.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(checksum(arr))
+    os.replace(tmp, file[:-4] + ".sum")
+
+
 def _make_features(store: KernelStore, i: int, cache: bool = True):
-    """Row block I's features from its checked rows; with ``cache``, also written to the
-    store's feature cache (array, then its checksum, each renamed into place)."""
-    block = store.spec.kernel.features(store.row_block_checked(i))
-    if cache:
-        arr = np.ascontiguousarray(block.to_array())
-        file = _features_file(store, i)
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(file[:-4] + ".sum")
-        tmp = f"{file}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, file)
-        tmp = f"{file[:-4]}.sum.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(checksum(arr))
-        os.replace(tmp, file[:-4] + ".sum")
-    return block
+    """Row block I's features, made with those of its :func:`feature_group` from the checked
+    rows; with ``cache``, the group's blocks are written to the store's feature cache."""
+    group = feature_group(store, i)
+    rows = np.concatenate([store.row_block_checked(k) for k in group])
+    block = store.spec.kernel.features(rows)
+    arr = block.to_array()
+    start = store.tile_slices(group[0], group[0])[0].start
+    out = None
+    for k in group:
+        sl = store.tile_slices(k, k)[0]
+        part = np.ascontiguousarray(arr[sl.start - start:sl.stop - start])
+        if cache:
+            _save_features(store, k, part)
+        if k == i:
+            out = _finite_block(part, block.sizes, block.factor)
+    return out
 
 
 def block_features(store: KernelStore, i: int, cache: bool = True):
@@ -129,11 +160,13 @@ def block_features(store: KernelStore, i: int, cache: bool = True):
     return block if block is not None else _make_features(store, i, cache)
 
 
-def write_features(path: str, i: int) -> None:
-    """Task: row block I's features into the store's feature cache (finite widths)."""
+def write_features(path: str, blocks) -> None:
+    """Task: the features of ``blocks`` (of one :func:`feature_group`) into the store's
+    feature cache, unless they are there (finite widths)."""
     store = KernelStore.open(path)
-    if _cached_features(store, i) is None:
-        _make_features(store, i)
+    missing = [i for i in blocks if _cached_features(store, i) is None]
+    if missing:
+        _make_features(store, missing[0])
 
 
 def remove_features(store: KernelStore) -> None:
@@ -216,12 +249,16 @@ def assemble(spec: StoreSpec, path: str, client, progress: bool = True, log=None
         _run({client.submit(write_rows, path, i, retries=2, pure=False): f"row block {i}"
               for i in rows}, path=path)
         if spec.kernel.finite and tiles:
-            blocks = sorted({k for pair in tiles for k in pair})
+            groups = {}
+            for k in sorted({k for pair in tiles for k in pair}):
+                groups.setdefault(feature_group(store, k)[0], []).append(k)
             if log:
-                log(f"features of {len(blocks)} row block(s) on the workers "
+                log(f"features of {sum(map(len, groups.values()))} row block(s) in "
+                    f"{len(groups)} task(s) on the workers "
                     f"({spec.kernel.feature_columns(spec.data.d)} values a row)")
-            _run({client.submit(write_features, path, i, retries=2, pure=False):
-                  f"features of row block {i}" for i in blocks}, path=path)
+            _run({client.submit(write_features, path, blocks, retries=2, pure=False):
+                  f"features of row blocks {blocks[0]}-{blocks[-1]}"
+                  for blocks in groups.values()}, path=path)
         bar = Progress(total, done_before, spec.tile ** 2) if progress else None
         futures = {client.submit(write_tile, path, i, j, retries=2, pure=False):
                    f"tile ({i}, {j})" for i, j in tiles}

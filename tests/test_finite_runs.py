@@ -151,3 +151,34 @@ def test_refusals_are_one_line_exit_2(tmp_path, capsys, argv, words):
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1
     assert not os.path.exists(out)
+
+
+def test_feature_groups_draw_weights_once_per_group_and_repair_bitwise(client, tmp_path,
+                                                                       monkeypatch):
+    """Groups of two row blocks (a small group budget): the store matches the reference, a
+    block whose cached features are lost is made again with its group's rows, and tiles
+    recomputed after their features were dropped have the bytes they had."""
+    from ntkdist import assemble as assemble_mod
+    from ntkdist.kernels import finite
+
+    cols = 6 + 2 * 50
+    monkeypatch.setattr(assemble_mod, "FEATURE_GROUP_BYTES", 8 * cols * 40 * 2)
+    drawn = []
+    rows = finite.SeededWeights.rows
+    monkeypatch.setattr(finite.SeededWeights, "rows",
+                        lambda self, l, a, b: drawn.append(l) or rows(self, l, a, b))
+    addr = client.scheduler.address
+    path = str(tmp_path / "g.zarr")
+    assert main(["assemble", *BASE, "--store", path, "--tile", "40", "--scheduler", addr]) == 0
+    store = KernelStore.open(path)
+    assert [list(assemble_mod.feature_group(store, i)) for i in range(4)] == [
+        [0, 1], [0, 1], [2, 3], [2, 3]]
+    assert drawn.count(1) == 2 * 1 and drawn.count(2) == 2 * 2  # W_2: forward and backward
+    K = np.asarray(ntkdist.open_kernel(path).compute(scheduler="threads"))
+    ref = reference()
+    assert np.max(np.abs(K - ref)) <= 1e-12 * np.max(np.abs(ref))
+    before = file_tree(path)
+    for key in ("K.1.3", "K.3.3"):
+        os.remove(os.path.join(path, "done", key))
+    assert main(["assemble", *BASE, "--store", path, "--tile", "40", "--scheduler", addr]) == 0
+    assert file_tree(path) == before
