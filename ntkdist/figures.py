@@ -171,10 +171,65 @@ def ratio_against_n(rows, path: str, title: str = "") -> str:
 
 
 def study_figures(study, rows, fits) -> list[str]:
-    """The three figures of a study, in its folder, from its certified rows; the paths."""
+    """The figures of a study, in its folder, from its certified rows; the paths: λ_min/d
+    against N and depth and the measured/predicted ratio for the limiting kernels' rows,
+    λ_min against width for the finite networks' rows."""
     from .study import certified_rows
 
     out, rows = study.out, certified_rows(rows)
-    return [lambda_against_n(rows, fits, os.path.join(out, "lambda_vs_n.png"), study.name),
-            lambda_against_depth(rows, os.path.join(out, "lambda_vs_depth.png"), study.name),
-            ratio_against_n(rows, os.path.join(out, "ratio_vs_n.png"), study.name)]
+    limits = [r for r in rows if r.get("width") is None]
+    finite = [r for r in rows if r.get("width") is not None]
+    paths = []
+    if limits or not finite:
+        paths += [lambda_against_n(limits, fits, os.path.join(out, "lambda_vs_n.png"),
+                                   study.name),
+                  lambda_against_depth(limits, os.path.join(out, "lambda_vs_depth.png"),
+                                       study.name),
+                  ratio_against_n(limits, os.path.join(out, "ratio_vs_n.png"), study.name)]
+    if finite:
+        paths.append(lambda_against_width(finite, os.path.join(out, "lambda_vs_width.png"),
+                                          study.name))
+    return paths
+
+
+def lambda_against_width(rows, path: str, title: str = "") -> str:
+    """λ_min of a finite network's kernel against its widest hidden layer, one panel per
+    (kernel, layer, data, N, d, L, normalisation): each weight seed as a dot, their mean as
+    a line, the limit's λ_min (where the study ran it) as a dashed line and, for the
+    normalised kernels, the theorem's scale d·Π n_l·factor (constant 1) as a dotted one."""
+    import numpy as np
+
+    plt = _pyplot()
+    groups = _by([r for r in rows if r["lambda_min"] is not None],
+                 ("kernel", "layer", "data", "n", "d", "depth", "normalization"))
+    fig, axes = _panels(plt, len(groups))
+    for ax, (key, group) in zip(axes, groups.items()):
+        kernel, layer, data, n, d, depth, norm = key
+        by_width = _by(group, ("width",))
+        widths = sorted(k[0] for k in by_width)
+        for r in group:
+            ax.plot(r["width"], r["lambda_min"], ".", color="C0", ms=4, alpha=0.5)
+        ax.plot(widths, [float(np.mean([r["lambda_min"] for r in by_width[(w,)]]))
+                         for w in widths], "o-", color="C0", ms=4,
+                label="finite width (mean over weight seeds)")
+        limit = [r["limit_lambda_min"] for r in group if r.get("limit_lambda_min") is not None]
+        if limit:
+            ax.axhline(float(np.mean(limit)), color="k", ls="--", lw=1,
+                       label="infinite-width limit")
+        scales = [r.get("theorem_scale") for r in group if r.get("theorem_scale")]
+        if scales and norm != "raw":
+            ax.axhline(float(np.mean(scales)), color="C3", ls=":", lw=1,
+                       label="theorem's scale d·Π n_l (constant 1)")
+        need = n * math.log(n) * math.log(n / 0.01)
+        if widths[0] <= need <= widths[-1] * 4:
+            ax.axvline(need, color="0.6", lw=0.8, label="N log N log(N/δ), δ = 0.01")
+        ax.set_xscale("log")
+        if norm == "raw":
+            ax.set_yscale("log")
+        _plain_minor_ticks(ax)
+        ax.set_xlabel("widest hidden layer n")
+        ax.set_ylabel("λ_min" + (" (raw)" if norm == "raw" else f" ({norm} normalisation)"))
+        what = "empirical NTK" if kernel == "empirical" else f"layer {layer} features"
+        ax.set_title(f"{_short(data)}, {what}, N = {n}, d = {d}, L = {depth}", fontsize=9)
+        ax.legend(fontsize=6)
+    return _save(plt, fig, path, title)

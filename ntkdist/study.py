@@ -38,6 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from .assemble import FEATURE_GROUP_BYTES
 from .config import (TABLES, Options, cluster_request, merge, read_toml, run_request,
                      store_request)
 from .errors import SpecError
@@ -51,11 +52,13 @@ AXIS_TABLES = ("data", "kernel", "solver", "store")
 RESULTS_CSV = "results.csv"
 FITS_CSV = "fits.csv"
 COLUMNS = (
-    "point", "n", "d", "depth", "kernel", "normalization", "data", "seed", "method", "k",
+    "point", "n", "d", "depth", "kernel", "normalization", "widths", "width", "weights_seed",
+    "layer", "data", "seed", "method", "k",
     "tol", "status", "lambda_min", "lambda_over_d", "residual_norm", "certified_rel_accuracy",
     "lambda_min_lower_certified", "lambda_min_upper_certified",
     "lower_bound", "upper_bound", "prediction", "measured_over_predicted", "passes",
-    "iterations", "wall_seconds", "solver_seconds", "bytes_read", "store_bytes", "spec_hash",
+    "iterations", "wall_seconds", "solver_seconds", "bytes_read", "store_bytes",
+    "limit_lambda_min", "theorem_scale", "width_condition_holds", "spec_hash",
 )
 
 
@@ -91,6 +94,36 @@ def _axis_values(name: str, table: str, key: str, value):
     if isinstance(value, dict):
         raise SpecError(f"{name}: [{table}] {key} must be a value, not a table")
     return [value]
+
+
+def _width_lists(value) -> bool:
+    """Whether a ``widths`` value is an axis: a list of width lists (or of "n1,n2" texts)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (list, str)) for v in value)
+
+
+def _width_axis(name: str, table: str, value) -> list:
+    if not _width_lists(value):
+        raise SpecError(f"{name}: [{table}] widths must be a list of width lists, e.g. "
+                        "[[625, 625], [1250, 1250]]")
+    return [tuple(v) if isinstance(v, list) else v for v in value]
+
+
+def _limit_options(o: Options, spec: RunSpec) -> Options | None:
+    """A finite-width point's limit, run beside it in the study (the line its figure draws):
+    the limiting NTK of the same depth for the empirical NTK, the NNGP of depth k + 1 for
+    layer k's features; none for the raw matrices, which have no limit."""
+    k = spec.kernel
+    if not k.finite or k.normalization == "raw":
+        return None
+    limit = Options(o, source=o.source, from_file=o.from_file)
+    for key in ("widths", "weights_seed", "layer"):
+        limit.pop(key, None)
+    limit["kernel"] = "ntk" if k.kind == "empirical" else "nngp"
+    limit["depth"] = k.depth if k.kind == "empirical" else k.layer + 1
+    if limit.get("precond") in ("none", None):
+        limit.pop("precond", None)  # the limits' own preconditioner
+    return limit
 
 
 def load_study(path: str, out: str, cluster_flags: dict | None = None) -> Study:
@@ -130,6 +163,12 @@ def load_study(path: str, out: str, cluster_flags: dict | None = None) -> Study:
             if table == "store" and key == "path":
                 raise SpecError(f"{name}: [store] path is chosen by the study (DIR/stores); "
                                 "set [study] storage instead")
+            if table == "kernel" and key == "widths":
+                if _width_lists(value):
+                    axes.append((opt, _width_axis(name, "kernel", value)))
+                else:
+                    fixed[opt] = value
+                continue
             if table == "cluster" or not isinstance(value, list):
                 if isinstance(value, (list, dict)):
                     raise SpecError(f"{name}: [{table}] {key} must be one value (one cluster "
@@ -151,7 +190,8 @@ def load_study(path: str, out: str, cluster_flags: dict | None = None) -> Study:
             raise SpecError(f"{name}: [zip] {key} is also set in [{flat[opt][0]}]")
         if not isinstance(value, list):
             raise SpecError(f"{name}: [zip] {key} must be a list")
-        zip_axes.append((opt, _axis_values(name, "zip", key, value)))
+        zip_axes.append((opt, _width_axis(name, "zip", value) if opt == "widths"
+                         else _axis_values(name, "zip", key, value)))
     lengths = {len(v) for _, v in zip_axes}
     if len(lengths) > 1:
         raise SpecError(f"{name}: the [zip] lists must have equal lengths, got "
@@ -164,14 +204,21 @@ def load_study(path: str, out: str, cluster_flags: dict | None = None) -> Study:
         raise SpecError(f"{name}: [store] tile and dtype need [study] storage keep or delete")
     combos = list(itertools.product(*[v for _, v in axes])) or [()]
     rows = list(zip(*[v for _, v in zip_axes])) if zip_axes else [()]
-    points, seen = [], {}
+    points, seen, limits = [], {}, {}
     for zrow in rows:
         for combo in combos:
             o = Options(fixed, source=name, from_file=fixed.from_file | {
                 a for a, _ in axes + zip_axes})
             o.update({a: v for (a, _), v in zip(axes, combo)})
             o.update({a: v for (a, _), v in zip(zip_axes, zrow)})
-            points.append(_point(o, out, storage, cluster))
+            point = _point(o, out, storage, cluster)
+            points.append(point)
+            limit = _limit_options(o, point.spec)
+            if limit is not None:
+                lp = _point(limit, out, storage, cluster)
+                limits.setdefault(lp.label, lp)
+    labels = {p.label for p in points}
+    points += [p for label, p in limits.items() if label not in labels]
     for p in points:
         if p.label in seen:
             raise SpecError(f"{name}: two points of the grid are the same run ({p.label})")
@@ -196,7 +243,9 @@ def _point(o: Options, out: str, storage: str, cluster: ClusterSpec) -> Point:
                         f"{exc}") from None
     source = spec.data.source if spec.data.synthetic else os.path.splitext(
         os.path.basename(spec.data.source))[0]
-    label = (f"{source}-n{spec.n}-d{spec.d}-L{spec.kernel.depth}-{spec.kernel.kind}"
+    k = spec.kernel
+    label = (f"{source}-n{spec.n}-d{spec.d}-L{k.depth}-{k.kind}"
+             + (f"-w{'x'.join(map(str, k.widths))}-ws{k.weights_seed}" if k.finite else "")
              + (f"-s{spec.data.seed}" if spec.data.seed is not None else "")
              + f"-{spec.hash()[:8]}")
     store = None
@@ -222,6 +271,8 @@ EIGH_FLOPS_PER_N3 = 7.0
 #: tile function's in-process rate at depth 3 (22 M/s and 18 M/s against 35 M/s measured).
 ASSEMBLY_SHARE = 0.65
 CHAIN_SHARE = 0.5
+#: Finite widths: normal draws a second per core (NumPy's Philox).
+WEIGHTS_PER_S = 6e7
 
 
 def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
@@ -245,14 +296,30 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     gemm = rates["gemm_flops_per_s"] * share
     dtype = point.dtype or default_dtype(n)
     disk = n * n * (4 if dtype == "float32" else 8) // 2 if point.store else 0
+    build_s, pass_s = n * n / 2 / entries_s, n * n / 2 / entries_s  # all tiles; a pass's
+    columns = 0
+    if spec.kernel.finite:  # GEMMs: the features once (forward and backward), then the tiles
+        k = spec.kernel
+        columns = k.feature_columns(spec.d)
+        dims = (spec.d, *k.widths, 1)[:(k.layer + 1) if k.kind == "features" else None]
+        weights = sum(a * b for a, b in zip(dims, dims[1:]))
+        pass_s = n * n * columns / gemm
+        groups = max(1.0, 8.0 * n * columns / FEATURE_GROUP_BYTES)
+        build_s = (2 * (2 if k.kind == "empirical" else 1) * n * weights / gemm + pass_s
+                   + groups * 2 * weights / WEIGHTS_PER_S / share)
+        disk += 8 * n * columns if point.store else 0  # the feature cache while assembling
     chain = n * n * max(depth - 1, 1) / chain_s
     # --certify cholesky: K formed and factorised in this process (one attempt, n³/3 flops)
     certify = (n * n / 2 / (entries_s / share) + n ** 3 / 3 / rates["gemm_flops_per_s"]
                if s.certify == "cholesky" else 0.0)
     client = memory_needed(n) if s.certify == "cholesky" else 0
+    if spec.kernel.finite:
+        chain = 0.0  # no proof chain for a finite network
     if s.method == "dense" and point.store is None:
-        memory = 3 * 8 * n * n
-        seconds = n * n / entries_s + EIGH_FLOPS_PER_N3 * n ** 3 / gemm + chain + certify
+        memory = 3 * 8 * n * n + 3 * 8 * n * columns
+        # in this process, the finite networks' GEMMs on one BLAS thread
+        build = build_s * share * rates["cores"] if columns else n * n / entries_s
+        seconds = build + EIGH_FLOPS_PER_N3 * n ** 3 / gemm + chain + certify
         return {"disk": disk, "memory": memory, "seconds": seconds, "client_memory": client}
     tile = point.tile or default_tile(n, rates["worker_memory"])
     passes = min(s.max_products,
@@ -262,13 +329,13 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     products = 2.0 * block * n * n / (gemm * PASS_EFFICIENCY)
     precond = 1e-8 * n * spec.d ** 2
     if point.store:
-        assemble = n * n / 2 / entries_s
+        assemble = build_s
         cached = disk <= 0.4 * rates["worker_memory"] * workers
         per_pass = PASS_OVERHEAD + products + (0 if cached else disk / rates["disk_bytes_per_s"])
         memory = min(disk, 0.4 * rates["worker_memory"] * workers) + 40 * tile * tile
         seconds = assemble + passes * per_pass + chain + precond + 2.0
     else:  # the recompute operator
-        per_pass = PASS_OVERHEAD + n * n / 2 / entries_s + products
+        per_pass = PASS_OVERHEAD + pass_s + products
         memory = 40 * tile * tile * workers
         seconds = passes * per_pass + chain + precond + 2.0
     return {"disk": disk, "memory": memory, "seconds": seconds + certify,
@@ -456,9 +523,13 @@ def _row(p: Point, r: dict) -> dict:
     store_bytes = None
     if p.store and r.get("operator_memory"):
         store_bytes = r["operator_memory"].get("tile_bytes")
+    k = p.spec.kernel
     return {
         "point": p.label, "n": r["n"], "d": r["d"], "depth": r["depth"], "kernel": r["kernel"],
         "normalization": r["normalization"],
+        "widths": ",".join(map(str, k.widths)) if k.finite else None,
+        "width": max(k.widths) if k.finite else None,
+        "weights_seed": k.weights_seed, "layer": k.layer,
         "data": r["data"] if p.spec.data.synthetic else p.spec.data.source,
         "seed": r["seed"], "method": r["spec"]["method"], "k": r["k"], "tol": r["spec"]["tol"],
         "status": r["status"], "lambda_min": lam,
@@ -474,17 +545,29 @@ def _row(p: Point, r: dict) -> dict:
         "passes": r.get("passes_total") if r.get("passes_total") is not None else r.get("passes"),
         "iterations": r.get("iterations"), "wall_seconds": r["wall_seconds"],
         "solver_seconds": r["solver_seconds"], "bytes_read": r.get("bytes_read"),
-        "store_bytes": store_bytes, "spec_hash": r["spec_hash"],
+        "store_bytes": store_bytes, "limit_lambda_min": None,
+        "theorem_scale": b.get("theorem_scale"),
+        "width_condition_holds": b.get("assumptions_hold"), "spec_hash": r["spec_hash"],
     }
 
 
 def collect(study: Study) -> list[dict]:
-    """The finished points' rows, in the study's order."""
+    """The finished points' rows, in the study's order; a finite-width row gets the λ_min of
+    its limit (:func:`_limit_options`) where the study has it."""
     rows = []
     for p in study.points:
         r = _finished(p)
         if r is not None:
             rows.append(_row(p, r))
+    limits = {(r["data"], r["seed"], r["n"], r["d"], r["normalization"], r["method"],
+               r["kernel"], r["depth"]): r["lambda_min"]
+              for r in rows if r["kernel"] in ("ntk", "nngp")}
+    for r in rows:
+        if r["width"] is not None:
+            kind, depth = (("ntk", r["depth"]) if r["kernel"] == "empirical"
+                           else ("nngp", r["layer"] + 1))
+            r["limit_lambda_min"] = limits.get((r["data"], r["seed"], r["n"], r["d"],
+                                                r["normalization"], r["method"], kind, depth))
     return rows
 
 

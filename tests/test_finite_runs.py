@@ -182,3 +182,55 @@ def test_feature_groups_draw_weights_once_per_group_and_repair_bitwise(client, t
         os.remove(os.path.join(path, "done", key))
     assert main(["assemble", *BASE, "--store", path, "--tile", "40", "--scheduler", addr]) == 0
     assert file_tree(path) == before
+
+
+def test_study_sweeps_widths_with_the_limit_beside(tmp_path):
+    import csv
+
+    study = tmp_path / "widths.toml"
+    study.write_text('''
+[study]
+storage = "none"
+[data]
+source = "sphere"
+n = 60
+d = 5
+seed = 1
+[kernel]
+kind = ["empirical", "features"]
+widths = [[8, 8], [64, 64], [512, 512]]
+weights_seed = [0, 1]
+''')
+    out = str(tmp_path / "s")
+    assert main(["sweep", str(study), "--out", out]) == 0
+    rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+    finite = [r for r in rows if r["kernel"] in ("empirical", "features")]
+    limits = {r["kernel"]: r for r in rows if r["kernel"] in ("ntk", "nngp")}
+    assert len(finite) == 12 and set(limits) == {"ntk", "nngp"}
+    assert limits["ntk"]["depth"] == "3" and limits["nngp"]["depth"] == "3"
+    X = make_spec(data="sphere", n=60, d=5, depth=3, seed=1).rows()
+    assert float(limits["ntk"]["lambda_min"]) == pytest.approx(
+        np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0], rel=1e-9)
+    for r in finite:
+        assert float(r["limit_lambda_min"]) == float(limits[
+            "ntk" if r["kernel"] == "empirical" else "nngp"]["lambda_min"])
+        assert r["width_condition_holds"] == "False" and float(r["theorem_scale"]) > 0
+    wide = [r for r in finite if r["kernel"] == "empirical" and r["width"] == "512"]
+    W = ntkdist.random_weights(5, [512, 512], int(wide[0]["weights_seed"]))
+    K = ntkdist.empirical_ntk(X, weights=W, normalize=True)
+    assert float(wide[0]["lambda_min"]) == pytest.approx(np.linalg.eigvalsh(K)[0], rel=1e-9)
+    errors = {w: np.mean([abs(float(r["lambda_min"]) - float(r["limit_lambda_min"]))
+                          for r in finite if r["kernel"] == "empirical" and r["width"] == w])
+              for w in ("8", "512")}
+    assert errors["512"] < errors["8"]
+    assert os.path.getsize(os.path.join(out, "lambda_vs_width.png")) > 10000
+    # a rerun finds every point done
+    assert main(["sweep", str(study), "--out", out]) == 0
+
+
+def test_study_width_axis_refusals(tmp_path, capsys):
+    study = tmp_path / "bad.toml"
+    study.write_text('[data]\nn = 20\nd = 3\n[kernel]\nkind = "empirical"\n'
+                     'widths = [[4, 0]]\n')
+    assert main(["sweep", str(study), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "widths must be positive" in capsys.readouterr().err
