@@ -234,3 +234,25 @@ def test_study_width_axis_refusals(tmp_path, capsys):
                      'widths = [[4, 0]]\n')
     assert main(["sweep", str(study), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "widths must be positive" in capsys.readouterr().err
+
+
+def test_a_layer_of_width_100000(tmp_path):
+    """Widths far above N: the weights streamed in spans, J (30 × 400000) never formed."""
+    out = str(tmp_path / "wide")
+    assert main(["run", "--n", "30", "--d", "3", "--kernel", "empirical", "--widths", "100000",
+                 "--normalization", "raw", "--out", out]) == 0
+    X = make_spec(data="sphere", n=30, d=3, depth=2, seed=None).rows()
+    W = ntkdist.random_weights(3, [100000], 0)
+    F = np.maximum(X @ W[0].T, 0)
+    ref = F @ F.T + (X @ X.T) * (((F > 0) * W[1][0]) @ ((F > 0) * W[1][0]).T)
+    assert result(out)["lambda_min"] == pytest.approx(np.linalg.eigvalsh(ref)[0], rel=1e-9)
+
+
+def test_a_network_whose_row_blocks_fit_no_worker_is_refused(client, tmp_path, capsys):
+    out = str(tmp_path / "huge")
+    assert main(["run", "--n", "200", "--d", "3", "--kernel", "empirical", "--widths",
+                 "90000000", "--method", "lobpcg", "--memory-limit", "2GB", "--workers", "1",
+                 "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "more than a worker's" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(out)

@@ -314,3 +314,34 @@ def test_a_gpu_pass_with_a_forgotten_transfer_fails_with_one_line(client, fake_g
     monkeypatch.setitem(sys.modules, "cupy", fake_gpu)
     np.testing.assert_array_equal(op.matmat(V), ok)
     op.close()
+
+
+def test_finite_features_and_tiles_on_fake_device_arrays(fake_gpu):
+    """The finite-width features and tile run on the device module (weights drawn on the
+    host and moved over) and give the NumPy path's numbers."""
+    from ntkdist.kernels.finite import (SeededWeights, block_features, finite_diagonal,
+                                        finite_tile, on_module)
+
+    X = np.random.default_rng(SEED).standard_normal((40, 6))
+    w = SeededWeights(6, [30, 9, 17], seed=2)
+    for kind, layer in (("empirical", None), ("features", 2)):
+        host = block_features(X, w, kind, layer, factor=0.5)
+        dev = block_features(fake_gpu.asarray(X), w, kind, layer, factor=0.5)
+        assert array_module(dev.terms[0][0]) is fake_gpu
+        want = finite_tile(host, host)
+        got = finite_tile(dev, on_module(host, fake_gpu))
+        np.testing.assert_allclose(got.get(), want, rtol=1e-13, atol=1e-13 * abs(want).max())
+        np.testing.assert_allclose(finite_diagonal(dev).get(), np.diagonal(want), rtol=1e-13)
+
+
+def test_empirical_kernel_runs_on_gpu_workers(client, fake_gpu, tmp_path):
+    args = ["--n", "120", "--d", "5", "--seed", "3", "--kernel", "empirical", "--widths",
+            "25,40", "--weights-seed", "1"]
+    out_cpu, out_gpu = str(tmp_path / "cpu"), str(tmp_path / "gpu")
+    assert main(["run", *args, "--out", out_cpu]) == 0
+    assert main(["run", *args, "--out", out_gpu, "--device", "gpu", "--scheduler",
+                 client.scheduler.address]) == 0
+    cpu = json.load(open(os.path.join(out_cpu, "result.json")))
+    gpu = json.load(open(os.path.join(out_gpu, "result.json")))
+    assert gpu["device"] == "gpu" and gpu["gpus"] == [fakecupy.NAME]
+    assert gpu["lambda_min"] == pytest.approx(cpu["lambda_min"], rel=1e-7)

@@ -218,6 +218,13 @@ def make_plan(solver: SolverSpec, cluster: ClusterSpec, facts: Facts, tile: int 
     else:
         tile = min(tile or default_tile(n, _smallest(workers.values()), facts.feature_columns),
                    n)
+    smallest = _smallest(workers.values())
+    need = BYTES_PER_ENTRY * tile * tile + feature_task_bytes(tile, facts.feature_columns)
+    if facts.feature_columns and smallest and need > smallest:
+        raise SpecError(f"a tile task of this network holds two row blocks of {tile} rows × "
+                        f"{facts.feature_columns} features ({need / 1e9:.1f} GB with the "
+                        f"tile), more than a worker's {smallest / 1e9:.1f} GB: give the workers "
+                        "more memory (--memory-limit) or a smaller --tile, or narrower layers")
     sizes = tile_sizes(n, tile)
     if device == "gpu":
         return _gpu_plan(s, facts, base, workers, sizes, tile, dtype)
