@@ -381,9 +381,10 @@ def check_certify(spec: RunSpec, in_process: bool = False) -> None:
             raise SpecError(f"the dense path forms the features of all N = {spec.n} rows and "
                             f"K in this process: {need / 1e9:.1f} GB, more than is available; "
                             "give --store (assembled on the workers) or --method lobpcg")
-    if spec.kernel.finite and spec.solver.precond.partition(":")[0] not in ("auto", "none"):
+    if spec.kernel.finite and spec.solver.precond.partition(":")[0] not in (
+            "auto", "none", "nystrom"):
         raise SpecError(f"--precond {spec.solver.precond} models the limiting kernels; for "
-                        f"--kernel {spec.kernel.kind} use --precond none (or auto)")
+                        f"--kernel {spec.kernel.kind} use nystrom[:RANK] (auto) or none")
     if spec.solver.certify == "cholesky":
         from .solvers.cholesky import check_memory
 
@@ -422,6 +423,16 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
     else:
         log(f"note: --certify cholesky {proof['status']}: {proof['reason']}")
     return proof
+
+
+def _columns(matmat, n: int):
+    """idx ↦ K[:, idx] by one product with the unit vectors (kernels without a closed form)."""
+    def columns(idx):
+        E = np.zeros((n, len(idx)))
+        E[idx, np.arange(len(idx))] = 1.0
+        return matmat(E)
+
+    return columns
 
 
 def _log_device(op, log) -> None:
@@ -484,8 +495,9 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
             checkpoint = Checkpoint(os.path.join(out, CHECKPOINT_FILE),
                                     {"out_hash": ckpt_hash, "method": s.method, "n": spec.n},
                                     every=checkpoint_every(s, cluster), log=log)
-        precond = make_preconditioner("none" if kern.finite else s.precond, X, kern.depth,
-                                      kern.kind, kern.normalization)
+        precond = make_preconditioner(s.precond, X, kern.depth, kern.kind,
+                                      kern.normalization,
+                                      columns=_columns(matmat, spec.n) if kern.finite else None)
         log(f"preconditioner {precond.name} (rank {precond.rank}), "
             f"set-up {precond.setup_seconds:.1f} s")
     if kern.finite:  # no closed form: the diagonal of the matrix itself

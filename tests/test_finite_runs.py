@@ -84,6 +84,12 @@ def test_recompute_store_and_solve_agree_with_dense(client, tmp_path):
     sol = str(tmp_path / "sol")
     assert main(["solve", "--store", store, "--method", "dense", "--out", sol]) == 0
     assert result(sol)["lambda_min"] == pytest.approx(lam, rel=1e-10)
+    it = str(tmp_path / "it")
+    assert main(["solve", "--store", store, "--method", "lobpcg", "--out", it,
+                 "--scheduler", addr]) == 0
+    r = result(it)
+    assert r["status"] == "certified" and r["lambda_min"] == pytest.approx(lam, rel=1e-8)
+    assert r["preconditioner"]["name"].startswith("nystrom") and r["passes"] < 100
     assert main(["verify", "--store", store, "--recompute", "3"]) == 0
     assert not os.path.exists(os.path.join(store, "features")), "verify writes nothing"
 
@@ -142,7 +148,7 @@ def test_killed_empirical_assembly_resumes_bitwise(client, tmp_path):
     (["--kernel", "empirical", "--widths", "4", "--layer", "1"], "layer applies"),
     (["--kernel", "empirical", "--widths", "4", "--weights-seed", "-2"], "seed"),
     (["--kernel", "empirical", "--widths", "4", "--method", "lobpcg", "--precond",
-      "harmonic"], "--precond none"),
+      "harmonic"], "nystrom"),
     (["--kernel", "ntk", "--depth", "2", "--normalization", "raw"], "normalization"),
 ])
 def test_refusals_are_one_line_exit_2(tmp_path, capsys, argv, words):

@@ -167,8 +167,20 @@ def nystrom(X: np.ndarray, depth: int, kernel: str, normalization: str,
     t0 = time.perf_counter()
     n = X.shape[0]
     m = min(rank, n)
-    idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+    idx = nystrom_columns(n, m, seed)
     C = kernel_tile(row_block(X), row_block(X[idx]), depth, kernel, normalization)
+    return nystrom_from(C, idx, t0)
+
+
+def nystrom_columns(n: int, m: int, seed: int = 0) -> np.ndarray:
+    """The m column indices (sorted) a Nyström preconditioner samples."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(m, n), replace=False))
+
+
+def nystrom_from(C: np.ndarray, idx: np.ndarray, t0: float) -> Preconditioner:
+    """The Nyström preconditioner from K's columns ``C`` = K[:, idx] (N × m, float64): the
+    top of K's spectrum, as the sampled columns see it, flattened to its m-th value."""
+    m = len(idx)
     W = C[idx]
     W = (W + W.T) / 2
     shift = np.finfo(float).eps * np.trace(W)
@@ -186,9 +198,19 @@ def nystrom(X: np.ndarray, depth: int, kernel: str, normalization: str,
 
 
 def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: str,
-                        seed: int = 0) -> Preconditioner:
-    """``auto`` | ``harmonic[:DEGREE]`` | ``nystrom[:RANK]`` | ``none``."""
+                        seed: int = 0, columns=None) -> Preconditioner:
+    """``auto`` | ``harmonic[:DEGREE]`` | ``nystrom[:RANK]`` | ``none``. ``columns``: a
+    function idx ↦ K[:, idx] for a kernel without a closed form (a finite network's: one
+    pass of its operator), which takes ``nystrom`` (``auto``: rank ``DEFAULT_NYSTROM_RANK``)
+    and ``none`` only."""
     base, _, arg = name.partition(":")
+    if columns is not None:
+        if base in ("auto", "nystrom"):
+            t0 = time.perf_counter()
+            idx = nystrom_columns(X.shape[0], int(arg) if arg else DEFAULT_NYSTROM_RANK, seed)
+            return nystrom_from(np.asarray(columns(idx), dtype=np.float64), idx, t0)
+        if base != "none":
+            raise ValueError(f"preconditioner {name!r} needs the kernel's closed form")
     if base == "auto":
         base = "harmonic" if depth >= 2 else "none"
     if base == "none":
