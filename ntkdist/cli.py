@@ -456,10 +456,16 @@ def summary(result: dict, out: str) -> str:
     elif proof and proof.get("status") == "skipped":
         lines.append(f"--certify cholesky: nothing proved ({proof['reason']})")
     lower = b.get("lower")
-    lines.append(f"bounds: {lower:.4g} (proof chain, rigorous) ≤ λ_min ≤ "
-                 f"{b['upper_min_diagonal']:.6g} (min_i K_ii)" if lower is not None else
-                 f"bounds: λ_min ≤ {b['upper_min_diagonal']:.6g} (min_i K_ii); lower chain "
-                 "not computed at this N")
+    if b.get("theorem"):  # a finite network: the theorem's scale, not a numerical bound
+        lines.append(f"bounds: λ_min ≤ {b['upper_min_diagonal']:.6g} (min_i K_ii); "
+                     f"{b['theorem'].split(' (')[0]}: λ_min = Θ({b['theorem_scale']:.4g}), "
+                     f"its width condition {'holds' if b['assumptions_hold'] else 'fails'} "
+                     f"({b['assumptions_note'].split(':')[0]})")
+    else:
+        lines.append(f"bounds: {lower:.4g} (proof chain, rigorous) ≤ λ_min ≤ "
+                     f"{b['upper_min_diagonal']:.6g} (min_i K_ii)" if lower is not None else
+                     f"bounds: λ_min ≤ {b['upper_min_diagonal']:.6g} (min_i K_ii); lower "
+                     "chain not computed at this N")
     if result["singular_expected"]:
         lines.append(f"note: {result['singular_reason']}")
     if result.get("store"):

@@ -50,6 +50,16 @@ def test_dense_run_matches_the_python_api_and_reports_the_theorem(tmp_path):
     assert "prediction" not in b
 
 
+def test_cholesky_bracket_of_an_iterative_finite_run(client, tmp_path):
+    out = str(tmp_path / "c")
+    assert main(["run", *BASE, "--method", "davidson", "--certify", "cholesky", "--scheduler",
+                 client.scheduler.address, "--out", out]) == 0
+    r = result(out)
+    lam = np.linalg.eigvalsh(reference())[0]
+    assert r["lambda_min_lower_certified"] <= lam <= r["lambda_min_upper_certified"]
+    assert r["lambda_min_upper_certified"] - r["lambda_min_lower_certified"] < 1e-8 * lam
+
+
 def test_features_raw_and_singular_width(tmp_path):
     out = str(tmp_path / "f")
     assert main(["run", "--n", "40", "--d", "5", "--kernel", "features", "--widths", "60,30",
