@@ -2,8 +2,9 @@
 
 A tile of the empirical NTK between two row blocks of T rows is Σ_l (F F'ᵀ) ∘ (Δ Δ'ᵀ):
 2·T²·(d + 2Σ n_l) flops of GEMMs, plus L − 1 Hadamard products and L − 1 sums of T² entries.
-A row block's features take a forward and a backward pass through the weights,
-2·T·(2 Σ n_l n_{l−1}) flops, plus drawing Σ n_l n_{l−1} normals (twice: forward and backward).
+The features of R rows take a forward and a backward pass through the weights,
+2·R·(2 Σ n_l n_{l−1}) flops, plus drawing Σ n_l n_{l−1} normals twice (forward and backward):
+a group of rows made at once, as the assembly does, shares the draws.
 Both are timed against a float64 GEMM of the same inner size on one BLAS thread, the rate
 this machine's cores reach (``python benchmarks/finite_tile.py [--tile T] [--json FILE]``).
 """
@@ -30,13 +31,13 @@ def best(f, repeats=3):
     return min(out)
 
 
-def measure(tile: int, d: int, widths, repeats: int = 3) -> dict:
+def measure(tile: int, d: int, widths, feature_rows: int, repeats: int = 3) -> dict:
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((2 * tile, d))
+    X = rng.standard_normal((max(2 * tile, feature_rows), d))
     X *= np.sqrt(d) / np.linalg.norm(X, axis=1, keepdims=True)
     w = SeededWeights(d, widths, seed=0)
     cols = feature_columns(d, widths, "empirical")
-    t_feat = best(lambda: block_features(X[:tile], w), 1)
+    t_feat = best(lambda: block_features(X[:feature_rows], w), 1)
     A, B = block_features(X[:tile], w), block_features(X[tile:], w)
     t_tile = best(lambda: finite_tile(A, B), repeats)
     dims = (d, *widths, 1)
@@ -47,13 +48,13 @@ def measure(tile: int, d: int, widths, repeats: int = 3) -> dict:
         t_gemm = best(lambda: P @ Q.T, repeats)
     gemm = 2.0 * tile * tile * cols / t_gemm
     tile_flops = 2.0 * tile * tile * cols
-    feat_flops = 2.0 * tile * 2 * params
+    feat_flops = 2.0 * feature_rows * 2 * params
     return {"tile": tile, "d": d, "widths": list(widths), "columns": cols,
             "gemm_gflops": gemm / 1e9,
             "tile_seconds": t_tile, "tile_gflops": tile_flops / t_tile / 1e9,
             "tile_fraction_of_gemm": tile_flops / t_tile / gemm,
             "entries_per_s": tile * tile / t_tile,
-            "features_seconds": t_feat, "features_gflops": feat_flops / t_feat / 1e9,
+            "feature_rows": feature_rows, "features_seconds": t_feat, "features_gflops": feat_flops / t_feat / 1e9,
             "features_fraction_of_gemm": feat_flops / t_feat / gemm,
             "weights_normals": 2 * params}
 
@@ -64,11 +65,15 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--widths", default="625,2500,10000",
                     help="hidden widths n (both layers of an L = 3 network), comma-separated")
+    ap.add_argument("--feature-rows", type=int, default=2048,
+                    help="rows whose features are made at once (the assembly makes a group of "
+                         "row blocks together, up to 2 GiB of features)")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
-    rows = [measure(args.tile, args.d, (n, n)) for n in map(int, args.widths.split(","))]
+    rows = [measure(args.tile, args.d, (n, n), args.feature_rows)
+            for n in map(int, args.widths.split(","))]
     print(f"{platform.processor() or platform.machine()}, one BLAS thread, tile {args.tile}, "
-          f"d = {args.d}, L = 3")
+          f"d = {args.d}, L = 3, features of {args.feature_rows} rows at once")
     print(f"{'n':>7} {'cols':>7} {'GEMM GF/s':>10} {'tile GF/s':>10} {'tile/GEMM':>10} "
           f"{'M entries/s':>12} {'feat s':>8} {'feat GF/s':>10} {'feat/GEMM':>10}")
     for r in rows:

@@ -75,6 +75,9 @@ def _cached_features(store: KernelStore, i: int):
         arr = np.load(file, mmap_mode="r")
     except (OSError, ValueError):
         return None
+    rows = store.tile_slices(i, i)[0]
+    if arr.ndim != 2 or arr.shape[0] != rows.stop - rows.start:
+        return None
     key = (file, st.st_ino, st.st_size, st.st_mtime_ns, recorded)
     if key not in _checked_features:
         if checksum(arr) != recorded:
