@@ -193,14 +193,14 @@ def study_figures(study, rows, fits) -> list[str]:
 
 
 def lambda_against_width(rows, path: str, title: str = "") -> str:
-    """λ_min of a finite network's kernel against its widest hidden layer, one panel per
-    (kernel, layer, data, N, d, L, normalisation): each weight seed as a dot, their mean as
-    a line, the limit's λ_min (where the study ran it) as a dashed line and, for the
+    """λ_min of a finite network's kernel against its widest hidden layer, log-log, one
+    panel per (kernel, layer, data, N, d, L, normalisation): each weight seed as a dot, their
+    mean as a line (λ_min = 0, a singular matrix, is left out), the limit's λ_min (where the study ran it) as a dashed line and, for the
     normalised kernels, the theorem's scale d·Π n_l·factor (constant 1) as a dotted one."""
     import numpy as np
 
     plt = _pyplot()
-    groups = _by([r for r in rows if r["lambda_min"] is not None],
+    groups = _by([r for r in rows if r["lambda_min"] is not None and r["lambda_min"] > 0],
                  ("kernel", "layer", "data", "n", "d", "depth", "normalization"))
     fig, axes = _panels(plt, len(groups))
     for ax, (key, group) in zip(axes, groups.items()):
@@ -224,8 +224,7 @@ def lambda_against_width(rows, path: str, title: str = "") -> str:
         if widths[0] <= need <= widths[-1] * 4:
             ax.axvline(need, color="0.6", lw=0.8, label="N log N log(N/δ), δ = 0.01")
         ax.set_xscale("log")
-        if norm == "raw":
-            ax.set_yscale("log")
+        ax.set_yscale("log")  # near n = N a feature Gram's λ_min falls by decades
         _plain_minor_ticks(ax)
         ax.set_xlabel("widest hidden layer n")
         ax.set_ylabel("λ_min" + (" (raw)" if norm == "raw" else f" ({norm} normalisation)"))
