@@ -2,9 +2,10 @@
 
 A tile of the empirical NTK between two row blocks of T rows is Σ_l (F F'ᵀ) ∘ (Δ Δ'ᵀ):
 2·T²·(d + 2Σ n_l) flops of GEMMs, plus L − 1 Hadamard products and L − 1 sums of T² entries.
-The features of R rows take a forward and a backward pass through the weights,
-2·R·(2 Σ n_l n_{l−1}) flops, plus drawing Σ n_l n_{l−1} normals twice (forward and backward):
-a group of rows made at once, as the assembly does, shares the draws.
+The features of R rows take a forward pass through W_1 … W_{L−1} and a backward one through
+W_{L−1} … W_2, 2·R·(Σ_{l<L} n_l n_{l−1} + Σ_{2≤l<L} n_l n_{l−1}) flops, drawing those weights
+(and W_L's row) on the way: a group of rows made at once, as the assembly does, shares the
+draws.
 Both are timed against a float64 GEMM of the same inner size on one BLAS thread, the rate
 this machine's cores reach (``python benchmarks/finite_tile.py [--tile T] [--json FILE]``).
 """
@@ -37,18 +38,20 @@ def measure(tile: int, d: int, widths, feature_rows: int, repeats: int = 3) -> d
     X *= np.sqrt(d) / np.linalg.norm(X, axis=1, keepdims=True)
     w = SeededWeights(d, widths, seed=0)
     cols = feature_columns(d, widths, "empirical")
-    t_feat = best(lambda: block_features(X[:feature_rows], w), 1)
+    t_feat = best(lambda: block_features(X[:feature_rows], w), 2)
     A, B = block_features(X[:tile], w), block_features(X[tile:], w)
     t_tile = best(lambda: finite_tile(A, B), repeats)
     dims = (d, *widths, 1)
-    params = sum(a * b for a, b in zip(dims, dims[1:]))
+    # forward: g_l = F_{l-1} W_lᵀ for l < L; backward: Δ_l = Δ_{l+1} W_{l+1} for l + 1 < L
+    forward = sum(a * b for a, b in zip(dims[:-2], dims[1:-1]))
+    backward = sum(a * b for a, b in zip(dims[1:-2], dims[2:-1]))
     P = rng.standard_normal((tile, cols))
     Q = rng.standard_normal((tile, cols))
     with single_blas(np):
         t_gemm = best(lambda: P @ Q.T, repeats)
     gemm = 2.0 * tile * tile * cols / t_gemm
     tile_flops = 2.0 * tile * tile * cols
-    feat_flops = 2.0 * feature_rows * 2 * params
+    feat_flops = 2.0 * feature_rows * (forward + backward)
     return {"tile": tile, "d": d, "widths": list(widths), "columns": cols,
             "gemm_gflops": gemm / 1e9,
             "tile_seconds": t_tile, "tile_gflops": tile_flops / t_tile / 1e9,
@@ -56,7 +59,7 @@ def measure(tile: int, d: int, widths, feature_rows: int, repeats: int = 3) -> d
             "entries_per_s": tile * tile / t_tile,
             "feature_rows": feature_rows, "features_seconds": t_feat, "features_gflops": feat_flops / t_feat / 1e9,
             "features_fraction_of_gemm": feat_flops / t_feat / gemm,
-            "weights_normals": 2 * params}
+            "weights_normals": forward + backward + dims[-2]}
 
 
 def main() -> None:

@@ -226,6 +226,8 @@ def lambda_against_width(rows, path: str, title: str = "") -> str:
         ax.set_xscale("log")
         ax.set_yscale("log")  # near n = N a feature Gram's λ_min falls by decades
         _plain_minor_ticks(ax)
+        if max(widths) < 10 * min(widths):  # no labelled major tick: label the widths
+            ax.set_xticks(widths, [f"{w:g}" for w in widths], fontsize=7)
         ax.set_xlabel("widest hidden layer n")
         ax.set_ylabel("λ_min" + (" (raw)" if norm == "raw" else f" ({norm} normalisation)"))
         what = "empirical NTK" if kernel == "empirical" else f"layer {layer} features"
