@@ -158,10 +158,6 @@ class FiniteBlock:
     def rows(self) -> int:
         return int(self.terms[0][0].shape[0])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for pair in self.terms for a in pair if a is not None)
-
     def to_array(self):
         """All factors side by side (rows × columns), as the store's feature cache keeps them."""
         xp = array_module(self.terms[0][0])
