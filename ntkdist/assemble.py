@@ -423,6 +423,8 @@ def repair(path: str, client=None, cluster=None, recompute: int = 0,
                 digests = _run({c.submit(write_tile, path, i, j, pure=False): f"tile ({i}, {j})"
                                 for i, j in tiles}, path=path, results=True)
                 changed = [k for k, d in zip(keys, digests) if d != recorded[k]]
+                if store.spec.kernel.finite:
+                    remove_features(store)
         after = verify(path, keys=bad) if bad else {"bad": []}
     return {**report, "repaired": bad, "changed": changed, "bad_after": after["bad"],
             "seconds": time.perf_counter() - t0}

@@ -272,3 +272,16 @@ def test_a_network_whose_row_blocks_fit_no_worker_is_refused(client, tmp_path, c
     err = capsys.readouterr().err
     assert "more than a worker's" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(out)
+
+
+def test_repair_of_an_empirical_store_leaves_no_feature_cache(client, tmp_path):
+    store = str(tmp_path / "r.zarr")
+    assert main(["assemble", *BASE, "--store", store, "--tile", "50", "--scheduler",
+                 client.scheduler.address]) == 0
+    before = file_tree(store)
+    with open(KernelStore.open(store).chunk_file("K", 0, 2), "r+b") as f:
+        f.seek(8)
+        f.write(b"damaged!")
+    assert main(["verify", "--store", store, "--repair", "--scheduler",
+                 client.scheduler.address]) == 0
+    assert file_tree(store) == before
