@@ -19,7 +19,8 @@ from . import __version__
 from .bounds import kernel_diagonal, lambda_min_bounds, staircase_prediction, upper_bounds
 from .data import check_rows, near_null_vectors, row_norms
 from .errors import SpecError
-from .operator.plan import DENSE_MAX_N, Facts, default_method, make_plan, store_layout
+from .operator.plan import (DENSE_MAX_N, Facts, check_feature_memory, default_method,
+                            make_plan, store_layout)
 from .results import RunResult, claim_out_dir, release_out_dir, write_result
 from .solvers.checkpoint import CHECKPOINT_FILE, Checkpoint
 from .solvers.driver import smallest_eigenpairs
@@ -254,6 +255,7 @@ def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,
         had = existing_layout(store, spec)
         tile, dtype = store_layout(spec.n, tile, dtype, *had, [m for _, m in workers],
                                    feature_columns(spec))
+        check_feature_memory(tile, feature_columns(spec), [m for _, m in workers])
         store_spec = make_store_spec(spec, tile, dtype)
         log(f"store {store}: N={spec.n} d={spec.d} tile {store_spec.tile} "
             f"({store_spec.blocks}x{store_spec.blocks} blocks), {store_spec.dtype}")

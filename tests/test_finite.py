@@ -203,3 +203,20 @@ def test_finite_diagonal_is_the_tile_diagonal():
         A = block_features(X, SeededWeights(4, [9, 6], 2), kind, layer, factor=0.3)
         np.testing.assert_allclose(finite_diagonal(A), np.diagonal(finite_tile(A, A)),
                                    rtol=1e-14)
+
+
+def test_python_api_refuses_what_is_not_real_rows_in_one_line():
+    W = ntkdist.random_weights(3, [4], 0)
+    for bad in (np.ones((4, 3), complex), np.ones((4, 3), bool),
+                np.array([["a", "b", "c"]] * 4), np.array([[object()] * 3] * 4)):
+        with pytest.raises(InputError, match="real numbers"):
+            ntkdist.empirical_ntk(bad, weights=W)
+        with pytest.raises(InputError, match="real numbers"):
+            ntkdist.feature_gram(bad, weights=W, layer=1)
+    with pytest.raises(InputError, match="real numbers"):
+        ntkdist.ntk(np.ones((4, 3), complex), depth=2)
+    with pytest.raises(SpecError, match="GB"):
+        ntkdist.random_weights(4, [10 ** 12], 0)
+    for text in ("5,,5", "5,5,", ",5"):
+        with pytest.raises(SpecError, match="separated by commas"):
+            ntkdist.random_weights(4, text, 0)

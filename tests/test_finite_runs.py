@@ -285,3 +285,12 @@ def test_repair_of_an_empirical_store_leaves_no_feature_cache(client, tmp_path):
     assert main(["verify", "--store", store, "--repair", "--scheduler",
                  client.scheduler.address]) == 0
     assert file_tree(store) == before
+
+
+def test_assemble_refuses_a_network_no_worker_holds_before_writing(client, tmp_path, capsys):
+    store = str(tmp_path / "big.zarr")
+    assert main(["assemble", "--n", "20", "--d", "4", "--kernel", "empirical", "--widths",
+                 "10000000000", "--store", store, "--scheduler", client.scheduler.address]) == 2
+    err = capsys.readouterr().err
+    assert "more than a worker's" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(store)

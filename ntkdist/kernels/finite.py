@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError, SpecError
-from .limiting import array_module
+from .limiting import array_module, row_block
 
 FINITE_KERNELS = ("empirical", "features")
 FINITE_NORMALIZATIONS = ("raw", "paper", "nt")
@@ -49,7 +49,11 @@ WEIGHT_BYTES = 64 * 2 ** 20
 def check_widths(widths) -> tuple[int, ...]:
     """The hidden widths n_1, …, n_{L−1} as a tuple of positive ints (one-line SpecError)."""
     if isinstance(widths, str):
-        widths = [w for w in widths.replace(" ", "").split(",") if w]
+        text = widths.replace(" ", "")
+        widths = text.split(",") if text else []
+        if any(not w for w in widths):
+            raise SpecError(f"widths must be positive integers separated by commas, got "
+                            f"{text!r}")
     try:
         out = tuple(widths)
     except TypeError:
@@ -137,6 +141,17 @@ def random_weights(d: int, widths, seed: int) -> list[np.ndarray]:
     dimension ``d`` and hidden ``widths`` (n_1, …, n_{L−1}); W_l has shape (n_l, n_{l−1}),
     n_0 = d, n_L = 1. The same as every worker draws for ``--weights-seed seed``."""
     w = SeededWeights(d, widths, seed)
+    need = 8 * sum(a * b for a, b in w.shapes)
+    try:
+        import psutil
+
+        have = int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with distributed
+        have = None
+    if have is not None and need > have:
+        raise SpecError(f"the weights of widths {list(w.widths)} take {need / 1e9:.3g} GB, "
+                        f"more than the {have / 1e9:.3g} GB available (runs draw them a few "
+                        "rows at a time instead: ntkdist run --kernel empirical)")
     return [w.rows(l, 0, shape[0]) for l, shape in enumerate(w.shapes, 1)]
 
 
@@ -249,11 +264,11 @@ def block_features(X, weights, kind: str = "empirical", layer: int | None = None
     or layer ``layer``'s feature Gram (``"features"``); ``weights``: :class:`SeededWeights`
     or :class:`GivenWeights`. On the CPU every product runs on one BLAS thread, so a block's
     bytes depend only on its rows (stores stay bitwise reproducible)."""
-    from .limiting import row_block, single_blas
+    from .limiting import single_blas
 
     xp = array_module(X)
+    row_block(X, name)  # refuses non-real dtypes, non-finite rows, overflowing norms: one line
     X = xp.asarray(X, dtype=xp.float64)
-    row_block(X, name)  # refuses non-finite rows and overflowing norms, in one line
     d = weights.shapes[0][1]
     if X.shape[1] != d:
         raise InputError(f"{name} has {X.shape[1]} columns, the network takes d = {d}")
@@ -325,9 +340,8 @@ def _normalized(normalize) -> str:
 
 def _finite_gram(X, Y, weights, kind, layer, normalize):
     xp = array_module(X)
+    row_block(X, "X")  # refuses non-real dtypes, bad shapes and non-finite rows: one line
     X = xp.asarray(X, dtype=xp.float64)
-    if X.ndim != 2:
-        raise InputError(f"X must be a 2-D array (rows × features), got shape {X.shape}")
     w = GivenWeights(weights, X.shape[1])
     L = len(w.shapes)
     if kind == "features":

@@ -92,7 +92,10 @@ def row_block(X, name: str = "rows") -> RowBlock:
     host sync per row block, nothing per tile.
     """
     xp = array_module(X)
-    X = xp.asarray(X, dtype=xp.float64)
+    X = xp.asarray(X)
+    if X.dtype.kind not in "fiu":  # complex, boolean, strings, objects
+        raise InputError(f"{name} must hold real numbers, got dtype {X.dtype}")
+    X = X.astype(xp.float64, copy=False)
     if X.ndim != 2:
         raise InputError(f"{name} must be a 2-D array (rows × features), got shape {X.shape}")
     norms = xp.sqrt(xp.einsum("ij,ij->i", X, X))

@@ -81,6 +81,19 @@ def default_tile(n: int, worker_memory: int | None, columns: int = 0) -> int:
     return min(tile, n)
 
 
+def check_feature_memory(tile: int, columns: int, memories) -> None:
+    """Refuse, in one line, a finite network whose tile task cannot fit in the smallest
+    worker's memory limit (``columns``: float64 values a row of a block's features; 0: a
+    limiting kernel, no check)."""
+    smallest = _smallest(memories)  # workers without a memory limit: not refused
+    need = BYTES_PER_ENTRY * tile * tile + feature_task_bytes(tile, columns)
+    if columns and smallest and need > smallest:
+        raise SpecError(f"a tile task of this network holds two row blocks of {tile} rows × "
+                        f"{columns} features ({need / 1e9:.1f} GB with the tile), more than a "
+                        f"worker's {smallest / 1e9:.1f} GB: give the workers more memory "
+                        "(--memory-limit) or a smaller --tile, or narrower layers")
+
+
 def default_dtype(n: int) -> str:
     """float64 while the dense path can still solve it, float32 storage above."""
     return "float64" if n <= DENSE_MAX_N else "float32"
@@ -218,13 +231,7 @@ def make_plan(solver: SolverSpec, cluster: ClusterSpec, facts: Facts, tile: int 
     else:
         tile = min(tile or default_tile(n, _smallest(workers.values()), facts.feature_columns),
                    n)
-    smallest = _smallest(workers.values())
-    need = BYTES_PER_ENTRY * tile * tile + feature_task_bytes(tile, facts.feature_columns)
-    if facts.feature_columns and smallest and need > smallest:
-        raise SpecError(f"a tile task of this network holds two row blocks of {tile} rows × "
-                        f"{facts.feature_columns} features ({need / 1e9:.1f} GB with the "
-                        f"tile), more than a worker's {smallest / 1e9:.1f} GB: give the workers "
-                        "more memory (--memory-limit) or a smaller --tile, or narrower layers")
+    check_feature_memory(tile, facts.feature_columns, workers.values())
     sizes = tile_sizes(n, tile)
     if device == "gpu":
         return _gpu_plan(s, facts, base, workers, sizes, tile, dtype)
