@@ -85,19 +85,13 @@ def _cached_features(store: KernelStore, i: int):
         _checked_features[key] = True
     kernel = store.spec.kernel
     d = store.spec.data.d
-    from .kernels.finite import term_sizes
+    from .kernels.finite import FiniteBlock, term_sizes
 
     try:
-        return _finite_block(arr, term_sizes(d, kernel.widths, kernel.kind, kernel.layer),
-                             kernel.factor(d))
+        return FiniteBlock.from_array(
+            arr, term_sizes(d, kernel.widths, kernel.kind, kernel.layer), kernel.factor(d))
     except NtkdistError:
         return None
-
-
-def _finite_block(arr, sizes, factor):
-    from .kernels.finite import FiniteBlock
-
-    return FiniteBlock.from_array(arr, sizes, factor)
 
 
 #: Finite widths: the features of consecutive row blocks are made together, up to this many
@@ -133,43 +127,49 @@ def _save_features(store: KernelStore, i: int, arr) -> None:
     os.replace(tmp, file[:-4] + ".sum")
 
 
-def _make_features(store: KernelStore, i: int, cache: bool = True):
-    """Row block I's features, made with those of its :func:`feature_group` from the checked
-    rows; with ``cache``, the group's blocks are written to the store's feature cache."""
+def _make_features(store: KernelStore, i: int, cache: bool = True) -> dict:
+    """The features of row block I's :func:`feature_group`, made together from the checked
+    rows, as {block: features}; with ``cache``, also written to the store's feature cache."""
+    from .kernels.finite import FiniteBlock
+
     group = feature_group(store, i)
     rows = np.concatenate([store.row_block_checked(k) for k in group])
     block = store.spec.kernel.features(rows)
     arr = block.to_array()
     start = store.tile_slices(group[0], group[0])[0].start
-    out = None
+    out = {}
     for k in group:
         sl = store.tile_slices(k, k)[0]
         part = np.ascontiguousarray(arr[sl.start - start:sl.stop - start])
         if cache:
             _save_features(store, k, part)
-        if k == i:
-            out = _finite_block(part, block.sizes, block.factor)
+        out[k] = FiniteBlock.from_array(part, block.sizes, block.factor)
     return out
 
 
-def block_features(store: KernelStore, i: int, cache: bool = True):
+def block_features(store: KernelStore, i: int, cache: bool = True, made: dict | None = None):
     """What row block I contributes to its tiles (:meth:`ntkdist.spec.KernelSpec.features`):
-    for finite widths from the store's feature cache, made (and with ``cache`` kept) if it
-    is not there; for the limits from the stored rows."""
+    for finite widths from the store's feature cache, else from ``made`` (blocks made
+    before, by group), else made with its group (and, with ``cache``, kept); for the limits
+    from the stored rows."""
     kernel = store.spec.kernel
     if not kernel.finite:
         return row_block(store.rows(i))
-    block = _cached_features(store, i)
-    return block if block is not None else _make_features(store, i, cache)
+    made = {} if made is None else made
+    if i not in made:
+        block = _cached_features(store, i)
+        if block is not None:
+            return block
+        made.update(_make_features(store, i, cache))
+    return made[i]
 
 
 def write_features(path: str, blocks) -> None:
     """Task: the features of ``blocks`` (of one :func:`feature_group`) into the store's
     feature cache, unless they are there (finite widths)."""
     store = KernelStore.open(path)
-    missing = [i for i in blocks if _cached_features(store, i) is None]
-    if missing:
-        _make_features(store, missing[0])
+    if any(_cached_features(store, i) is None for i in blocks):
+        _make_features(store, blocks[0])
 
 
 def remove_features(store: KernelStore) -> None:
@@ -182,8 +182,9 @@ def remove_features(store: KernelStore) -> None:
 def compute_tile(store: KernelStore, i: int, j: int, cache: bool = True) -> np.ndarray:
     """Tile (I, J) in the storage dtype, from the stored rows (diagonal tiles exactly
     symmetric); finite widths from the blocks' features (``cache``: kept in the store)."""
-    tile = store.spec.kernel.tile(block_features(store, i, cache),
-                                  block_features(store, j, cache))
+    made = {}  # a group made for block I serves block J too
+    tile = store.spec.kernel.tile(block_features(store, i, cache, made),
+                                  block_features(store, j, cache, made))
     if i == j:
         tile = np.triu(tile) + np.triu(tile, 1).T
     return tile.astype(store.spec.dtype, copy=False)

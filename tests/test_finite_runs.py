@@ -193,6 +193,9 @@ def test_feature_groups_draw_weights_once_per_group_and_repair_bitwise(client, t
     K = np.asarray(ntkdist.open_kernel(path).compute(scheduler="threads"))
     ref = reference()
     assert np.max(np.abs(K - ref)) <= 1e-12 * np.max(np.abs(ref))
+    drawn.clear()  # a tile of two blocks of one group (the cache is gone) makes it once
+    tile = assemble_mod.compute_tile(store, 0, 1, cache=False)
+    assert drawn.count(2) == 2 and np.array_equal(tile, KernelStore.open(path).read_tile(0, 1))
     before = file_tree(path)
     for key in ("K.1.3", "K.3.3"):
         os.remove(os.path.join(path, "done", key))

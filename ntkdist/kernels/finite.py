@@ -179,10 +179,9 @@ class FiniteBlock:
         return xp.concatenate([a for pair in self.terms for a in pair if a is not None], axis=1)
 
     @classmethod
-    def from_array(cls, A, like: "FiniteBlock | tuple", factor: float) -> "FiniteBlock":
-        """The inverse of :meth:`to_array`: ``like`` gives the column counts of the terms,
-        as ((n_F, n_Δ or None), …)."""
-        sizes = like if isinstance(like, tuple) else like.sizes
+    def from_array(cls, A, sizes: tuple, factor: float) -> "FiniteBlock":
+        """The inverse of :meth:`to_array`: ``sizes`` gives the column counts of the terms,
+        as ((n_F, n_Δ or None), …) (:attr:`sizes`, :func:`term_sizes`)."""
         terms, c = [], 0
         for nf, nd in sizes:
             F = A[:, c:c + nf]
