@@ -183,6 +183,12 @@ def staircase_prediction(n: int, d: int, depth: int, kernel: str = "ntk",
 WIDTH_DELTA = 0.01
 
 
+def width_needed(n: int) -> float:
+    """N log N log(N/δ), δ = :data:`WIDTH_DELTA`: the width Theorems 4.1 and 5.1 ask of a
+    layer, up to their unstated constant."""
+    return n * math.log(n) * math.log(n / WIDTH_DELTA)
+
+
 def finite_width_bounds(n: int, d: int, kernel, cheap: dict) -> dict:
     """What the paper says about a finite network's kernel (``kernel``: a finite-width
     :class:`ntkdist.spec.KernelSpec`), beside the upper bounds in ``cheap`` (min_i K_ii,
@@ -203,13 +209,13 @@ def finite_width_bounds(n: int, d: int, kernel, cheap: dict) -> dict:
         theorem = "Theorem 5.1 (feature Gram of layer k)"
         scaled = widths[:kernel.layer]
         wide = kernel.layer - 1
-    need = n * math.log(n) * math.log(n / WIDTH_DELTA)
+    need = width_needed(n)
     holds = widths[wide] >= need
     scale = d * math.prod(float(w) for w in scaled) * kernel.factor(d)
-    note = (f"layer {wide + 1} has width {widths[wide]}"
-            + (" ≥ " if holds else " < ") + f"N log N log(N/δ) = {need:.3g} (δ = {WIDTH_DELTA}, "
-            "constant 1)" + ("" if holds else ": the theorem's width condition does not hold, "
-                             "its scale need not describe λ_min"))
+    note = (f"layer {wide + 1} has width {widths[wide]}" + (" ≥ " if holds else " < ")
+            + f"N log N log(N/δ) = {need:.3g} (δ = {WIDTH_DELTA}, constant 1)"
+            + ("" if holds else ": the theorem's width condition does not hold, its scale "
+                                "need not describe λ_min"))
     return {**cheap, "lower": None,
             "lower_note": "the finite-width theorems give a scale with unstated constants, "
                           "not a numerical lower bound",

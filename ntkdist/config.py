@@ -182,7 +182,7 @@ def problem_request(o: Options) -> RunSpec:
                                   o.get("normalization", "paper"), o.get("widths"),
                                   o.get("weights_seed"), o.get("layer"))
         data = make_data_spec(o.get("data", "sphere"), o.get("n"), o.get("d"), o.get("seed"),
-                              o.get("dedupe", False), depth=kernel.growth())
+                              o.get("dedupe", False), growth=kernel.growth())
         return RunSpec(data, kernel)
 
     return _checked(o, build)

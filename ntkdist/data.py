@@ -145,12 +145,12 @@ class RowCheck:
     near_pairs: tuple = ()  # (i, j) pairs of nearly parallel rows (hints for the solvers)
 
 
-def check_rows(X, name: str = "input", block: int = 65536, depth: int = 1) -> RowCheck:
+def check_rows(X, name: str = "input", block: int = 65536, growth: float = 1) -> RowCheck:
     """Validate a 2-D row set; raise :class:`InputError` with one line if unusable.
 
     Refused: not 2-D, not real numbers, N < 2, d < 1, non-finite values, all-zero rows, norms
-    whose squares underflow, and norms so large that N·L·‖x‖² overflows float64 (``depth`` =
-    L). Duplicate and parallel rows are allowed (they make K singular; λ_min = 0, or ≈ 0, is
+    whose squares underflow, and norms so large that N·g·‖x‖² overflows float64 (``growth``
+    = g, the kernel's K_ii/‖x_i‖²: L for the limits, :meth:`ntkdist.spec.KernelSpec.growth`). Duplicate and parallel rows are allowed (they make K singular; λ_min = 0, or ≈ 0, is
     then the right answer) and counted.
     """
     shape = getattr(X, "shape", None)
@@ -179,9 +179,9 @@ def check_rows(X, name: str = "input", block: int = 65536, depth: int = 1) -> Ro
                          f"(row {tiny[0]}: ‖x‖ = {norms[tiny[0]]:.3g}); rescale the data "
                          "(λ_min scales with the square of a common factor)")
     top = float(norms.max())
-    if not 2 * np.log10(top) + np.log10(float(n)) + np.log10(float(max(depth, 1))) <= \
+    if not 2 * np.log10(top) + np.log10(float(n)) + np.log10(float(max(growth, 1))) <= \
             np.log10(MAX_SCALE):
-        raise InputError(f"{name} has rows too large for float64 (‖x‖ up to {top:.3g}: N·L·‖x‖² "
+        raise InputError(f"{name} has rows too large for float64 (‖x‖ up to {top:.3g}: N·max K_ii "
                          f"exceeds {MAX_SCALE:.0e}, the solver's squares would overflow); "
                          "rescale the data (λ_min scales with the square of a "
                          "common factor)")

@@ -199,6 +199,8 @@ def lambda_against_width(rows, path: str, title: str = "") -> str:
     normalised kernels, the theorem's scale d·Π n_l·factor (constant 1) as a dotted one."""
     import numpy as np
 
+    from .bounds import WIDTH_DELTA, width_needed
+
     plt = _pyplot()
     groups = _by([r for r in rows if r["lambda_min"] is not None and r["lambda_min"] > 0],
                  ("kernel", "layer", "data", "n", "d", "depth", "normalization"))
@@ -220,9 +222,9 @@ def lambda_against_width(rows, path: str, title: str = "") -> str:
         if scales and norm != "raw":
             ax.axhline(float(np.mean(scales)), color="C3", ls=":", lw=1,
                        label="theorem's scale d·Π n_l (constant 1)")
-        need = n * math.log(n) * math.log(n / 0.01)
+        need = width_needed(n)
         if widths[0] <= need <= widths[-1] * 4:
-            ax.axvline(need, color="0.6", lw=0.8, label="N log N log(N/δ), δ = 0.01")
+            ax.axvline(need, color="0.6", lw=0.8, label=f"N log N log(N/δ), δ = {WIDTH_DELTA}")
         ax.set_xscale("log")
         ax.set_yscale("log")  # near n = N a feature Gram's λ_min falls by decades
         _plain_minor_ticks(ax)

@@ -55,13 +55,14 @@ def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str 
         make_store_spec(spec, 1 if tile is None else tile, dtype or "float64")  # validates
     t0 = time.perf_counter()
     make_plan(spec.solver, cluster, Facts(n=spec.n, store="assemble" if store else None,
-                                          feature_columns=feature_columns(spec)),
+                                          feature_columns=spec.kernel.feature_columns(spec.d)),
               tile, dtype)  # refuses before the rows are read
-    check_certify(spec, store is None and spec.solver.method == "dense")
+    check_before_solve(spec, store is None and spec.solver.method == "dense")
     X = spec.rows()
-    check = check_rows(X, name=spec.data.source, depth=spec.kernel.growth())
+    check = check_rows(X, name=spec.data.source, growth=spec.kernel.growth())
     facts = Facts(n=spec.n, store="assemble" if store else None,
-                  parallel_rows=check.parallel_rows, feature_columns=feature_columns(spec))
+                  parallel_rows=check.parallel_rows,
+                  feature_columns=spec.kernel.feature_columns(spec.d))
     plan = make_plan(spec.solver, cluster, facts, tile, dtype)
     claimed = []
 
@@ -205,11 +206,12 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
         options["method"] = default_method(n, True, cluster.device)
     spec = kstore.spec.run_spec(make_solver_spec(n, **options))
     facts = Facts(n=n, store="complete", store_tile=kstore.spec.tile,
-                  store_dtype=kstore.spec.dtype, feature_columns=feature_columns(spec))
+                  store_dtype=kstore.spec.dtype,
+                  feature_columns=spec.kernel.feature_columns(spec.d))
     make_plan(spec.solver, cluster, facts)  # refuses before the rows are read
-    check_certify(spec)
+    check_before_solve(spec)
     X = kstore.rows_checked()
-    check = check_rows(X, name=store, depth=spec.kernel.growth())
+    check = check_rows(X, name=store, growth=spec.kernel.growth())
     facts = Facts(**{**facts.__dict__, "parallel_rows": check.parallel_rows})
     out_spec = {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()}
     out_hash = content_hash(out_spec)
@@ -254,8 +256,8 @@ def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,
         workers, _, _ = cluster_facts(client)
         had = existing_layout(store, spec)
         tile, dtype = store_layout(spec.n, tile, dtype, *had, [m for _, m in workers],
-                                   feature_columns(spec))
-        check_feature_memory(tile, feature_columns(spec), [m for _, m in workers])
+                                   spec.kernel.feature_columns(spec.d))
+        check_feature_memory(tile, spec.kernel.feature_columns(spec.d), [m for _, m in workers])
         store_spec = make_store_spec(spec, tile, dtype)
         log(f"store {store}: N={spec.n} d={spec.d} tile {store_spec.tile} "
             f"({store_spec.blocks}x{store_spec.blocks} blocks), {store_spec.dtype}")
@@ -272,7 +274,7 @@ def bounds(spec: RunSpec, cluster: ClusterSpec | None = None, log=print) -> dict
                         f"{spec.kernel.kind} run 'ntkdist run': its result.json holds the "
                         "finite-width theorem's scale and its assumptions")
     X = spec.rows()
-    check_rows(X, name=spec.data.source, depth=spec.kernel.growth())
+    check_rows(X, name=spec.data.source, growth=spec.kernel.growth())
     k = spec.kernel
     if spec.n <= BOUNDS_MAX_N:
         out = lambda_min_bounds(X, k.depth, k.kind, k.normalization)
@@ -342,11 +344,6 @@ def _check_paths(store: str, out: str) -> None:
                         "neither inside the other")
 
 
-def feature_columns(spec: RunSpec) -> int:
-    """Finite widths: float64 values per row of a block's features (0 for the limits)."""
-    return spec.kernel.feature_columns(spec.d) if spec.kernel.finite else 0
-
-
 def singular_reason(check, spec: RunSpec) -> str | None:
     """Why K is singular for reasons the rows show, or None."""
     if check.duplicate_rows:
@@ -371,14 +368,14 @@ def singular_reason(check, spec: RunSpec) -> str | None:
     return None
 
 
-def check_certify(spec: RunSpec, in_process: bool = False) -> None:
+def check_before_solve(spec: RunSpec, in_process: bool = False) -> None:
     """Refuse, before the solve starts: ``--certify cholesky`` where K cannot be held in
     float64 here; a preconditioner of the limits for a finite-width kernel; the in-process
     dense path (``in_process``) where a finite network's features and K do not fit here."""
     if spec.kernel.finite and in_process:
         from .solvers.cholesky import available_memory
 
-        need = 3 * 8 * spec.n ** 2 + 3 * 8 * spec.n * feature_columns(spec)
+        need = 3 * 8 * spec.n ** 2 + 3 * 8 * spec.n * spec.kernel.feature_columns(spec.d)
         if need > 0.8 * available_memory():
             raise SpecError(f"the dense path forms the features of all N = {spec.n} rows and "
                             f"K in this process: {need / 1e9:.1f} GB, more than is available; "
@@ -390,7 +387,7 @@ def check_certify(spec: RunSpec, in_process: bool = False) -> None:
     if spec.solver.certify == "cholesky":
         from .solvers.cholesky import check_memory
 
-        reason = check_memory(spec.n, feature_columns(spec))
+        reason = check_memory(spec.n, spec.kernel.feature_columns(spec.d))
         if reason:
             raise SpecError(reason)
 
@@ -404,7 +401,7 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
         return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
                 "reason": "λ_min = 0 exactly (repeated rows): nothing to bracket"}
     if K is None:
-        reason = check_memory(spec.n, feature_columns(spec))
+        reason = check_memory(spec.n, spec.kernel.feature_columns(spec.d))
         if reason:  # the memory went elsewhere since the start: the solve's result stays
             log(f"note: {reason}; not certified by Cholesky")
             return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,

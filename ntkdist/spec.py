@@ -228,9 +228,10 @@ class KernelSpec:
                               name)
 
     def feature_columns(self, d: int) -> int:
-        """Float64 values per row that :meth:`features` holds."""
+        """Finite widths: float64 values per row that :meth:`features` holds (what sizes
+        their row blocks); 0 for the limits, whose row blocks are the rows."""
         if not self.finite:
-            return d + 1
+            return 0
         from .kernels.finite import feature_columns
 
         return feature_columns(d, self.widths, self.kind, self.layer)
@@ -628,11 +629,12 @@ def parse_size(value, name: str) -> int:
 
 def make_data_spec(source: str = "sphere", n: int | None = None, d: int | None = None,
                    seed: int | None = None, dedupe: bool = False,
-                   depth: int = 1) -> DataSpec:
+                   growth: float = 1) -> DataSpec:
     """Validate the data choices (reads a file input's shape and hash).
 
     ``dedupe``: drop repeated rows (keeping first occurrences), so that λ_min is that of the
-    distinct rows; the rows are read once here to count them (checked for ``depth``)."""
+    distinct rows; the rows are read once here to count them (checked for the kernel's ``growth``,
+    :meth:`KernelSpec.growth`)."""
     if not isinstance(source, str) or not source:
         raise SpecError(f"data must be sphere, gaussian or a path, got {source!r}")
     if source in SYNTHETIC:
@@ -652,7 +654,7 @@ def make_data_spec(source: str = "sphere", n: int | None = None, d: int | None =
     if not dedupe:
         return spec
     X = spec.rows()
-    check_rows(X, name=spec.source, depth=depth)
+    check_rows(X, name=spec.source, growth=growth)
     kept = len(distinct_rows(X))
     if kept < 2:
         raise SpecError(f"{spec.source!r} has {kept} distinct row(s) among its first {spec.n}; "
@@ -703,7 +705,7 @@ def make_spec(*, data: str = "sphere", n: int | None = None, d: int | None = Non
     """A validated :class:`RunSpec` from plain values (the solver with its defaults and
     ``method``); finite widths: ``widths`` (the depth follows), ``weights_seed``, ``layer``."""
     kernel_spec = make_kernel_spec(kernel, depth, normalization, widths, weights_seed, layer)
-    data_spec = make_data_spec(data, n, d, seed, dedupe, depth=kernel_spec.growth())
+    data_spec = make_data_spec(data, n, d, seed, dedupe, growth=kernel_spec.growth())
     return RunSpec(data_spec, kernel_spec, make_solver_spec(data_spec.n, method=method))
 
 

@@ -236,7 +236,7 @@ def _point(o: Options, out: str, storage: str, cluster: ClusterSpec) -> Point:
     try:  # the refusals that need no cluster, for every point before any runs
         make_plan(spec.solver, cluster, Facts(
             n=spec.n, store="assemble" if storage != "none" else None,
-            feature_columns=spec.kernel.feature_columns(spec.d) if spec.kernel.finite else 0),
+            feature_columns=spec.kernel.feature_columns(spec.d)),
             tile, dtype)
     except SpecError as exc:
         raise SpecError(f"{o.source}: point n={spec.n} d={spec.d} depth={spec.kernel.depth}: "
@@ -312,7 +312,8 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     # --certify cholesky: K formed and factorised in this process (one attempt, n³/3 flops)
     certify = (n * n / 2 / (entries_s / share) + n ** 3 / 3 / rates["gemm_flops_per_s"]
                if s.certify == "cholesky" else 0.0)
-    client = memory_needed(n) if s.certify == "cholesky" else 0
+    client = (memory_needed(n, spec.kernel.feature_columns(spec.d))
+              if s.certify == "cholesky" else 0)
     if spec.kernel.finite:
         chain = 0.0  # no proof chain for a finite network
     if s.method == "dense" and point.store is None:

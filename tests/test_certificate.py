@@ -68,7 +68,7 @@ def _solve(rng, X, depth, kernel, k, method):
     n = X.shape[0]
     gram = ntkdist.ntk if kernel == "ntk" else ntkdist.nngp
     K = gram(X, depth=depth)
-    check = check_rows(X, depth=depth)
+    check = check_rows(X, growth=depth)
     block = int(rng.integers(1, n + 1)) if rng.random() < 0.5 else None
     precond = None
     if method in ("lobpcg", "davidson") and depth >= 2 and rng.random() < 0.7:

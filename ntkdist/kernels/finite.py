@@ -141,14 +141,11 @@ def random_weights(d: int, widths, seed: int) -> list[np.ndarray]:
     dimension ``d`` and hidden ``widths`` (n_1, …, n_{L−1}); W_l has shape (n_l, n_{l−1}),
     n_0 = d, n_L = 1. The same as every worker draws for ``--weights-seed seed``."""
     w = SeededWeights(d, widths, seed)
-    need = 8 * sum(a * b for a, b in w.shapes)
-    try:
-        import psutil
+    import psutil  # installed with distributed
 
-        have = int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil comes with distributed
-        have = None
-    if have is not None and need > have:
+    need = 8 * sum(a * b for a, b in w.shapes)
+    have = int(psutil.virtual_memory().available)
+    if need > have:
         raise SpecError(f"the weights of widths {list(w.widths)} take {need / 1e9:.3g} GB, "
                         f"more than the {have / 1e9:.3g} GB available (runs draw them a few "
                         "rows at a time instead: ntkdist run --kernel empirical)")

@@ -268,8 +268,6 @@ def kernel_tile(A: RowBlock, B: RowBlock, depth: int, kernel: str = "ntk",
 
 _blas_controller = None
 _blas_lock = threading.RLock()
-_blas_users = 0
-_blas_limiter = None
 _local_setters = None
 
 
@@ -277,8 +275,9 @@ def _thread_local_setters() -> list:
     """OpenBLAS's ``openblas_set_num_threads_local`` of NumPy's BLAS, where it has one (and
     every BLAS loaded is an OpenBLAS), else []. The process-wide setter that threadpoolctl
     calls does not reach threads other than the main one once OpenBLAS started with several
-    threads (measured with OpenBLAS 0.3.31: a Dask worker's task thread kept its threads, and
-    a GEMM's bytes changed with them); the thread-local one does, in any thread."""
+    threads (OpenBLAS 0.3.31), so a Dask task thread kept its threads and a tile's bytes
+    changed with them (tests/test_finite_runs.py, the killed assembly resumed bitwise); the
+    thread-local one reaches any thread."""
     global _local_setters
     if _local_setters is None:
         from threadpoolctl import ThreadpoolController
@@ -293,45 +292,33 @@ def _thread_local_setters() -> list:
 
 @contextlib.contextmanager
 def _one_blas_thread():
-    """NumPy's BLAS on one thread in this thread: OpenBLAS's thread-local setting, one thread
-    of the process at a time, where there is one; else the process-wide limit while any
-    thread is inside (the first to enter sets it, the last to leave restores it, so no thread
-    restores the threads of BLAS under another's running tile)."""
-    global _blas_controller, _blas_users, _blas_limiter
-    setters = _thread_local_setters()
-    if setters:
-        with _blas_lock:
+    """NumPy's BLAS on one thread, one thread of this process at a time: OpenBLAS's
+    thread-local setting where there is one, else threadpoolctl's process-wide limit."""
+    global _blas_controller
+    with _blas_lock:
+        setters = _thread_local_setters()
+        if setters:
             previous = [f(1) for f in setters]
             try:
                 yield
             finally:
                 for f, value in zip(setters, previous):
                     f(value)
-        return
-    with _blas_lock:
-        if _blas_users == 0:
-            if _blas_controller is None:
-                from threadpoolctl import ThreadpoolController
+            return
+        if _blas_controller is None:
+            from threadpoolctl import ThreadpoolController
 
-                _blas_controller = ThreadpoolController()
-            _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
+            _blas_controller = ThreadpoolController()
+        with _blas_controller.limit(limits=1, user_api="blas"):
+            yield
 
 
 def single_blas(xp):
     """A context in which NumPy's BLAS runs on one thread (nothing on CuPy): multi-threaded
     BLAS may round differently with the thread count, and a tile's bytes must depend only on
     its inputs, also where several worker threads share a process. Threads of one process
-    take turns inside (measured with OpenBLAS 0.3.31: two threads' concurrent GEMMs, each on
-    one thread, gave another rounding in about one tile in 200), so a worker process should
+    take turns inside (two threads' concurrent GEMMs, each on one thread, still rounded a
+    tile differently now and then in the killed-assembly test), so a worker process should
     run one task thread; ntkdist's local and batch clusters do."""
     if xp is not np:
         return contextlib.nullcontext()
