@@ -16,6 +16,28 @@ def file_tree(path):
     return out
 
 
+def sigkill_assembly(args, store, tiles, timeout):
+    """Run ``ntkdist assemble ARGS --store STORE --workers 1`` in a process group of its own
+    and SIGKILL it once ``tiles`` tiles are done (or after ``timeout`` seconds)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ntkdist", "assemble", *args, "--store",
+                             store, "--workers", "1"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = os.path.join(store, "done")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        count = sum(n.startswith("K.") for n in os.listdir(done_dir)) if os.path.isdir(
+            done_dir) else 0
+        if count >= tiles:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """An in-process Dask cluster shared by the tests (two workers, one thread each)."""

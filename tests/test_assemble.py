@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import ntkdist
-from conftest import file_tree
+from conftest import file_tree, sigkill_assembly
 from ntkdist import assemble as assemble_mod
 from ntkdist.assemble import AssemblyError, assemble
 from ntkdist.cli import main
@@ -24,19 +23,7 @@ def test_sigkill_then_rerun_gives_identical_store(client, tmp_path):
     args = ["--data", "sphere", "--n", "3000", "--d", "16", "--depth", "3", "--seed", "77",
             "--tile", "100"]
     killed = str(tmp_path / "killed.zarr")
-    proc = subprocess.Popen([sys.executable, "-m", "ntkdist", "assemble", *args, "--store", killed,
-                             "--workers", "1"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_dir = os.path.join(killed, "done")
-    deadline = time.time() + 120
-    count = 0
-    while time.time() < deadline:
-        count = sum(n.startswith("K.") for n in os.listdir(done_dir)) if os.path.isdir(done_dir) else 0
-        if count >= 40:
-            break
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_assembly(args, killed, 40, 120)
     store = KernelStore.open(killed)
     total = len(store.upper_tiles())
     remaining = len(store.pending()[1])

@@ -3,16 +3,12 @@ solve, verify, the result's theorem fields and the refusals."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 import ntkdist
-from conftest import file_tree
+from conftest import file_tree, sigkill_assembly
 from ntkdist.cli import main
 from ntkdist.spec import make_spec
 from ntkdist.store import KernelStore
@@ -121,19 +117,7 @@ def test_killed_empirical_assembly_resumes_bitwise(client, tmp_path):
     args = ["--n", "1200", "--d", "8", "--seed", "2", "--kernel", "empirical", "--widths",
             "300,200", "--tile", "60"]
     killed = str(tmp_path / "killed.zarr")
-    proc = subprocess.Popen([sys.executable, "-m", "ntkdist", "assemble", *args, "--store",
-                             killed, "--workers", "1"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_dir = os.path.join(killed, "done")
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        count = sum(n.startswith("K.") for n in os.listdir(done_dir)) if os.path.isdir(
-            done_dir) else 0
-        if count >= 30:
-            break
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_assembly(args, killed, 30, 240)
     store = KernelStore.open(killed)
     assert 0 < len(store.pending()[1]) < len(store.upper_tiles()) - 25
     assert os.listdir(os.path.join(killed, "features")), "the feature cache survives a kill"
