@@ -15,21 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import numpy as np
 
+from ntkdist.bench import best_of
 from ntkdist.kernels.finite import SeededWeights, block_features, feature_columns, finite_tile
 from ntkdist.kernels.limiting import single_blas
-
-
-def best(f, repeats=3):
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        out.append(time.perf_counter() - t)
-    return min(out)
 
 
 def measure(tile: int, d: int, widths, feature_rows: int, repeats: int = 3) -> dict:
@@ -38,9 +29,11 @@ def measure(tile: int, d: int, widths, feature_rows: int, repeats: int = 3) -> d
     X *= np.sqrt(d) / np.linalg.norm(X, axis=1, keepdims=True)
     w = SeededWeights(d, widths, seed=0)
     cols = feature_columns(d, widths, "empirical")
-    t_feat = best(lambda: block_features(X[:feature_rows], w), 2)
+    t_feat = best_of(lambda: block_features(X[:feature_rows], w), 1)["seconds"]
+    t_draw = best_of(lambda: [w.rows(l, 0, shape[0]) for l, shape in enumerate(w.shapes, 1)],
+                     1)["seconds"]
     A, B = block_features(X[:tile], w), block_features(X[tile:], w)
-    t_tile = best(lambda: finite_tile(A, B), repeats)
+    t_tile = best_of(lambda: finite_tile(A, B), repeats)["seconds"]
     dims = (d, *widths, 1)
     # forward: g_l = F_{l-1} W_lᵀ for l < L; backward: Δ_l = Δ_{l+1} W_{l+1} for l + 1 < L
     forward = sum(a * b for a, b in zip(dims[:-2], dims[1:-1]))
@@ -48,7 +41,7 @@ def measure(tile: int, d: int, widths, feature_rows: int, repeats: int = 3) -> d
     P = rng.standard_normal((tile, cols))
     Q = rng.standard_normal((tile, cols))
     with single_blas(np):
-        t_gemm = best(lambda: P @ Q.T, repeats)
+        t_gemm = best_of(lambda: P @ Q.T, repeats)["seconds"]
     gemm = 2.0 * tile * tile * cols / t_gemm
     tile_flops = 2.0 * tile * tile * cols
     feat_flops = 2.0 * feature_rows * (forward + backward)
@@ -59,7 +52,10 @@ def measure(tile: int, d: int, widths, feature_rows: int, repeats: int = 3) -> d
             "entries_per_s": tile * tile / t_tile,
             "feature_rows": feature_rows, "features_seconds": t_feat, "features_gflops": feat_flops / t_feat / 1e9,
             "features_fraction_of_gemm": feat_flops / t_feat / gemm,
-            "weights_normals": forward + backward + dims[-2]}
+            "weights_normals": forward + backward + dims[-2],
+            "normals_per_s": sum(a * b for a, b in w.shapes) / t_draw,
+            "draws_share_of_features": (forward + backward + dims[-2])
+            / (sum(a * b for a, b in w.shapes) / t_draw) / t_feat}
 
 
 def main() -> None:
@@ -78,12 +74,14 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, one BLAS thread, tile {args.tile}, "
           f"d = {args.d}, L = 3, features of {args.feature_rows} rows at once")
     print(f"{'n':>7} {'cols':>7} {'GEMM GF/s':>10} {'tile GF/s':>10} {'tile/GEMM':>10} "
-          f"{'M entries/s':>12} {'feat s':>8} {'feat GF/s':>10} {'feat/GEMM':>10}")
+          f"{'M entries/s':>12} {'feat s':>8} {'feat GF/s':>10} {'feat/GEMM':>10} "
+          f"{'M normals/s':>12} {'draws/feat':>10}")
     for r in rows:
         print(f"{r['widths'][0]:>7} {r['columns']:>7} {r['gemm_gflops']:>10.1f} "
               f"{r['tile_gflops']:>10.1f} {r['tile_fraction_of_gemm']:>10.2f} "
               f"{r['entries_per_s'] / 1e6:>12.2f} {r['features_seconds']:>8.2f} "
-              f"{r['features_gflops']:>10.1f} {r['features_fraction_of_gemm']:>10.2f}")
+              f"{r['features_gflops']:>10.1f} {r['features_fraction_of_gemm']:>10.2f} "
+              f"{r['normals_per_s'] / 1e6:>12.1f} {r['draws_share_of_features']:>10.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

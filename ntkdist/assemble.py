@@ -95,8 +95,9 @@ def _cached_features(store: KernelStore, i: int):
 
 
 #: Finite widths: the features of consecutive row blocks are made together, up to this many
-#: bytes, so that each group draws the weights once (a row block of a wide network costs its
-#: weights' generation, ~60 M normals/s, as much as its GEMMs).
+#: bytes, so that each group draws the weights once (the draws, 55–62 M normals/s on a core,
+#: take 15–22 % of the features' time for 2048 rows at once, more for fewer rows:
+#: ``python benchmarks/finite_tile.py``, benchmarks/RESULTS.md).
 FEATURE_GROUP_BYTES = 2 * 2 ** 30
 
 

@@ -271,7 +271,8 @@ EIGH_FLOPS_PER_N3 = 7.0
 #: tile function's in-process rate at depth 3 (22 M/s and 18 M/s against 35 M/s measured).
 ASSEMBLY_SHARE = 0.65
 CHAIN_SHARE = 0.5
-#: Finite widths: normal draws a second per core (NumPy's Philox).
+#: Finite widths: normal draws a second per core (NumPy's Philox; 55–62 M/s measured by
+#: benchmarks/finite_tile.py).
 WEIGHTS_PER_S = 6e7
 
 
