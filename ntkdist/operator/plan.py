@@ -54,8 +54,8 @@ def default_method(n: int, store: bool, device: str = "cpu") -> str:
     return "dense" if not store and n <= DENSE_MAX_N else "lobpcg"
 
 
-#: Finite widths: the largest tile side, and the smallest: below it a tile's GEMMs lose
-#: their speed (a row block of features is what the tile task holds besides the tile).
+#: Finite widths: the smallest default tile side (a tile task holds two row blocks of
+#: features besides the tile, so wide layers shrink the tile; below this its GEMMs slow).
 MIN_FINITE_TILE = 64
 #: Worker memory assumed where the cluster gives none, for sizing finite-width row blocks.
 UNKNOWN_MEMORY = 4 * 2 ** 30

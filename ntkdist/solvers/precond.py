@@ -162,26 +162,16 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
     return Preconditioner("harmonic", apply, time.perf_counter() - t0, rank, kept_degree)
 
 
-def nystrom(X: np.ndarray, depth: int, kernel: str, normalization: str,
-            rank: int = DEFAULT_NYSTROM_RANK, seed: int = 0) -> Preconditioner:
+def nystrom(n: int, columns, rank: int = DEFAULT_NYSTROM_RANK,
+            seed: int = 0) -> Preconditioner:
+    """The Nyström preconditioner of rank min(rank, n) from ``columns``: idx ↦ K[:, idx]
+    (the tile function on the rows for the limits, one pass of the operator for a finite
+    network), with the columns sampled at random (``seed``)."""
     t0 = time.perf_counter()
-    n = X.shape[0]
     m = min(rank, n)
-    idx = nystrom_columns(n, m, seed)
-    C = kernel_tile(row_block(X), row_block(X[idx]), depth, kernel, normalization)
-    return nystrom_from(C, idx, t0)
-
-
-def nystrom_columns(n: int, m: int, seed: int = 0) -> np.ndarray:
-    """The m column indices (sorted) a Nyström preconditioner samples."""
-    return np.sort(np.random.default_rng(seed).choice(n, size=min(m, n), replace=False))
-
-
-def nystrom_from(C: np.ndarray, idx: np.ndarray, t0: float) -> Preconditioner:
-    """The Nyström preconditioner from K's columns ``C`` = K[:, idx] (N × m, float64): the
-    top of K's spectrum, as the sampled columns see it, flattened to its m-th value."""
-    m = len(idx)
-    W = C[idx]
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+    C = np.asarray(columns(idx), dtype=np.float64)  # the top of K's spectrum, as seen by
+    W = C[idx]                                      # the columns, flattened to its m-th value
     W = (W + W.T) / 2
     shift = np.finfo(float).eps * np.trace(W)
     L = scipy.linalg.cholesky(W + shift * np.eye(m), lower=True)
@@ -204,13 +194,10 @@ def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: st
     pass of its operator), which takes ``nystrom`` (``auto``: rank ``DEFAULT_NYSTROM_RANK``)
     and ``none`` only."""
     base, _, arg = name.partition(":")
-    if columns is not None:
-        if base in ("auto", "nystrom"):
-            t0 = time.perf_counter()
-            idx = nystrom_columns(X.shape[0], int(arg) if arg else DEFAULT_NYSTROM_RANK, seed)
-            return nystrom_from(np.asarray(columns(idx), dtype=np.float64), idx, t0)
-        if base != "none":
-            raise ValueError(f"preconditioner {name!r} needs the kernel's closed form")
+    if columns is not None and base == "auto":
+        base = "nystrom"
+    if columns is not None and base not in ("nystrom", "none"):
+        raise ValueError(f"preconditioner {name!r} needs the kernel's closed form")
     if base == "auto":
         base = "harmonic" if depth >= 2 else "none"
     if base == "none":
@@ -219,6 +206,12 @@ def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: st
         return harmonic(np.asarray(X, dtype=np.float64), depth, kernel, normalization,
                         degree=int(arg) if arg else 3)
     if base == "nystrom":
-        rank = int(arg) if arg else DEFAULT_NYSTROM_RANK
-        return nystrom(np.asarray(X, dtype=np.float64), depth, kernel, normalization, rank, seed)
+        if columns is None:
+            X = np.asarray(X, dtype=np.float64)
+            rows = row_block(X)
+
+            def columns(idx):
+                return kernel_tile(rows, row_block(X[idx]), depth, kernel, normalization)
+
+        return nystrom(len(X), columns, int(arg) if arg else DEFAULT_NYSTROM_RANK, seed)
     raise ValueError(f"unknown preconditioner {name!r}")
