@@ -500,8 +500,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         log(f"preconditioner {precond.name} (rank {precond.rank}), "
             f"set-up {precond.setup_seconds:.1f} s")
     if kern.finite:  # no closed form: the diagonal of the matrix itself
-        diag = (np.diagonal(dense_matrix()).copy() if in_process or op is None
-                else op.diagonal())
+        diag = np.diagonal(dense_matrix()).copy() if op is None else op.diagonal()
         cheap = {"upper_min_diagonal": float(diag.min()),
                  "upper_trace_over_n": float(diag.mean())}
     else:
