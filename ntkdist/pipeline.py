@@ -497,7 +497,9 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         precond = make_preconditioner(s.precond, X, kern.depth, kern.kind,
                                       kern.normalization,
                                       columns=_columns(matmat, spec.n) if kern.finite else None)
-        log(f"preconditioner {precond.name} (rank {precond.rank}), "
+        held = {"features": ", degree 3 by features",
+                "gram": ", degree 3 held N × N"}.get(precond.form, "")
+        log(f"preconditioner {precond.name} (rank {precond.rank}{held}), "
             f"set-up {precond.setup_seconds:.1f} s")
     if kern.finite:  # no closed form: the diagonal of the matrix itself
         diag = np.diagonal(dense_matrix()).copy() if op is None else op.diagonal()

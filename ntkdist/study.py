@@ -330,6 +330,10 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     block = s.block or (32 if point.store else RECOMPUTE_BLOCK)  # recompute: wider
     products = 2.0 * block * n * n / (gemm * PASS_EFFICIENCY)
     precond = 1e-8 * n * spec.d ** 2
+    if _harmonic_plan(spec)[1] == "gram":  # float32 on the client's cores: set-up n³/3 and
+        f32 = 2.0 * rates["gemm_flops_per_s"]  # 2n²·rank₂; two n² triangular solves a pass
+        precond += (n ** 3 / 3 + n * n * spec.d ** 2) / f32
+        products += 2.0 * block * n * n / f32
     if point.store:
         assemble = build_s
         cached = disk <= 0.4 * rates["worker_memory"] * workers
@@ -344,18 +348,24 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
             "client_memory": client}
 
 
+def _harmonic_plan(spec: RunSpec) -> tuple:
+    """The harmonic preconditioner's (degree kept, degree-3 form) for the point, or
+    (None, None) where it is not used."""
+    from .solvers.precond import harmonic_plan
+
+    base, _, arg = spec.solver.precond.partition(":")
+    if base not in ("auto", "harmonic") or spec.kernel.depth < 2 or spec.kernel.finite:
+        return None, None
+    return harmonic_plan(spec.n, spec.d, int(arg) if arg else 3)
+
+
 def _passes_factor(spec: RunSpec) -> float:
     """The passes of :data:`PASSES_AT_8000` (tol 1e-8, the degree ≤ 2 harmonic
     preconditioner) scaled to the point's tol (linear convergence: passes ∝ log(1/tol)) and
     halved where the preconditioner keeps the degree-3 block (measured at d = 16: 57 → 29
-    passes at N = 4000, 93 → 45 at 16000)."""
-    from .solvers.precond import harmonic_degree
-
-    s = spec.solver
-    factor = min(max(math.log10(1.0 / s.tol) / 8.0, 0.25), 2.0)
-    base, _, arg = s.precond.partition(":")
-    if base in ("auto", "harmonic") and spec.kernel.depth >= 2 and harmonic_degree(
-            spec.n, spec.d, int(arg) if arg else 3) == 3:
+    passes at N = 4000, 93 → 45 at 16000; at d = 64, N = 20000: 104 → 46)."""
+    factor = min(max(math.log10(1.0 / spec.solver.tol) / 8.0, 0.25), 2.0)
+    if _harmonic_plan(spec)[0] == 3:
         factor *= 0.5
     return factor
 

@@ -73,18 +73,85 @@ def test_harmonic_preconditioner_saves_passes():
 
 
 def test_degree_three_features_and_the_degree_kept():
-    from ntkdist.solvers.precond import _sym_cube_features, harmonic_degree
+    from ntkdist.solvers.precond import _sym_cube_features, harmonic_plan
 
     U = np.random.default_rng(SEED).standard_normal((40, 6))
     out = np.empty((56, 40))
     _sym_cube_features(np.ascontiguousarray(U.T), out)
     np.testing.assert_allclose(out.T @ out, (U @ U.T) ** 3, rtol=1e-12, atol=1e-12)
-    assert harmonic_degree(100000, 16) == 3  # rank 969
-    assert harmonic_degree(100000, 30) == 2  # rank 5456: N × rank too large at this N
-    assert harmonic_degree(10000, 30) == 3
-    assert harmonic_degree(300000, 64) == 2  # rank 47905 > 6000: degree 2 (rank 2145)
-    assert harmonic_degree(1000, 120) == 1  # even degree 2 is over 6000
-    assert harmonic_degree(1000, 16, degree=2) == 2
+    assert harmonic_plan(100000, 16) == (3, "features")  # rank 969
+    assert harmonic_plan(10000, 30) == (3, "features")  # rank 5456
+    # rank 5456: N × rank too large at this N, and N × N far too large
+    assert harmonic_plan(100000, 30) == (2, None)
+    # d = 64: rank 47905 > 6000; N × N float32 held from C(66, 3)/8 = 5720 on, where it fits
+    assert harmonic_plan(10000, 64, gram_bytes=8e9) == (3, "gram")
+    assert harmonic_plan(40000, 64, gram_bytes=8e9) == (3, "gram")
+    assert harmonic_plan(40000, 64, gram_bytes=6e9) == (2, None)  # 6.4 GB
+    assert harmonic_plan(5000, 64, gram_bytes=8e9) == (2, None)  # below: no gain measured
+    assert harmonic_plan(300000, 64) == (2, None)
+    assert harmonic_plan(1000, 120) == (1, None)  # even degree 2 is over 6000
+    assert harmonic_plan(1000, 16, degree=2) == (2, None)
+    assert harmonic_plan(10000, 64, degree=2, gram_bytes=8e9) == (2, None)
+
+
+def test_degree_three_in_n_space_is_the_same_model():
+    """The gram form (B = cI + a₃(X̂X̂ᵀ)^∘3 factored in float32, the degree ≤ 2 features by
+    Woodbury) applies the same model as the degree-3 features, and both are the model's
+    inverse s⁻¹D⁻¹(ΦΦᵀ + cI)⁻¹D⁻¹ formed densely in float64."""
+    from ntkdist.kernels.taylor import kernel_coefficients
+    from ntkdist.solvers.precond import HARMONIC_SHIFT, harmonic
+
+    n, d = 600, 16
+    X = synthetic_rows("gaussian", d, SEED, 0, n) * 1.7
+    feats = harmonic(X, 3, "ntk", "paper")
+    gram = harmonic(X, 3, "ntk", "paper", max_rank=153, gram_bytes=1e9)
+    assert (feats.degree, feats.form, gram.degree, gram.form) == (3, "features", 3, "gram")
+    assert gram.describe()["degree3_form"] == "gram"
+    norms = np.linalg.norm(X, axis=1)
+    U = X / norms[:, None]
+    a = kernel_coefficients(3, "ntk", 3)
+    G = U @ U.T
+    c = (3 - a.sum()) * (1 - HARMONIC_SHIFT)
+    M = a[0] + a[1] * G + a[2] * G ** 2 + a[3] * G ** 3 + c * np.eye(n)
+    R = np.random.default_rng(SEED).standard_normal((n, 5))
+    want = np.linalg.solve(M, R / norms[:, None]) / norms[:, None]  # paper: s = 1
+    for P in (feats, gram):
+        got = P.apply(R.copy())
+        assert np.linalg.norm(got - want) < 1e-4 * np.linalg.norm(want), P.form
+
+
+def test_degree_three_in_n_space_falls_back_when_float32_cannot_factor(monkeypatch):
+    import ntkdist.solvers.cholesky as chol
+    from ntkdist.solvers.precond import harmonic
+
+    monkeypatch.setattr(chol, "_potrf_in_place", lambda K, nb=None: False)
+    X = synthetic_rows("sphere", 16, SEED, 0, 300)
+    P = harmonic(X, 3, "ntk", "paper", max_rank=153, gram_bytes=1e9)
+    assert (P.degree, P.form, P.rank) == (2, None, 153)
+    K = ntkdist.ntk(X, depth=3)
+    sol = smallest_eigenpairs(lambda V: K @ V, 300, "davidson", precond=P.apply,
+                              scale=np.trace(K) / 300)
+    assert sol.status == "certified"
+    assert sol.values[0] == pytest.approx(_dense_bottom(K, 1)[0], rel=1e-8)
+
+
+def test_degree_three_in_n_space_halves_the_passes_at_d_32():
+    """d = 32: the degree-3 features (rank 6545) are over 6000, so auto holds the block in
+    N-space; at N = 2000 (a third of C(34, 3) = 5984) Davidson's passes to a certified 1e-8
+    drop (measured 35 → 17 at N = 3000), to the same λ_min."""
+    X = synthetic_rows("sphere", 32, SEED, 0, 2000)
+    K = ntkdist.ntk(X, depth=3)
+    ref = _dense_bottom(K, 1)[0]
+    passes = {}
+    for name in ("harmonic:2", "auto"):
+        P = make_preconditioner(name, X, 3, "ntk", "paper")
+        count = []
+        sol = smallest_eigenpairs(lambda V: count.append(1) or K @ V, 2000, "davidson",
+                                  tol=1e-8, precond=P.apply, max_products=400,
+                                  scale=np.trace(K) / 2000)
+        assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
+        passes[P.form] = len(count)
+    assert passes["gram"] < 0.7 * passes[None], passes
 
 
 def test_degree_three_halves_the_passes_where_its_block_bites():

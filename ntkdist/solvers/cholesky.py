@@ -138,18 +138,19 @@ def rayleigh_upper(K: np.ndarray, v: np.ndarray) -> tuple[float, float]:
 
 def _potrf_in_place(K: np.ndarray, nb: int | None = None) -> bool:
     """Factorise K = LLᵀ (C-ordered, symmetric) in place on its lower triangle, leaving its
-    strict upper triangle untouched: right-looking blocked Cholesky, LAPACK's dpotrf on the
+    strict upper triangle untouched: right-looking blocked Cholesky, LAPACK's potrf on the
     nb × nb diagonal blocks, triangular solves for the panels and GEMMs for the trailing
-    updates. (One dpotrf call on the whole matrix overflows OpenBLAS's stack above
+    updates. (One potrf call on the whole matrix overflows OpenBLAS's stack above
     N ≈ 15000 under the default 8 MB limit.) True when it ran to completion with a positive
-    diagonal."""
-    from scipy.linalg import lapack, solve_triangular
+    diagonal. float32 or float64, as K is (LAPACK's spotrf or dpotrf)."""
+    from scipy.linalg import get_lapack_funcs, solve_triangular
 
     n = K.shape[0]
     nb = nb or BLOCK
+    potrf, = get_lapack_funcs(("potrf",), (K,))
     for k in range(0, n, nb):
         e = min(k + nb, n)
-        L, info = lapack.dpotrf(np.array(K[k:e, k:e]), lower=1, clean=1)
+        L, info = potrf(np.array(K[k:e, k:e]), lower=1, clean=1)
         d = np.diagonal(L)
         if info != 0 or not (np.all(np.isfinite(d)) and np.all(d > 0)):
             return False

@@ -6,10 +6,14 @@ Both are built from the data alone, without a pass over the stored matrix.
   κ(ρ) = Σ_r a_r ρ^r (a_r ≥ 0 from :func:`ntkdist.kernel_coefficients`), D = diag ‖x_i‖ and s
   the normalisation factor. Degrees r ≤ 3 are kept exactly through explicit features
   Φ = [√a₀·1, √a₁·X̂, √a₂·sym(X̂ ⊗ X̂), √a₃·sym(X̂^⊗3)] (rank 1 + d + C(d+1, 2) + C(d+2, 3);
-  degree 3 only where it fits, :func:`harmonic_degree`) and the tail as c·I,
+  degree 3 only where it fits, :func:`harmonic_plan`) and the tail as c·I,
   c = κ(1) − Σ a_r, since (X̂X̂ᵀ)^∘r ≈ I for large r in high dimension. Then
   K ≈ s D (ΦΦᵀ + cI) D, inverted by Woodbury: (cI + ΦΦᵀ)⁻¹ = (I − Φ (cI + ΦᵀΦ)⁻¹ Φᵀ)/c, with
-  the small system factored once in float64 and Φ held in float32. When d(d+1)/2 exceeds
+  the small system factored once in float64 and Φ held in float32. Where the degree-3
+  features are too many (C(d+2, 3) = 45760 at d = 64) but N × N float32 fits, the degree-3
+  block is held in N-space instead (the ``gram`` form): B = cI + a₃(X̂X̂ᵀ)^∘3 is factored
+  once in float32 and the degree ≤ 2 features Φ₂ join by Woodbury,
+  (B + Φ₂Φ₂ᵀ)⁻¹ = B⁻¹ − W (I + Φ₂ᵀW)⁻¹ Wᵀ with W = B⁻¹Φ₂. When d(d+1)/2 exceeds
   ``max_rank`` the degree-2 block joins the tail. c is then lowered by ``HARMONIC_SHIFT``
   (a shift towards λ_min: the preconditioner stays positive definite for any shift < 1).
 * ``nystrom``: m landmark rows S drawn with a seed, C = K(X, X_S) computed from the data,
@@ -38,6 +42,16 @@ HARMONIC_SHIFT = 0.9
 HARMONIC_MAX_RANK = 6000
 #: Largest set-up of the harmonic features (N × rank in float64 and float32).
 HARMONIC_MAX_BYTES = 4e9
+#: Largest N × N float32 factor of the degree-3 block in N-space (the ``gram`` form): N up to
+#: 44721; also at most HARMONIC_GRAM_MEMORY_SHARE of the memory available when it is built.
+HARMONIC_GRAM_MAX_BYTES = 8e9
+HARMONIC_GRAM_MEMORY_SHARE = 0.4
+#: The gram form is used from N ≥ C(d+2, 3) / HARMONIC_GRAM_FROM: below, the degree-3 block's
+#: eigenvalues stay off the bottom of the spectrum and an application (as costly as a pass
+#: of the kernel in memory) saves nothing. Measured at d = 64, Davidson block 32, passes to a
+#: certified 1e-8 without → with it: 35 → 36 at N = 5000 (C(66, 3)/9), 58 → 38 at 10000,
+#: 104 → 46 at 20000 (benchmarks/passes.py).
+HARMONIC_GRAM_FROM = 8
 
 
 @dataclass
@@ -49,11 +63,14 @@ class Preconditioner:
     setup_seconds: float
     rank: int
     degree: int | None = None  # harmonic: the highest degree kept exactly
+    form: str | None = None  # harmonic degree 3: "features" or "gram" (held N × N)
 
     def describe(self) -> dict:
         out = {"name": self.name, "rank": self.rank, "setup_seconds": self.setup_seconds}
         if self.degree is not None:
             out["degree"] = self.degree
+        if self.form is not None:
+            out["degree3_form"] = self.form
         return out
 
 
@@ -99,11 +116,16 @@ def _feature_sizes(d: int) -> list:
     return [1, d, d * (d + 1) // 2, d * (d + 1) * (d + 2) // 6]
 
 
-def harmonic_degree(n: int, d: int, degree: int = 3, max_rank: int = HARMONIC_MAX_RANK,
-                    max_bytes: float = HARMONIC_MAX_BYTES) -> int:
-    """The highest degree ≤ ``degree`` (at least 1) whose features fit: rank
-    Σ_{r ≤ degree} C(d+r−1, r) at most ``max_rank``, and for degree 3 the set-up's N × rank
-    float64 and float32 copies at most ``max_bytes``."""
+def harmonic_plan(n: int, d: int, degree: int = 3, max_rank: int = HARMONIC_MAX_RANK,
+                  max_bytes: float = HARMONIC_MAX_BYTES,
+                  gram_bytes: float | None = None) -> tuple:
+    """(the highest degree ≤ ``degree`` kept exactly (at least 1), how the degree-3 block is
+    held: "features" | "gram" | None). Degree r's features are kept while the rank
+    Σ_{r' ≤ r} C(d+r'−1, r') is at most ``max_rank`` and, for degree 3, the set-up's N × rank
+    float64 and float32 copies at most ``max_bytes``. Else degree 3 is held in N-space
+    ("gram") where the degree-2 features are kept, N ≥ C(d+2, 3)/HARMONIC_GRAM_FROM and its
+    4N² bytes are at most ``gram_bytes`` (default: HARMONIC_GRAM_MAX_BYTES and
+    HARMONIC_GRAM_MEMORY_SHARE of the memory available now)."""
     sizes = _feature_sizes(d)
     kept = 1
     while kept < min(degree, 3):
@@ -111,12 +133,44 @@ def harmonic_degree(n: int, d: int, degree: int = 3, max_rank: int = HARMONIC_MA
         if rank > max_rank or (kept == 2 and 12 * rank * n > max_bytes):
             break
         kept += 1
-    return kept
+    if kept == 3:
+        return 3, "features"
+    if kept == 2 and degree >= 3 and n * HARMONIC_GRAM_FROM >= sizes[3]:
+        if gram_bytes is None:
+            from .cholesky import available_memory
+
+            gram_bytes = min(HARMONIC_GRAM_MAX_BYTES,
+                             HARMONIC_GRAM_MEMORY_SHARE * available_memory())
+        if 4.0 * n * n <= gram_bytes:
+            return 3, "gram"
+    return kept, None
+
+
+def _degree3_gram(UT: np.ndarray, a3: float, c: float) -> np.ndarray:
+    """The Cholesky factor of B = cI + a₃(ÛÛᵀ)^∘3 (Û's rows unit, ``UT`` = Ûᵀ), formed and
+    factored in float32 in place, row block by row block: returns Lᵀ as an F-ordered upper
+    triangle (the transposed view of the C-ordered lower L). None if the factorisation fails
+    in float32 (B's condition too large for it)."""
+    from .cholesky import BLOCK, _potrf_in_place
+
+    n = UT.shape[1]
+    U32 = np.ascontiguousarray(UT.T, dtype=np.float32)
+    B = np.empty((n, n), dtype=np.float32)
+    for i in range(0, n, BLOCK):
+        rows = B[i:i + BLOCK]
+        np.matmul(U32[i:i + BLOCK], U32.T, out=rows)
+        np.multiply(rows, rows * rows, out=rows)
+        rows *= np.float32(a3)
+    B[np.diag_indices(n)] += np.float32(c)
+    if not _potrf_in_place(B):
+        return None
+    return B.T
 
 
 def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
              max_rank: int = HARMONIC_MAX_RANK, shift: float = HARMONIC_SHIFT,
-             feature_dtype=np.float32, degree: int = 3) -> Preconditioner:
+             feature_dtype=np.float32, degree: int = 3,
+             gram_bytes: float | None = None) -> Preconditioner:
     t0 = time.perf_counter()
     block = row_block(X)
     U, norms = block.unit, block.norms
@@ -124,34 +178,38 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
     a = kernel_coefficients(depth, kernel, 3)
     total = float(depth if kernel == "ntk" else 1.0)
     sizes = _feature_sizes(d)
-    kept_degree = harmonic_degree(n, d, degree, max_rank)
-    kept = a[:kept_degree + 1]
-    c = total - float(kept.sum())
+    kept_degree, form = harmonic_plan(n, d, degree, max_rank, gram_bytes=gram_bytes)
+    c = total - float(a[:kept_degree + 1].sum())
     if c <= 1e-12 * total:
         c = 1e-6 * total  # depth 1: κ(ρ) = ρ exactly; keep the Woodbury system definite
     c = c * (1.0 - shift)
-    rank = sum(sizes[:kept_degree + 1])
+    UT = np.ascontiguousarray(U.T)
+    factor = None
+    if form == "gram":
+        factor = _degree3_gram(UT, float(a[3]), c)
+        if factor is None:  # degree 3 joins the tail
+            kept_degree, form = 2, None
+            c = (total - float(a[:3].sum())) * (1.0 - shift)
+    rank = sum(sizes[:min(kept_degree, 2 if form == "gram" else 3) + 1])
     PhiT = np.empty((rank, n))  # Φᵀ: features by rows, each row contiguous
     PhiT[0] = np.sqrt(a[0])
-    UT = np.ascontiguousarray(U.T)
     np.multiply(UT, np.sqrt(a[1]), out=PhiT[1:1 + d])
     if kept_degree >= 2:
         _sym_square_features(UT, out=PhiT[1 + d:1 + d + sizes[2]])
         PhiT[1 + d:1 + d + sizes[2]] *= np.sqrt(a[2])
-    if kept_degree >= 3:
+    if form == "features":
         _sym_cube_features(UT, out=PhiT[1 + d + sizes[2]:])
         PhiT[1 + d + sizes[2]:] *= np.sqrt(a[3])
+    scale = normalization_factor(normalization, d)
+    inv_d = 1.0 / norms
+    if form == "gram":
+        return _gram_form(factor, PhiT.astype(np.float32), inv_d, scale, t0,
+                          min(n, sum(sizes)))
     # (cI + ΦΦᵀ)⁻¹ = (I − Φ G Φᵀ)/c with G = (cI + ΦᵀΦ)⁻¹ formed once in float64 from its
     # Cholesky factor (rank × rank: a small GEMM per application instead of two triangular
     # solves), and Φᵀ kept in float32 in C order (rank × N, each feature row contiguous).
-    L = scipy.linalg.cholesky(c * np.eye(rank) + PhiT @ PhiT.T, lower=True)
-    G, info = scipy.linalg.lapack.dpotri(L, lower=1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"harmonic preconditioner: dpotri failed ({info})")
-    G = np.tril(G) + np.tril(G, -1).T
+    G = _inverse_spd(c * np.eye(rank) + PhiT @ PhiT.T)
     PhiT = PhiT.astype(feature_dtype)
-    scale = normalization_factor(normalization, d)
-    inv_d = 1.0 / norms
 
     def apply(R):
         Z = R * inv_d[:, None]
@@ -159,7 +217,42 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
         Z -= (np.ascontiguousarray(C.T, dtype=feature_dtype) @ PhiT).T
         return Z * (inv_d / (c * scale))[:, None]
 
-    return Preconditioner("harmonic", apply, time.perf_counter() - t0, rank, kept_degree)
+    return Preconditioner("harmonic", apply, time.perf_counter() - t0, rank, kept_degree,
+                          form)
+
+
+def _inverse_spd(A: np.ndarray) -> np.ndarray:
+    """A⁻¹ of a symmetric positive definite float64 A, from its Cholesky factor."""
+    L = scipy.linalg.cholesky(A, lower=True)
+    G, info = scipy.linalg.lapack.dpotri(L, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"harmonic preconditioner: dpotri failed ({info})")
+    return np.tril(G) + np.tril(G, -1).T
+
+
+def _gram_form(LT: np.ndarray, PhiT: np.ndarray, inv_d: np.ndarray, scale: float,
+               t0: float, rank: int) -> Preconditioner:
+    """The degree-3 model in N-space: (B + Φ₂Φ₂ᵀ)⁻¹ = B⁻¹ − W S Wᵀ with B = LLᵀ (``LT`` = Lᵀ,
+    F-ordered float32), W = B⁻¹Φ₂ and S = (I + Φ₂ᵀW)⁻¹ (float64), between the scalings D⁻¹
+    (and 1/s). An application: two float32 triangular solves with the N × N factor (as
+    costly as a pass of K in memory) and three thin products with the N × rank features.
+    ``rank``: the rank of the degree ≤ 3 part it keeps exactly."""
+    solve = scipy.linalg.solve_triangular
+
+    def b_inv(Z):
+        Z = solve(LT, Z, lower=False, trans=1, check_finite=False)  # L y = z
+        return solve(LT, Z, lower=False, check_finite=False)        # Lᵀ x = y
+
+    W = np.ascontiguousarray(b_inv(np.asfortranarray(PhiT.T)))  # N × rank₂, float32
+    S = _inverse_spd(np.eye(len(PhiT)) + (PhiT @ W).astype(np.float64))
+
+    def apply(R):
+        Y = b_inv(np.asfortranarray(R * inv_d[:, None], dtype=np.float32))
+        C = S @ (PhiT @ Y).astype(np.float64)
+        Y = Y.astype(np.float64) - W @ C.astype(np.float32)
+        return Y * (inv_d / scale)[:, None]
+
+    return Preconditioner("harmonic", apply, time.perf_counter() - t0, rank, 3, "gram")
 
 
 def nystrom(n: int, columns, rank: int = DEFAULT_NYSTROM_RANK,
