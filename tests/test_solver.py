@@ -135,41 +135,39 @@ def test_degree_three_in_n_space_falls_back_when_float32_cannot_factor(monkeypat
     assert sol.values[0] == pytest.approx(_dense_bottom(K, 1)[0], rel=1e-8)
 
 
+def _davidson_passes(X, names):
+    """Davidson's passes to a certified 1e-8 with each preconditioner of ``names``, each
+    checked against the dense λ_min: {(degree kept, degree-3 form): passes}."""
+    n = len(X)
+    K = ntkdist.ntk(X, depth=3)
+    ref = _dense_bottom(K, 1)[0]
+    passes = {}
+    for name in names:
+        P = make_preconditioner(name, X, 3, "ntk", "paper")
+        count = []
+        sol = smallest_eigenpairs(lambda V: count.append(1) or K @ V, n, "davidson",
+                                  tol=1e-8, precond=P.apply, max_products=400,
+                                  scale=np.trace(K) / n)
+        assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
+        passes[P.degree, P.form] = len(count)
+    return passes
+
+
 def test_degree_three_in_n_space_halves_the_passes_at_d_32():
     """d = 32: the degree-3 features (rank 6545) are over 6000, so auto holds the block in
     N-space; at N = 2000 (a third of C(34, 3) = 5984) Davidson's passes to a certified 1e-8
     drop (measured 35 → 17 at N = 3000), to the same λ_min."""
-    X = synthetic_rows("sphere", 32, SEED, 0, 2000)
-    K = ntkdist.ntk(X, depth=3)
-    ref = _dense_bottom(K, 1)[0]
-    passes = {}
-    for name in ("harmonic:2", "auto"):
-        P = make_preconditioner(name, X, 3, "ntk", "paper")
-        count = []
-        sol = smallest_eigenpairs(lambda V: count.append(1) or K @ V, 2000, "davidson",
-                                  tol=1e-8, precond=P.apply, max_products=400,
-                                  scale=np.trace(K) / 2000)
-        assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
-        passes[P.form] = len(count)
-    assert passes["gram"] < 0.7 * passes[None], passes
+    passes = _davidson_passes(synthetic_rows("sphere", 32, SEED, 0, 2000),
+                              ("harmonic:2", "auto"))
+    assert passes[3, "gram"] < 0.7 * passes[2, None], passes
 
 
 def test_degree_three_halves_the_passes_where_its_block_bites():
     """d = 16 at N = 3000 (between D_3 = 816 and D_4 = 3876): keeping the degree-3 block
     exactly cuts Davidson's passes to a certified 1e-8 (measured 57 → 29 at N = 4000)."""
-    X = synthetic_rows("sphere", 16, SEED, 0, 3000)
-    K = ntkdist.ntk(X, depth=3)
-    ref = _dense_bottom(K, 1)[0]
-    passes = {}
-    for name in ("harmonic:2", "harmonic"):
-        P = make_preconditioner(name, X, 3, "ntk", "paper")
-        count = []
-        sol = smallest_eigenpairs(lambda V: count.append(1) or K @ V, 3000, "davidson",
-                                  tol=1e-8, precond=P.apply, max_products=400,
-                                  scale=np.trace(K) / 3000)
-        assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
-        passes[P.degree] = len(count)
-    assert passes[3] < 0.7 * passes[2], passes
+    passes = _davidson_passes(synthetic_rows("sphere", 16, SEED, 0, 3000),
+                              ("harmonic:2", "harmonic"))
+    assert passes[3, "features"] < 0.7 * passes[2, None], passes
 
 
 @pytest.mark.parametrize("method", ["lobpcg", "davidson"])
