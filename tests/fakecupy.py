@@ -362,6 +362,8 @@ def module(devices: int = 1, free: int = 8 * 2 ** 30):
         return cp if any(isinstance(a, FakeDeviceArray) for a in args) else np
 
     cp.get_array_module = get_array_module
+    cp.linalg = types.SimpleNamespace(inv=_on_device(np.linalg.inv, "inv"),
+                                      cholesky=_on_device(np.linalg.cholesky, "cholesky"))
 
     def count():
         if devices < 1:

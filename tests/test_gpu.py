@@ -345,3 +345,33 @@ def test_empirical_kernel_runs_on_gpu_workers(client, fake_gpu, tmp_path):
     gpu = json.load(open(os.path.join(out_gpu, "result.json")))
     assert gpu["device"] == "gpu" and gpu["gpus"] == [fakecupy.NAME]
     assert gpu["lambda_min"] == pytest.approx(cpu["lambda_min"], rel=1e-7)
+
+
+def test_harmonic_preconditioner_built_and_applied_on_a_device(fake_gpu):
+    """The harmonic features (degree 3 included) built on the array module's device in
+    float32, ΦᵀΦ in float64 there, applied to host blocks: the CPU's model to float32
+    accuracy, and a solve with it certifies the dense λ_min. A device holds degree 3 by its
+    features only (no N × N gram form)."""
+    import ntkdist
+    from ntkdist.solvers.driver import smallest_eigenpairs
+    from ntkdist.solvers.precond import harmonic
+
+    X = synthetic_rows("sphere", 16, SEED, 0, 900)
+    host = harmonic(X, 3, "ntk", "paper")
+    dev = harmonic(X, 3, "ntk", "paper", xp=fake_gpu)
+    assert (dev.degree, dev.form, dev.rank) == (3, "features", host.rank)
+    R = np.random.default_rng(SEED).standard_normal((900, 6))
+    got, want = dev.apply(R), host.apply(R)
+    assert isinstance(got, np.ndarray)
+    assert np.linalg.norm(got - want) < 1e-5 * np.linalg.norm(want)
+    K = ntkdist.ntk(X, depth=3)
+    sol = smallest_eigenpairs(lambda V: K @ V, 900, "davidson", precond=dev.apply,
+                              scale=np.trace(K) / 900)
+    assert sol.status == "certified"
+    assert sol.values[0] == pytest.approx(np.linalg.eigvalsh(K)[0], rel=1e-8)
+    # d = 32 (features rank 6545 over the CPU's 6000): no gram form on a device ...
+    X32 = synthetic_rows("sphere", 32, SEED, 0, 1200)
+    assert harmonic(X32, 3, "ntk", "paper", xp=fake_gpu).degree == 2
+    # ... and the features where the device is given room for them
+    wide = harmonic(X32, 3, "ntk", "paper", xp=fake_gpu, max_rank=50000, max_bytes=1e12)
+    assert (wide.degree, wide.form, wide.rank) == (3, "features", 6545)

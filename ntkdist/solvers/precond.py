@@ -45,7 +45,7 @@ HARMONIC_MAX_BYTES = 4e9
 #: Largest N × N float32 factor of the degree-3 block in N-space (the ``gram`` form): N up to
 #: 44721; also at most HARMONIC_GRAM_MEMORY_SHARE of the memory available when it is built.
 HARMONIC_GRAM_MAX_BYTES = 8e9
-HARMONIC_GRAM_MEMORY_SHARE = 0.4
+HARMONIC_GRAM_MEMORY_SHARE = 0.5
 #: The gram form is used from N ≥ C(d+2, 3) / HARMONIC_GRAM_FROM: below, the degree-3 block's
 #: eigenvalues stay off the bottom of the spectrum and an application (as costly as a pass
 #: of the kernel in memory) saves nothing. Measured at d = 64, Davidson block 32, passes to a
@@ -99,14 +99,13 @@ def _sym_cube_features(UT: np.ndarray, out: np.ndarray) -> np.ndarray:
         for l in range(k, d):
             kl = UT[k] * UT[l]
             w = d - l
-            mult = np.ones(w)  # multiplicity factors of (k, l, m) for m = l … d−1
-            if k == l:
-                mult[0], mult[1:] = 6.0, 2.0  # k = l = m; k = l < m
-            else:
-                mult[0] = 2.0  # k < l = m
-            weights = np.sqrt(6.0 / mult)
             np.multiply(UT[l:], kl, out=out[row:row + w])
-            out[row:row + w] *= weights[:, None]
+            # √(3!/multiplicities!) for m = l … d−1 (scalars: any array module)
+            if k == l:  # k = l = m: 1; k = l < m: √3
+                out[row + 1:row + w] *= np.sqrt(3.0)
+            else:  # k < l = m: √3; k < l < m: √6
+                out[row] *= np.sqrt(3.0)
+                out[row + 1:row + w] *= np.sqrt(6.0)
             row += w
     return out
 
@@ -169,16 +168,23 @@ def _degree3_gram(UT: np.ndarray, a3: float, c: float) -> np.ndarray:
 
 def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
              max_rank: int = HARMONIC_MAX_RANK, shift: float = HARMONIC_SHIFT,
-             feature_dtype=np.float32, degree: int = 3,
-             gram_bytes: float | None = None) -> Preconditioner:
+             feature_dtype=np.float32, degree: int = 3, gram_bytes: float | None = None,
+             max_bytes: float = HARMONIC_MAX_BYTES, xp=None) -> Preconditioner:
+    """The harmonic preconditioner of rows ``X`` (module docstring). ``xp``: an array module
+    (CuPy) to build and apply the features on, from and to host arrays; it holds the features
+    in float32 and takes no gram form (a GPU has room for the degree-3 features: set
+    ``max_rank`` and ``max_bytes`` for it)."""
     t0 = time.perf_counter()
+    device = xp is not None and xp is not np
+    if device:
+        gram_bytes = 0.0
     block = row_block(X)
     U, norms = block.unit, block.norms
     n, d = U.shape
     a = kernel_coefficients(depth, kernel, 3)
     total = float(depth if kernel == "ntk" else 1.0)
     sizes = _feature_sizes(d)
-    kept_degree, form = harmonic_plan(n, d, degree, max_rank, gram_bytes=gram_bytes)
+    kept_degree, form = harmonic_plan(n, d, degree, max_rank, max_bytes, gram_bytes)
     c = total - float(a[:kept_degree + 1].sum())
     if c <= 1e-12 * total:
         c = 1e-6 * total  # depth 1: κ(ρ) = ρ exactly; keep the Woodbury system definite
@@ -191,7 +197,10 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
             kept_degree, form = 2, None
             c = (total - float(a[:3].sum())) * (1.0 - shift)
     rank = sum(sizes[:min(kept_degree, 2 if form == "gram" else 3) + 1])
-    PhiT = np.empty((rank, n))  # Φᵀ: features by rows, each row contiguous
+    if device:
+        UT = xp.asarray(UT)
+    # Φᵀ: features by rows, each row contiguous (float32 on a device: its memory)
+    PhiT = (xp if device else np).empty((rank, n), dtype=feature_dtype if device else None)
     PhiT[0] = np.sqrt(a[0])
     np.multiply(UT, np.sqrt(a[1]), out=PhiT[1:1 + d])
     if kept_degree >= 2:
@@ -208,14 +217,20 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
     # (cI + ΦΦᵀ)⁻¹ = (I − Φ G Φᵀ)/c with G = (cI + ΦᵀΦ)⁻¹ formed once in float64 from its
     # Cholesky factor (rank × rank: a small GEMM per application instead of two triangular
     # solves), and Φᵀ kept in float32 in C order (rank × N, each feature row contiguous).
-    G = _inverse_spd(c * np.eye(rank) + PhiT @ PhiT.T)
-    PhiT = PhiT.astype(feature_dtype)
+    if device:
+        G = _device_inverse_spd(_features_gram(PhiT, xp), c, xp)
+        inv_d = xp.asarray(inv_d)
+    else:
+        G = _inverse_spd(c * np.eye(rank) + PhiT @ PhiT.T)
+        PhiT = PhiT.astype(feature_dtype)
+    outer = inv_d / (c * scale)
 
     def apply(R):
-        Z = R * inv_d[:, None]
+        Z = (xp.asarray(R) if device else R) * inv_d[:, None]
         C = G @ (PhiT @ Z.astype(feature_dtype)).astype(np.float64)
-        Z -= (np.ascontiguousarray(C.T, dtype=feature_dtype) @ PhiT).T
-        return Z * (inv_d / (c * scale))[:, None]
+        Z -= ((xp if device else np).ascontiguousarray(C.T, dtype=feature_dtype) @ PhiT).T
+        Z *= outer[:, None]
+        return xp.asnumpy(Z) if device else Z
 
     return Preconditioner("harmonic", apply, time.perf_counter() - t0, rank, kept_degree,
                           form)
@@ -228,6 +243,29 @@ def _inverse_spd(A: np.ndarray) -> np.ndarray:
     if info != 0:
         raise np.linalg.LinAlgError(f"harmonic preconditioner: dpotri failed ({info})")
     return np.tril(G) + np.tril(G, -1).T
+
+
+def _features_gram(PhiT, xp, chunk: int = 4096):
+    """ΦᵀΦ in float64 from float32 Φᵀ (rank × N), a float64 copy of ``chunk`` columns at a
+    time."""
+    rank, n = PhiT.shape
+    A = xp.zeros((rank, rank), dtype=xp.float64)
+    for j in range(0, n, chunk):
+        P = PhiT[:, j:j + chunk].astype(xp.float64)
+        A += P @ P.T
+    return A
+
+
+def _device_inverse_spd(A, c: float, xp):
+    """(cI + A)⁻¹ on the array module's device, A overwritten (a GPU's solver; refused in
+    one line where it is not finite, i.e. cI + A not safely definite)."""
+    idx = xp.arange(A.shape[0])
+    A[idx, idx] += c
+    G = xp.linalg.inv(A)
+    if not bool(xp.isfinite(G).all()):
+        raise np.linalg.LinAlgError("harmonic preconditioner: the device's inverse of "
+                                    "cI + ΦᵀΦ is not finite")
+    return G
 
 
 def _gram_form(LT: np.ndarray, PhiT: np.ndarray, inv_d: np.ndarray, scale: float,
