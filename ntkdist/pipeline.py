@@ -494,6 +494,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
             checkpoint = Checkpoint(os.path.join(out, CHECKPOINT_FILE),
                                     {"out_hash": ckpt_hash, "method": s.method, "n": spec.n},
                                     every=checkpoint_every(s, cluster), log=log)
+        log("preconditioner: setting up")
         precond = make_preconditioner(s.precond, X, kern.depth, kern.kind,
                                       kern.normalization,
                                       columns=_columns(matmat, spec.n) if kern.finite else None)

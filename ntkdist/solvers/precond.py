@@ -11,9 +11,10 @@ Both are built from the data alone, without a pass over the stored matrix.
   K ≈ s D (ΦΦᵀ + cI) D, inverted by Woodbury: (cI + ΦΦᵀ)⁻¹ = (I − Φ (cI + ΦᵀΦ)⁻¹ Φᵀ)/c, with
   the small system factored once in float64 and Φ held in float32. Where the degree-3
   features are too many (C(d+2, 3) = 45760 at d = 64) but N × N float32 fits, the degree-3
-  block is held in N-space instead (the ``gram`` form): B = cI + a₃(X̂X̂ᵀ)^∘3 is factored
-  once in float32 and the degree ≤ 2 features Φ₂ join by Woodbury,
-  (B + Φ₂Φ₂ᵀ)⁻¹ = B⁻¹ − W (I + Φ₂ᵀW)⁻¹ Wᵀ with W = B⁻¹Φ₂. When d(d+1)/2 exceeds
+  and degree-2 blocks are held in N-space instead (the ``gram`` form):
+  B = cI + a₂(X̂X̂ᵀ)^∘2 + a₃(X̂X̂ᵀ)^∘3 is factored once in float32 and the degree ≤ 1
+  features Φ₁ (the large constant and linear directions) join by Woodbury,
+  (B + Φ₁Φ₁ᵀ)⁻¹ = B⁻¹ − W (I + Φ₁ᵀW)⁻¹ Wᵀ with W = B⁻¹Φ₁. When d(d+1)/2 exceeds
   ``max_rank`` the degree-2 block joins the tail. c is then lowered by ``HARMONIC_SHIFT``
   (a shift towards λ_min: the preconditioner stays positive definite for any shift < 1).
 * ``nystrom``: m landmark rows S drawn with a seed, C = K(X, X_S) computed from the data,
@@ -145,11 +146,13 @@ def harmonic_plan(n: int, d: int, degree: int = 3, max_rank: int = HARMONIC_MAX_
     return kept, None
 
 
-def _degree3_gram(UT: np.ndarray, a3: float, c: float) -> np.ndarray:
-    """The Cholesky factor of B = cI + a₃(ÛÛᵀ)^∘3 (Û's rows unit, ``UT`` = Ûᵀ), formed and
-    factored in float32 in place, row block by row block: returns Lᵀ as an F-ordered upper
-    triangle (the transposed view of the C-ordered lower L). None if the factorisation fails
-    in float32 (B's condition too large for it)."""
+def _degree3_gram(UT: np.ndarray, a2: float, a3: float, c: float) -> np.ndarray:
+    """The Cholesky factor of B = cI + a₂(ÛÛᵀ)^∘2 + a₃(ÛÛᵀ)^∘3 (Û's rows unit, ``UT`` = Ûᵀ),
+    formed and factored in float32 in place, row block by row block, then mirrored: returns
+    an F-ordered array holding L in its lower triangle and Lᵀ in its upper one, so that both
+    triangular solves of an application run as LAPACK's fast transposed kind (measured at
+    N = 8000 on 2 cores: 0.10 s each, against 0.22 s for the untransposed one). None if the
+    factorisation fails in float32 (B's condition too large for it)."""
     from .cholesky import BLOCK, _potrf_in_place
 
     n = UT.shape[1]
@@ -157,12 +160,20 @@ def _degree3_gram(UT: np.ndarray, a3: float, c: float) -> np.ndarray:
     B = np.empty((n, n), dtype=np.float32)
     for i in range(0, n, BLOCK):
         rows = B[i:i + BLOCK]
-        np.matmul(U32[i:i + BLOCK], U32.T, out=rows)
-        np.multiply(rows, rows * rows, out=rows)
+        np.matmul(U32[i:i + BLOCK], U32.T, out=rows)  # g
+        square = rows * rows
         rows *= np.float32(a3)
+        rows += np.float32(a2)
+        rows *= square  # a₂g² + a₃g³
     B[np.diag_indices(n)] += np.float32(c)
     if not _potrf_in_place(B):
         return None
+    for i in range(0, n, BLOCK):  # B's strict upper triangle ← L's strict lower, transposed
+        e = min(i + BLOCK, n)
+        B[i:e, e:] = B[e:, i:e].T
+        D = B[i:e, i:e]
+        upper = np.triu_indices(e - i, 1)
+        D[upper] = D.T[upper]
     return B.T
 
 
@@ -192,18 +203,18 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
     UT = np.ascontiguousarray(U.T)
     factor = None
     if form == "gram":
-        factor = _degree3_gram(UT, float(a[3]), c)
+        factor = _degree3_gram(UT, float(a[2]), float(a[3]), c)
         if factor is None:  # degree 3 joins the tail
             kept_degree, form = 2, None
             c = (total - float(a[:3].sum())) * (1.0 - shift)
-    rank = sum(sizes[:min(kept_degree, 2 if form == "gram" else 3) + 1])
+    rank = sum(sizes[:(1 if form == "gram" else kept_degree) + 1])
     if device:
         UT = xp.asarray(UT)
     # Φᵀ: features by rows, each row contiguous (float32 on a device: its memory)
     PhiT = (xp if device else np).empty((rank, n), dtype=feature_dtype if device else None)
     PhiT[0] = np.sqrt(a[0])
     np.multiply(UT, np.sqrt(a[1]), out=PhiT[1:1 + d])
-    if kept_degree >= 2:
+    if kept_degree >= 2 and form != "gram":
         _sym_square_features(UT, out=PhiT[1 + d:1 + d + sizes[2]])
         PhiT[1 + d:1 + d + sizes[2]] *= np.sqrt(a[2])
     if form == "features":
@@ -270,18 +281,18 @@ def _device_inverse_spd(A, c: float, xp):
 
 def _gram_form(LT: np.ndarray, PhiT: np.ndarray, inv_d: np.ndarray, scale: float,
                t0: float, rank: int) -> Preconditioner:
-    """The degree-3 model in N-space: (B + Φ₂Φ₂ᵀ)⁻¹ = B⁻¹ − W S Wᵀ with B = LLᵀ (``LT`` = Lᵀ,
-    F-ordered float32), W = B⁻¹Φ₂ and S = (I + Φ₂ᵀW)⁻¹ (float64), between the scalings D⁻¹
-    (and 1/s). An application: two float32 triangular solves with the N × N factor (as
-    costly as a pass of K in memory) and three thin products with the N × rank features.
+    """The degree ≤ 3 model in N-space: (B + Φ₁Φ₁ᵀ)⁻¹ = B⁻¹ − W S Wᵀ with B = LLᵀ (``LT``:
+    F-ordered float32, L in its lower triangle and Lᵀ in its upper one), W = B⁻¹Φ₁ and S = (I + Φ₁ᵀW)⁻¹ (float64), between the scalings
+    D⁻¹ (and 1/s). An application: two float32 triangular solves with the N × N factor (as
+    costly as a pass of K in memory) and three thin products with the N × (1 + d) features.
     ``rank``: the rank of the degree ≤ 3 part it keeps exactly."""
     solve = scipy.linalg.solve_triangular
 
     def b_inv(Z):
-        Z = solve(LT, Z, lower=False, trans=1, check_finite=False)  # L y = z
-        return solve(LT, Z, lower=False, check_finite=False)        # Lᵀ x = y
+        Z = solve(LT, Z, lower=False, trans=1, check_finite=False)  # (Lᵀ)ᵀ y = z
+        return solve(LT, Z, lower=True, trans=1, check_finite=False)  # Lᵀ x = y
 
-    W = np.ascontiguousarray(b_inv(np.asfortranarray(PhiT.T)))  # N × rank₂, float32
+    W = np.ascontiguousarray(b_inv(np.asfortranarray(PhiT.T)))  # N × (1 + d), float32
     S = _inverse_spd(np.eye(len(PhiT)) + (PhiT @ W).astype(np.float64))
 
     def apply(R):
