@@ -326,13 +326,15 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     tile = point.tile or default_tile(n, rates["worker_memory"])
     passes = min(s.max_products,
                  max(20.0, PASSES_AT_8000 * (n / 8000.0) ** PASSES_GROWTH) * s.k ** 0.5
-                 * _passes_factor(spec))
+                 * _passes_factor(spec, cluster.device))
     block = s.block or (32 if point.store else RECOMPUTE_BLOCK)  # recompute: wider
     products = 2.0 * block * n * n / (gemm * PASS_EFFICIENCY)
     precond = 1e-8 * n * spec.d ** 2
-    if _harmonic_plan(spec)[1] == "gram":  # float32 on the client's cores: set-up n³/3 and
-        f32 = 2.0 * rates["gemm_flops_per_s"]  # 2n²·rank₂; two n² triangular solves a pass
-        precond += (n ** 3 / 3 + n * n * spec.d ** 2) / f32
+    if _harmonic_plan(spec, cluster.device)[1] == "gram":
+        # float32 on the client's cores: set-up n³/3 and 2n²·(1 + d), two n² triangular
+        # solves an iteration
+        f32 = 2.0 * rates["gemm_flops_per_s"]
+        precond += (n ** 3 / 3 + 2 * n * n * (1 + spec.d)) / f32
         products += 2.0 * block * n * n / f32
     if point.store:
         assemble = build_s
@@ -348,24 +350,25 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
             "client_memory": client}
 
 
-def _harmonic_plan(spec: RunSpec) -> tuple:
+def _harmonic_plan(spec: RunSpec, device: str = "cpu") -> tuple:
     """The harmonic preconditioner's (degree kept, degree-3 form) for the point, or
-    (None, None) where it is not used."""
+    (None, None) where it is not used (no gram form on GPU runs, as in the pipeline)."""
     from .solvers.precond import harmonic_plan
 
     base, _, arg = spec.solver.precond.partition(":")
     if base not in ("auto", "harmonic") or spec.kernel.depth < 2 or spec.kernel.finite:
         return None, None
-    return harmonic_plan(spec.n, spec.d, int(arg) if arg else 3)
+    return harmonic_plan(spec.n, spec.d, int(arg) if arg else 3,
+                         gram_bytes=0.0 if device == "gpu" else None)
 
 
-def _passes_factor(spec: RunSpec) -> float:
+def _passes_factor(spec: RunSpec, device: str = "cpu") -> float:
     """The passes of :data:`PASSES_AT_8000` (tol 1e-8, the degree ≤ 2 harmonic
     preconditioner) scaled to the point's tol (linear convergence: passes ∝ log(1/tol)) and
     halved where the preconditioner keeps the degree-3 block (measured at d = 16: 57 → 29
     passes at N = 4000, 93 → 45 at 16000; at d = 64, N = 20000: 104 → 46)."""
     factor = min(max(math.log10(1.0 / spec.solver.tol) / 8.0, 0.25), 2.0)
-    if _harmonic_plan(spec)[0] == 3:
+    if _harmonic_plan(spec, device)[0] == 3:
         factor *= 0.5
     return factor
 

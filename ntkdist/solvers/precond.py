@@ -330,11 +330,13 @@ def nystrom(n: int, columns, rank: int = DEFAULT_NYSTROM_RANK,
 
 
 def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: str,
-                        seed: int = 0, columns=None) -> Preconditioner:
+                        seed: int = 0, columns=None,
+                        gram_bytes: float | None = None) -> Preconditioner:
     """``auto`` | ``harmonic[:DEGREE]`` | ``nystrom[:RANK]`` | ``none``. ``columns``: a
     function idx ↦ K[:, idx] for a kernel without a closed form (a finite network's: one
     pass of its operator), which takes ``nystrom`` (``auto``: rank ``DEFAULT_NYSTROM_RANK``)
-    and ``none`` only."""
+    and ``none`` only. ``gram_bytes``: the most the harmonic model's N × N block may take
+    (0: none; default :func:`harmonic_plan`'s)."""
     base, _, arg = name.partition(":")
     if columns is not None and base == "auto":
         base = "nystrom"
@@ -346,7 +348,7 @@ def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: st
         return Preconditioner("none", None, 0.0, 0)
     if base == "harmonic":
         return harmonic(np.asarray(X, dtype=np.float64), depth, kernel, normalization,
-                        degree=int(arg) if arg else 3)
+                        degree=int(arg) if arg else 3, gram_bytes=gram_bytes)
     if base == "nystrom":
         if columns is None:
             X = np.asarray(X, dtype=np.float64)
