@@ -1,6 +1,7 @@
 """Iterative λ_min against the dense reference; preconditioners; operator modes; the CLI."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -83,11 +84,13 @@ def test_degree_three_features_and_the_degree_kept():
     assert harmonic_plan(10000, 30) == (3, "features")  # rank 5456
     # rank 5456: N × rank too large at this N, and N × N far too large
     assert harmonic_plan(100000, 30) == (2, None)
-    # d = 64: rank 47905 > 6000; N × N float32 held from C(66, 3)/8 = 5720 on, where it fits
-    assert harmonic_plan(10000, 64, gram_bytes=8e9) == (3, "gram")
+    # d = 64: rank 47905 > 6000; N × N float32 held from C(66, 3)/4 = 11440 on, where it
+    # fits; harmonic:3 (gram_from ∞) wherever it fits
+    assert harmonic_plan(20000, 64, gram_bytes=8e9) == (3, "gram")
     assert harmonic_plan(40000, 64, gram_bytes=8e9) == (3, "gram")
     assert harmonic_plan(40000, 64, gram_bytes=6e9) == (2, None)  # 6.4 GB
-    assert harmonic_plan(5000, 64, gram_bytes=8e9) == (2, None)  # below: no gain measured
+    assert harmonic_plan(10000, 64, gram_bytes=8e9) == (2, None)  # below: time not repaid
+    assert harmonic_plan(10000, 64, gram_bytes=8e9, gram_from=math.inf) == (3, "gram")
     assert harmonic_plan(300000, 64) == (2, None)
     assert harmonic_plan(1000, 120) == (1, None)  # even degree 2 is over 6000
     assert harmonic_plan(1000, 16, degree=2) == (2, None)

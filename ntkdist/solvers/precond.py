@@ -24,6 +24,7 @@ Both are built from the data alone, without a pass over the stored matrix.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -47,12 +48,13 @@ HARMONIC_MAX_BYTES = 4e9
 #: 44721; also at most HARMONIC_GRAM_MEMORY_SHARE of the memory available when it is built.
 HARMONIC_GRAM_MAX_BYTES = 8e9
 HARMONIC_GRAM_MEMORY_SHARE = 0.5
-#: The gram form is used from N ≥ C(d+2, 3) / HARMONIC_GRAM_FROM: below, the degree-3 block's
-#: eigenvalues stay off the bottom of the spectrum and an application (as costly as a pass
-#: of the kernel in memory) saves nothing. Measured at d = 64, Davidson block 32, passes to a
-#: certified 1e-8 without → with it: 35 → 36 at N = 5000 (C(66, 3)/9), 58 → 38 at 10000,
-#: 104 → 46 at 20000 (benchmarks/passes.py).
-HARMONIC_GRAM_FROM = 8
+#: ``auto`` and ``harmonic`` use the gram form from N ≥ C(d+2, 3) / HARMONIC_GRAM_FROM
+#: (``harmonic:3`` wherever it fits): below, its set-up and its solves (each about a pass of
+#: the kernel in memory) cost more time than the passes it saves. Measured at d = 64 on
+#: 2 cores (`ntkdist run` defaults, benchmarks/RESULTS.md): solve time with it 1.20× at
+#: N = 10000 (46 passes against 65), 1.04× at 20000 (57 against 125), 0.93× at 40000 (62
+#: against 200); at N = 5000 it saved no pass (35 → 36, an in-process scratch measurement).
+HARMONIC_GRAM_FROM = 4
 
 
 @dataclass
@@ -117,13 +119,13 @@ def _feature_sizes(d: int) -> list:
 
 
 def harmonic_plan(n: int, d: int, degree: int = 3, max_rank: int = HARMONIC_MAX_RANK,
-                  max_bytes: float = HARMONIC_MAX_BYTES,
-                  gram_bytes: float | None = None) -> tuple:
+                  max_bytes: float = HARMONIC_MAX_BYTES, gram_bytes: float | None = None,
+                  gram_from: float = HARMONIC_GRAM_FROM) -> tuple:
     """(the highest degree ≤ ``degree`` kept exactly (at least 1), how the degree-3 block is
     held: "features" | "gram" | None). Degree r's features are kept while the rank
     Σ_{r' ≤ r} C(d+r'−1, r') is at most ``max_rank`` and, for degree 3, the set-up's N × rank
     float64 and float32 copies at most ``max_bytes``. Else degree 3 is held in N-space
-    ("gram") where the degree-2 features are kept, N ≥ C(d+2, 3)/HARMONIC_GRAM_FROM and its
+    ("gram") where the degree-2 features are kept, N ≥ C(d+2, 3)/``gram_from`` and its
     4N² bytes are at most ``gram_bytes`` (default: HARMONIC_GRAM_MAX_BYTES and
     HARMONIC_GRAM_MEMORY_SHARE of the memory available now)."""
     sizes = _feature_sizes(d)
@@ -135,7 +137,7 @@ def harmonic_plan(n: int, d: int, degree: int = 3, max_rank: int = HARMONIC_MAX_
         kept += 1
     if kept == 3:
         return 3, "features"
-    if kept == 2 and degree >= 3 and n * HARMONIC_GRAM_FROM >= sizes[3]:
+    if kept == 2 and degree >= 3 and n * gram_from >= sizes[3]:
         if gram_bytes is None:
             from .cholesky import available_memory
 
@@ -180,7 +182,8 @@ def _degree3_gram(UT: np.ndarray, a2: float, a3: float, c: float) -> np.ndarray:
 def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
              max_rank: int = HARMONIC_MAX_RANK, shift: float = HARMONIC_SHIFT,
              feature_dtype=np.float32, degree: int = 3, gram_bytes: float | None = None,
-             max_bytes: float = HARMONIC_MAX_BYTES, xp=None) -> Preconditioner:
+             max_bytes: float = HARMONIC_MAX_BYTES, xp=None,
+             gram_from: float = HARMONIC_GRAM_FROM) -> Preconditioner:
     """The harmonic preconditioner of rows ``X`` (module docstring). ``xp``: an array module
     (CuPy) to build and apply the features on, from and to host arrays; it holds the features
     in float32 and takes no gram form (a GPU has room for the degree-3 features: set
@@ -195,7 +198,8 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
     a = kernel_coefficients(depth, kernel, 3)
     total = float(depth if kernel == "ntk" else 1.0)
     sizes = _feature_sizes(d)
-    kept_degree, form = harmonic_plan(n, d, degree, max_rank, max_bytes, gram_bytes)
+    kept_degree, form = harmonic_plan(n, d, degree, max_rank, max_bytes, gram_bytes,
+                                      gram_from)
     c = total - float(a[:kept_degree + 1].sum())
     if c <= 1e-12 * total:
         c = 1e-6 * total  # depth 1: κ(ρ) = ρ exactly; keep the Woodbury system definite
@@ -347,8 +351,10 @@ def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: st
     if base == "none":
         return Preconditioner("none", None, 0.0, 0)
     if base == "harmonic":
+        # harmonic:3 asks for degree 3 wherever it fits; auto and harmonic where it pays
         return harmonic(np.asarray(X, dtype=np.float64), depth, kernel, normalization,
-                        degree=int(arg) if arg else 3, gram_bytes=gram_bytes)
+                        degree=int(arg) if arg else 3, gram_bytes=gram_bytes,
+                        gram_from=math.inf if arg else HARMONIC_GRAM_FROM)
     if base == "nystrom":
         if columns is None:
             X = np.asarray(X, dtype=np.float64)
