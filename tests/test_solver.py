@@ -123,6 +123,22 @@ def test_degree_three_in_n_space_is_the_same_model():
         assert np.linalg.norm(got - want) < 1e-4 * np.linalg.norm(want), P.form
 
 
+def test_harmonic_three_asks_for_degree_three_wherever_it_fits():
+    """d = 64, N = 600: far below C(66, 3)/4, auto keeps degrees ≤ 2 and harmonic:3 holds
+    degree 3 N × N; both certify the dense λ_min, and result.json's description says which."""
+    X = synthetic_rows("sphere", 64, SEED, 0, 600)
+    K = ntkdist.ntk(X, depth=3)
+    ref = _dense_bottom(K, 1)[0]
+    forms = {}
+    for name in ("auto", "harmonic:3"):
+        P = make_preconditioner(name, X, 3, "ntk", "paper")
+        sol = smallest_eigenpairs(lambda V: K @ V, 600, "davidson", precond=P.apply,
+                                  scale=np.trace(K) / 600)
+        assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
+        forms[name] = (P.degree, P.describe().get("degree3_form"))
+    assert forms == {"auto": (2, None), "harmonic:3": (3, "gram")}
+
+
 def test_degree_three_in_n_space_falls_back_when_float32_cannot_factor(monkeypatch):
     import ntkdist.solvers.cholesky as chol
     from ntkdist.solvers.precond import harmonic
