@@ -495,12 +495,10 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                                     {"out_hash": ckpt_hash, "method": s.method, "n": spec.n},
                                     every=checkpoint_every(s, cluster), log=log)
         log("preconditioner: setting up")
-        # GPU passes cost far less than the client's N × N triangular solves: no gram form
-        gpu = op is not None and op.device == "gpu"
         precond = make_preconditioner(s.precond, X, kern.depth, kern.kind,
                                       kern.normalization,
                                       columns=_columns(matmat, spec.n) if kern.finite else None,
-                                      gram_bytes=0.0 if gpu else None)
+                                      device=op.device if op is not None else "cpu")
         held = {"features": ", degree 3 by features",
                 "gram": ", degree 3 held N × N"}.get(precond.form, "")
         log(f"preconditioner {precond.name} (rank {precond.rank}{held}), "

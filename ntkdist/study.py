@@ -352,15 +352,12 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
 
 def _harmonic_plan(spec: RunSpec, device: str = "cpu") -> tuple:
     """The harmonic preconditioner's (degree kept, degree-3 form) for the point, or
-    (None, None) where it is not used (no gram form on GPU runs, as in the pipeline)."""
-    from .solvers.precond import HARMONIC_GRAM_FROM, harmonic_plan
+    (None, None) where it is not used."""
+    from .solvers.precond import harmonic_plan, harmonic_request
 
-    base, _, arg = spec.solver.precond.partition(":")
-    if base not in ("auto", "harmonic") or spec.kernel.depth < 2 or spec.kernel.finite:
-        return None, None
-    return harmonic_plan(spec.n, spec.d, int(arg) if arg else 3,
-                         gram_bytes=0.0 if device == "gpu" else None,
-                         gram_from=math.inf if arg else HARMONIC_GRAM_FROM)
+    asked = harmonic_request(spec.solver.precond, spec.kernel.depth, spec.kernel.finite,
+                             device)
+    return (None, None) if asked is None else harmonic_plan(spec.n, spec.d, **asked)
 
 
 def _passes_factor(spec: RunSpec, device: str = "cpu") -> float:

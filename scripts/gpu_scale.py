@@ -173,6 +173,7 @@ def _degree3_passes(client, sizes, d, tile):
         X = synthetic_rows("sphere", d, 0, 0, n)
         op = make_operator(client, "memory", rows=X, kernel=KernelSpec("ntk", 3, "paper"),
                            tile=tile, device="gpu")
+        pre = None
         try:
             t0 = time.perf_counter()
             pre = harmonic(X, 3, "ntk", "paper", xp=cupy, max_rank=50000, max_bytes=1e12)

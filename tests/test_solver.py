@@ -97,6 +97,19 @@ def test_degree_three_features_and_the_degree_kept():
     assert harmonic_plan(10000, 64, degree=2, gram_bytes=8e9) == (2, None)
 
 
+def test_harmonic_request_reads_precond_once_for_runs_and_studies():
+    from ntkdist.solvers.precond import HARMONIC_GRAM_FROM, harmonic_request
+
+    assert harmonic_request("auto", 3) == {"degree": 3, "gram_from": HARMONIC_GRAM_FROM,
+                                           "gram_bytes": None}
+    assert harmonic_request("harmonic:3", 3)["gram_from"] == math.inf
+    assert harmonic_request("harmonic:2", 1)["degree"] == 2  # asked for at depth 1: kept
+    assert harmonic_request("auto", 3, device="gpu")["gram_bytes"] == 0.0  # no gram form
+    assert harmonic_request("auto", 1) is None  # auto at depth 1: none
+    assert harmonic_request("auto", 3, finite=True) is None  # a finite network: Nyström
+    assert harmonic_request("nystrom:500", 3) is None
+
+
 def test_degree_three_in_n_space_is_the_same_model():
     """The gram form (B = cI + a₃(X̂X̂ᵀ)^∘3 factored in float32, the degree ≤ 2 features by
     Woodbury) applies the same model as the degree-3 features, and both are the model's

@@ -152,9 +152,10 @@ def _degree3_gram(UT: np.ndarray, a2: float, a3: float, c: float) -> np.ndarray:
     """The Cholesky factor of B = cI + a₂(ÛÛᵀ)^∘2 + a₃(ÛÛᵀ)^∘3 (Û's rows unit, ``UT`` = Ûᵀ),
     formed and factored in float32 in place, row block by row block, then mirrored: returns
     an F-ordered array holding L in its lower triangle and Lᵀ in its upper one, so that both
-    triangular solves of an application run as LAPACK's fast transposed kind (measured at
-    N = 8000 on 2 cores: 0.10 s each, against 0.22 s for the untransposed one). None if the
-    factorisation fails in float32 (B's condition too large for it)."""
+    triangular solves of an application run as LAPACK's fast transposed kind (0.10 s each at
+    N = 8000, b = 32 on 2 cores, against 0.22 s for the untransposed one: an in-process
+    scratch measurement). None if the factorisation fails in float32 (B's condition too large
+    for it)."""
     from .cholesky import BLOCK, _potrf_in_place
 
     n = UT.shape[1]
@@ -200,17 +201,21 @@ def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
     sizes = _feature_sizes(d)
     kept_degree, form = harmonic_plan(n, d, degree, max_rank, max_bytes, gram_bytes,
                                       gram_from)
-    c = total - float(a[:kept_degree + 1].sum())
-    if c <= 1e-12 * total:
-        c = 1e-6 * total  # depth 1: κ(ρ) = ρ exactly; keep the Woodbury system definite
-    c = c * (1.0 - shift)
+
+    def tail(kept):  # c: the degrees above ``kept``, lowered by the shift
+        rest = total - float(a[:kept + 1].sum())
+        if rest <= 1e-12 * total:
+            rest = 1e-6 * total  # depth 1: κ(ρ) = ρ exactly; keep the model definite
+        return rest * (1.0 - shift)
+
+    c = tail(kept_degree)
     UT = np.ascontiguousarray(U.T)
     factor = None
     if form == "gram":
         factor = _degree3_gram(UT, float(a[2]), float(a[3]), c)
         if factor is None:  # degree 3 joins the tail
             kept_degree, form = 2, None
-            c = (total - float(a[:3].sum())) * (1.0 - shift)
+            c = tail(2)
     rank = sum(sizes[:(1 if form == "gram" else kept_degree) + 1])
     if device:
         UT = xp.asarray(UT)
@@ -286,8 +291,8 @@ def _device_inverse_spd(A, c: float, xp):
 def _gram_form(LT: np.ndarray, PhiT: np.ndarray, inv_d: np.ndarray, scale: float,
                t0: float, rank: int) -> Preconditioner:
     """The degree ≤ 3 model in N-space: (B + Φ₁Φ₁ᵀ)⁻¹ = B⁻¹ − W S Wᵀ with B = LLᵀ (``LT``:
-    F-ordered float32, L in its lower triangle and Lᵀ in its upper one), W = B⁻¹Φ₁ and S = (I + Φ₁ᵀW)⁻¹ (float64), between the scalings
-    D⁻¹ (and 1/s). An application: two float32 triangular solves with the N × N factor (as
+    F-ordered float32, L in its lower triangle and Lᵀ in its upper one), W = B⁻¹Φ₁ and
+    S = (I + Φ₁ᵀW)⁻¹ (float64), between the scalings D⁻¹ (and 1/s). An application: two float32 triangular solves with the N × N factor (as
     costly as a pass of K in memory) and three thin products with the N × (1 + d) features.
     ``rank``: the rank of the degree ≤ 3 part it keeps exactly."""
     solve = scipy.linalg.solve_triangular
@@ -333,14 +338,27 @@ def nystrom(n: int, columns, rank: int = DEFAULT_NYSTROM_RANK,
     return Preconditioner(f"nystrom:{m}", apply, time.perf_counter() - t0, m)
 
 
+def harmonic_request(name: str, depth: int, finite: bool = False,
+                     device: str = "cpu") -> dict | None:
+    """What ``name`` (as ``--precond`` takes it) asks of :func:`harmonic`, or None where the
+    preconditioner is not the harmonic one: ``harmonic:3`` degree 3 wherever it fits,
+    ``auto`` and ``harmonic`` where it repays its cost (``HARMONIC_GRAM_FROM``); on GPU runs
+    no gram form, whose N × N solves on the client would cost more than the GPU's passes."""
+    base, _, arg = name.partition(":")
+    if finite or base not in ("auto", "harmonic") or (base == "auto" and depth < 2):
+        return None
+    return {"degree": int(arg) if arg else 3,
+            "gram_from": math.inf if arg else HARMONIC_GRAM_FROM,
+            "gram_bytes": 0.0 if device == "gpu" else None}
+
+
 def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: str,
-                        seed: int = 0, columns=None,
-                        gram_bytes: float | None = None) -> Preconditioner:
+                        seed: int = 0, columns=None, device: str = "cpu") -> Preconditioner:
     """``auto`` | ``harmonic[:DEGREE]`` | ``nystrom[:RANK]`` | ``none``. ``columns``: a
     function idx ↦ K[:, idx] for a kernel without a closed form (a finite network's: one
     pass of its operator), which takes ``nystrom`` (``auto``: rank ``DEFAULT_NYSTROM_RANK``)
-    and ``none`` only. ``gram_bytes``: the most the harmonic model's N × N block may take
-    (0: none; default :func:`harmonic_plan`'s)."""
+    and ``none`` only. ``device``: where the solver's products run
+    (:func:`harmonic_request`)."""
     base, _, arg = name.partition(":")
     if columns is not None and base == "auto":
         base = "nystrom"
@@ -351,10 +369,8 @@ def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: st
     if base == "none":
         return Preconditioner("none", None, 0.0, 0)
     if base == "harmonic":
-        # harmonic:3 asks for degree 3 wherever it fits; auto and harmonic where it pays
         return harmonic(np.asarray(X, dtype=np.float64), depth, kernel, normalization,
-                        degree=int(arg) if arg else 3, gram_bytes=gram_bytes,
-                        gram_from=math.inf if arg else HARMONIC_GRAM_FROM)
+                        **harmonic_request(name, depth, device=device))
     if base == "nystrom":
         if columns is None:
             X = np.asarray(X, dtype=np.float64)
