@@ -121,8 +121,11 @@ def _add_solver_args(p) -> None:
     p.add_argument("--block", type=_count,
                    help="LOBPCG/Davidson block size (default max(32, 2k+16), max(128, 2k+16) "
                         "with the recompute operator; at least k+1)")
-    p.add_argument("--precond", help="auto | harmonic[:DEGREE] | nystrom[:RANK] | none "
-                                     "(default auto: harmonic, degrees <= 3 where they fit)")
+    p.add_argument("--precond", help="auto | harmonic[:DEGREE] | nystrom[:RANK] | shift | none "
+                                     "(default auto: shift on CPU runs from N = 5000 where "
+                                     "it fits, else harmonic, degrees <= 3 where they fit; "
+                                     "shift: (K - sigma I)^-1 in float32, sigma just below a "
+                                     "first estimate)")
     p.add_argument("--operator", choices=["auto", "store", "memory", "recompute"],
                    help="how K·V is computed (default auto: with a store, memory if the "
                         "tiles fit, else store; without one, recompute)")

@@ -25,6 +25,7 @@ from .results import RunResult, claim_out_dir, release_out_dir, write_result
 from .solvers.checkpoint import CHECKPOINT_FILE, Checkpoint
 from .solvers.driver import smallest_eigenpairs
 from .solvers.precond import make_preconditioner
+from .solvers.shift import uses_shift
 from .spec import (BATCH_KINDS, ClusterSpec, RunSpec, content_hash, make_solver_spec,
                    make_store_spec)
 
@@ -424,6 +425,86 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
     return proof
 
 
+def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="cpu"):
+    """The shift-invert solve (:mod:`ntkdist.solvers.shift`): an estimate of λ_min to
+    SHIFT_ESTIMATE_TOL with ``estimate``, the harmonic model (on the fast products where the
+    run has them), then the solve to the asked accuracy with (K − σI)⁻¹, σ just below the
+    estimate, from the estimate's Ritz block (``device`` "gpu": K − σI on the client's GPU).
+    Returns (the solve, the preconditioner it finished with)."""
+    from .solvers.driver import SMALL_N
+    from .solvers.shift import SHIFT_ESTIMATE_TOL, shift_fits, shift_invert, shift_sigma
+
+    s, n = spec.solver, spec.n
+    xp = None
+    if device == "gpu":  # formed, factored and applied on the client's GPU
+        import cupy as xp
+    why = shift_fits(n, xp=xp)
+    if check.duplicate_rows:
+        why = "rows repeat: K is singular, and K − σI indefinite for every σ > 0"
+    elif n <= SMALL_N or n < 4 * (s.k + 1):
+        why = f"N = {n} is solved densely"
+    if why is not None:
+        log(f"note: no shift-invert ({why}); the harmonic preconditioner instead")
+        sol = smallest_eigenpairs(matmat, n, s.method, tol=s.tol, precond=estimate.apply,
+                                  fast_matmat=fast, **common)
+        sol.notes.append(f"--precond shift: not used ({why}); the harmonic model instead")
+        estimate.info = {"asked": s.precond, "shift_skipped": why}
+        return sol, estimate
+    tol1 = max(s.tol, SHIFT_ESTIMATE_TOL)
+    log(f"shift-invert, stage 1: λ_min to {tol1:g} with the harmonic preconditioner "
+        f"(degrees ≤ {estimate.degree}){' on the float32 products' if fast else ''}")
+    t = time.perf_counter()
+    first = smallest_eigenpairs(fast or matmat, n, s.method, tol=tol1, precond=estimate.apply,
+                                **{**common, "max_products": max(1, s.max_products // 2)})
+    first_seconds = time.perf_counter() - t
+    lam, res = float(first.values[0]), float(first.residuals[0])
+    info = {"estimate": lam, "estimate_residual": res, "estimate_passes": first.products,
+            "estimate_seconds": first_seconds, "sigma_tried": []}
+    pre, sigma = None, shift_sigma(lam, res)
+    for _ in range(2):
+        if not sigma > 0:
+            break
+        info["sigma_tried"].append(sigma)
+        log(f"shift-invert, stage 2: forming and factoring K − σI in float32, σ = {sigma:.10g} "
+            f"(estimate {lam:.10g}, residual {res:.2e})")
+        try:
+            pre = shift_invert(X, spec.kernel, sigma, xp=xp)
+        except MemoryError:  # CuPy's OutOfMemoryError
+            info["shift_skipped"] = "out of GPU memory forming or factoring K − σI"
+            break
+        if pre is not None:
+            break
+        log(f"note: K − σI does not factor in float32 at σ = {sigma:.10g}: σ lowered")
+        sigma = lam - 4.0 * (lam - sigma)
+    if pre is None:
+        why = info.get("shift_skipped") or (
+            "the estimate leaves no positive σ" if not info["sigma_tried"] else
+            "K − σI did not factor in float32")
+        log(f"note: no shift-invert ({why}); the solve goes on with the harmonic "
+            "preconditioner")
+        pre = estimate
+        info["shift_skipped"] = why
+    else:
+        log(f"shift-invert preconditioner: σ = {sigma:.10g}, set-up {pre.setup_seconds:.1f} s "
+            f"({pre.info['form_seconds']:.1f} s forming K − σI)")
+    pre.info = {**(pre.info or {}), **info, "asked": s.precond}
+    checkpoint = common["checkpoint"]
+    if checkpoint is not None and first.ritz_block is not None:
+        checkpoint.prime(first.ritz_block, first.ritz_values, first.iterations, first.products)
+    start = first.ritz_block if first.ritz_block is not None else common["start"]
+    sol = smallest_eigenpairs(matmat, n, s.method, tol=s.tol, precond=pre.apply,
+                              fast_matmat=fast, **{**common, "start": start})
+    sol.iterations += first.iterations
+    sol.solver_seconds += first_seconds
+    if sol.phases is not None:
+        sol.phases.insert(0, {"products": "float32 deflated" if fast else "float64",
+                              "passes": first.products, "iterations": first.iterations,
+                              "stage": "shift estimate",
+                              "stopped": "the shift's estimate" + (
+                                  "" if first.converged else ", at its pass limit")})
+    return sol, pre
+
+
 def _columns(matmat, n: int):
     """idx ↦ K[:, idx] by one product with the unit vectors (kernels without a closed form)."""
     def columns(idx):
@@ -489,16 +570,19 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     overwrite."""
     precond = checkpoint = None
     s, kern = spec.solver, spec.kernel
+    device = op.device if op is not None else "cpu"
+    shift = s.method in ("lobpcg", "davidson") and uses_shift(s.precond, spec.n, kern.depth,
+                                                                kern.finite, device)
     if s.method in ("lobpcg", "davidson"):
         if ckpt_hash is not None:
             checkpoint = Checkpoint(os.path.join(out, CHECKPOINT_FILE),
                                     {"out_hash": ckpt_hash, "method": s.method, "n": spec.n},
                                     every=checkpoint_every(s, cluster), log=log)
         log("preconditioner: setting up")
-        precond = make_preconditioner(s.precond, X, kern.depth, kern.kind,
-                                      kern.normalization,
+        precond = make_preconditioner("shift" if shift else s.precond, X, kern.depth,
+                                      kern.kind, kern.normalization,
                                       columns=_columns(matmat, spec.n) if kern.finite else None,
-                                      device=op.device if op is not None else "cpu")
+                                      device=device)
         held = {"features": ", degree 3 by features",
                 "gram": ", degree 3 held N × N"}.get(precond.form, "")
         log(f"preconditioner {precond.name} (rank {precond.rank}{held}), "
@@ -510,15 +594,18 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     else:
         cheap = upper_bounds(X, kern.depth, kern.kind, kern.normalization)
         diag = kernel_diagonal(X, kern.depth, kern.kind, kern.normalization)
-    sol = smallest_eigenpairs(matmat, spec.n, s.method, k=s.k, tol=s.tol,
-                              block=_default_block(s, op),
-                              precond=precond.apply if precond else None,
-                              max_products=s.max_products, dense_matrix=dense_matrix,
-                              scale=cheap["upper_trace_over_n"], log=log,
-                              checkpoint=checkpoint,
-                              fast_matmat=op.matmat_fast if op is not None and op.mixed else None,
-                              groups=check.groups, diag=diag,
-                              start=near_null_vectors(check, row_norms(X), spec.n))
+    common = dict(k=s.k, block=_default_block(s, op), max_products=s.max_products,
+                  dense_matrix=dense_matrix, scale=cheap["upper_trace_over_n"], log=log,
+                  checkpoint=checkpoint, groups=check.groups, diag=diag,
+                  start=near_null_vectors(check, row_norms(X), spec.n))
+    fast = op.matmat_fast if op is not None and op.mixed else None
+    if shift:
+        sol, precond = _solve_shifted(spec, X, check, matmat, fast, precond, common, log,
+                                      device)
+    else:
+        sol = smallest_eigenpairs(matmat, spec.n, s.method, tol=s.tol,
+                                  precond=precond.apply if precond else None,
+                                  fast_matmat=fast, **common)
     for note in sol.notes:
         log(f"note: {note}")
     if kern.finite:

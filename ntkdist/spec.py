@@ -510,12 +510,12 @@ def check_solver(solver: SolverSpec, n: int) -> None:
         _positive_int(solver.block, "block")
     base, _, arg = str(solver.precond).partition(":")
     if not isinstance(solver.precond, str) or base not in (
-            "auto", "harmonic", "nystrom", "none") or (
+            "auto", "harmonic", "nystrom", "none", "shift") or (
             arg and base not in ("nystrom", "harmonic")) or (
             arg and not (arg.isdigit() and int(arg) >= 1)) or (
             base == "harmonic" and arg and int(arg) not in (1, 2, 3)):
-        raise SpecError(f"precond must be auto, harmonic[:DEGREE 1-3], nystrom[:RANK] or none, "
-                        f"got {solver.precond!r}")
+        raise SpecError("precond must be auto, harmonic[:DEGREE 1-3], nystrom[:RANK], shift "
+                        f"or none, got {solver.precond!r}")
     _choice(solver.operator, "operator", OPERATORS)
     _choice(solver.precision, "precision", PRECISIONS)
     _positive_int(solver.max_products, "max_products")

@@ -330,7 +330,13 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     block = s.block or (32 if point.store else RECOMPUTE_BLOCK)  # recompute: wider
     products = 2.0 * block * n * n / (gemm * PASS_EFFICIENCY)
     precond = 1e-8 * n * spec.d ** 2
-    if _harmonic_plan(spec, cluster.device)[1] == "gram":
+    if _uses_shift(spec, cluster.device):
+        # on the client's cores: K − σI's n²/2 entries and its float32 factor (n³/3), two n²
+        # triangular solves an iteration
+        f32 = 2.0 * rates["gemm_flops_per_s"]
+        precond += n ** 3 / 3 / f32 + n * n / 2 / (entries_s / share)
+        products += 2.0 * block * n * n / f32
+    elif _harmonic_plan(spec, cluster.device)[1] == "gram":
         # float32 on the client's cores: set-up n³/3 and 2n²·(1 + d), two n² triangular
         # solves an iteration
         f32 = 2.0 * rates["gemm_flops_per_s"]
@@ -360,13 +366,29 @@ def _harmonic_plan(spec: RunSpec, device: str = "cpu") -> tuple:
     return (None, None) if asked is None else harmonic_plan(spec.n, spec.d, **asked)
 
 
+def _uses_shift(spec: RunSpec, device: str = "cpu") -> bool:
+    """Whether the point's solve runs shift-invert (:func:`ntkdist.solvers.shift.uses_shift`)."""
+    from .solvers.shift import uses_shift
+
+    return spec.solver.method in ("lobpcg", "davidson") and uses_shift(
+        spec.solver.precond, spec.n, spec.kernel.depth, spec.kernel.finite, device)
+
+
+#: Passes of a shift-invert solve against the degree ≤ 2 harmonic model's (its estimate
+#: stage included), measured with the defaults at d = 64: 27/65 at N = 10000, 36/125 at
+#: 20000, 46/200 at 40000 (benchmarks/RESULTS.md).
+SHIFT_PASSES = 0.35
+
+
 def _passes_factor(spec: RunSpec, device: str = "cpu") -> float:
     """The passes of :data:`PASSES_AT_8000` (tol 1e-8, the degree ≤ 2 harmonic
     preconditioner) scaled to the point's tol (linear convergence: passes ∝ log(1/tol)) and
     halved where the preconditioner keeps the degree-3 block (measured at d = 16: 57 → 29
     passes at N = 4000, 93 → 45 at 16000; at d = 64, N = 20000: 104 → 46)."""
     factor = min(max(math.log10(1.0 / spec.solver.tol) / 8.0, 0.25), 2.0)
-    if _harmonic_plan(spec, device)[0] == 3:
+    if _uses_shift(spec, device):
+        factor *= SHIFT_PASSES
+    elif _harmonic_plan(spec, device)[0] == 3:
         factor *= 0.5
     return factor
 

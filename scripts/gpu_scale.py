@@ -1,4 +1,4 @@
-"""The GPU measurements of the large-N work in one call (about 6 minutes on an H200), each
+"""The GPU measurements of the large-N work in one call (about 7 minutes on an H200), each
 figure printed as it comes and written to ``--out`` (JSON):
 
     PYTHONPATH=. python3 scripts/gpu_scale.py --out gpu_scale.json
@@ -6,16 +6,19 @@ figure printed as it comes and written to ``--out`` (JSON):
 
 1. ``ntkdist run --device gpu --method davidson`` at N = ``--n-end`` (100000): end-to-end
    seconds, passes, certificate (sphere, d = 64, L = 3, seed 0, tol 1e-8).
-2. Passes to a certified 1e-8 at each N of ``--pass-sizes`` (20000, 50000), Davidson with
+2. ``--precond shift`` (K − σI formed, factored in float32 and applied on the GPU, after a
+   first estimate with the harmonic model) at each N of ``--pass-sizes`` and ``--n-end``:
+   end-to-end seconds, passes (the estimate's among them), σ, set-up.
+3. Passes to a certified 1e-8 at each N of ``--pass-sizes`` (20000, 50000), Davidson with
    blocks 32 and 128.
-3. At N = ``--n-big`` (300000): seconds per pass (b = 128) of the ``auto`` operator, which
+4. At N = ``--n-big`` (300000): seconds per pass (b = 128) of the ``auto`` operator, which
    keeps the tiles that fit on the GPU and rebuilds the others, against ``recompute``; the
    tiles kept and their bytes.
-4. ``ntkdist bench --quick --device gpu``: the headline and the per-worker rates.
-5. Passes to a certified 1e-8 with the harmonic preconditioner's degree-3 features (rank
+5. ``ntkdist bench --quick --device gpu``: the headline and the per-worker rates.
+6. Passes to a certified 1e-8 with the harmonic preconditioner's degree-3 features (rank
    47905 at d = 64) built and applied on the GPU in this process, at each N of
    ``--pass-sizes`` and ``--n-end`` (Davidson block 32, tiles kept on the GPU): passes, set-up
-   and solve seconds, against step 2's degree ≤ 2 passes.
+   and solve seconds, against step 3's degree ≤ 2 passes.
 
 ``--fake`` runs every step on the CPU with the CuPy stand-in of tests/fakecupy.py, an
 in-process cluster and tiny sizes: it checks the script, not a GPU. Steps that fail print one
@@ -88,6 +91,7 @@ def main() -> int:
 
         # free GPU memory for part of the N_big tiles only, as on a real GPU at 300000
         sys.modules["cupy"] = fakecupy.module(free=48_000_000)
+        sys.modules.update(fakecupy.cupyx_modules())
         args.n_end, args.pass_sizes, args.n_big = 700, "300,600", 1500
     figures, failed = {"fake": args.fake, "date": time.strftime("%Y-%m-%d %H:%M")}, []
 
@@ -111,6 +115,9 @@ def main() -> int:
             addr = ["--scheduler", client.scheduler.address]
             steps = [
                 ("end_to_end", lambda: _end_to_end(cli, common + addr, args.n_end, tmp)),
+                ("shift", lambda: _shift(
+                    cli, common + addr, [*(int(v) for v in args.pass_sizes.split(",")),
+                                         args.n_end], tmp)),
                 ("passes", lambda: _passes(cli, common + addr, args.pass_sizes, tmp)),
                 ("big_passes", lambda: [
                     _pass_seconds(client, args.n_big, mode, 128, args.repeats,
@@ -144,6 +151,24 @@ def _end_to_end(cli, common, n, tmp):
             "solver_seconds": r["solver_seconds"], "lambda_min": r["lambda_min"],
             "status": r["status"], "relative_accuracy": r["relative_accuracy"],
             "passes": r["passes"], "block": r["block"], "operator": r["operator"]}
+
+
+def _shift(cli, common, sizes, tmp):
+    out = {}
+    for n in sizes:
+        t0 = time.perf_counter()
+        r = _cli_run(cli, [*common, "--n", str(n), "--precond", "shift"],
+                     os.path.join(tmp, f"s{n}"))
+        p = r["preconditioner"]
+        out[str(n)] = {"seconds": time.perf_counter() - t0, "wall_seconds": r["wall_seconds"],
+                       "solver_seconds": r["solver_seconds"], "passes": r["passes"],
+                       "status": r["status"], "lambda_min": r["lambda_min"],
+                       "relative_accuracy": r["relative_accuracy"],
+                       **{k: p.get(k) for k in ("name", "sigma", "estimate", "estimate_passes",
+                                                "estimate_seconds", "setup_seconds",
+                                                "form_seconds", "shift_skipped")}}
+        print(f"  shift-invert on the GPU, N = {n}: {json.dumps(out[str(n)])}", flush=True)
+    return out
 
 
 def _passes(cli, common, sizes, tmp):

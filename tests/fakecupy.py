@@ -343,6 +343,18 @@ def asnumpy(a, stream=None, order="C", out=None):
     return np.asarray(a, order=order)
 
 
+def cupyx_modules() -> dict:
+    """``cupyx``, ``cupyx.scipy`` and ``cupyx.scipy.linalg`` (``solve_triangular``) for
+    ``sys.modules``, on the fake device."""
+    import scipy.linalg
+
+    cx, cs = types.ModuleType("cupyx"), types.ModuleType("cupyx.scipy")
+    cl = types.ModuleType("cupyx.scipy.linalg")
+    cl.solve_triangular = _on_device(scipy.linalg.solve_triangular, "solve_triangular")
+    cx.scipy, cs.linalg = cs, cl
+    return {"cupyx": cx, "cupyx.scipy": cs, "cupyx.scipy.linalg": cl}
+
+
 def module(devices: int = 1, free: int = 8 * 2 ** 30):
     """A fake ``cupy`` module: ``devices`` GPUs (0: CUDA finds none), each with ``free``
     bytes of free memory."""

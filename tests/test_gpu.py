@@ -162,6 +162,35 @@ def test_gpu_solve_and_run_from_the_command_line(client, store, fake_gpu, tmp_pa
     assert abs(run["lambda_min"] - cpu["lambda_min"]) <= 1e-7 * cpu["lambda_min"]
 
 
+def test_gpu_shift_invert_forms_factors_and_applies_on_the_device(client, store, fake_gpu,
+                                                                   tmp_path, monkeypatch):
+    """--precond shift on a GPU run: K − σI formed, factored and applied on the client's
+    device (host/device mix-ups fail in the stand-in), to the CPU's λ_min; where the device
+    has no room for it, the harmonic model finishes the solve and result.json says why."""
+    for name, mod in fakecupy.cupyx_modules().items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    addr = client.scheduler.address
+    common = ["--method", "lobpcg", "--tol", "1e-9", "--scheduler", addr]
+    out_cpu, out_gpu = str(tmp_path / "cpu"), str(tmp_path / "gpu")
+    assert main(["solve", "--store", store, "--out", out_cpu, *common]) == 0
+    assert main(["solve", "--store", store, "--out", out_gpu, *common, "--device", "gpu",
+                 "--precond", "shift"]) == 0
+    cpu = json.load(open(os.path.join(out_cpu, "result.json")))
+    gpu = json.load(open(os.path.join(out_gpu, "result.json")))
+    p = gpu["preconditioner"]
+    assert (p["name"], p.get("device")) == ("shift", "gpu") and p["sigma"] < cpu["lambda_min"]
+    assert gpu["status"] == "certified"
+    assert abs(gpu["lambda_min"] - cpu["lambda_min"]) <= 1e-9 * cpu["lambda_min"]
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=1_000_000))  # < 8N²/0.8
+    out_small = str(tmp_path / "small")
+    assert main(["solve", "--store", store, "--out", out_small, *common, "--device", "gpu",
+                 "--precond", "shift"]) == 0
+    small = json.load(open(os.path.join(out_small, "result.json")))
+    assert small["preconditioner"]["name"] == "harmonic"
+    assert "on the GPU" in small["preconditioner"]["shift_skipped"]
+    assert abs(small["lambda_min"] - cpu["lambda_min"]) <= 1e-9 * cpu["lambda_min"]
+
+
 def test_gpu_bad_combinations_exit_2_with_one_line_and_write_nothing(client, store, fake_gpu,
                                                                      tmp_path, capsys):
     addr = client.scheduler.address

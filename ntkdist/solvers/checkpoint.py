@@ -35,9 +35,20 @@ class Checkpoint:
         self.resumed: dict | None = None  # what was loaded, for the result
         self.stage = ""  # saved with the block: "float64" once a mixed solve is in its last phase
         self._warned = False
+        self._primed: np.ndarray | None = None
+
+    def prime(self, X: np.ndarray, lam: np.ndarray, iterations: int, products: int) -> None:
+        """A finished stage of a solve (``--precond shift``'s estimate): its block saved now,
+        and returned by the next :meth:`load` (which is then no resume)."""
+        self._primed = np.asarray(X, dtype=np.float64)
+        self._last = -np.inf
+        self.save(X, lam, iterations, products)
 
     def load(self, n: int, block: int) -> np.ndarray | None:
         """The saved Ritz block if a usable snapshot of this problem exists, else None."""
+        if self._primed is not None:
+            X, self._primed = self._primed, None
+            return X if X.shape[1] == block else _fit_block(X, block)
         if not os.path.exists(self.path):
             return None
         why = None

@@ -214,8 +214,10 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                 f"{'preconditioned' if precond is not None else 'no preconditioner'}"
                 f"{mixed if r.phases is not None else ''})")
         resumed = checkpoint.resumed if checkpoint is not None else None
-        return _finish(matmat, n, k, tol, trace, rep, m, judged.vectors, judged, name, False,
-                       r.iterations, t0, r.phases, resumed, used_block, notes, diag)
+        out = _finish(matmat, n, k, tol, trace, rep, m, judged.vectors, judged, name, False,
+                      r.iterations, t0, r.phases, resumed, used_block, notes, diag)
+        out.products, out.ritz_block, out.ritz_values = r.products, r.ritz_block, r.ritz_values
+        return out
     V = _lanczos(matmat, n, kk, rep, trace, tol, seed, max_products)
     return _finish(matmat, n, k, tol, trace, rep, m, V, None,
                    "lanczos (ARPACK eigsh, which='SA', no preconditioner)", False, -1, t0,

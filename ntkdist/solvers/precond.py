@@ -67,9 +67,11 @@ class Preconditioner:
     rank: int
     degree: int | None = None  # harmonic: the highest degree kept exactly
     form: str | None = None  # harmonic degree 3: "features" or "gram" (held N × N)
+    info: dict | None = None  # more of what it did, for result.json (shift: σ, its estimate)
 
     def describe(self) -> dict:
         out = {"name": self.name, "rank": self.rank, "setup_seconds": self.setup_seconds}
+        out.update(self.info or {})
         if self.degree is not None:
             out["degree"] = self.degree
         if self.form is not None:
@@ -156,7 +158,7 @@ def _degree3_gram(UT: np.ndarray, a2: float, a3: float, c: float) -> np.ndarray:
     N = 8000, b = 32 on 2 cores, against 0.22 s for the untransposed one: an in-process
     scratch measurement). None if the factorisation fails in float32 (B's condition too large
     for it)."""
-    from .cholesky import BLOCK, _potrf_in_place
+    from .cholesky import BLOCK
 
     n = UT.shape[1]
     U32 = np.ascontiguousarray(UT.T, dtype=np.float32)
@@ -169,6 +171,17 @@ def _degree3_gram(UT: np.ndarray, a2: float, a3: float, c: float) -> np.ndarray:
         rows += np.float32(a2)
         rows *= square  # a₂g² + a₃g³
     B[np.diag_indices(n)] += np.float32(c)
+    return factor_mirrored(B)
+
+
+def factor_mirrored(B: np.ndarray) -> np.ndarray | None:
+    """Cholesky-factor the C-ordered symmetric ``B`` (its lower triangle read) in place and
+    mirror the factor: returns the F-ordered view holding L in its lower triangle and Lᵀ in
+    its upper one (for :func:`triangular_pair`), or None where the factorisation fails in
+    ``B``'s precision."""
+    from .cholesky import BLOCK, _potrf_in_place
+
+    n = B.shape[0]
     if not _potrf_in_place(B):
         return None
     for i in range(0, n, BLOCK):  # B's strict upper triangle ← L's strict lower, transposed
@@ -178,6 +191,18 @@ def _degree3_gram(UT: np.ndarray, a2: float, a3: float, c: float) -> np.ndarray:
         upper = np.triu_indices(e - i, 1)
         D[upper] = D.T[upper]
     return B.T
+
+
+def triangular_pair(LT: np.ndarray):
+    """Z ↦ (LLᵀ)⁻¹Z with ``LT`` from :func:`factor_mirrored`: both triangular solves as
+    LAPACK's fast transposed kind, in ``LT``'s precision (Z F-ordered in it)."""
+    solve = scipy.linalg.solve_triangular
+
+    def b_inv(Z):
+        Z = solve(LT, Z, lower=False, trans=1, check_finite=False)  # (Lᵀ)ᵀ y = z
+        return solve(LT, Z, lower=True, trans=1, check_finite=False)  # Lᵀ x = y
+
+    return b_inv
 
 
 def harmonic(X: np.ndarray, depth: int, kernel: str, normalization: str,
@@ -295,12 +320,7 @@ def _gram_form(LT: np.ndarray, PhiT: np.ndarray, inv_d: np.ndarray, scale: float
     S = (I + Φ₁ᵀW)⁻¹ (float64), between the scalings D⁻¹ (and 1/s). An application: two float32 triangular solves with the N × N factor (as
     costly as a pass of K in memory) and three thin products with the N × (1 + d) features.
     ``rank``: the rank of the degree ≤ 3 part it keeps exactly."""
-    solve = scipy.linalg.solve_triangular
-
-    def b_inv(Z):
-        Z = solve(LT, Z, lower=False, trans=1, check_finite=False)  # (Lᵀ)ᵀ y = z
-        return solve(LT, Z, lower=True, trans=1, check_finite=False)  # Lᵀ x = y
-
+    b_inv = triangular_pair(LT)
     W = np.ascontiguousarray(b_inv(np.asfortranarray(PhiT.T)))  # N × (1 + d), float32
     S = _inverse_spd(np.eye(len(PhiT)) + (PhiT @ W).astype(np.float64))
 
@@ -343,8 +363,12 @@ def harmonic_request(name: str, depth: int, finite: bool = False,
     """What ``name`` (as ``--precond`` takes it) asks of :func:`harmonic`, or None where the
     preconditioner is not the harmonic one: ``harmonic:3`` degree 3 wherever it fits,
     ``auto`` and ``harmonic`` where it repays its cost (``HARMONIC_GRAM_FROM``); on GPU runs
-    no gram form, whose N × N solves on the client would cost more than the GPU's passes."""
+    no gram form, whose N × N solves on the client would cost more than the GPU's passes.
+    ``shift`` (the first stage of :mod:`ntkdist.solvers.shift`'s solve): degree 3 by its
+    features where they fit, no gram form."""
     base, _, arg = name.partition(":")
+    if base == "shift" and not finite:  # its first stage: no N × N form (the shift holds one)
+        return {"degree": 3, "gram_from": math.inf, "gram_bytes": 0.0}
     if finite or base not in ("auto", "harmonic") or (base == "auto" and depth < 2):
         return None
     return {"degree": int(arg) if arg else 3,
@@ -354,7 +378,8 @@ def harmonic_request(name: str, depth: int, finite: bool = False,
 
 def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: str,
                         seed: int = 0, columns=None, device: str = "cpu") -> Preconditioner:
-    """``auto`` | ``harmonic[:DEGREE]`` | ``nystrom[:RANK]`` | ``none``. ``columns``: a
+    """``auto`` | ``harmonic[:DEGREE]`` | ``nystrom[:RANK]`` | ``none``, and ``shift`` for the
+    first stage of a shift-invert solve (the harmonic model without its gram form). ``columns``: a
     function idx ↦ K[:, idx] for a kernel without a closed form (a finite network's: one
     pass of its operator), which takes ``nystrom`` (``auto``: rank ``DEFAULT_NYSTROM_RANK``)
     and ``none`` only. ``device``: where the solver's products run
@@ -368,7 +393,7 @@ def make_preconditioner(name: str, X, depth: int, kernel: str, normalization: st
         base = "harmonic" if depth >= 2 else "none"
     if base == "none":
         return Preconditioner("none", None, 0.0, 0)
-    if base == "harmonic":
+    if base in ("harmonic", "shift"):
         return harmonic(np.asarray(X, dtype=np.float64), depth, kernel, normalization,
                         **harmonic_request(name, depth, device=device))
     if base == "nystrom":

@@ -1,0 +1,151 @@
+"""--precond shift: (K − σI)⁻¹ from a float32 Cholesky factor, σ just below an estimate of
+λ_min (ntkdist.solvers.shift), and its two-stage solve in the pipeline."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import ntkdist
+from ntkdist.cli import main
+from ntkdist.data import synthetic_rows
+from ntkdist.solvers.checkpoint import Checkpoint
+from ntkdist.solvers.cholesky import dense_kernel
+from ntkdist.solvers.shift import shift_fits, shift_invert, shift_sigma, shifted_kernel
+from ntkdist.spec import make_spec
+
+
+def _rows(n, d, seed=3):
+    """Gaussian rows of spread norms (not the sphere): the general case."""
+    X = np.random.default_rng(seed).standard_normal((n, d))
+    return X * np.exp(np.random.default_rng(seed + 1).uniform(-1, 1, n))[:, None]
+
+
+@pytest.mark.parametrize("kind", ["ntk", "nngp"])
+def test_shifted_kernel_is_the_lower_triangle_of_k_minus_sigma(kind):
+    spec = make_spec(n=301, d=7, depth=3, kernel=kind)
+    X = _rows(301, 7)
+    K = dense_kernel(X, spec.kernel)
+    B = shifted_kernel(X, spec.kernel, 0.75, block=64, threads=3)  # 301 = 4·64 + 45
+    assert B.dtype == np.float32 and B.flags.c_contiguous
+    want = np.tril(K - 0.75 * np.eye(301))
+    np.testing.assert_allclose(np.tril(B), want, rtol=2e-7, atol=2e-7 * np.abs(K).max())
+
+
+def test_shift_invert_applies_the_inverse_of_k_minus_sigma():
+    spec = make_spec(n=400, d=9, depth=3)
+    X = _rows(400, 9)
+    K = dense_kernel(X, spec.kernel)
+    lam = np.linalg.eigvalsh(K)[0]
+    sigma = 0.9 * lam
+    P = shift_invert(X, spec.kernel, sigma)
+    assert P is not None and P.name == "shift" and P.describe()["sigma"] == sigma
+    R = np.random.default_rng(0).standard_normal((400, 5))
+    want = np.linalg.solve(K - sigma * np.eye(400), R)
+    got = P.apply(R)
+    assert got.dtype == np.float64 and got.shape == (400, 5)
+    # float32 factor of a matrix of condition ‖K‖/(λ_min − σ): a loose relative agreement
+    assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+
+
+def test_shift_above_lambda_min_does_not_factor():
+    spec = make_spec(n=300, d=9, depth=3)
+    X = _rows(300, 9)
+    lam = np.linalg.eigvalsh(dense_kernel(X, spec.kernel))[:2]
+    assert shift_invert(X, spec.kernel, float(lam.mean())) is None  # K − σI indefinite
+
+
+def test_sigma_and_memory_rule():
+    assert shift_sigma(40.0, 0.1) == pytest.approx(40.0 - 0.2)  # the margin: 0.5 % of 40
+    assert shift_sigma(40.0, 1.0) == pytest.approx(39.0)  # the residual, where larger
+    assert shift_fits(1000, max_bytes=4e6) is None
+    why = shift_fits(1001, max_bytes=4e6)
+    assert why and "float32" in why and "\n" not in why
+
+
+def test_primed_checkpoint_is_loaded_once_and_is_no_resume(tmp_path):
+    ck = Checkpoint(str(tmp_path / "c.npz"), {"n": 50}, every=1e9)
+    X = np.linalg.qr(np.random.default_rng(1).standard_normal((50, 6)))[0]
+    ck.prime(X, np.arange(6.0), 3, 17)
+    assert os.path.exists(ck.path)  # saved at once, whatever ``every``
+    np.testing.assert_array_equal(ck.load(50, 4), X[:, :4])
+    assert ck.resumed is None
+    again = ck.load(50, 6)  # then the file, as a resume would read it
+    np.testing.assert_allclose(again, X)
+    assert ck.resumed["passes"] == 17
+
+
+def _run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    code = main(["run", "--n", "1500", "--d", "16", "--depth", "3", "--seed", "2",
+                 "--method", "lobpcg", "--precond", "shift", "--out", out, *extra])
+    assert code == 0
+    with open(os.path.join(out, "result.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    X = synthetic_rows("sphere", 16, 2, 0, 1500)
+    return float(np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0])
+
+
+def test_shift_run_in_two_stages_certifies_the_dense_value(tmp_path, reference):
+    r = _run(tmp_path, "o")
+    assert r["status"] == "certified"
+    assert r["lambda_min"] == pytest.approx(reference, rel=1e-8)
+    p = r["preconditioner"]
+    assert p["name"] == "shift" and p["asked"] == "shift"
+    assert p["estimate"] >= r["lambda_min"] * (1 - 1e-12)  # a Ritz value: from above
+    assert p["sigma"] < reference and p["sigma_tried"] == [p["sigma"]]
+    assert p["estimate_passes"] > 0 and p["estimate_seconds"] >= 0
+
+
+def test_shift_run_with_a_store_counts_both_stages(client, tmp_path, reference):
+    store = str(tmp_path / "k.zarr")
+    r = _run(tmp_path, "s", "--store", store, "--scheduler", client.scheduler.address)
+    assert r["status"] == "certified"
+    assert r["lambda_min"] == pytest.approx(reference, rel=1e-8)
+    phases = r["phases"]
+    assert phases[0]["stage"] == "shift estimate"
+    assert phases[0]["passes"] == r["preconditioner"]["estimate_passes"]
+    assert r["passes"] >= sum(ph["passes"] for ph in phases)
+    assert not os.path.exists(tmp_path / "s" / "checkpoint.npz")
+
+
+def test_shift_that_does_not_factor_goes_on_with_the_harmonic_model(tmp_path, monkeypatch,
+                                                                   reference, capsys):
+    import ntkdist.solvers.shift as shift
+
+    tried = []
+    monkeypatch.setattr(shift, "shift_invert", lambda X, k, s, xp=None: tried.append(s))
+    r = _run(tmp_path, "f")
+    assert r["status"] == "certified"
+    assert r["lambda_min"] == pytest.approx(reference, rel=1e-8)
+    p = r["preconditioner"]
+    assert p["name"] == "harmonic" and p["shift_skipped"] == "K − σI did not factor in float32"
+    est = p["estimate"]
+    assert len(tried) == 2 and tried[1] == pytest.approx(est - 4 * (est - tried[0]))
+    assert "σ lowered" in capsys.readouterr().out
+
+
+def test_shift_skipped_for_repeated_rows(tmp_path):
+    X = synthetic_rows("sphere", 8, 1, 0, 300)
+    X[200] = X[7]
+    np.save(tmp_path / "x.npy", X)
+    out = tmp_path / "o"
+    assert main(["run", "--data", str(tmp_path / "x.npy"), "--n", "300", "--depth", "3",
+                 "--method", "lobpcg", "--precond", "shift", "--k", "2",
+                 "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    assert r["eigenvalues"][0] == 0 and r["status"] in ("certified", "exact")
+    assert "repeat" in r["preconditioner"]["shift_skipped"]
+
+
+def test_shift_option_refused_where_it_cannot_apply(tmp_path, capsys):
+    base = ["run", "--n", "50", "--d", "8", "--depth", "2", "--out", str(tmp_path / "o")]
+    for extra in (["--precond", "shift:2"], ["--precond", "shift", "--kernel", "empirical",
+                                             "--widths", "64"]):
+        assert main([*base, *extra]) == 2, extra
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
