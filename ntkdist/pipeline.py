@@ -426,82 +426,20 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
 
 
 def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="cpu"):
-    """The shift-invert solve (:mod:`ntkdist.solvers.shift`): an estimate of λ_min to
-    SHIFT_ESTIMATE_TOL with ``estimate``, the harmonic model (on the fast products where the
-    run has them), then the solve to the asked accuracy with (K − σI)⁻¹, σ just below the
-    estimate, from the estimate's Ritz block (``device`` "gpu": K − σI on the client's GPU).
-    Returns (the solve, the preconditioner it finished with)."""
-    from .solvers.driver import SMALL_N
-    from .solvers.shift import SHIFT_ESTIMATE_TOL, shift_fits, shift_invert, shift_sigma
+    """The shift-invert solve (:func:`ntkdist.solvers.shift.solve_shifted`) of a run: K − σI
+    on the client's GPU for ``device`` "gpu". Returns (the solve, the preconditioner it
+    finished with)."""
+    from .solvers.shift import solve_shifted
 
-    s, n = spec.solver, spec.n
     xp = None
     if device == "gpu":  # formed, factored and applied on the client's GPU
         import cupy as xp
-    why = shift_fits(n, xp=xp)
-    if check.duplicate_rows:
-        why = "rows repeat: K is singular, and K − σI indefinite for every σ > 0"
-    elif n <= SMALL_N or n < 4 * (s.k + 1):
-        why = f"N = {n} is solved densely"
-    if why is not None:
-        log(f"note: no shift-invert ({why}); the harmonic preconditioner instead")
-        sol = smallest_eigenpairs(matmat, n, s.method, tol=s.tol, precond=estimate.apply,
-                                  fast_matmat=fast, **common)
-        sol.notes.append(f"--precond shift: not used ({why}); the harmonic model instead")
-        estimate.info = {"asked": s.precond, "shift_skipped": why}
-        return sol, estimate
-    tol1 = max(s.tol, SHIFT_ESTIMATE_TOL)
-    log(f"shift-invert, stage 1: λ_min to {tol1:g} with the harmonic preconditioner "
-        f"(degrees ≤ {estimate.degree}){' on the float32 products' if fast else ''}")
-    t = time.perf_counter()
-    first = smallest_eigenpairs(fast or matmat, n, s.method, tol=tol1, precond=estimate.apply,
-                                **{**common, "max_products": max(1, s.max_products // 2)})
-    first_seconds = time.perf_counter() - t
-    lam, res = float(first.values[0]), float(first.residuals[0])
-    info = {"estimate": lam, "estimate_residual": res, "estimate_passes": first.products,
-            "estimate_seconds": first_seconds, "sigma_tried": []}
-    pre, sigma = None, shift_sigma(lam, res)
-    for _ in range(2):
-        if not sigma > 0:
-            break
-        info["sigma_tried"].append(sigma)
-        log(f"shift-invert, stage 2: forming and factoring K − σI in float32, σ = {sigma:.10g} "
-            f"(estimate {lam:.10g}, residual {res:.2e})")
-        try:
-            pre = shift_invert(X, spec.kernel, sigma, xp=xp)
-        except MemoryError:  # CuPy's OutOfMemoryError
-            info["shift_skipped"] = "out of GPU memory forming or factoring K − σI"
-            break
-        if pre is not None:
-            break
-        log(f"note: K − σI does not factor in float32 at σ = {sigma:.10g}: σ lowered")
-        sigma = lam - 4.0 * (lam - sigma)
-    if pre is None:
-        why = info.get("shift_skipped") or (
-            "the estimate leaves no positive σ" if not info["sigma_tried"] else
-            "K − σI did not factor in float32")
-        log(f"note: no shift-invert ({why}); the solve goes on with the harmonic "
-            "preconditioner")
-        pre = estimate
-        info["shift_skipped"] = why
-    else:
-        log(f"shift-invert preconditioner: σ = {sigma:.10g}, set-up {pre.setup_seconds:.1f} s "
-            f"({pre.info['form_seconds']:.1f} s forming K − σI)")
-    pre.info = {**(pre.info or {}), **info, "asked": s.precond}
-    checkpoint = common["checkpoint"]
-    if checkpoint is not None and first.ritz_block is not None:
-        checkpoint.prime(first.ritz_block, first.ritz_values, first.iterations, first.products)
-    start = first.ritz_block if first.ritz_block is not None else common["start"]
-    sol = smallest_eigenpairs(matmat, n, s.method, tol=s.tol, precond=pre.apply,
-                              fast_matmat=fast, **{**common, "start": start})
-    sol.iterations += first.iterations
-    sol.solver_seconds += first_seconds
-    if sol.phases is not None:
-        sol.phases.insert(0, {"products": "float32 deflated" if fast else "float64",
-                              "passes": first.products, "iterations": first.iterations,
-                              "stage": "shift estimate",
-                              "stopped": "the shift's estimate" + (
-                                  "" if first.converged else ", at its pass limit")})
+    s = spec.solver
+    repeated = ("rows repeat: K is singular, and K − σI indefinite for every σ > 0"
+                if check.duplicate_rows else None)
+    sol, pre = solve_shifted(matmat, spec.n, s.method, X, spec.kernel, estimate, tol=s.tol,
+                             fast_matmat=fast, xp=xp, skip=repeated, **common)
+    pre.info["asked"] = s.precond
     return sol, pre
 
 

@@ -33,6 +33,17 @@ def test_shifted_kernel_is_the_lower_triangle_of_k_minus_sigma(kind):
     np.testing.assert_allclose(np.tril(B), want, rtol=2e-7, atol=2e-7 * np.abs(K).max())
 
 
+def test_shifted_kernel_less_the_deflation():
+    from ntkdist.kernels.taylor import deflation_factor
+
+    spec = make_spec(n=150, d=5, depth=2)
+    X = _rows(150, 5)
+    F = deflation_factor(X, 2)
+    B = shifted_kernel(X, spec.kernel, 0.1, block=32, threads=2, F=F)
+    want = np.tril(dense_kernel(X, spec.kernel) - F @ F.T - 0.1 * np.eye(150))
+    np.testing.assert_allclose(np.tril(B), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
 def test_shift_invert_applies_the_inverse_of_k_minus_sigma():
     spec = make_spec(n=400, d=9, depth=3)
     X = _rows(400, 9)
@@ -143,9 +154,60 @@ def test_shift_skipped_for_repeated_rows(tmp_path):
     assert "repeat" in r["preconditioner"]["shift_skipped"]
 
 
+def test_no_factorisation_tried_for_an_estimate_near_zero(tmp_path, monkeypatch):
+    """Nearly parallel rows: λ_min ~ 1e-9 of tr(K)/N, far below a float32 factor's reach;
+    the run keeps the harmonic model without trying one, and still certifies."""
+    import ntkdist.solvers.shift as shift
+
+    monkeypatch.setattr(shift, "shift_invert", lambda *a, **k: pytest.fail("factored"))
+    X = synthetic_rows("sphere", 8, 1, 0, 400)
+    X[300] = X[11] + 1e-6 * np.random.default_rng(0).standard_normal(8)
+    np.save(tmp_path / "x.npy", X)
+    out = tmp_path / "o"
+    assert main(["run", "--data", str(tmp_path / "x.npy"), "--n", "400", "--depth", "3",
+                 "--method", "lobpcg", "--precond", "shift", "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    assert "too close to 0" in r["preconditioner"]["shift_skipped"]
+    assert r["preconditioner"]["sigma_tried"] == []
+    lam = np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0]
+    assert r["lambda_min_interval"][0] <= lam <= r["lambda_min_interval"][1]
+
+
 def test_shift_option_refused_where_it_cannot_apply(tmp_path, capsys):
     base = ["run", "--n", "50", "--d", "8", "--depth", "2", "--out", str(tmp_path / "o")]
     for extra in (["--precond", "shift:2"], ["--precond", "shift", "--kernel", "empirical",
                                              "--widths", "64"]):
         assert main([*base, *extra]) == 2, extra
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_solve_shifted_in_process_saves_passes_over_the_harmonic_model():
+    """d = 16, N = 3000 (near D_4 = 3876, LOBPCG block 32): the two-stage solve certifies the
+    dense λ_min in fewer passes than its own estimate's preconditioner alone (in process)."""
+    from ntkdist.solvers.driver import smallest_eigenpairs
+    from ntkdist.solvers.precond import make_preconditioner
+    from ntkdist.solvers.shift import solve_shifted
+
+    spec = make_spec(n=3000, d=16, depth=3, seed=7)
+    X = spec.rows()
+    K = dense_kernel(X, spec.kernel)
+    ref = float(np.linalg.eigvalsh(K)[0])
+    pre = make_preconditioner("shift", X, 3, "ntk", "paper")
+    assert pre.name == "harmonic" and pre.degree == 3 and pre.form == "features"
+    counts = {}
+    for name in ("harmonic", "shift"):
+        used = []
+
+        def matmat(V):
+            used.append(1)
+            return K @ V
+
+        kw = dict(tol=1e-8, block=32, scale=float(np.trace(K)) / 3000)
+        if name == "shift":
+            sol, P = solve_shifted(matmat, 3000, "lobpcg", X, spec.kernel, pre, **kw)
+            assert P.name == "shift" and P.info["estimate_passes"] < len(used)
+        else:
+            sol = smallest_eigenpairs(matmat, 3000, "lobpcg", precond=pre.apply, **kw)
+        assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
+        counts[name] = len(used)
+    assert counts["shift"] < counts["harmonic"], counts

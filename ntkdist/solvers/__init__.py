@@ -12,7 +12,9 @@ The modules, in the order a solve goes through them:
   residuals, the stopping rule) and the error bounds every result is certified with;
 * :mod:`~ntkdist.solvers.result`: :class:`EigenResult`, the one result type of every method;
 * :mod:`~ntkdist.solvers.precond`, :mod:`~ntkdist.solvers.checkpoint`: preconditioners and
-  resumable snapshots.
+  resumable snapshots;
+* :mod:`~ntkdist.solvers.shift`: ``solve_shifted``, the two-stage shift-invert solve
+  (an estimate, then (K − σI)⁻¹ from a float32 factor) around ``smallest_eigenpairs``.
 
 The maths is in docs/theory.md; what the bounds certify, in docs/accuracy.md.
 """

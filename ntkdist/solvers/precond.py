@@ -315,22 +315,38 @@ def _device_inverse_spd(A, c: float, xp):
 
 def _gram_form(LT: np.ndarray, PhiT: np.ndarray, inv_d: np.ndarray, scale: float,
                t0: float, rank: int) -> Preconditioner:
-    """The degree ≤ 3 model in N-space: (B + Φ₁Φ₁ᵀ)⁻¹ = B⁻¹ − W S Wᵀ with B = LLᵀ (``LT``:
-    F-ordered float32, L in its lower triangle and Lᵀ in its upper one), W = B⁻¹Φ₁ and
-    S = (I + Φ₁ᵀW)⁻¹ (float64), between the scalings D⁻¹ (and 1/s). An application: two float32 triangular solves with the N × N factor (as
-    costly as a pass of K in memory) and three thin products with the N × (1 + d) features.
-    ``rank``: the rank of the degree ≤ 3 part it keeps exactly."""
+    """The degree ≤ 3 model in N-space: (B + Φ₁Φ₁ᵀ)⁻¹ (:func:`woodbury`) with B = LLᵀ
+    (``LT``: F-ordered float32, L in its lower triangle and Lᵀ in its upper one), between
+    the scalings D⁻¹ (and 1/s). An application: two float32 triangular solves with the
+    N × N factor (as costly as a pass of K in memory) and three thin products with the
+    N × (1 + d) features. ``rank``: the rank of the degree ≤ 3 part it keeps exactly."""
     b_inv = triangular_pair(LT)
-    W = np.ascontiguousarray(b_inv(np.asfortranarray(PhiT.T)))  # N × (1 + d), float32
-    S = _inverse_spd(np.eye(len(PhiT)) + (PhiT @ W).astype(np.float64))
+    inner = woodbury(lambda Z: b_inv(np.asfortranarray(Z)), PhiT)
 
     def apply(R):
-        Y = b_inv(np.asfortranarray(R * inv_d[:, None], dtype=np.float32))
-        C = S @ (PhiT @ Y).astype(np.float64)
-        Y = Y.astype(np.float64) - W @ C.astype(np.float32)
-        return Y * (inv_d / scale)[:, None]
+        return inner(R * inv_d[:, None]) * (inv_d / scale)[:, None]
 
     return Preconditioner("harmonic", apply, time.perf_counter() - t0, rank, 3, "gram")
+
+
+def woodbury(b_inv, PhiT, xp=np):
+    """Z ↦ (B + ΦΦᵀ)⁻¹Z = B⁻¹Z − W S WᵀZ with W = B⁻¹Φ and S = (I + ΦᵀW)⁻¹, given
+    ``b_inv``: Z ↦ B⁻¹Z on float32 blocks, and ``PhiT`` = Φᵀ (r × N, float32) on the array
+    module ``xp`` (S, r × r, formed in float64 on the host). Host float64 blocks in and out."""
+    W = b_inv(xp.ascontiguousarray(PhiT.T))  # N × r, float32
+    M = PhiT @ W
+    M = (xp.asnumpy(M) if xp is not np else M).astype(np.float64)
+    S = _inverse_spd(np.eye(len(M)) + (M + M.T) / 2)
+    S = xp.asarray(S) if xp is not np else S
+
+    def apply(R):
+        Y = b_inv(xp.asarray(R, dtype=xp.float32) if xp is not np else
+                  np.asarray(R, dtype=np.float32))
+        C = S @ (PhiT @ Y).astype(xp.float64)
+        Y = Y.astype(xp.float64) - W @ C.astype(xp.float32)
+        return xp.asnumpy(Y) if xp is not np else Y
+
+    return apply
 
 
 def nystrom(n: int, columns, rank: int = DEFAULT_NYSTROM_RANK,

@@ -6,20 +6,23 @@ With P = (K − σI)⁻¹ a preconditioned eigensolver converges like inverse it
 the spectrum above. So σ must be close below λ_1, which is not known before the solve. The
 solve therefore runs in two stages (``ntkdist.pipeline``):
 
-1. an *estimate*: the same solver with the cheap harmonic preconditioner (degrees ≤ 2) to a
-   relative accuracy of :data:`SHIFT_ESTIMATE_TOL`, on the fast (float32) products where the
-   run has them; it gives a Ritz value λ̃ ≥ λ_1 and its residual ‖r‖;
+1. an *estimate*: the same solver with the harmonic preconditioner (degree 3 by its
+   features where they fit, no N × N form) to a relative accuracy of
+   :data:`SHIFT_ESTIMATE_TOL`, on the fast (float32) products where the run has them; it
+   gives a Ritz value λ̃ ≥ λ_1 and its residual ‖r‖;
 2. σ = λ̃ − max(:data:`SHIFT_MARGIN`·λ̃, ‖r‖) (:func:`shift_sigma`), K − σI formed from the rows
-   with the tile function and factored in float32 on the client, and the solve goes on from
+   with the tile function and factored in float32 on the client (less its degree-0 and
+   degree-1 terms, which join by Woodbury: :func:`shift_invert`), and the solve goes on from
    the estimate's Ritz block with P, to the asked accuracy.
 
 If the factorisation fails (σ above λ_1, or K − σI beyond float32) σ is moved down once, to
-λ̃ − 4(λ̃ − σ); if that fails too, the solve goes on with the harmonic preconditioner. The
+λ̃ − 4(λ̃ − σ); if that fails too, or λ̃ is below :data:`SHIFT_MIN_RATIO`·tr(K)/N, or rows
+repeat, the solve goes on with the harmonic preconditioner. The
 preconditioner only steers the iteration: the values, residuals and certificate come from
 the products alone, whatever σ is.
 
 Memory: 4N² bytes on the client (N ≤ 44721 under :data:`SHIFT_MAX_BYTES`), as the harmonic
-preconditioner's gram form. Time: N³/3 float32 flops to factor, the kernel's N²/2 entries to
+preconditioner's gram form; on a GPU run 8N² on the client's GPU. Time: N³/3 float32 flops to factor, the kernel's N²/2 entries to
 form, and two N² triangular solves an iteration.
 """
 
@@ -29,7 +32,7 @@ import time
 
 import numpy as np
 
-from .precond import Preconditioner, factor_mirrored, triangular_pair
+from .precond import Preconditioner, factor_mirrored, triangular_pair, woodbury
 
 #: Stage 1's relative accuracy: enough to place σ within about 1 % below λ_1.
 SHIFT_ESTIMATE_TOL = 1e-2
@@ -38,6 +41,9 @@ SHIFT_ESTIMATE_TOL = 1e-2
 #: passes after the estimate's 22, σ 1.7 % below 19; at N = 5000, σ 0.4 %, 2 % and 7 % below
 #: λ_1 took 7, 12 and 22 passes from a random start.
 SHIFT_MARGIN = 5e-3
+#: No shift where the estimate is below this fraction of tr(K)/N: λ_1 − σ would be far
+#: below what a float32 factor resolves (the sphere at d = 64: 0.17; d = 8, N = 6400: 0.03).
+SHIFT_MIN_RATIO = 1e-3
 #: Largest N × N float32 matrix of K − σI; also at most SHIFT_MEMORY_SHARE of the memory
 #: available when it is formed.
 SHIFT_MAX_BYTES = 8e9
@@ -58,8 +64,8 @@ def uses_shift(name: str, n: int, depth: int, finite: bool = False,
     """Whether ``--precond name`` runs the two-stage shift-invert solve: ``shift`` always
     (where it cannot, the run says why and keeps the harmonic model); ``auto`` for the
     limiting kernels at depth ≥ 2 on CPU runs from N ≥ :data:`SHIFT_FROM` where
-    :func:`shift_fits`. (GPU runs keep the harmonic model: their passes cost less than the
-    client's N × N solves.)"""
+    :func:`shift_fits`. (GPU runs keep the harmonic model under ``auto`` until the shift's
+    time there is measured: scripts/gpu_scale.py.)"""
     if name == "shift":
         return True
     return (name == "auto" and not finite and depth >= 2 and device == "cpu"
@@ -92,10 +98,11 @@ def shift_sigma(estimate: float, residual: float, margin: float = SHIFT_MARGIN) 
 
 
 def shifted_kernel(X: np.ndarray, kernel, sigma: float, block: int = SHIFT_BLOCK,
-                   threads: int | None = None) -> np.ndarray:
-    """K(X, X) − σI in float32, C-ordered, formed in its lower triangle (block row by block
-    row with ``kernel.tile``, the tile function of the store and the operators; tiles on
-    ``threads`` threads); the strict upper triangle is left unset."""
+                   threads: int | None = None, F: np.ndarray | None = None) -> np.ndarray:
+    """K(X, X) − σI (− FFᵀ where ``F`` is given, subtracted in float64) in float32,
+    C-ordered, formed in its lower triangle (block row by block row with ``kernel.tile``, the
+    tile function of the store and the operators; tiles on ``threads`` threads); the strict
+    upper triangle is left unset."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
@@ -109,6 +116,8 @@ def shifted_kernel(X: np.ndarray, kernel, sigma: float, block: int = SHIFT_BLOCK
         for bj in range(bi + 1):
             j = starts[bj]
             T = kernel.tile(feats[bi], feats[bj])
+            if F is not None:
+                T -= F[i:i + T.shape[0]] @ F[j:j + T.shape[1]].T
             B[i:i + T.shape[0], j:j + T.shape[1]] = T
 
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
@@ -118,9 +127,10 @@ def shifted_kernel(X: np.ndarray, kernel, sigma: float, block: int = SHIFT_BLOCK
     return B
 
 
-def device_shifted_kernel(X, kernel, sigma: float, xp, block: int = SHIFT_BLOCK):
-    """K(X, X) − σI in float32 on the device of ``xp`` (CuPy), both triangles, from host rows
-    ``X`` (the tile function on device row blocks, as the GPU operator builds its tiles)."""
+def device_shifted_kernel(X, kernel, sigma: float, xp, block: int = SHIFT_BLOCK, F=None):
+    """K(X, X) − σI (− FFᵀ where ``F``, a device array, is given) in float32 on the device of
+    ``xp`` (CuPy), both triangles, from host rows ``X`` (the tile function on device row
+    blocks, as the GPU operator builds its tiles)."""
     n = X.shape[0]
     B = xp.empty((n, n), dtype=xp.float32)
     starts = list(range(0, n, block))
@@ -128,7 +138,10 @@ def device_shifted_kernel(X, kernel, sigma: float, xp, block: int = SHIFT_BLOCK)
     for bi, i in enumerate(starts):
         for bj in range(bi + 1):
             j = starts[bj]
-            T = kernel.tile(feats[bi], feats[bj]).astype(xp.float32)
+            T = kernel.tile(feats[bi], feats[bj])
+            if F is not None:
+                T -= F[i:i + T.shape[0]] @ F[j:j + T.shape[1]].T
+            T = T.astype(xp.float32)
             B[i:i + T.shape[0], j:j + T.shape[1]] = T
             if bj < bi:
                 B[j:j + T.shape[1], i:i + T.shape[0]] = T.T
@@ -137,13 +150,23 @@ def device_shifted_kernel(X, kernel, sigma: float, xp, block: int = SHIFT_BLOCK)
     return B
 
 
+def _deflation(X: np.ndarray, kernel) -> np.ndarray:
+    """F with FFᵀ the kernel's degree-0 and degree-1 terms (N × (1 + d), float64)."""
+    from ..kernels.taylor import deflation_factor
+
+    return deflation_factor(X, kernel.depth, kernel.kind, kernel.normalization)
+
+
 def _device_shift_invert(X, kernel, sigma: float, xp) -> Preconditioner | None:
-    """:func:`shift_invert` on a GPU: K − σI formed and factored there (CuPy's Cholesky),
-    each application two float32 triangular solves there (cuBLAS), from and to host arrays."""
+    """:func:`shift_invert` on a GPU: B formed and factored there (CuPy's Cholesky), each
+    application two float32 triangular solves there (cuBLAS) and the Woodbury correction,
+    from and to host arrays."""
     from cupyx.scipy.linalg import solve_triangular
 
     t0 = time.perf_counter()
-    B = device_shifted_kernel(X, kernel, sigma, xp)
+    F = _deflation(X, kernel)
+    Fd = xp.asarray(F)
+    B = device_shifted_kernel(X, kernel, sigma, xp, F=Fd)
     formed = time.perf_counter() - t0
     try:
         L = xp.linalg.cholesky(B)
@@ -154,33 +177,128 @@ def _device_shift_invert(X, kernel, sigma: float, xp) -> Preconditioner | None:
     if not bool(xp.all(xp.isfinite(diag))) or not bool(xp.all(diag > 0)):
         return None
 
-    def apply(R):
-        Z = solve_triangular(L, xp.asarray(R, dtype=xp.float32), lower=True)
-        Z = solve_triangular(L, Z, lower=True, trans="T")
-        return xp.asnumpy(Z).astype(np.float64)
+    def b_inv(Z):
+        Z = solve_triangular(L, Z, lower=True)
+        return solve_triangular(L, Z, lower=True, trans="T")
 
+    apply = woodbury(b_inv, xp.ascontiguousarray(Fd.T, dtype=xp.float32), xp)
     return Preconditioner("shift", apply, time.perf_counter() - t0, X.shape[0],
                           info={"sigma": float(sigma), "form_seconds": formed,
                                 "device": "gpu"})
 
 
 def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None) -> Preconditioner | None:
-    """P = (K − σI)⁻¹ applied through a float32 Cholesky factor (two triangular solves), or
-    None where K − σI does not factor in float32. ``kernel``: a
+    """P = (K − σI)⁻¹, or None where it does not factor in float32. ``kernel``: a
     :class:`ntkdist.spec.KernelSpec` with a closed form. ``xp``: CuPy to form, factor and
-    apply it on the GPU (host arrays in and out)."""
+    apply it on the GPU (host arrays in and out).
+
+    K − σI = B + FFᵀ with FFᵀ the kernel's degree-0 and degree-1 terms (the deflation of
+    mixed precision): B = K − FFᵀ − σI, whose largest eigenvalue is 18–68× below K's (d = 16
+    to 64, N = 3000) and so within float32's reach at a far smaller λ_min − σ, is factored in
+    float32; F joins by Woodbury (:func:`ntkdist.solvers.precond.woodbury`). (K − FFᵀ is
+    PSD, its smallest eigenvalue a little below K's: 42.801 against 42.811 at d = 64,
+    N = 3000.) An application: two float32 triangular solves with the N × N factor and three
+    thin products with F."""
+    X = np.asarray(X, dtype=np.float64)
     if xp is not None and xp is not np:
-        return _device_shift_invert(np.asarray(X, dtype=np.float64), kernel, sigma, xp)
+        return _device_shift_invert(X, kernel, sigma, xp)
     t0 = time.perf_counter()
-    B = shifted_kernel(np.asarray(X, dtype=np.float64), kernel, sigma)
+    F = _deflation(X, kernel)
+    B = shifted_kernel(X, kernel, sigma, F=F)
     formed = time.perf_counter() - t0
     LT = factor_mirrored(B)
     if LT is None:
         return None
     b_inv = triangular_pair(LT)
-
-    def apply(R):
-        return b_inv(np.asfortranarray(R, dtype=np.float32)).astype(np.float64)
-
+    apply = woodbury(lambda Z: b_inv(np.asfortranarray(Z)),
+                     np.ascontiguousarray(F.T, dtype=np.float32))
     return Preconditioner("shift", apply, time.perf_counter() - t0, X.shape[0],
                           info={"sigma": float(sigma), "form_seconds": formed})
+
+
+def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, *,
+                  tol: float = 1e-8, k: int = 1, fast_matmat=None, xp=None,
+                  skip: str | None = None, log=None, **options):
+    """The two-stage shift-invert solve (module docstring) of K's k smallest eigenpairs,
+    certified to ``tol`` as :func:`ntkdist.solvers.driver.smallest_eigenpairs` certifies:
+    ``estimate`` (a :class:`Preconditioner`, the harmonic model) for the first stage, on
+    ``fast_matmat`` where given; ``X`` and ``kernel`` (with a closed form) to form K − σI
+    (on the GPU of ``xp`` where given). ``skip``: a reason not to shift (the solve then runs
+    with ``estimate`` alone). ``options``: the driver's other arguments (``block``,
+    ``max_products``, ``scale``, ``checkpoint``, ``start``, ...); ``options["scale"]`` is
+    tr(K)/N. Returns (the solve, the preconditioner it finished with, its ``info`` saying
+    what the shift did)."""
+    from .driver import SMALL_N, smallest_eigenpairs
+
+    log = log or (lambda *a: None)
+    max_products = options.pop("max_products", 600)
+    why = skip or shift_fits(n, xp=xp)
+    if why is None and (n <= SMALL_N or n < 4 * (k + 1)):
+        why = f"N = {n} is solved densely"
+    if why is not None:
+        log(f"note: no shift-invert ({why}); the harmonic preconditioner instead")
+        sol = smallest_eigenpairs(matmat, n, method, k=k, tol=tol, precond=estimate.apply,
+                                  fast_matmat=fast_matmat, max_products=max_products, log=log,
+                                  **options)
+        sol.notes.append(f"shift-invert not used ({why}); the harmonic model instead")
+        estimate.info = {"shift_skipped": why}
+        return sol, estimate
+    tol1 = max(tol, SHIFT_ESTIMATE_TOL)
+    log(f"shift-invert, stage 1: λ_min to {tol1:g} with the harmonic preconditioner "
+        f"(degrees ≤ {estimate.degree}){' on the float32 products' if fast_matmat else ''}")
+    t = time.perf_counter()
+    first = smallest_eigenpairs(fast_matmat or matmat, n, method, k=k, tol=tol1,
+                                precond=estimate.apply, max_products=max(1, max_products // 2),
+                                log=log, **options)
+    first_seconds = time.perf_counter() - t
+    lam, res = float(first.values[0]), float(first.residuals[0])
+    info = {"estimate": lam, "estimate_residual": res, "estimate_passes": first.products,
+            "estimate_seconds": first_seconds, "sigma_tried": []}
+    checkpoint = options.get("checkpoint")
+    if checkpoint is not None and first.ritz_block is not None:  # before the factorisation
+        checkpoint.prime(first.ritz_block, first.ritz_values, first.iterations, first.products)
+    pre, sigma = None, shift_sigma(lam, res)
+    if lam < SHIFT_MIN_RATIO * float(options.get("scale") or 0.0):
+        info["shift_skipped"] = (f"the estimate {lam:.3g} is below {SHIFT_MIN_RATIO:g}·tr(K)/N, "
+                                 "too close to 0 for a float32 factor of K − σI")
+    for _ in range(0 if "shift_skipped" in info else 2):
+        if not sigma > 0:
+            break
+        info["sigma_tried"].append(sigma)
+        log(f"shift-invert, stage 2: forming and factoring K − σI in float32, σ = {sigma:.10g} "
+            f"(estimate {lam:.10g}, residual {res:.2e})")
+        try:
+            pre = shift_invert(X, kernel, sigma, xp=xp)
+        except MemoryError:  # CuPy's OutOfMemoryError
+            info["shift_skipped"] = "out of GPU memory forming or factoring K − σI"
+            break
+        if pre is not None:
+            break
+        log(f"note: K − σI does not factor in float32 at σ = {sigma:.10g}: σ lowered")
+        sigma = lam - 4.0 * (lam - sigma)
+    if pre is None:
+        why = info.get("shift_skipped") or (
+            "the estimate leaves no positive σ" if not info["sigma_tried"] else
+            "K − σI did not factor in float32")
+        log(f"note: no shift-invert ({why}); the solve goes on with the harmonic "
+            "preconditioner")
+        pre = estimate
+        info["shift_skipped"] = why
+    else:
+        log(f"shift-invert preconditioner: σ = {sigma:.10g}, set-up {pre.setup_seconds:.1f} s "
+            f"({pre.info['form_seconds']:.1f} s forming K − σI)")
+    pre.info = {**(pre.info or {}), **info}
+    if first.ritz_block is not None:
+        options["start"] = first.ritz_block
+    sol = smallest_eigenpairs(matmat, n, method, k=k, tol=tol, precond=pre.apply,
+                              fast_matmat=fast_matmat, max_products=max_products, log=log,
+                              **options)
+    sol.iterations += first.iterations
+    sol.solver_seconds += first_seconds
+    if sol.phases is not None:
+        sol.phases.insert(0, {"products": "float32 deflated" if fast_matmat else "float64",
+                              "passes": first.products, "iterations": first.iterations,
+                              "stage": "shift estimate",
+                              "stopped": "the shift's estimate" + (
+                                  "" if first.converged else ", at its pass limit")})
+    return sol, pre
