@@ -68,7 +68,7 @@ def test_shift_above_lambda_min_does_not_factor():
 
 
 def test_sigma_and_memory_rule():
-    assert shift_sigma(40.0, 0.1) == pytest.approx(40.0 - 0.2)  # the margin: 0.5 % of 40
+    assert shift_sigma(40.0, 0.1) == pytest.approx(40.0 - 0.4)  # the margin: 1 % of 40
     assert shift_sigma(40.0, 1.0) == pytest.approx(39.0)  # the residual, where larger
     assert shift_fits(1000, max_bytes=4e6) is None
     why = shift_fits(1001, max_bytes=4e6)
@@ -106,6 +106,11 @@ def test_shift_run_in_two_stages_certifies_the_dense_value(tmp_path, reference):
     r = _run(tmp_path, "o")
     assert r["status"] == "certified"
     assert r["lambda_min"] == pytest.approx(reference, rel=1e-8)
+    X = synthetic_rows("sphere", 16, 2, 0, 1500)
+    two = _run(tmp_path, "k2", "--k", "2", "--method", "davidson")
+    np.testing.assert_allclose(two["eigenvalues"],
+                               np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[:2], rtol=1e-8)
+    assert two["status"] == "certified" and two["preconditioner"]["name"] == "shift"
     p = r["preconditioner"]
     assert p["name"] == "shift" and p["asked"] == "shift"
     assert p["estimate"] >= r["lambda_min"] * (1 - 1e-12)  # a Ritz value: from above
