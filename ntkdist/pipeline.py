@@ -437,8 +437,14 @@ def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="
     s = spec.solver
     repeated = ("rows repeat: K is singular, and K − σI indefinite for every σ > 0"
                 if check.duplicate_rows else None)
+    def fallback():  # the harmonic model as the run would have had it without the shift
+        kern = spec.kernel
+        return make_preconditioner("harmonic" if s.precond == "shift" else s.precond, X,
+                                   kern.depth, kern.kind, kern.normalization, device=device)
+
     sol, pre = solve_shifted(matmat, spec.n, s.method, X, spec.kernel, estimate, tol=s.tol,
-                             fast_matmat=fast, xp=xp, skip=repeated, **common)
+                             fast_matmat=fast, xp=xp, skip=repeated, fallback=fallback,
+                             **common)
     pre.info["asked"] = s.precond
     return sol, pre
 
@@ -544,6 +550,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         sol = smallest_eigenpairs(matmat, spec.n, s.method, tol=s.tol,
                                   precond=precond.apply if precond else None,
                                   fast_matmat=fast, **common)
+    if precond is not None:
+        precond.apply = None  # its factor (N × N for the shift and the gram form) goes now
     for note in sol.notes:
         log(f"note: {note}")
     if kern.finite:

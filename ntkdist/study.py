@@ -332,7 +332,8 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     precond = 1e-8 * n * spec.d ** 2
     if _uses_shift(spec, cluster.device):
         # on the client's cores: K − σI's n²/2 entries and its float32 factor (n³/3), two n²
-        # triangular solves an iteration
+        # triangular solves an iteration; 4n² bytes on the client
+        client = max(client, 4 * n * n)
         f32 = 2.0 * rates["gemm_flops_per_s"]
         precond += n ** 3 / 3 / f32 + n * n / 2 / (entries_s / share)
         products += 2.0 * block * n * n / f32

@@ -27,7 +27,7 @@ def test_shifted_kernel_is_the_lower_triangle_of_k_minus_sigma(kind):
     spec = make_spec(n=301, d=7, depth=3, kernel=kind)
     X = _rows(301, 7)
     K = dense_kernel(X, spec.kernel)
-    B = shifted_kernel(X, spec.kernel, 0.75, block=64, threads=3)  # 301 = 4·64 + 45
+    B = shifted_kernel(X, spec.kernel, 0.75, block=64)  # 301 = 4·64 + 45
     assert B.dtype == np.float32 and B.flags.c_contiguous
     want = np.tril(K - 0.75 * np.eye(301))
     np.testing.assert_allclose(np.tril(B), want, rtol=2e-7, atol=2e-7 * np.abs(K).max())
@@ -39,7 +39,7 @@ def test_shifted_kernel_less_the_deflation():
     spec = make_spec(n=150, d=5, depth=2)
     X = _rows(150, 5)
     F = deflation_factor(X, 2)
-    B = shifted_kernel(X, spec.kernel, 0.1, block=32, threads=2, F=F)
+    B = shifted_kernel(X, spec.kernel, 0.1, block=32, F=F)
     want = np.tril(dense_kernel(X, spec.kernel) - F @ F.T - 0.1 * np.eye(150))
     np.testing.assert_allclose(np.tril(B), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
@@ -82,14 +82,16 @@ def test_primed_checkpoint_is_loaded_once_and_is_no_resume(tmp_path):
     assert os.path.exists(ck.path)  # saved at once, whatever ``every``
     np.testing.assert_array_equal(ck.load(50, 4), X[:, :4])
     assert ck.resumed is None
+    ck.every = 0.0  # the next stage's snapshots count on from the primed stage's passes
+    ck.save(X, np.arange(6.0), 2, 5)
     again = ck.load(50, 6)  # then the file, as a resume would read it
     np.testing.assert_allclose(again, X)
-    assert ck.resumed["passes"] == 17
+    assert ck.resumed == {"iterations": 5, "passes": 22, "lambda_1": 0.0, "stage": ""}
 
 
 def _run(tmp_path, name, *extra):
     out = str(tmp_path / name)
-    code = main(["run", "--n", "1500", "--d", "16", "--depth", "3", "--seed", "2",
+    code = main(["run", "--n", "1000", "--d", "16", "--depth", "3", "--seed", "2",
                  "--method", "lobpcg", "--precond", "shift", "--out", out, *extra])
     assert code == 0
     with open(os.path.join(out, "result.json")) as f:
@@ -98,7 +100,7 @@ def _run(tmp_path, name, *extra):
 
 @pytest.fixture(scope="module")
 def reference():
-    X = synthetic_rows("sphere", 16, 2, 0, 1500)
+    X = synthetic_rows("sphere", 16, 2, 0, 1000)
     return float(np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0])
 
 
@@ -106,7 +108,7 @@ def test_shift_run_in_two_stages_certifies_the_dense_value(tmp_path, reference):
     r = _run(tmp_path, "o")
     assert r["status"] == "certified"
     assert r["lambda_min"] == pytest.approx(reference, rel=1e-8)
-    X = synthetic_rows("sphere", 16, 2, 0, 1500)
+    X = synthetic_rows("sphere", 16, 2, 0, 1000)
     two = _run(tmp_path, "k2", "--k", "2", "--method", "davidson")
     np.testing.assert_allclose(two["eigenvalues"],
                                np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[:2], rtol=1e-8)
@@ -144,6 +146,21 @@ def test_shift_that_does_not_factor_goes_on_with_the_harmonic_model(tmp_path, mo
     est = p["estimate"]
     assert len(tried) == 2 and tried[1] == pytest.approx(est - 4 * (est - tried[0]))
     assert "σ lowered" in capsys.readouterr().out
+
+
+def test_out_of_memory_for_k_minus_sigma_keeps_the_harmonic_model(tmp_path, monkeypatch,
+                                                                    reference):
+    import ntkdist.solvers.shift as shift
+
+    def no_room(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(shift, "shift_invert", no_room)
+    r = _run(tmp_path, "m")
+    assert r["status"] == "certified"
+    assert r["lambda_min"] == pytest.approx(reference, rel=1e-8)
+    p = r["preconditioner"]
+    assert p["name"] == "harmonic" and p["shift_skipped"].startswith("out of memory")
 
 
 def test_shift_skipped_for_repeated_rows(tmp_path):
@@ -216,3 +233,43 @@ def test_solve_shifted_in_process_saves_passes_over_the_harmonic_model():
         assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
         counts[name] = len(used)
     assert counts["shift"] < counts["harmonic"], counts
+
+
+def test_killed_while_factoring_then_rerun_resumes_from_the_estimate(client, tmp_path):
+    """SIGKILL as the factorisation of K − σI starts: the estimate's Ritz block was saved
+    before it, so the rerun resumes from it (its passes counted) and certifies."""
+    import signal
+    import subprocess
+    import sys
+
+    addr = client.scheduler.address
+    store = str(tmp_path / "k.zarr")
+    args = ["--n", "3000", "--d", "16", "--depth", "3", "--seed", "3"]
+    assert main(["assemble", *args, "--store", store, "--tile", "750",
+                 "--scheduler", addr]) == 0
+    out = tmp_path / "o"
+    solve = ["solve", "--store", store, "--out", str(out), "--precond", "shift",
+             "--operator", "store", "--checkpoint-every", "1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "ntkdist", *solve, "--workers", "1"],
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "shift-invert, stage 2" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    ck = out / "checkpoint.npz"
+    assert ck.exists() and not (out / "result.json").exists(), "".join(seen[-20:])
+    with np.load(ck) as f:
+        saved = int(f["products"])
+    assert saved > 0
+    assert main([*solve, "--scheduler", addr]) == 0
+    r = json.load(open(out / "result.json"))
+    X = synthetic_rows("sphere", 16, 3, 0, 3000)
+    assert r["status"] == "certified"
+    assert r["lambda_min"] == pytest.approx(np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0],
+                                            rel=1e-8)
+    assert r["resumed_from_checkpoint"]["passes"] == saved
+    assert r["preconditioner"]["name"] == "shift" and not ck.exists()

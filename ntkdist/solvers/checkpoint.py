@@ -36,6 +36,7 @@ class Checkpoint:
         self.stage = ""  # saved with the block: "float64" once a mixed solve is in its last phase
         self._warned = False
         self._primed: np.ndarray | None = None
+        self._base: dict | None = None  # the counts of the stages before this one (prime)
 
     def prime(self, X: np.ndarray, lam: np.ndarray, iterations: int, products: int) -> None:
         """A finished stage of a solve (``--precond shift``'s estimate): its block saved now,
@@ -43,6 +44,9 @@ class Checkpoint:
         self._primed = np.asarray(X, dtype=np.float64)
         self._last = -np.inf
         self.save(X, lam, iterations, products)
+        done = self._base or self.resumed or {"iterations": 0, "passes": 0}
+        self._base = {"iterations": done["iterations"] + iterations,
+                      "passes": done["passes"] + products}  # the next stage's saves add to it
 
     def load(self, n: int, block: int) -> np.ndarray | None:
         """The saved Ritz block if a usable snapshot of this problem exists, else None."""
@@ -85,7 +89,7 @@ class Checkpoint:
         now = time.perf_counter()
         if now - self._last < self.every:
             return
-        done = self.resumed or {"iterations": 0, "passes": 0}
+        done = self._base or self.resumed or {"iterations": 0, "passes": 0}
         tmp = self.path + ".tmp.npz"
         try:
             np.savez(tmp, X=np.asarray(X, dtype=np.float64),

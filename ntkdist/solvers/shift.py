@@ -71,7 +71,7 @@ def uses_shift(name: str, n: int, depth: int, finite: bool = False,
     :func:`shift_fits`. (GPU runs keep the harmonic model under ``auto`` until the shift's
     time there is measured: scripts/gpu_scale.py.)"""
     if name == "shift":
-        return True
+        return not finite
     return (name == "auto" and not finite and depth >= 2 and device == "cpu"
             and n >= SHIFT_FROM and shift_fits(n) is None)
 
@@ -102,31 +102,22 @@ def shift_sigma(estimate: float, residual: float, margin: float = SHIFT_MARGIN) 
 
 
 def shifted_kernel(X: np.ndarray, kernel, sigma: float, block: int = SHIFT_BLOCK,
-                   threads: int | None = None, F: np.ndarray | None = None) -> np.ndarray:
+                   F: np.ndarray | None = None) -> np.ndarray:
     """K(X, X) − σI (− FFᵀ where ``F`` is given, subtracted in float64) in float32,
-    C-ordered, formed in its lower triangle (block row by block row with ``kernel.tile``, the
-    tile function of the store and the operators; tiles on ``threads`` threads); the strict
-    upper triangle is left unset."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
+    C-ordered, formed in its lower triangle tile by tile with ``kernel.tile``, the tile
+    function of the store and the operators (whose fused CPU path runs on all cores); the
+    strict upper triangle is left unset."""
     n = X.shape[0]
     B = np.empty((n, n), dtype=np.float32)
     starts = list(range(0, n, block))
     feats = [kernel.features(X[i:i + block]) for i in starts]
-
-    def row(bi):
-        i = starts[bi]
+    for bi, i in enumerate(starts):
         for bj in range(bi + 1):
             j = starts[bj]
             T = kernel.tile(feats[bi], feats[bj])
             if F is not None:
                 T -= F[i:i + T.shape[0]] @ F[j:j + T.shape[1]].T
             B[i:i + T.shape[0], j:j + T.shape[1]] = T
-
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        for _ in pool.map(row, reversed(range(len(starts)))):  # longest rows first
-            pass
     B[np.diag_indices(n)] -= np.float32(sigma)
     return B
 
@@ -165,6 +156,7 @@ def _device_shift_invert(X, kernel, sigma: float, xp) -> Preconditioner | None:
     """:func:`shift_invert` on a GPU: B formed and factored there (CuPy's Cholesky), each
     application two float32 triangular solves there (cuBLAS) and the Woodbury correction,
     from and to host arrays."""
+    import cupyx
     from cupyx.scipy.linalg import solve_triangular
 
     t0 = time.perf_counter()
@@ -173,19 +165,26 @@ def _device_shift_invert(X, kernel, sigma: float, xp) -> Preconditioner | None:
     B = device_shifted_kernel(X, kernel, sigma, xp, F=Fd)
     formed = time.perf_counter() - t0
     try:
-        L = xp.linalg.cholesky(B)
+        with cupyx.errstate(linalg="raise"):  # else CuPy leaves a failed factor unsaid
+            L = xp.linalg.cholesky(B)
     except np.linalg.LinAlgError:
         return None
-    del B
+    finally:
+        del B
+        xp.get_default_memory_pool().free_all_blocks()
     diag = xp.diagonal(L)
     if not bool(xp.all(xp.isfinite(diag))) or not bool(xp.all(diag > 0)):
         return None
+    LT = L.T  # F-ordered: cuBLAS solves with it without a copy of the factor
 
     def b_inv(Z):
-        Z = solve_triangular(L, Z, lower=True)
-        return solve_triangular(L, Z, lower=True, trans="T")
+        Z = solve_triangular(LT, Z, lower=False, trans="T")  # (Lᵀ)ᵀ y = z
+        return solve_triangular(LT, Z, lower=False)  # Lᵀ x = y
 
-    apply = woodbury(b_inv, xp.ascontiguousarray(Fd.T, dtype=xp.float32), xp)
+    try:
+        apply = woodbury(b_inv, xp.ascontiguousarray(Fd.T, dtype=xp.float32), xp)
+    except (np.linalg.LinAlgError, ValueError):  # a factor too poor for its Woodbury system
+        return None
     return Preconditioner("shift", apply, time.perf_counter() - t0, X.shape[0],
                           info={"sigma": float(sigma), "form_seconds": formed,
                                 "device": "gpu"})
@@ -214,24 +213,29 @@ def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None) -> Preconditioner
     if LT is None:
         return None
     b_inv = triangular_pair(LT)
-    apply = woodbury(lambda Z: b_inv(np.asfortranarray(Z)),
-                     np.ascontiguousarray(F.T, dtype=np.float32))
+    try:
+        apply = woodbury(lambda Z: b_inv(np.asfortranarray(Z)),
+                         np.ascontiguousarray(F.T, dtype=np.float32))
+    except (np.linalg.LinAlgError, ValueError):  # a factor too poor for its Woodbury system
+        return None
     return Preconditioner("shift", apply, time.perf_counter() - t0, X.shape[0],
                           info={"sigma": float(sigma), "form_seconds": formed})
 
 
 def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, *,
                   tol: float = 1e-8, k: int = 1, fast_matmat=None, xp=None,
-                  skip: str | None = None, log=None, **options):
+                  skip: str | None = None, fallback=None, log=None, **options):
     """The two-stage shift-invert solve (module docstring) of K's k smallest eigenpairs,
     certified to ``tol`` as :func:`ntkdist.solvers.driver.smallest_eigenpairs` certifies:
     ``estimate`` (a :class:`Preconditioner`, the harmonic model) for the first stage, on
     ``fast_matmat`` where given; ``X`` and ``kernel`` (with a closed form) to form K − σI
     (on the GPU of ``xp`` where given). ``skip``: a reason not to shift (the solve then runs
-    with ``estimate`` alone). ``options``: the driver's other arguments (``block``,
-    ``max_products``, ``scale``, ``checkpoint``, ``start``, ...); ``options["scale"]`` is
-    tr(K)/N. Returns (the solve, the preconditioner it finished with, its ``info`` saying
-    what the shift did)."""
+    with ``estimate`` alone). ``fallback``: a function giving the preconditioner to finish
+    with where the shift is not used after the estimate (default: ``estimate``).
+    ``options``: the driver's other arguments (``block``, ``max_products``, a cap on both
+    stages' passes together, ``scale``, tr(K)/N, ``checkpoint``, ``start``, ...). Returns
+    (the solve, the preconditioner it finished with, whose ``info`` says what the shift
+    did)."""
     from .driver import SMALL_N, smallest_eigenpairs
 
     log = log or (lambda *a: None)
@@ -256,6 +260,9 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
                                 log=log, **options)
     first_seconds = time.perf_counter() - t
     lam, res = float(first.values[0]), float(first.residuals[0])
+    if fast_matmat is None and tol1 == tol and first.status == "certified":
+        estimate.info = {"shift_skipped": f"the estimate is certified to tol = {tol:g}"}
+        return first, estimate  # nothing left to do
     info = {"estimate": lam, "estimate_residual": res, "estimate_passes": first.products,
             "estimate_seconds": first_seconds, "sigma_tried": []}
     checkpoint = options.get("checkpoint")
@@ -273,8 +280,9 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
             f"(estimate {lam:.10g}, residual {res:.2e})")
         try:
             pre = shift_invert(X, kernel, sigma, xp=xp)
-        except MemoryError:  # CuPy's OutOfMemoryError
-            info["shift_skipped"] = "out of GPU memory forming or factoring K − σI"
+        except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError
+            info["shift_skipped"] = (f"out of {'GPU ' if xp is not None else ''}memory "
+                                     "forming or factoring K − σI")
             break
         if pre is not None:
             break
@@ -286,7 +294,7 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
             "K − σI did not factor in float32")
         log(f"note: no shift-invert ({why}); the solve goes on with the harmonic "
             "preconditioner")
-        pre = estimate
+        pre = fallback() if fallback is not None else estimate
         info["shift_skipped"] = why
     else:
         log(f"shift-invert preconditioner: σ = {sigma:.10g}, set-up {pre.setup_seconds:.1f} s "
@@ -295,9 +303,10 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     if first.ritz_block is not None:
         options["start"] = first.ritz_block
     sol = smallest_eigenpairs(matmat, n, method, k=k, tol=tol, precond=pre.apply,
-                              fast_matmat=fast_matmat, max_products=max_products, log=log,
-                              **options)
+                              fast_matmat=fast_matmat, log=log,
+                              max_products=max(1, max_products - first.products), **options)
     sol.iterations += first.iterations
+    sol.products += first.products
     sol.solver_seconds += first_seconds
     if sol.phases is not None:
         sol.phases.insert(0, {"products": "float32 deflated" if fast_matmat else "float64",
