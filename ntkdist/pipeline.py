@@ -425,10 +425,11 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
     return proof
 
 
-def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="cpu"):
+def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="cpu",
+                   store=None):
     """The shift-invert solve (:func:`ntkdist.solvers.shift.solve_shifted`) of a run: K − σI
-    on the client's GPU for ``device`` "gpu". Returns (the solve, the preconditioner it
-    finished with)."""
+    read from ``store`` where the run has one, on the client's GPU for ``device`` "gpu".
+    Returns (the solve, the preconditioner it finished with)."""
     from .solvers.shift import solve_shifted
 
     xp = None
@@ -444,7 +445,7 @@ def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="
 
     sol, pre = solve_shifted(matmat, spec.n, s.method, X, spec.kernel, estimate, tol=s.tol,
                              fast_matmat=fast, xp=xp, skip=repeated, fallback=fallback,
-                             **common)
+                             store=store, **common)
     pre.info["asked"] = s.precond
     return sol, pre
 
@@ -545,7 +546,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     fast = op.matmat_fast if op is not None and op.mixed else None
     if shift:
         sol, precond = _solve_shifted(spec, X, check, matmat, fast, precond, common, log,
-                                      device)
+                                      device, store)
     else:
         sol = smallest_eigenpairs(matmat, spec.n, s.method, tol=s.tol,
                                   precond=precond.apply if precond else None,

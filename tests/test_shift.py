@@ -137,7 +137,7 @@ def test_shift_that_does_not_factor_goes_on_with_the_harmonic_model(tmp_path, mo
     import ntkdist.solvers.shift as shift
 
     tried = []
-    monkeypatch.setattr(shift, "shift_invert", lambda X, k, s, xp=None: tried.append(s))
+    monkeypatch.setattr(shift, "shift_invert", lambda X, k, s, **kw: tried.append(s))
     r = _run(tmp_path, "f")
     assert r["status"] == "certified"
     assert r["lambda_min"] == pytest.approx(reference, rel=1e-8)
@@ -273,3 +273,31 @@ def test_killed_while_factoring_then_rerun_resumes_from_the_estimate(client, tmp
                                             rel=1e-8)
     assert r["resumed_from_checkpoint"]["passes"] == saved
     assert r["preconditioner"]["name"] == "shift" and not ck.exists()
+
+
+def test_k_minus_sigma_read_from_the_store_and_formed_where_a_tile_is_damaged(tmp_path):
+    from ntkdist.kernels.taylor import deflation_factor
+    from ntkdist.solvers.shift import stored_shifted_kernel
+
+    store = str(tmp_path / "k.zarr")
+    assert main(["assemble", "--data", "gaussian", "--n", "300", "--d", "7", "--depth", "3",
+                 "--seed", "9", "--store", store, "--tile", "128", "--dtype", "float64",
+                 "--workers", "1"]) == 0
+    spec = make_spec(data="gaussian", n=300, d=7, depth=3, seed=9)
+    X = spec.rows()
+    F = deflation_factor(X, 3)
+    want = np.tril(shifted_kernel(X, spec.kernel, 0.5, F=F))
+    np.testing.assert_allclose(np.tril(stored_shifted_kernel(store, 0.5, F)), want,
+                               rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    lam = float(np.linalg.eigvalsh(dense_kernel(X, spec.kernel))[0])
+    R = np.random.default_rng(2).standard_normal((300, 3))
+    good = shift_invert(X, spec.kernel, 0.9 * lam, store=store).apply(R)
+    chunks = [os.path.join(root, f) for root, _, files in os.walk(os.path.join(store, "K"))
+              for f in files if not f.startswith(".") and f != "zarr.json"]
+    with open(sorted(chunks)[0], "r+b") as f:  # damage one stored tile
+        f.seek(20)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(Exception, match="checksum|damaged|corrupt"):
+        stored_shifted_kernel(store, 0.5, F)
+    again = shift_invert(X, spec.kernel, 0.9 * lam, store=store)  # formed from the rows
+    np.testing.assert_allclose(again.apply(R), good, rtol=1e-3)

@@ -58,7 +58,7 @@ SHIFT_BLOCK = 2048
 #: ``--precond auto`` uses the shift on CPU runs from this N (where it fits). Measured at
 #: d = 64 (benchmarks/RESULTS.md): in process, N = 5000 took 4.0 s against the harmonic
 #: model's 2.7 s (17 passes against 38, 0.07 s a pass); through the pipeline
-#: (`make demo`, N = 8000) the solve and set-ups took 10.3 s against 12.9 s, and 0.56–0.63×
+#: (`make demo`, N = 8000) the solve and set-ups took 10.3 s against 12.9 s, and 0.51–0.65×
 #: the time at N = 10000–40000.
 SHIFT_FROM = 5000
 
@@ -118,6 +118,26 @@ def shifted_kernel(X: np.ndarray, kernel, sigma: float, block: int = SHIFT_BLOCK
             if F is not None:
                 T -= F[i:i + T.shape[0]] @ F[j:j + T.shape[1]].T
             B[i:i + T.shape[0], j:j + T.shape[1]] = T
+    B[np.diag_indices(n)] -= np.float32(sigma)
+    return B
+
+
+def stored_shifted_kernel(path: str, sigma: float, F: np.ndarray | None = None) -> np.ndarray:
+    """:func:`shifted_kernel` from a complete store's tiles (each checked against its
+    checksum; a damaged one raises its one-line StoreError) instead of the tile function:
+    the store's own values (float32 or float64), read once, the lower triangle from the
+    upper tiles transposed."""
+    from ..store import KernelStore
+
+    store = KernelStore.open(path).require_complete()
+    n = store.spec.n
+    B = np.empty((n, n), dtype=np.float32)
+    for i, j in store.upper_tiles():
+        rows, cols = store.tile_slices(i, j)
+        T = np.array(store.read_tile_checked(i, j), dtype=np.float64)  # a writable copy
+        if F is not None:
+            T -= F[rows] @ F[cols].T
+        B[cols, rows] = T.T  # J ≥ I: the lower triangle
     B[np.diag_indices(n)] -= np.float32(sigma)
     return B
 
@@ -190,10 +210,13 @@ def _device_shift_invert(X, kernel, sigma: float, xp) -> Preconditioner | None:
                                 "device": "gpu"})
 
 
-def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None) -> Preconditioner | None:
+def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None,
+                 store: str | None = None) -> Preconditioner | None:
     """P = (K − σI)⁻¹, or None where it does not factor in float32. ``kernel``: a
     :class:`ntkdist.spec.KernelSpec` with a closed form. ``xp``: CuPy to form, factor and
-    apply it on the GPU (host arrays in and out).
+    apply it on the GPU (host arrays in and out). ``store``: a complete store of this K to
+    read it from (at N = 40000 faster than forming it: the tile function ran at 18 M
+    entries/s on 2 cores); where a tile of it is damaged K is formed from the rows.
 
     K − σI = B + FFᵀ with FFᵀ the kernel's degree-0 and degree-1 terms (the deflation of
     mixed precision): B = K − FFᵀ − σI, whose largest eigenvalue is 18–68× below K's (d = 16
@@ -207,7 +230,18 @@ def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None) -> Preconditioner
         return _device_shift_invert(X, kernel, sigma, xp)
     t0 = time.perf_counter()
     F = _deflation(X, kernel)
-    B = shifted_kernel(X, kernel, sigma, F=F)
+    B = None
+    if store is not None:
+        from ..store import StoreError
+
+        try:
+            B = stored_shifted_kernel(store, sigma, F)
+        except StoreError:  # the operator says so where it matters; here, the rows suffice
+            B = None
+        if B is not None and B.shape[0] != X.shape[0]:
+            B = None
+    if B is None:
+        B = shifted_kernel(X, kernel, sigma, F=F)
     formed = time.perf_counter() - t0
     LT = factor_mirrored(B)
     if LT is None:
@@ -224,13 +258,15 @@ def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None) -> Preconditioner
 
 def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, *,
                   tol: float = 1e-8, k: int = 1, fast_matmat=None, xp=None,
-                  skip: str | None = None, fallback=None, log=None, **options):
+                  skip: str | None = None, fallback=None, store: str | None = None,
+                  log=None, **options):
     """The two-stage shift-invert solve (module docstring) of K's k smallest eigenpairs,
     certified to ``tol`` as :func:`ntkdist.solvers.driver.smallest_eigenpairs` certifies:
     ``estimate`` (a :class:`Preconditioner`, the harmonic model) for the first stage, on
     ``fast_matmat`` where given; ``X`` and ``kernel`` (with a closed form) to form K − σI
     (on the GPU of ``xp`` where given). ``skip``: a reason not to shift (the solve then runs
-    with ``estimate`` alone). ``fallback``: a function giving the preconditioner to finish
+    with ``estimate`` alone). ``store``: a complete store of K to read K − σI from
+    (:func:`shift_invert`). ``fallback``: a function giving the preconditioner to finish
     with where the shift is not used after the estimate (default: ``estimate``).
     ``options``: the driver's other arguments (``block``, ``max_products``, a cap on both
     stages' passes together, ``scale``, tr(K)/N, ``checkpoint``, ``start``, ...). Returns
@@ -279,7 +315,7 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
         log(f"shift-invert, stage 2: forming and factoring K − σI in float32, σ = {sigma:.10g} "
             f"(estimate {lam:.10g}, residual {res:.2e})")
         try:
-            pre = shift_invert(X, kernel, sigma, xp=xp)
+            pre = shift_invert(X, kernel, sigma, xp=xp, store=store)
         except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError
             info["shift_skipped"] = (f"out of {'GPU ' if xp is not None else ''}memory "
                                      "forming or factoring K − σI")
