@@ -438,6 +438,7 @@ def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="
     s = spec.solver
     repeated = ("rows repeat: K is singular, and K − σI indefinite for every σ > 0"
                 if check.duplicate_rows else None)
+
     def fallback():  # the harmonic model as the run would have had it without the shift
         kern = spec.kernel
         return make_preconditioner("harmonic" if s.precond == "shift" else s.precond, X,

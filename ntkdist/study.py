@@ -376,9 +376,9 @@ def _uses_shift(spec: RunSpec, device: str = "cpu") -> bool:
 
 
 #: Passes of a shift-invert solve against the degree ≤ 2 harmonic model's (its estimate
-#: stage included), measured with the defaults at d = 64: 27/65 at N = 10000, 36/125 at
-#: 20000, 46/200 at 40000 (benchmarks/RESULTS.md).
-SHIFT_PASSES = 0.35
+#: stage included), measured with the defaults at d = 64: 22/65 at N = 10000, 30/125 at
+#: 20000, 36/200 at 40000 (benchmarks/RESULTS.md).
+SHIFT_PASSES = 0.25
 
 
 def _passes_factor(spec: RunSpec, device: str = "cpu") -> float:
