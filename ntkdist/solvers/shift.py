@@ -279,8 +279,7 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     why = skip or shift_fits(n, xp=xp)
     if why is None and (n <= SMALL_N or n < 4 * (k + 1)):
         why = f"N = {n} is solved densely"
-    if why is not None:
-        log(f"note: no shift-invert ({why}); the harmonic preconditioner instead")
+    if why is not None:  # said once, by the solve's notes
         sol = smallest_eigenpairs(matmat, n, method, k=k, tol=tol, precond=estimate.apply,
                                   fast_matmat=fast_matmat, max_products=max_products, log=log,
                                   **options)
