@@ -265,9 +265,9 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     ``estimate`` (a :class:`Preconditioner`, the harmonic model) for the first stage, on
     ``fast_matmat`` where given; ``X`` and ``kernel`` (with a closed form) to form K − σI
     (on the GPU of ``xp`` where given). ``skip``: a reason not to shift (the solve then runs
-    with ``estimate`` alone). ``store``: a complete store of K to read K − σI from
-    (:func:`shift_invert`). ``fallback``: a function giving the preconditioner to finish
-    with where the shift is not used after the estimate (default: ``estimate``).
+    with ``fallback``'s preconditioner alone). ``store``: a complete store of K to read
+    K − σI from (:func:`shift_invert`). ``fallback``: a function giving the preconditioner
+    to solve or finish with where the shift is not used (default: ``estimate``).
     ``options``: the driver's other arguments (``block``, ``max_products``, a cap on both
     stages' passes together, ``scale``, tr(K)/N, ``checkpoint``, ``start``, ...). Returns
     (the solve, the preconditioner it finished with, whose ``info`` says what the shift
@@ -280,12 +280,13 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     if why is None and (n <= SMALL_N or n < 4 * (k + 1)):
         why = f"N = {n} is solved densely"
     if why is not None:  # said once, by the solve's notes
-        sol = smallest_eigenpairs(matmat, n, method, k=k, tol=tol, precond=estimate.apply,
+        pre = fallback() if fallback is not None else estimate
+        sol = smallest_eigenpairs(matmat, n, method, k=k, tol=tol, precond=pre.apply,
                                   fast_matmat=fast_matmat, max_products=max_products, log=log,
                                   **options)
         sol.notes.append(f"shift-invert not used ({why}); the harmonic model instead")
-        estimate.info = {"shift_skipped": why}
-        return sol, estimate
+        pre.info = {**(pre.info or {}), "shift_skipped": why}
+        return sol, pre
     tol1 = max(tol, SHIFT_ESTIMATE_TOL)
     log(f"shift-invert, stage 1: λ_min to {tol1:g} with the harmonic preconditioner "
         f"(degrees ≤ {estimate.degree}){' on the float32 products' if fast_matmat else ''}")
