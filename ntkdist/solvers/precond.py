@@ -321,7 +321,7 @@ def _gram_form(LT: np.ndarray, PhiT: np.ndarray, inv_d: np.ndarray, scale: float
     N × N factor (as costly as a pass of K in memory) and three thin products with the
     N × (1 + d) features. ``rank``: the rank of the degree ≤ 3 part it keeps exactly."""
     b_inv = triangular_pair(LT)
-    inner = woodbury(lambda Z: b_inv(np.asfortranarray(Z)), PhiT)
+    inner = woodbury(lambda Z: b_inv(np.asfortranarray(Z, dtype=np.float32)), PhiT)
 
     def apply(R):
         return inner(R * inv_d[:, None]) * (inv_d / scale)[:, None]
@@ -331,17 +331,17 @@ def _gram_form(LT: np.ndarray, PhiT: np.ndarray, inv_d: np.ndarray, scale: float
 
 def woodbury(b_inv, PhiT, xp=np):
     """Z ↦ (B + ΦΦᵀ)⁻¹Z = B⁻¹Z − W S WᵀZ with W = B⁻¹Φ and S = (I + ΦᵀW)⁻¹, given
-    ``b_inv``: Z ↦ B⁻¹Z on float32 blocks, and ``PhiT`` = Φᵀ (r × N, float32) on the array
+    ``b_inv``: Z ↦ B⁻¹Z in float32 (Z a float32 device block or a host block of any
+    precision, converted once by ``b_inv``), and ``PhiT`` = Φᵀ (r × N, float32) on the array
     module ``xp`` (S, r × r, formed in float64 on the host). Host float64 blocks in and out."""
-    W = b_inv(xp.ascontiguousarray(PhiT.T))  # N × r, float32
+    W = b_inv(PhiT.T)  # N × r, float32
     M = PhiT @ W
     M = (xp.asnumpy(M) if xp is not np else M).astype(np.float64)
     S = _inverse_spd(np.eye(len(M)) + (M + M.T) / 2)
     S = xp.asarray(S) if xp is not np else S
 
     def apply(R):
-        Y = b_inv(xp.asarray(R, dtype=xp.float32) if xp is not np else
-                  np.asarray(R, dtype=np.float32))
+        Y = b_inv(R)
         C = S @ (PhiT @ Y).astype(xp.float64)
         Y = Y.astype(xp.float64) - W @ C.astype(xp.float32)
         return xp.asnumpy(Y) if xp is not np else Y

@@ -102,23 +102,30 @@ def shift_sigma(estimate: float, residual: float, margin: float = SHIFT_MARGIN) 
 
 
 def shifted_kernel(X: np.ndarray, kernel, sigma: float, block: int = SHIFT_BLOCK,
-                   F: np.ndarray | None = None) -> np.ndarray:
+                   F=None, xp=np):
     """K(X, X) − σI (− FFᵀ where ``F`` is given, subtracted in float64) in float32,
-    C-ordered, formed in its lower triangle tile by tile with ``kernel.tile``, the tile
-    function of the store and the operators (whose fused CPU path runs on all cores); the
-    strict upper triangle is left unset."""
+    C-ordered, formed tile by tile with ``kernel.tile``, the tile function of the store and
+    the operators (whose fused CPU path runs on all cores): in its lower triangle, the
+    strict upper one left unset; on the device of ``xp`` (CuPy; ``F`` a device array, ``X``
+    host rows) both triangles."""
     n = X.shape[0]
-    B = np.empty((n, n), dtype=np.float32)
+    device = xp is not np
+    B = xp.empty((n, n), dtype=xp.float32)
     starts = list(range(0, n, block))
-    feats = [kernel.features(X[i:i + block]) for i in starts]
+    feats = [kernel.features(xp.asarray(X[i:i + block]) if device else X[i:i + block])
+             for i in starts]
     for bi, i in enumerate(starts):
         for bj in range(bi + 1):
             j = starts[bj]
             T = kernel.tile(feats[bi], feats[bj])
             if F is not None:
                 T -= F[i:i + T.shape[0]] @ F[j:j + T.shape[1]].T
+            T = T.astype(xp.float32)
             B[i:i + T.shape[0], j:j + T.shape[1]] = T
-    B[np.diag_indices(n)] -= np.float32(sigma)
+            if device and bj < bi:
+                B[j:j + T.shape[1], i:i + T.shape[0]] = T.T
+    idx = xp.arange(n)
+    B[idx, idx] -= np.float32(sigma)
     return B
 
 
@@ -142,29 +149,6 @@ def stored_shifted_kernel(path: str, sigma: float, F: np.ndarray | None = None) 
     return B
 
 
-def device_shifted_kernel(X, kernel, sigma: float, xp, block: int = SHIFT_BLOCK, F=None):
-    """K(X, X) − σI (− FFᵀ where ``F``, a device array, is given) in float32 on the device of
-    ``xp`` (CuPy), both triangles, from host rows ``X`` (the tile function on device row
-    blocks, as the GPU operator builds its tiles)."""
-    n = X.shape[0]
-    B = xp.empty((n, n), dtype=xp.float32)
-    starts = list(range(0, n, block))
-    feats = [kernel.features(xp.asarray(X[i:i + block])) for i in starts]
-    for bi, i in enumerate(starts):
-        for bj in range(bi + 1):
-            j = starts[bj]
-            T = kernel.tile(feats[bi], feats[bj])
-            if F is not None:
-                T -= F[i:i + T.shape[0]] @ F[j:j + T.shape[1]].T
-            T = T.astype(xp.float32)
-            B[i:i + T.shape[0], j:j + T.shape[1]] = T
-            if bj < bi:
-                B[j:j + T.shape[1], i:i + T.shape[0]] = T.T
-    idx = xp.arange(n)
-    B[idx, idx] -= np.float32(sigma)
-    return B
-
-
 def _deflation(X: np.ndarray, kernel) -> np.ndarray:
     """F with FFᵀ the kernel's degree-0 and degree-1 terms (N × (1 + d), float64)."""
     from ..kernels.taylor import deflation_factor
@@ -182,7 +166,7 @@ def _device_shift_invert(X, kernel, sigma: float, xp) -> Preconditioner | None:
     t0 = time.perf_counter()
     F = _deflation(X, kernel)
     Fd = xp.asarray(F)
-    B = device_shifted_kernel(X, kernel, sigma, xp, F=Fd)
+    B = shifted_kernel(X, kernel, sigma, F=Fd, xp=xp)
     formed = time.perf_counter() - t0
     try:
         with cupyx.errstate(linalg="raise"):  # else CuPy leaves a failed factor unsaid
@@ -198,7 +182,8 @@ def _device_shift_invert(X, kernel, sigma: float, xp) -> Preconditioner | None:
     LT = L.T  # F-ordered: cuBLAS solves with it without a copy of the factor
 
     def b_inv(Z):
-        Z = solve_triangular(LT, Z, lower=False, trans="T")  # (Lᵀ)ᵀ y = z
+        Z = solve_triangular(LT, xp.asarray(Z, dtype=xp.float32), lower=False,
+                             trans="T")  # (Lᵀ)ᵀ y = z
         return solve_triangular(LT, Z, lower=False)  # Lᵀ x = y
 
     try:
@@ -248,7 +233,7 @@ def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None,
         return None
     b_inv = triangular_pair(LT)
     try:
-        apply = woodbury(lambda Z: b_inv(np.asfortranarray(Z)),
+        apply = woodbury(lambda Z: b_inv(np.asfortranarray(Z, dtype=np.float32)),
                          np.ascontiguousarray(F.T, dtype=np.float32))
     except (np.linalg.LinAlgError, ValueError):  # a factor too poor for its Woodbury system
         return None
