@@ -58,7 +58,7 @@ def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str 
     make_plan(spec.solver, cluster, Facts(n=spec.n, store="assemble" if store else None,
                                           feature_columns=spec.kernel.feature_columns(spec.d)),
               tile, dtype)  # refuses before the rows are read
-    check_before_solve(spec, store is None and spec.solver.method == "dense")
+    check_before_solve(spec, store is None and spec.solver.method == "dense", cluster.device)
     X = spec.rows()
     check = check_rows(X, name=spec.data.source, growth=spec.kernel.growth())
     facts = Facts(n=spec.n, store="assemble" if store else None,
@@ -210,7 +210,7 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
                   store_dtype=kstore.spec.dtype,
                   feature_columns=spec.kernel.feature_columns(spec.d))
     make_plan(spec.solver, cluster, facts)  # refuses before the rows are read
-    check_before_solve(spec)
+    check_before_solve(spec, device=cluster.device)
     X = kstore.rows_checked()
     check = check_rows(X, name=store, growth=spec.kernel.growth())
     facts = Facts(**{**facts.__dict__, "parallel_rows": check.parallel_rows})
@@ -369,9 +369,10 @@ def singular_reason(check, spec: RunSpec) -> str | None:
     return None
 
 
-def check_before_solve(spec: RunSpec, in_process: bool = False) -> None:
+def check_before_solve(spec: RunSpec, in_process: bool = False, device: str = "cpu") -> None:
     """Refuse, before the solve starts: ``--certify cholesky`` where K cannot be held in
-    float64 here; a preconditioner of the limits for a finite-width kernel; the in-process
+    float64 here (``device`` "gpu": nor on the client's GPU, all of whose memory it may have
+    once the run's tiles leave it); a preconditioner of the limits for a finite-width kernel; the in-process
     dense path (``in_process``) where a finite network's features and K do not fit here."""
     if spec.kernel.finite and in_process:
         from .solvers.cholesky import available_memory
@@ -389,18 +390,48 @@ def check_before_solve(spec: RunSpec, in_process: bool = False) -> None:
         from .solvers.cholesky import check_memory
 
         reason = check_memory(spec.n, spec.kernel.feature_columns(spec.d))
+        if reason and device == "gpu" and not spec.kernel.finite and not in_process:
+            import cupy
+
+            from .solvers.cholesky import check_device_memory
+
+            total = int(cupy.cuda.runtime.memGetInfo()[1])
+            gpu = check_device_memory(spec.n, cupy, free=total)
+            if gpu is None:
+                reason = None
+            else:
+                reason = f"{reason}; the GPU has {total / 1e9:.1f} GB in all"
         if reason:
             raise SpecError(reason)
 
 
-def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
+def _certify_cholesky(spec, X, sol, cert, log, K=None, device: str = "cpu") -> dict:
     """The Cholesky bracket of λ_min (:func:`ntkdist.solvers.cholesky.certify_cholesky`) on K
-    formed in float64 in this process (``K``: the in-process one, overwritten)."""
-    from .solvers.cholesky import _restore, certify_cholesky, check_memory, dense_kernel
+    formed in float64 in this process (``K``: the in-process one, overwritten); for
+    ``device`` "gpu" (a closed-form kernel) formed and factorised on the client's GPU where
+    it fits there now, else on the host."""
+    from .solvers.cholesky import (_restore, certify_cholesky, check_device_memory,
+                                   check_memory, dense_kernel)
 
     if sol.exact is not None and bool(sol.exact[0]):
         return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
                 "reason": "λ_min = 0 exactly (repeated rows): nothing to bracket"}
+    formed, xp = 0.0, None
+    if K is None and device == "gpu" and not spec.kernel.finite:
+        import cupy
+
+        why = check_device_memory(spec.n, cupy)
+        if why is None:
+            log(f"--certify cholesky: forming K (N = {spec.n}) in float64 on the client's GPU")
+            t = time.perf_counter()
+            try:
+                K, xp = dense_kernel(X, spec.kernel, xp=cupy), cupy
+            except MemoryError:  # CuPy's OutOfMemoryError
+                K, why = None, "out of GPU memory forming K in float64"
+                cupy.get_default_memory_pool().free_all_blocks()
+            formed = time.perf_counter() - t
+        if K is None:
+            log(f"note: {why}; K is formed on the host instead")
     if K is None:
         reason = check_memory(spec.n, spec.kernel.feature_columns(spec.d))
         if reason:  # the memory went elsewhere since the start: the solve's result stays
@@ -411,11 +442,15 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None) -> dict:
         t = time.perf_counter()
         K = dense_kernel(X, spec.kernel)
         formed = time.perf_counter() - t
-    else:
+    elif xp is None:
         _restore(K, np.diagonal(K).copy())  # exactly symmetric: the triangle LAPACK reads
-        formed = 0.0
     err = cert["abs_error_bound"][0]
-    proof = certify_cholesky(K, float(sol.values[0]), err, sol.vectors[:, 0], log=log)
+    try:
+        proof = certify_cholesky(K, float(sol.values[0]), err, sol.vectors[:, 0], log=log)
+    finally:
+        if xp is not None:  # the N × N factor goes from the GPU now
+            del K
+            xp.get_default_memory_pool().free_all_blocks()
     proof["form_seconds"] = formed
     if proof["status"] == "proved":
         log(f"certified bracket: {proof['lower']:.12g} ≤ λ_min ≤ {proof['upper']:.12g} "
@@ -578,8 +613,10 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     cert = sol.certificate()
     proof = None
     if s.certify == "cholesky":
+        if device == "gpu" and op is not None and not in_process:
+            op.close()  # its tiles leave the GPU (one GPU holds them and K alike)
         proof = _certify_cholesky(spec, X, sol, cert, log,
-                                  dense_matrix() if in_process else None)
+                                  dense_matrix() if in_process else None, device)
         if proof["status"] == "failed" and sol.status in ("certified", "not_converged"):
             sol.status, sol.converged = "missed", False
             sol.resolved = np.zeros(len(sol.values), bool)

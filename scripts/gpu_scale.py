@@ -19,6 +19,12 @@ figure printed as it comes and written to ``--out`` (JSON):
    47905 at d = 64) built and applied on the GPU in this process, at each N of
    ``--pass-sizes`` and ``--n-end`` (Davidson block 32, tiles kept on the GPU): passes, set-up
    and solve seconds, against step 3's degree ≤ 2 passes.
+7. ``--certify cholesky`` on the GPU (K formed in float64 and factorised there) after the
+   shift-invert solve at the first N of ``--pass-sizes`` and at ``--n-end``: the proved
+   bracket, its width, and the seconds forming K and factorising.
+
+``--steps`` runs some of them (names as in the JSON: end_to_end, shift, passes, big_passes,
+bench_quick, degree3_passes, certify), in that order.
 
 ``--fake`` runs every step on the CPU with the CuPy stand-in of tests/fakecupy.py, an
 in-process cluster and tiny sizes: it checks the script, not a GPU. Steps that fail print one
@@ -84,6 +90,7 @@ def main() -> int:
     p.add_argument("--pass-sizes", default="20000,50000")
     p.add_argument("--n-big", type=int, default=300000)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", default="", help="comma-separated step names (default: all)")
     args = p.parse_args()
     if args.fake:
         sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -127,8 +134,18 @@ def main() -> int:
                 ("degree3_passes", lambda: _degree3_passes(
                     client, [*(int(v) for v in args.pass_sizes.split(",")), args.n_end],
                     16 if args.fake else 64, 512 if args.fake else None)),
+                ("certify", lambda: _certify(
+                    cli, common + addr, [int(args.pass_sizes.split(",")[0]), args.n_end],
+                    tmp)),
             ]
+            wanted = [v for v in args.steps.split(",") if v]
+            unknown = set(wanted) - {name for name, _ in steps}
+            if unknown:
+                print(f"unknown steps: {', '.join(sorted(unknown))}")
+                return 2
             for name, step in steps:
+                if wanted and name not in wanted:
+                    continue
                 t0 = time.perf_counter()
                 try:
                     value = step()
@@ -168,6 +185,26 @@ def _shift(cli, common, sizes, tmp):
                                                 "estimate_seconds", "setup_seconds",
                                                 "form_seconds", "shift_skipped")}}
         print(f"  shift-invert on the GPU, N = {n}: {json.dumps(out[str(n)])}", flush=True)
+    return out
+
+
+def _certify(cli, common, sizes, tmp):
+    out = {}
+    for n in sizes:
+        t0 = time.perf_counter()
+        r = _cli_run(cli, [*common, "--n", str(n), "--precond", "shift", "--certify",
+                           "cholesky"], os.path.join(tmp, f"c{n}"))
+        c = r["certify"]
+        width = (c["upper"] - c["lower"]) / r["lambda_min"] if c.get("lower") else None
+        out[str(n)] = {"seconds": time.perf_counter() - t0, "wall_seconds": r["wall_seconds"],
+                       "lambda_min": r["lambda_min"], "status": r["status"],
+                       "relative_accuracy": r["relative_accuracy"], "width_over_lambda": width,
+                       "factor_seconds": sum(a["seconds"] for a in c.get("attempts") or []),
+                       "certify_status": c["status"], "certify_seconds": c.get("seconds"),
+                       **{k: c.get(k) for k in ("device", "lower", "upper", "sigma",
+                                                "allowance", "form_seconds", "reason")}}
+        print(f"  --certify cholesky on the GPU, N = {n}: {json.dumps(out[str(n)])}",
+              flush=True)
     return out
 
 

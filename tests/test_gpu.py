@@ -404,3 +404,49 @@ def test_harmonic_preconditioner_built_and_applied_on_a_device(fake_gpu):
     # ... and the features where the device is given room for them
     wide = harmonic(X32, 3, "ntk", "paper", xp=fake_gpu, max_rank=50000, max_bytes=1e12)
     assert (wide.degree, wide.form, wide.rank) == (3, "features", 6545)
+
+
+def test_gpu_certify_cholesky_factorises_on_the_device(client, store, fake_gpu, tmp_path,
+                                                       monkeypatch, capsys):
+    """--certify cholesky on a GPU run: K formed and factorised on the client's device (the
+    stand-in refuses host/device mix-ups), the bracket the CPU's; where the device has no
+    room now, on the host; where neither the host nor the device could ever hold K, refused
+    before the solve with one line."""
+    import ntkdist.solvers.cholesky as chol
+
+    for name, mod in fakecupy.cupyx_modules().items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(chol, "BLOCK", 128)  # several diagonal blocks at N = 333
+    addr = client.scheduler.address
+    common = ["--method", "lobpcg", "--tol", "1e-10", "--scheduler", addr,
+              "--certify", "cholesky"]
+    outs = {w: str(tmp_path / w) for w in ("cpu", "gpu", "host")}
+    assert main(["solve", "--store", store, "--out", outs["cpu"], *common]) == 0
+    assert main(["solve", "--store", store, "--out", outs["gpu"], *common,
+                 "--device", "gpu"]) == 0
+    cpu, gpu = (json.load(open(os.path.join(outs[w], "result.json"))) for w in ("cpu", "gpu"))
+    a, b = cpu["certify"], gpu["certify"]
+    assert (a["status"], a["device"], b["status"], b["device"]) == ("proved", "cpu",
+                                                                    "proved", "gpu")
+    assert b["lower"] <= gpu["lambda_min"] <= b["upper"]
+    assert abs(b["lower"] - a["lower"]) <= 1e-12 * a["lower"]
+    assert abs(b["upper"] - a["upper"]) <= 1e-12 * a["upper"]
+    # No room on the device now (K needs 8N² ≈ 0.9 MB): formed and factorised on the host.
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=100_000))
+    assert main(["solve", "--store", store, "--out", outs["host"], *common,
+                 "--device", "gpu"]) == 0
+    host = json.load(open(os.path.join(outs["host"], "result.json")))["certify"]
+    assert (host["status"], host["device"]) == ("proved", "cpu")
+    assert "formed on the host instead" in capsys.readouterr().out
+    # The host cannot hold K: the GPU's whole memory decides before the solve.
+    monkeypatch.setattr(chol, "available_memory", lambda: 1000)
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module())
+    out = str(tmp_path / "room")
+    assert main(["solve", "--store", store, "--out", out, *common, "--device", "gpu"]) == 0
+    assert json.load(open(os.path.join(out, "result.json")))["certify"]["device"] == "gpu"
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=100_000))
+    capsys.readouterr()
+    out = str(tmp_path / "none")
+    assert main(["solve", "--store", store, "--out", out, *common, "--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GB in all" in err[0] and not os.path.exists(out)

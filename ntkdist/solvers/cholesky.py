@@ -23,6 +23,12 @@ underflow: the *allowance* δ. The upper end of the bracket is the float64 Rayle
 
 Both ends are about K as ntkdist forms it in float64 from the rows (the tile function's own
 error against the exact kernel, a few ulps an entry, is not in them; docs/accuracy.md).
+
+On a GPU (CuPy arrays: K formed, factored and multiplied there) the same blocked algorithm
+runs with cuSOLVER's potrf on the diagonal blocks and cuBLAS for the panels and updates: the
+bound holds for any order of the inner products and for fused multiply–adds (γ_{2n+2}); it
+assumes IEEE float64 arithmetic, which cuBLAS's and cuSOLVER's float64 routines use (no
+emulated or reduced-precision modes are enabled here).
 """
 
 from __future__ import annotations
@@ -81,6 +87,20 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def check_device_memory(n: int, xp, free: int | None = None) -> str | None:
+    """Why K (n×n float64) and the factorisation's temporaries cannot be held on the GPU of
+    ``xp`` (CuPy) now, or None: :func:`memory_needed` within MEMORY_SHARE of its free
+    memory (CuPy's pool of unused blocks returned first)."""
+    if free is None:
+        xp.get_default_memory_pool().free_all_blocks()
+        free = int(xp.cuda.runtime.memGetInfo()[0])
+    need = memory_needed(n)
+    if need > MEMORY_SHARE * free:
+        return (f"--certify cholesky on the GPU holds K in float64 there: {need / 1e9:.1f} GB "
+                f"at N = {n}, and {free / 1e9:.1f} GB are free on it")
+    return None
+
+
 def check_memory(n: int, columns: int = 0, available: int | None = None) -> str | None:
     """Why K (n×n float64) cannot be held for the factorisation here, or None."""
     need = memory_needed(n, columns)
@@ -99,66 +119,101 @@ def max_n(available: int) -> int:
     return n
 
 
-def dense_kernel(X: np.ndarray, kernel) -> np.ndarray:
+def _module(a):
+    """NumPy for a NumPy array, else the array module CuPy gives for it."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+
+    return cupy.get_array_module(a)
+
+
+def dense_kernel(X: np.ndarray, kernel, xp=np):
     """K(X, X) in float64, formed block by block with ``kernel.tile`` (the tile function the
-    store and the operators use), C-ordered and exactly symmetric."""
+    store and the operators use), C-ordered and exactly symmetric; on the GPU of ``xp``
+    (CuPy; ``X`` host rows) where given."""
     n = X.shape[0]
-    K = np.empty((n, n))
-    blocks = [kernel.features(X[i:i + BLOCK]) for i in range(0, n, BLOCK)]
+    K = xp.empty((n, n), dtype=xp.float64)
+    blocks = [kernel.features(X[i:i + BLOCK] if xp is np else xp.asarray(X[i:i + BLOCK]))
+              for i in range(0, n, BLOCK)]
     for bi, A in enumerate(blocks):
         i = bi * BLOCK
         for bj in range(bi, len(blocks)):
             j = bj * BLOCK
-            T = np.asarray(kernel.tile(A, blocks[bj]), dtype=np.float64)
+            T = xp.asarray(kernel.tile(A, blocks[bj]), dtype=xp.float64)
             K[i:i + T.shape[0], j:j + T.shape[1]] = T
             if bj != bi:
                 K[j:j + T.shape[1], i:i + T.shape[0]] = T.T
         D = K[i:i + BLOCK, i:i + BLOCK]
-        D[...] = np.triu(D) + np.triu(D, 1).T  # the diagonal tile exactly symmetric
+        D[...] = xp.triu(D) + xp.triu(D, 1).T  # the diagonal tile exactly symmetric
     return K
 
 
 def rayleigh_upper(K: np.ndarray, v: np.ndarray) -> tuple[float, float]:
     """(ρ, ρ + its rounding allowance): ρ = vᵀKv / vᵀv in float64, and a value that is
-    ≥ λ_min(K) for certain."""
-    v = np.asarray(v, dtype=np.float64)
+    ≥ λ_min(K) for certain. K on a GPU: ``v`` (host or device) goes there."""
+    xp = _module(K)
+    v = xp.asarray(v, dtype=xp.float64)
     n = v.shape[0]
-    w = np.empty(n)
+    w = xp.empty(n, dtype=xp.float64)
     bound = 0.0
-    av = np.abs(v)
+    av = xp.abs(v)
     for i in range(0, n, BLOCK):
         rows = K[i:i + BLOCK]
         w[i:i + BLOCK] = rows @ v
-        bound += float(av[i:i + BLOCK] @ (np.abs(rows) @ av))
+        bound += float(av[i:i + BLOCK] @ (xp.abs(rows) @ av))
     vv = float(v @ v)
     rho = float(v @ w) / vv
     slack = gamma(2 * n + 2) * bound / (vv * (1 - gamma(n + 1)))
     return rho, float(np.nextafter(rho + slack, np.inf))
 
 
-def _potrf_in_place(K: np.ndarray, nb: int | None = None) -> bool:
+def _potrf_in_place(K, nb: int | None = None) -> bool:
     """Factorise K = LLᵀ (C-ordered, symmetric) in place on its lower triangle, leaving its
     strict upper triangle untouched: right-looking blocked Cholesky, LAPACK's potrf on the
     nb × nb diagonal blocks, triangular solves for the panels and GEMMs for the trailing
     updates. (One potrf call on the whole matrix overflows OpenBLAS's stack above
     N ≈ 15000 under the default 8 MB limit.) True when it ran to completion with a positive
-    diagonal. float32 or float64, as K is (LAPACK's spotrf or dpotrf)."""
-    from scipy.linalg import get_lapack_funcs, solve_triangular
+    diagonal. float32 or float64, as K is (LAPACK's spotrf or dpotrf). K on a GPU: the same
+    steps there (cuSOLVER's potrf through CuPy on the diagonal blocks, cuBLAS's triangular
+    solves and GEMMs), with nb × nb and N × nb temporaries only."""
+    xp = _module(K)
+    if xp is np:
+        from scipy.linalg import get_lapack_funcs, solve_triangular
+
+        potrf, = get_lapack_funcs(("potrf",), (K,))
+
+        def factor(D):
+            L, info = potrf(np.array(D), lower=1, clean=1)
+            return L if info == 0 else None
+    else:
+        import cupyx
+        from cupyx.scipy.linalg import solve_triangular
+
+        def factor(D):
+            D = xp.tril(D)
+            D += xp.tril(D, -1).T  # from the lower triangle, whichever one cuSOLVER reads
+            try:
+                with cupyx.errstate(linalg="raise"):  # else a failed factor goes unsaid
+                    return xp.linalg.cholesky(D)
+            except np.linalg.LinAlgError:
+                return None
 
     n = K.shape[0]
     nb = nb or BLOCK
-    potrf, = get_lapack_funcs(("potrf",), (K,))
     for k in range(0, n, nb):
         e = min(k + nb, n)
-        L, info = potrf(np.array(K[k:e, k:e]), lower=1, clean=1)
-        d = np.diagonal(L)
-        if info != 0 or not (np.all(np.isfinite(d)) and np.all(d > 0)):
+        L = factor(K[k:e, k:e])
+        if L is None:
+            return False
+        d = xp.diagonal(L)
+        if not (bool(xp.all(xp.isfinite(d))) and bool(xp.all(d > 0))):
             return False
         _write_lower(K[k:e, k:e], L)
         if e == n:
             break
         # panel: K[e:, k:e] ← K[e:, k:e] · L⁻ᵀ
-        K[e:, k:e] = solve_triangular(L, K[e:, k:e].T, lower=True, check_finite=False).T
+        K[e:, k:e] = solve_triangular(L, K[e:, k:e].T, lower=True).T
         P = K[e:, k:e]
         for j in range(e, n, nb):  # trailing update of the lower triangle, a row block at a time
             j2 = min(j + nb, n)
@@ -169,30 +224,42 @@ def _potrf_in_place(K: np.ndarray, nb: int | None = None) -> bool:
     return True
 
 
-def _write_lower(D: np.ndarray, T: np.ndarray) -> None:
+def _write_lower(D, T) -> None:
     """D's lower triangle (with the diagonal) ← T's; D's strict upper triangle untouched."""
-    np.copyto(D, T, where=np.tri(D.shape[0], dtype=bool))
+    xp = _module(D)
+    if xp is np:
+        np.copyto(D, T, where=np.tri(D.shape[0], dtype=bool))
+    else:
+        D[...] = xp.where(xp.tri(D.shape[0], dtype=bool), T, D)
 
 
-def _restore(K: np.ndarray, diag: np.ndarray) -> None:
+def _restore(K, diag) -> None:
     """Rebuild K's lower triangle from its untouched strict upper one, and its diagonal
     from ``diag``, block by block."""
+    xp = _module(K)
     n = K.shape[0]
     for i in range(0, n, BLOCK):
         e = min(i + BLOCK, n)
         K[i:e, :i] = K[:i, i:e].T
         D = K[i:e, i:e]
-        D[...] = np.triu(D, 1) + np.triu(D, 1).T
-    K[np.diag_indices(n)] = diag
+        D[...] = xp.triu(D, 1) + xp.triu(D, 1).T
+    _set_diagonal(K, diag)
 
 
-def certify_cholesky(K: np.ndarray, theta: float, abs_error: float | None,
+def _set_diagonal(K, values) -> None:
+    xp = _module(K)
+    idx = xp.arange(K.shape[0])
+    K[idx, idx] = values
+
+
+def certify_cholesky(K, theta: float, abs_error: float | None,
                      vector: np.ndarray | None = None, log=None) -> dict:
     """A two-sided bracket on λ_min(K) that rests on no gap estimate: ``lower`` from the
     first σ = θ − δ₀·8^k (k < 4; δ₀ = max(allowance/16, the solver's certified
     error)) at which float64 Cholesky of K − σI succeeds, less the
     allowance; ``upper`` from the Rayleigh quotient of ``vector``. K (float64, C-ordered,
-    symmetric) is overwritten by the factor: pass one that is not needed afterwards.
+    symmetric; a NumPy array, or a CuPy one to factorise it on its GPU) is overwritten by
+    the factor: pass one that is not needed afterwards.
 
     ``theta``: the solver's λ_min; ``abs_error``: its certified absolute error (None: none).
     Returns a JSON-ready dict: ``status`` (proved | failed | skipped), ``lower``, ``upper``,
@@ -200,19 +267,20 @@ def certify_cholesky(K: np.ndarray, theta: float, abs_error: float | None,
     seconds}], ``reason`` (why not proved), ``bound`` (the theorem used)."""
     n = K.shape[0]
     t0 = time.perf_counter()
+    xp = _module(K)  # NumPy, or CuPy for K on a GPU (factorised there)
     out = {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
            "rayleigh_quotient": None, "sigma": None, "allowance": None, "attempts": [],
            "reason": None, "bound": REFERENCE, "matrix": "K formed in float64 from the rows",
-           "seconds": None}
+           "device": "cpu" if xp is np else "gpu", "seconds": None}
     upper = None
     if vector is not None:
         rho, upper = rayleigh_upper(K, vector)
         out.update(rayleigh_quotient=rho, upper=upper)
-    diag = np.diagonal(K).copy()
+    diag = xp.diagonal(K).copy()
     top = min(theta, upper) if upper is not None else theta
-    trace = float(np.sum(diag))
+    trace = float(xp.sum(diag))
     delta0 = cholesky_allowance(n, max(trace - n * top, 0.0),
-                                float(np.max(np.abs(diag - top)))) / FIRST_SHARE
+                                float(xp.max(xp.abs(diag - top)))) / FIRST_SHARE
     if abs_error is not None and np.isfinite(abs_error):
         delta0 = max(delta0, float(abs_error))
     if not np.isfinite(delta0) or top - delta0 <= 0:
@@ -228,10 +296,10 @@ def certify_cholesky(K: np.ndarray, theta: float, abs_error: float | None,
         if attempt:
             _restore(K, diag)
         shifted = diag - sigma
-        if np.any(shifted <= 0):  # a diagonal entry at or below σ: cannot factorise
+        if bool(xp.any(shifted <= 0)):  # a diagonal entry at or below σ: cannot factorise
             out["attempts"].append({"sigma": sigma, "factorised": False, "seconds": 0.0})
             continue
-        K[np.diag_indices(n)] = shifted
+        _set_diagonal(K, shifted)
         t = time.perf_counter()
         ok = _potrf_in_place(K)
         seconds = time.perf_counter() - t
@@ -240,7 +308,7 @@ def certify_cholesky(K: np.ndarray, theta: float, abs_error: float | None,
             log(f"cholesky of K − σI at σ = {sigma:.12g}: "
                 f"{'factorised' if ok else 'not positive definite'} ({seconds:.1f} s)")
         if ok:
-            allowance = cholesky_allowance(n, float(np.sum(shifted)), float(np.max(shifted)))
+            allowance = cholesky_allowance(n, float(xp.sum(shifted)), float(xp.max(shifted)))
             lower = sigma - allowance
             out.update(sigma=sigma, allowance=allowance)
             if lower > 0:
