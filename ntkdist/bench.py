@@ -200,6 +200,21 @@ def _device_module(device: str):
     return cp, cp.cuda.Device().synchronize, name
 
 
+def _tile_path(xp) -> str:
+    """Which implementation of the tile function ran: the fused one of the device, or why
+    the array-module path."""
+    import numpy as np
+
+    if xp is np:
+        from .kernels.fused import available
+
+        return "fused (numba)" if available() else "array-module (numba not installed)"
+    from .kernels import fused_cuda
+
+    line = fused_cuda.status(xp)
+    return "fused (CUDA)" if line == "in use" else f"array-module (fused CUDA kernel {line})"
+
+
 def worker_rates(device: str, tile: int, depth: int, d: int, block: int, peak_side: int,
                  arccos_elements: int, repeats: int) -> dict:
     """Task: this worker's rates on ``device`` (cpu: NumPy, gpu: CuPy): the tile function on
@@ -222,7 +237,7 @@ def worker_rates(device: str, tile: int, depth: int, d: int, block: int, peak_si
         built["K"] = kernel_tile(A, B, depth, "ntk")
 
     t = _best(build, repeats, sync)
-    out["tile"] = {"side": tile, "d": d, "depth": depth,
+    out["tile"] = {"side": tile, "d": d, "depth": depth, "path": _tile_path(xp),
                    "entries_per_s": tile * tile / t["seconds"], **t}
     K = built.pop("K")
     out["thin"], out["peak"] = {}, {}
@@ -604,7 +619,8 @@ class _Bench:
             if len(self.addresses) > 8 and w != self.addresses[0]:
                 continue  # one worker's line stands for the others'; all are in the report
             self.log(f"bench:   {w}: tile {r['tile']['entries_per_s'] / 1e6:.1f} M entries/s "
-                     f"({r['tile_fraction_of_floor']:.2f} of the arccos floor); thin GEMM "
+                     f"({r['tile']['path']}; {r['tile_fraction_of_floor']:.2f} of the arccos "
+                     "floor); thin GEMM "
                      f"{r['thin']['float64']['gflops']:.1f}/{r['thin']['float32']['gflops']:.1f}"
                      f" GFLOP/s (f64/f32), peak {r['peak']['float64']['gflops']:.1f}/"
                      f"{r['peak']['float32']['gflops']:.1f}")

@@ -23,8 +23,14 @@ figure printed as it comes and written to ``--out`` (JSON):
    shift-invert solve at the first N of ``--pass-sizes`` and at ``--n-end``: the proved
    bracket, its width, and the seconds forming K and factorising.
 
-``--steps`` runs some of them (names as in the JSON: end_to_end, shift, passes, big_passes,
-bench_quick, degree3_passes, certify), in that order.
+0. (first) The fused GPU tile kernel (:mod:`ntkdist.kernels.fused_cuda`): whether it is in
+   use, its entries/s against the array-module path at tiles of 4096 and 8192 (sphere rows,
+   d = 64, L = 3), against the GPU's measured float64 GEMM rate and copy bandwidth (16 bytes
+   an entry), and its largest difference to the array-module path and to a 50-digit
+   evaluation (hard rows).
+
+``--steps`` runs some of them (names as in the JSON: fused_tile, end_to_end, shift, passes,
+big_passes, bench_quick, degree3_passes, certify), in that order.
 
 ``--fake`` runs every step on the CPU with the CuPy stand-in of tests/fakecupy.py, an
 in-process cluster and tiny sizes: it checks the script, not a GPU. Steps that fail print one
@@ -121,6 +127,7 @@ def main() -> int:
         with (Client(ctx) if ctx else connect(device="gpu")) as client:
             addr = ["--scheduler", client.scheduler.address]
             steps = [
+                ("fused_tile", lambda: _fused_tile([512, 1024] if args.fake else [4096, 8192])),
                 ("end_to_end", lambda: _end_to_end(cli, common + addr, args.n_end, tmp)),
                 ("shift", lambda: _shift(
                     cli, common + addr, [*(int(v) for v in args.pass_sizes.split(",")),
@@ -185,6 +192,69 @@ def _shift(cli, common, sizes, tmp):
                                                 "estimate_seconds", "setup_seconds",
                                                 "form_seconds", "shift_skipped")}}
         print(f"  shift-invert on the GPU, N = {n}: {json.dumps(out[str(n)])}", flush=True)
+    return out
+
+
+def _timed(fn, repeats=3):
+    import cupy as cp
+
+    fn()  # compile, warm up
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    cp.cuda.Device().synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def _floors(m):
+    """The GPU's float64 GEMM rate and copy bandwidth, on m × m arrays."""
+    import cupy as cp
+
+    a = cp.ones((m, m), dtype=cp.float64)
+    b = cp.zeros((m, m), dtype=cp.float64)
+
+    def copy():
+        b[...] = a
+
+    return {"copy_gb_per_s": 2 * a.nbytes / _timed(copy) / 1e9,
+            "float64_gemm_tflops": 2.0 * m ** 3 / _timed(lambda: a @ a) / 1e12}
+
+
+def _fused_tile(sizes):
+    import cupy as cp
+
+    from ntkdist.data import synthetic_rows
+    from ntkdist.kernels import fused_cuda
+    from ntkdist.kernels.limiting import kernel_tile, row_block
+
+    out = {"status": fused_cuda.status(cp), **_floors(max(sizes))}
+    for t in sizes:
+        A = row_block(cp.asarray(synthetic_rows("sphere", 64, 0, 0, t)))
+        row = {}
+        for name, fused in (("fused", True), ("array_module", False)):
+            if fused and out["status"] != "in use":
+                continue
+            sec = _timed(lambda: kernel_tile(A, A, 3, "ntk", "paper", fused=fused))
+            row[name] = {"seconds": sec, "entries_per_s": t * t / sec}
+        if "fused" in row:
+            got = kernel_tile(A, A, 3, fused=True)
+            want = kernel_tile(A, A, 3, fused=False)
+            row["max_rel_diff"] = float(cp.max(cp.abs(got - want)) / 3.0)  # unit rows: K_ii = 3
+            row["speedup"] = row["array_module"]["seconds"] / row["fused"]["seconds"]
+            row["of_copy_floor"] = row["fused"]["entries_per_s"] / (out["copy_gb_per_s"] * 1e9 / 16)
+        out[str(t)] = row
+    try:  # the 50-digit reference of the tests, where mpmath is installed
+        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+        from reference import hard_rows, paper_kernel
+
+        X = hard_rows(np.random.default_rng(3))
+        R = paper_kernel(X, 3)
+        K = cp.asnumpy(kernel_tile(row_block(cp.asarray(X)), row_block(cp.asarray(X)), 3))
+        scale = np.sqrt(np.outer(np.diag(R), np.diag(R)))
+        out["reference_max_rel_err"] = float(np.max(np.abs(K - R) / scale))
+    except ImportError as exc:
+        out["reference_max_rel_err"] = f"not run: {exc}"
     return out
 
 

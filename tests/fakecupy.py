@@ -357,6 +357,75 @@ def cupyx_modules() -> dict:
     return {"cupyx": cx, "cupyx.scipy": cs, "cupyx.scipy.linalg": cl}
 
 
+_C_TYPES = {"float64": ("double", np.float64), "float32": ("float", np.float32),
+            "int32": ("int", np.int32), "int64": ("long long", np.int64),
+            "bool": ("int", np.int32)}
+_compiled: dict = {}
+
+
+class ElementwiseKernel:
+    """CuPy's ``ElementwiseKernel`` on the fake device: the operation (C) compiled by the
+    host's C compiler into a loop over the broadcast arguments, called through ctypes. Host
+    NumPy arrays are refused as arguments, as CuPy refuses them; a compiler error raises at
+    construction (CuPy compiles at the first call)."""
+
+    def __init__(self, in_params: str, out_params: str, operation: str, name: str):
+        def parse(params):
+            return [tuple(p.split()) for p in params.split(",")]
+
+        self.ins, self.outs = parse(in_params), parse(out_params)
+        args = [f"const {_C_TYPES[t][0]}* {n}_arr" for t, n in self.ins]
+        args += [f"{_C_TYPES[t][0]}* {n}_arr" for t, n in self.outs]
+        loads = "".join(f"const {_C_TYPES[t][0]} {n} = {n}_arr[i]; " for t, n in self.ins)
+        decls = "".join(f"{_C_TYPES[t][0]} {n}; " for t, n in self.outs)
+        stores = "".join(f"{n}_arr[i] = {n}; " for _, n in self.outs)
+        src = (f"#include <math.h>\n#include <stdbool.h>\nvoid {name}(long n, "
+               f"{', '.join(args)}) {{\n  for (long i = 0; i < n; ++i) {{ {loads}{decls}\n"
+               f"{{ {operation} }}\n{stores}}}\n}}\n")
+        self._fn = _compile(src, name)
+
+    def __call__(self, *args):
+        import ctypes
+
+        if len(args) != len(self.ins):
+            raise TypeError(f"wrong number of arguments: {len(args)} for {len(self.ins)}")
+        for a in args:
+            if isinstance(a, np.ndarray) and a.ndim:
+                raise _mixup(a)
+        arrays = np.broadcast_arrays(*(a._a if isinstance(a, FakeDeviceArray) else np.asarray(a)
+                                       for a in args))
+        ins = [np.ascontiguousarray(a, dtype=_C_TYPES[t][1]) for a, (t, _) in zip(arrays,
+                                                                                  self.ins)]
+        shape = arrays[0].shape if arrays else ()
+        outs = [np.empty(shape, dtype=_C_TYPES[t][1]) for t, _ in self.outs]
+        self._fn(ctypes.c_long(int(np.prod(shape))),
+                 *(a.ctypes.data_as(ctypes.c_void_p) for a in ins + outs))
+        outs = [FakeDeviceArray(o) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _compile(src: str, name: str):
+    """The C function ``name`` of ``src``, compiled once per source into a shared library."""
+    import ctypes
+    import hashlib
+    import os
+    import subprocess
+    import tempfile
+
+    key = hashlib.sha256(src.encode()).hexdigest()[:16]
+    if key not in _compiled:
+        folder = tempfile.mkdtemp(prefix="fakecupy-")
+        c, so = os.path.join(folder, "k.c"), os.path.join(folder, "k.so")
+        with open(c, "w") as f:
+            f.write(src)
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", so, c, "-lm"], check=True,
+                       capture_output=True)
+        _compiled[key] = ctypes.CDLL(so)
+    fn = getattr(_compiled[key], name)
+    fn.restype = None
+    return fn
+
+
 def module(devices: int = 1, free: int = 8 * 2 ** 30):
     """A fake ``cupy`` module: ``devices`` GPUs (0: CUDA finds none), each with ``free``
     bytes of free memory."""
@@ -376,6 +445,7 @@ def module(devices: int = 1, free: int = 8 * 2 ** 30):
         return cp if any(isinstance(a, FakeDeviceArray) for a in args) else np
 
     cp.get_array_module = get_array_module
+    cp.ElementwiseKernel = ElementwiseKernel
     cp.linalg = types.SimpleNamespace(inv=_on_device(np.linalg.inv, "inv"),
                                       cholesky=_on_device(np.linalg.cholesky, "cholesky"))
 

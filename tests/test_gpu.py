@@ -290,9 +290,10 @@ def test_the_fake_cupy_refuses_host_device_mixups(fake_gpu):
 @pytest.mark.parametrize("depth", [1, 2, 3, 5])
 @pytest.mark.parametrize("kernel", ["ntk", "nngp"])
 def test_the_tile_function_on_fake_device_row_blocks(fake_gpu, depth, kernel):
-    """kernel_tile on device row blocks runs the array-module path on device arrays (close
-    pairs and a zero row included) and gives the NumPy path's tile to 1e-15 of √(K_ii K_jj);
-    a host block with a device block fails, as it would on a GPU."""
+    """kernel_tile on device row blocks runs the fused GPU kernel (the stand-in compiles it
+    on the host) and the array-module path on device arrays (close pairs and a zero row
+    included), each giving the NumPy paths' tile to 1e-15 of √(K_ii K_jj); a host block with
+    a device block fails, as it would on a GPU."""
     from reference import hard_rows
 
     cp = fake_gpu
@@ -303,18 +304,17 @@ def test_the_tile_function_on_fake_device_row_blocks(fake_gpu, depth, kernel):
     Ad, Bd = row_block(cp.asarray(X)), row_block(cp.asarray(Y))
     assert all(type(a) is cp.ndarray for a in (Ad.unit, Ad.norms, Bd.unit, Bd.norms))
     for normalization in ("paper", "nt"):
-        Kd = kernel_tile(Ad, Bd, depth, kernel, normalization)
-        assert type(Kd) is cp.ndarray and Kd.shape == (len(X), len(Y))
-        K = cp.asnumpy(Kd)
         diag_a = kernel_tile(A, A, depth, kernel, normalization).diagonal()
         diag_b = kernel_tile(B, B, depth, kernel, normalization).diagonal()
         scale = np.sqrt(np.outer(diag_a, diag_b))
         scale[scale == 0] = 1.0  # the zero row: exactly 0 on both
-        for fused in (None, False):  # NumPy: its default (fused with numba), the common path
-            want = kernel_tile(A, B, depth, kernel, normalization, fused=fused)
-            assert np.max(np.abs(K - want) / scale) <= 1e-15, (normalization, fused)
-    with pytest.raises(NtkdistError, match="NumPy arrays only"):
-        kernel_tile(Ad, Bd, depth, kernel, fused=True)
+        for on_device in (True, False):  # the fused GPU kernel, the array-module path
+            Kd = kernel_tile(Ad, Bd, depth, kernel, normalization, fused=on_device)
+            assert type(Kd) is cp.ndarray and Kd.shape == (len(X), len(Y))
+            K = cp.asnumpy(Kd)
+            for fused in (None, False):  # NumPy: its default (fused with numba), the common one
+                want = kernel_tile(A, B, depth, kernel, normalization, fused=fused)
+                assert np.max(np.abs(K - want) / scale) <= 1e-15, (normalization, fused)
     for a, b in ((A, Bd), (Ad, B)):  # a block left on the host: a mix-up
         with pytest.raises(TypeError, match="Unsupported type"):
             kernel_tile(a, b, depth, kernel)

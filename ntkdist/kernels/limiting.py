@@ -239,13 +239,23 @@ def kernel_tile(A: RowBlock, B: RowBlock, depth: int, kernel: str = "ntk",
 
     ``A`` and ``B`` come from :func:`row_block`. This is the one function that every caller
     (dense path, distributed assembly, matrix-free operators) uses to build kernel entries.
-    ``fused=None`` uses the compiled CPU fast path for NumPy inputs when numba is installed;
-    ``False`` forces the array-module-agnostic path, ``True`` requires the fused one.
+    ``fused=None`` uses the compiled CPU fast path for NumPy inputs when numba is installed,
+    and the fused GPU kernel for CuPy inputs where it compiled and passed its self-check
+    (:mod:`ntkdist.kernels.fused_cuda`); ``False`` forces the array-module-agnostic path,
+    ``True`` requires the fused one.
     """
     check_kernel_args(depth, kernel, normalization)
     xp = array_module(A.unit)
     if A.d != B.d:
         raise InputError(f"row blocks have different dimensions: {A.d} and {B.d}")
+    if xp is not np and fused is not False:
+        from . import fused_cuda
+
+        if fused_cuda.ready(xp):
+            return fused_cuda.tile(A, B, depth, kernel,
+                                   normalization_factor(normalization, A.d), xp=xp)
+        if fused:
+            raise SpecError(f"the fused GPU kernel is {fused_cuda.status(xp)}")
     rho = _correlations(A.unit, B.unit, xp)
     ii, jj = close_pairs(rho)
     use_fused = _want_fused(fused, xp)
@@ -332,9 +342,7 @@ def _correlations(U, V, xp):
 
 
 def _want_fused(fused, xp) -> bool:
-    if fused is False or xp is not np:
-        if fused:
-            raise SpecError("the fused fast path runs on NumPy arrays only")
+    if fused is False or xp is not np:  # (CuPy's fused kernel is chosen before this)
         return False
     from .fused import available
 
