@@ -369,10 +369,11 @@ def singular_reason(check, spec: RunSpec) -> str | None:
     return None
 
 
-def check_before_solve(spec: RunSpec, in_process: bool = False, device: str = "cpu") -> None:
+def check_before_solve(spec: RunSpec, in_process: bool = False,
+                       device: str = "cpu") -> None:
     """Refuse, before the solve starts: ``--certify cholesky`` where K cannot be held in
-    float64 here (``device`` "gpu": nor on the client's GPU, all of whose memory it may have
-    once the run's tiles leave it); a preconditioner of the limits for a finite-width kernel; the in-process
+    float64 here (``device`` "gpu": nor on the client's GPU, all of whose memory it may
+    have once the run's tiles leave it); a preconditioner of the limits for a finite-width kernel; the in-process
     dense path (``in_process``) where a finite network's features and K do not fit here."""
     if spec.kernel.finite and in_process:
         from .solvers.cholesky import available_memory
@@ -391,16 +392,18 @@ def check_before_solve(spec: RunSpec, in_process: bool = False, device: str = "c
 
         reason = check_memory(spec.n, spec.kernel.feature_columns(spec.d))
         if reason and device == "gpu" and not spec.kernel.finite and not in_process:
-            import cupy
-
             from .solvers.cholesky import check_device_memory
 
-            total = int(cupy.cuda.runtime.memGetInfo()[1])
-            gpu = check_device_memory(spec.n, cupy, free=total)
-            if gpu is None:
+            try:
+                import cupy
+
+                total = int(cupy.cuda.runtime.memGetInfo()[1])
+            except Exception:  # no GPU on the client: the host's refusal stands
+                cupy, total = None, 0
+            if check_device_memory(spec.n, cupy, free=total, d=spec.d) is None:
                 reason = None
             else:
-                reason = f"{reason}; the GPU has {total / 1e9:.1f} GB in all"
+                reason = f"{reason}; the client's GPU has {total / 1e9:.1f} GB in all"
         if reason:
             raise SpecError(reason)
 
@@ -410,54 +413,70 @@ def _certify_cholesky(spec, X, sol, cert, log, K=None, device: str = "cpu") -> d
     formed in float64 in this process (``K``: the in-process one, overwritten); for
     ``device`` "gpu" (a closed-form kernel) formed and factorised on the client's GPU where
     it fits there now, else on the host."""
-    from .solvers.cholesky import (_restore, certify_cholesky, check_device_memory,
-                                   check_memory, dense_kernel)
+    from .solvers.cholesky import _restore, certify_cholesky, check_memory, dense_kernel
 
     if sol.exact is not None and bool(sol.exact[0]):
         return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
                 "reason": "λ_min = 0 exactly (repeated rows): nothing to bracket"}
-    formed, xp = 0.0, None
-    if K is None and device == "gpu" and not spec.kernel.finite:
-        import cupy
-
-        why = check_device_memory(spec.n, cupy)
-        if why is None:
-            log(f"--certify cholesky: forming K (N = {spec.n}) in float64 on the client's GPU")
-            t = time.perf_counter()
-            try:
-                K, xp = dense_kernel(X, spec.kernel, xp=cupy), cupy
-            except MemoryError:  # CuPy's OutOfMemoryError
-                K, why = None, "out of GPU memory forming K in float64"
-                cupy.get_default_memory_pool().free_all_blocks()
-            formed = time.perf_counter() - t
-        if K is None:
-            log(f"note: {why}; K is formed on the host instead")
-    if K is None:
-        reason = check_memory(spec.n, spec.kernel.feature_columns(spec.d))
-        if reason:  # the memory went elsewhere since the start: the solve's result stays
-            log(f"note: {reason}; not certified by Cholesky")
-            return {"method": "cholesky", "status": "skipped", "lower": None, "upper": None,
-                    "reason": reason}
-        log(f"--certify cholesky: forming K (N = {spec.n}) in float64 in this process")
-        t = time.perf_counter()
-        K = dense_kernel(X, spec.kernel)
-        formed = time.perf_counter() - t
-    elif xp is None:
-        _restore(K, np.diagonal(K).copy())  # exactly symmetric: the triangle LAPACK reads
     err = cert["abs_error_bound"][0]
-    try:
+    proof, why = None, None
+    if K is None and device == "gpu" and not spec.kernel.finite:
+        proof, why = _certify_on_gpu(spec, X, sol, err, log)
+    if proof is None:
+        if K is None:
+            reason = check_memory(spec.n, spec.kernel.feature_columns(spec.d))
+            if reason:  # the memory went elsewhere since the start: the solve's result stays
+                log(f"note: {why + '; ' if why else ''}{reason}; not certified by Cholesky")
+                return {"method": "cholesky", "status": "skipped", "lower": None,
+                        "upper": None, "reason": f"{why + '; ' if why else ''}{reason}"}
+            if why:
+                log(f"note: {why}; K is formed on the host instead")
+            log(f"--certify cholesky: forming K (N = {spec.n}) in float64 in this process")
+            t = time.perf_counter()
+            K = dense_kernel(X, spec.kernel)
+            formed = time.perf_counter() - t
+        else:
+            _restore(K, np.diagonal(K).copy())  # exactly symmetric: the triangle LAPACK reads
+            formed = 0.0
         proof = certify_cholesky(K, float(sol.values[0]), err, sol.vectors[:, 0], log=log)
-    finally:
-        if xp is not None:  # the N × N factor goes from the GPU now
-            del K
-            xp.get_default_memory_pool().free_all_blocks()
-    proof["form_seconds"] = formed
+        proof["form_seconds"] = formed
     if proof["status"] == "proved":
         log(f"certified bracket: {proof['lower']:.12g} ≤ λ_min ≤ {proof['upper']:.12g} "
             f"(Cholesky at σ = {proof['sigma']:.12g}, allowance {proof['allowance']:.2e})")
     else:
         log(f"note: --certify cholesky {proof['status']}: {proof['reason']}")
     return proof
+
+
+def _certify_on_gpu(spec, X, sol, err, log):
+    """(the proof, None) from K formed and factorised on the client's GPU, or (None, why
+    not: no GPU here, no room on it now, or a failure there, each left behind)."""
+    from .solvers.cholesky import certify_cholesky, check_device_memory, dense_kernel
+
+    try:
+        import cupy
+
+        why = check_device_memory(spec.n, cupy, d=spec.d)
+    except Exception as exc:  # no CuPy, no GPU on the client: the host
+        return None, f"no GPU on the client ({type(exc).__name__}: {exc})".splitlines()[0]
+    if why is not None:
+        return None, why
+    log(f"--certify cholesky: forming K (N = {spec.n}) in float64 on the client's GPU")
+    proof, why = None, None
+    try:
+        t = time.perf_counter()
+        K = dense_kernel(X, spec.kernel, xp=cupy)
+        cupy.cuda.Device().synchronize()
+        formed = time.perf_counter() - t
+        proof = certify_cholesky(K, float(sol.values[0]), err, sol.vectors[:, 0], log=log)
+        proof["form_seconds"] = formed
+    except MemoryError:  # CuPy's OutOfMemoryError
+        why = "out of GPU memory forming or factorising K in float64"
+    except Exception as exc:  # a CUDA, cuBLAS or cuSOLVER error: the host path instead
+        why = f"the GPU failed ({type(exc).__name__}: {exc})".splitlines()[0]
+    K = None  # the N × N matrix (or what was formed of it) goes from the GPU now
+    cupy.get_default_memory_pool().free_all_blocks()
+    return proof, why
 
 
 def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="cpu",

@@ -265,7 +265,8 @@ def _certify(cli, common, sizes, tmp):
         r = _cli_run(cli, [*common, "--n", str(n), "--precond", "shift", "--certify",
                            "cholesky"], os.path.join(tmp, f"c{n}"))
         c = r["certify"]
-        width = (c["upper"] - c["lower"]) / r["lambda_min"] if c.get("lower") else None
+        width = ((c["upper"] - c["lower"]) / r["lambda_min"]
+                 if c.get("lower") and r["lambda_min"] else None)
         out[str(n)] = {"seconds": time.perf_counter() - t0, "wall_seconds": r["wall_seconds"],
                        "lambda_min": r["lambda_min"], "status": r["status"],
                        "relative_accuracy": r["relative_accuracy"], "width_over_lambda": width,

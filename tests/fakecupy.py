@@ -367,7 +367,9 @@ class ElementwiseKernel:
     """CuPy's ``ElementwiseKernel`` on the fake device: the operation (C) compiled by the
     host's C compiler into a loop over the broadcast arguments, called through ctypes. Host
     NumPy arrays are refused as arguments, as CuPy refuses them; a compiler error raises at
-    construction (CuPy compiles at the first call)."""
+    construction (CuPy compiles at the first call). More lenient than CuPy: arguments are
+    cast to the declared types (CuPy refuses mismatched array dtypes), ``bool`` travels as
+    an int, and the host compiler does not contract to fused multiply–adds as NVRTC does."""
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str):
         def parse(params):
@@ -414,13 +416,13 @@ def _compile(src: str, name: str):
 
     key = hashlib.sha256(src.encode()).hexdigest()[:16]
     if key not in _compiled:
-        folder = tempfile.mkdtemp(prefix="fakecupy-")
-        c, so = os.path.join(folder, "k.c"), os.path.join(folder, "k.so")
-        with open(c, "w") as f:
-            f.write(src)
-        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", so, c, "-lm"], check=True,
-                       capture_output=True)
-        _compiled[key] = ctypes.CDLL(so)
+        with tempfile.TemporaryDirectory(prefix="fakecupy-") as folder:
+            c, so = os.path.join(folder, "k.c"), os.path.join(folder, "k.so")
+            with open(c, "w") as f:
+                f.write(src)
+            subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", so, c, "-lm"], check=True,
+                           capture_output=True)
+            _compiled[key] = ctypes.CDLL(so)  # loaded: the files may go
     fn = getattr(_compiled[key], name)
     fn.restype = None
     return fn

@@ -438,6 +438,21 @@ def test_gpu_certify_cholesky_factorises_on_the_device(client, store, fake_gpu, 
     host = json.load(open(os.path.join(outs["host"], "result.json")))["certify"]
     assert (host["status"], host["device"]) == ("proved", "cpu")
     assert "formed on the host instead" in capsys.readouterr().out
+    # A failure on the GPU (here cuSOLVER's, made up): the host, with the reason said.
+    failing = fakecupy.module()
+
+    def broken(a):
+        raise RuntimeError("CUSOLVER_STATUS_INTERNAL_ERROR")
+
+    failing.linalg.cholesky = broken
+    monkeypatch.setitem(sys.modules, "cupy", failing)
+    out = str(tmp_path / "failing")
+    assert main(["solve", "--store", store, "--out", out, *common, "--device", "gpu"]) == 0
+    failed = json.load(open(os.path.join(out, "result.json")))
+    assert (failed["certify"]["status"], failed["certify"]["device"]) == ("proved", "cpu")
+    assert abs(failed["lambda_min_lower_certified"] - host["lower"]) <= 1e-12 * host["lower"]
+    assert "the GPU failed (RuntimeError: CUSOLVER" in capsys.readouterr().out
+    assert "assumption" in b and "assumption" not in a
     # The host cannot hold K: the GPU's whole memory decides before the solve.
     monkeypatch.setattr(chol, "available_memory", lambda: 1000)
     monkeypatch.setitem(sys.modules, "cupy", fakecupy.module())

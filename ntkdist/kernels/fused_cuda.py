@@ -95,16 +95,21 @@ def _self_check(kern, xp) -> str | None:
     tile, or fails), or None."""
     from .limiting import kernel_tile, row_block
 
+    from .limiting import normalization_factor
+
     rng = np.random.default_rng(0)
     X = rng.standard_normal((96, 5)) * np.exp(rng.uniform(-3, 3, (96, 1)))
     X[1] = X[0] * 2.5  # a parallel pair: the caller's exact-gap fix-up
     A = row_block(xp.asarray(X))
-    want = kernel_tile(A, A, 4, "ntk", "paper", fused=False)
-    got = tile(A, A, 4, "ntk", 1.0, kern, xp)
-    scale = xp.sqrt(xp.abs(xp.diagonal(want)))
-    err = float(xp.max(xp.abs(got - want) / (scale[:, None] * scale[None, :])))
-    if not err <= CHECK_RTOL:
-        return f"its sample tile differs from the array-module path by {err:.2g} (relative)"
+    for depth, kernel, norm in ((1, "ntk", "paper"), (3, "ntk", "nt"), (4, "nngp", "nt"),
+                                (6, "ntk", "paper")):
+        want = kernel_tile(A, A, depth, kernel, norm, fused=False)
+        got = tile(A, A, depth, kernel, normalization_factor(norm, A.d), kern, xp)
+        scale = xp.sqrt(xp.abs(xp.diagonal(want)))
+        err = float(xp.max(xp.abs(got - want) / (scale[:, None] * scale[None, :])))
+        if not err <= CHECK_RTOL:
+            return (f"its sample tile (depth {depth}, {kernel}, {norm}) differs from the "
+                    f"array-module path by {err:.2g} (relative)")
     return None
 
 
@@ -124,8 +129,11 @@ def _kernel(xp):
                 try:
                     kern = _build(xp)
                     why = _self_check(kern, xp)
+                except MemoryError:  # no room for the sample now: checked again next time
+                    return None
                 except Exception as exc:  # a compiler or driver failure: the common path
-                    kern, why = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    lines = [v for v in f"{type(exc).__name__}: {exc}".splitlines() if v]
+                    kern, why = None, lines[0]
             _state[key] = (xp, kern if why is None else None,
                            "in use" if why is None else f"not used: {why}")
         return _state[key][1]
@@ -134,7 +142,9 @@ def _kernel(xp):
 def status(xp) -> str:
     """One line: whether the fused GPU kernel is in use in this process, or why not."""
     _kernel(xp)
-    return _state[id(xp)][2]
+    with _lock:
+        entry = _state.get(id(xp))
+    return entry[2] if entry else "not used: out of GPU memory for its self-check (for now)"
 
 
 def tile(A, B, depth: int, kernel: str, factor: float, kern=None, xp=None):

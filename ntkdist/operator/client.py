@@ -122,6 +122,7 @@ class KernelOperator:
         self.mode, self.precision, self.device = plan.operator, plan.precision, plan.device
         self.gpus = dict(gpus or {})
         self._gpu_token = None  # GPU memory mode: names the tiles kept on the workers' GPUs
+        self._closed = False
         self.passes = self.matvecs = self.bytes_read = 0
         self.passes_fast = 0  # of the passes, those in float32 (matmat_fast)
         self._F = None  # mixed precision: the deflated low-rank factor
@@ -368,7 +369,8 @@ class KernelOperator:
         for f in [*self._cache.values(), *(self._blocks or {}).values()]:
             f.release()
         self._cache, self._blocks = {}, None
-        if self._gpu_token is not None:
+        if self.device == "gpu" and not self._closed:
+            self._closed = True
             token, self._gpu_token = self._gpu_token, None
             alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
             self.client.run(_drop_gpu_tiles, token, on_error="ignore",

@@ -45,13 +45,13 @@ def _pass_on_gpu(VT, n, t, pairs, blocks, kernel, token=None, keep=None):
 
 
 def _drop_gpu_tiles(token) -> None:
-    """Forget an operator's kept tiles and hand CuPy's pooled blocks back to the device
-    (the pool would otherwise keep them, hidden from the next operator's free-memory check
-    and from other processes)."""
-    if _GPU_TILES.pop(token, None) is not None:
-        import cupy as cp
+    """Forget an operator's kept tiles (``token``; None: none kept) and hand CuPy's pooled
+    blocks back to the device (the pool would otherwise keep them, the recompute passes'
+    temporaries too, hidden from the next free-memory check and from other processes)."""
+    _GPU_TILES.pop(token, None)
+    import cupy as cp
 
-        cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_memory_pool().free_all_blocks()
 
 
 def gpu_info() -> tuple:

@@ -25,10 +25,12 @@ Both ends are about K as ntkdist forms it in float64 from the rows (the tile fun
 error against the exact kernel, a few ulps an entry, is not in them; docs/accuracy.md).
 
 On a GPU (CuPy arrays: K formed, factored and multiplied there) the same blocked algorithm
-runs with cuSOLVER's potrf on the diagonal blocks and cuBLAS for the panels and updates: the
-bound holds for any order of the inner products and for fused multiply–adds (γ_{2n+2}); it
-assumes IEEE float64 arithmetic, which cuBLAS's and cuSOLVER's float64 routines use (no
-emulated or reduced-precision modes are enabled here).
+runs with cuSOLVER's potrf on the diagonal blocks and cuBLAS for the panels and updates. The
+bound holds for any order of the inner products; it assumes, as on the CPU, that every
+library routine computes by substitution and inner products in IEEE float64 (Higham's model:
+no explicitly inverted diagonal blocks in the triangular solves, no emulated or
+reduced-precision GEMM). OpenBLAS's routines are open to read; cuBLAS's and cuSOLVER's are
+not, so on a GPU this is an assumption, and result.json's ``certify.assumption`` says so.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ REFERENCE = ("Demmel (1989), LAPACK Working Note 14; Higham, Accuracy and Stabil
              "Numerical Algorithms, 2nd ed. (2002), Theorem 10.3: a successful float64 "
              "Cholesky of A = fl(K − σI) gives λ_min(K) > σ − γ_{2n+2}/(1−γ_{2n+2})·tr(A) − "
              "u·max|A_ii| − n²·2^-1022")
+
+
+GPU_ASSUMPTION = ("cuSOLVER's potrf and cuBLAS's trsm and GEMM compute by substitution and "
+                  "inner products in IEEE float64 (Higham's model; their sources are closed), "
+                  "as OpenBLAS's do on the CPU")
 
 
 def gamma(k: int) -> float:
@@ -87,14 +94,15 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_device_memory(n: int, xp, free: int | None = None) -> str | None:
+def check_device_memory(n: int, xp, free: int | None = None, d: int = 0) -> str | None:
     """Why K (n×n float64) and the factorisation's temporaries cannot be held on the GPU of
-    ``xp`` (CuPy) now, or None: :func:`memory_needed` within MEMORY_SHARE of its free
-    memory (CuPy's pool of unused blocks returned first)."""
+    ``xp`` (CuPy) now, or None: :func:`memory_needed` (the row blocks of ``d`` columns, the
+    panel's contiguous copy included) within MEMORY_SHARE of its free memory (CuPy's pool of
+    unused blocks returned first)."""
     if free is None:
         xp.get_default_memory_pool().free_all_blocks()
         free = int(xp.cuda.runtime.memGetInfo()[0])
-    need = memory_needed(n)
+    need = memory_needed(n, d + 1) + 8 * BLOCK * n
     if need > MEMORY_SHARE * free:
         return (f"--certify cholesky on the GPU holds K in float64 there: {need / 1e9:.1f} GB "
                 f"at N = {n}, and {free / 1e9:.1f} GB are free on it")
@@ -213,8 +221,8 @@ def _potrf_in_place(K, nb: int | None = None) -> bool:
         if e == n:
             break
         # panel: K[e:, k:e] ← K[e:, k:e] · L⁻ᵀ
-        K[e:, k:e] = solve_triangular(L, K[e:, k:e].T, lower=True).T
-        P = K[e:, k:e]
+        K[e:, k:e] = solve_triangular(L, K[e:, k:e].T, lower=True, check_finite=False).T
+        P = K[e:, k:e] if xp is np else xp.ascontiguousarray(K[e:, k:e])  # (one copy, N × nb)
         for j in range(e, n, nb):  # trailing update of the lower triangle, a row block at a time
             j2 = min(j + nb, n)
             Pj = P[j - e:j2 - e]
@@ -272,6 +280,8 @@ def certify_cholesky(K, theta: float, abs_error: float | None,
            "rayleigh_quotient": None, "sigma": None, "allowance": None, "attempts": [],
            "reason": None, "bound": REFERENCE, "matrix": "K formed in float64 from the rows",
            "device": "cpu" if xp is np else "gpu", "seconds": None}
+    if xp is not np:
+        out["assumption"] = GPU_ASSUMPTION
     upper = None
     if vector is not None:
         rho, upper = rayleigh_upper(K, vector)
