@@ -1,5 +1,5 @@
-"""The GPU measurements of the large-N work in one call (about 7 minutes on an H200), each
-figure printed as it comes and written to ``--out`` (JSON):
+"""The GPU measurements of the large-N work in one call (an estimated 8–10 minutes on an
+H200; ``--steps`` splits it), each figure printed as it comes and written to ``--out`` (JSON):
 
     PYTHONPATH=. python3 scripts/gpu_scale.py --out gpu_scale.json
     PYTHONPATH=. python3 scripts/gpu_scale.py --fake --out /tmp/g.json   # CPU check (stand-in)
