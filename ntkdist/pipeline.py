@@ -373,8 +373,9 @@ def check_before_solve(spec: RunSpec, in_process: bool = False,
                        device: str = "cpu") -> None:
     """Refuse, before the solve starts: ``--certify cholesky`` where K cannot be held in
     float64 here (``device`` "gpu": nor on the client's GPU, all of whose memory it may
-    have once the run's tiles leave it); a preconditioner of the limits for a finite-width kernel; the in-process
-    dense path (``in_process``) where a finite network's features and K do not fit here."""
+    have once the run's tiles leave it); a preconditioner of the limits for a finite-width
+    kernel; the in-process dense path (``in_process``) where a finite network's features and
+    K do not fit here."""
     if spec.kernel.finite and in_process:
         from .solvers.cholesky import available_memory
 

@@ -93,9 +93,7 @@ def _build(xp):
 def _self_check(kern, xp) -> str | None:
     """Why ``kern`` is not to be used (it differs from the array-module path on a sample
     tile, or fails), or None."""
-    from .limiting import kernel_tile, row_block
-
-    from .limiting import normalization_factor
+    from .limiting import kernel_tile, normalization_factor, row_block
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((96, 5)) * np.exp(rng.uniform(-3, 3, (96, 1)))
