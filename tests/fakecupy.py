@@ -367,9 +367,9 @@ class ElementwiseKernel:
     """CuPy's ``ElementwiseKernel`` on the fake device: the operation (C) compiled by the
     host's C compiler into a loop over the broadcast arguments, called through ctypes. Host
     NumPy arrays are refused as arguments, as CuPy refuses them; a compiler error raises at
-    construction (CuPy compiles at the first call). More lenient than CuPy: arguments are
-    cast to the declared types (CuPy refuses mismatched array dtypes), ``bool`` travels as
-    an int, and the host compiler does not contract to fused multiply–adds as NVRTC does."""
+    construction (CuPy compiles at the first call), and so are device arrays of another
+    dtype than declared. More lenient than CuPy: ``bool`` travels as an int, and the host
+    compiler does not contract to fused multiply–adds as NVRTC does."""
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str):
         def parse(params):
@@ -391,9 +391,11 @@ class ElementwiseKernel:
 
         if len(args) != len(self.ins):
             raise TypeError(f"wrong number of arguments: {len(args)} for {len(self.ins)}")
-        for a in args:
+        for a, (t, name) in zip(args, self.ins):
             if isinstance(a, np.ndarray) and a.ndim:
                 raise _mixup(a)
+            if isinstance(a, FakeDeviceArray) and a._a.dtype != _C_TYPES[t][1] and t != "bool":
+                raise TypeError(f"Type is mismatched. {name} {a._a.dtype} {t}")  # as CuPy
         arrays = np.broadcast_arrays(*(a._a if isinstance(a, FakeDeviceArray) else np.asarray(a)
                                        for a in args))
         ins = [np.ascontiguousarray(a, dtype=_C_TYPES[t][1]) for a, (t, _) in zip(arrays,

@@ -104,3 +104,15 @@ def test_a_module_without_elementwise_kernels_uses_the_common_path(monkeypatch):
     A = row_block(cp.asarray(np.eye(4)))
     np.testing.assert_array_equal(kernel_tile(A, A, 2).get(), kernel_tile(A, A, 2,
                                                                           fused=False).get())
+
+
+def test_the_stand_in_kernel_refuses_what_cupy_refuses(cp):
+    """Host arrays and device arrays of another dtype than declared fail, as in CuPy."""
+    kern = fused_cuda._build(cp)
+    rho = cp.asarray(np.full((3, 3), 0.5))
+    na, nb = cp.ones((3, 1)), cp.ones((1, 3))
+    assert float(kern(rho, na, nb, 1.0, np.int32(2), True)[0, 0]) > 0.5
+    with pytest.raises(TypeError, match="mix-up"):
+        kern(np.full((3, 3), 0.5), na, nb, 1.0, np.int32(2), True)
+    with pytest.raises(TypeError, match="Type is mismatched"):
+        kern(rho.astype(np.float32), na, nb, 1.0, np.int32(2), True)
