@@ -38,6 +38,16 @@ def sigkill_assembly(args, store, tiles, timeout):
     proc.wait()
 
 
+def spawn_solve(solve):
+    """``ntkdist SOLVE --workers 1`` in a process group of its own (for ``os.killpg``), its
+    output (stdout and stderr) readable line by line from ``proc.stdout``."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "ntkdist", *solve, "--workers", "1"],
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """An in-process Dask cluster shared by the tests (two workers, one thread each)."""

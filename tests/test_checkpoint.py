@@ -3,13 +3,12 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import spawn_solve
 
 import ntkdist
 from ntkdist.cli import main
@@ -114,9 +113,7 @@ def test_cli_sigkill_mid_solve_then_rerun_resumes(client, tmp_path):
     solve = ["solve", "--store", store, "--out", str(out), "--precond", "none",
              "--method", "davidson", "--operator", "store", "--tol", "1e-9", "--block", "8",
              "--max-products", "3000", "--checkpoint-every", "0"]
-    proc = subprocess.Popen([sys.executable, "-m", "ntkdist", *solve, "--workers", "1"],
-                            start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = spawn_solve(solve)
     ck = out / "checkpoint.npz"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

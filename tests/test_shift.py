@@ -239,8 +239,8 @@ def test_killed_while_factoring_then_rerun_resumes_from_the_estimate(client, tmp
     """SIGKILL as the factorisation of K − σI starts: the estimate's Ritz block was saved
     before it, so the rerun resumes from it (its passes counted) and certifies."""
     import signal
-    import subprocess
-    import sys
+
+    from conftest import spawn_solve
 
     addr = client.scheduler.address
     store = str(tmp_path / "k.zarr")
@@ -250,9 +250,7 @@ def test_killed_while_factoring_then_rerun_resumes_from_the_estimate(client, tmp
     out = tmp_path / "o"
     solve = ["solve", "--store", store, "--out", str(out), "--precond", "shift",
              "--operator", "store", "--checkpoint-every", "1000"]
-    proc = subprocess.Popen([sys.executable, "-m", "ntkdist", *solve, "--workers", "1"],
-                            start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = spawn_solve(solve)
     seen = []
     for line in proc.stdout:
         seen.append(line)
