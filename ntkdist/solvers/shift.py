@@ -22,8 +22,9 @@ preconditioner only steers the iteration: the values, residuals and certificate 
 the products alone, whatever σ is.
 
 Memory: 4N² bytes on the client (N ≤ 44721 under :data:`SHIFT_MAX_BYTES`), as the harmonic
-preconditioner's gram form; on a GPU run 8N² on the client's GPU. Time: N³/3 float32 flops to factor, the kernel's N²/2 entries to
-form, and two N² triangular solves an iteration.
+preconditioner's gram form; on a GPU run the same 4N² (factored in place) on the client's
+GPU. Time: N³/3 float32 flops to factor, the kernel's N²/2 entries to form, and two N²
+triangular solves an iteration.
 """
 
 from __future__ import annotations
@@ -78,11 +79,12 @@ def uses_shift(name: str, n: int, depth: int, finite: bool = False,
 
 def shift_fits(n: int, max_bytes: float | None = None, xp=None) -> str | None:
     """None where K − σI may be held: on the client, 4N² bytes within SHIFT_MAX_BYTES and
-    SHIFT_MEMORY_SHARE of the memory available; on a device (``xp``: CuPy), 8N² bytes (the
-    matrix and CuPy's factor of it) within SHIFT_DEVICE_SHARE of its free memory. Else why
-    not (one line)."""
+    SHIFT_MEMORY_SHARE of the memory available; on a device (``xp``: CuPy), the same 4N²
+    (factored in place) and the blocked factorisation's N × 2048 and 2048² temporaries within
+    SHIFT_DEVICE_SHARE of its free memory. Else why not (one line)."""
     device = xp is not None and xp is not np
-    need = (8.0 if device else 4.0) * n * n
+    nb = min(n, SHIFT_BLOCK)
+    need = 4.0 * n * n + ((4.0 * n * nb + 12.0 * nb * nb) if device else 0.0)
     if max_bytes is None and device:
         max_bytes = SHIFT_DEVICE_SHARE * float(xp.cuda.runtime.memGetInfo()[0])
     elif max_bytes is None:
@@ -91,7 +93,7 @@ def shift_fits(n: int, max_bytes: float | None = None, xp=None) -> str | None:
         max_bytes = min(SHIFT_MAX_BYTES, SHIFT_MEMORY_SHARE * available_memory())
     if need > max_bytes:
         return (f"the shift-invert preconditioner holds K − σI in float32 ({need / 1e9:.1f} GB "
-                f"at N = {n}{' with its factor, on the GPU' if device else ''}), more than its "
+                f"at N = {n}{', on the GPU' if device else ''}), more than its "
                 f"{max_bytes / 1e9:.1f} GB")
     return None
 
@@ -157,29 +159,24 @@ def _deflation(X: np.ndarray, kernel) -> np.ndarray:
 
 
 def _device_shift_invert(X, kernel, sigma: float, xp) -> Preconditioner | None:
-    """:func:`shift_invert` on a GPU: B formed and factored there (CuPy's Cholesky), each
-    application two float32 triangular solves there (cuBLAS) and the Woodbury correction,
-    from and to host arrays."""
-    import cupyx
+    """:func:`shift_invert` on a GPU: B formed there and factored in place by the blocked
+    Cholesky of :func:`ntkdist.solvers.cholesky._potrf_in_place` (cuSOLVER on its diagonal
+    blocks: no second N × N matrix), each application two float32 triangular solves there
+    (cuBLAS) and the Woodbury correction, from and to host arrays."""
     from cupyx.scipy.linalg import solve_triangular
+
+    from .cholesky import _potrf_in_place
 
     t0 = time.perf_counter()
     F = _deflation(X, kernel)
     Fd = xp.asarray(F)
     B = shifted_kernel(X, kernel, sigma, F=Fd, xp=xp)
     formed = time.perf_counter() - t0
-    try:
-        with cupyx.errstate(linalg="raise"):  # else CuPy leaves a failed factor unsaid
-            L = xp.linalg.cholesky(B)
-    except np.linalg.LinAlgError:
-        return None
-    finally:
+    if not _potrf_in_place(B):
         del B
         xp.get_default_memory_pool().free_all_blocks()
-    diag = xp.diagonal(L)
-    if not bool(xp.all(xp.isfinite(diag))) or not bool(xp.all(diag > 0)):
         return None
-    LT = L.T  # F-ordered: cuBLAS solves with it without a copy of the factor
+    LT = B.T  # F-ordered, Lᵀ in its upper triangle: cuBLAS solves with it as it is
 
     def b_inv(Z):
         Z = solve_triangular(LT, xp.asarray(Z, dtype=xp.float32), lower=False,
