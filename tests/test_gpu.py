@@ -181,7 +181,8 @@ def test_gpu_shift_invert_forms_factors_and_applies_on_the_device(client, store,
     assert (p["name"], p.get("device")) == ("shift", "gpu") and p["sigma"] < cpu["lambda_min"]
     assert gpu["status"] == "certified"
     assert abs(gpu["lambda_min"] - cpu["lambda_min"]) <= 1e-9 * cpu["lambda_min"]
-    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=1_000_000))  # < (4N² + temporaries)/0.8
+    # 1 MB free: below (4N² and the factorisation's temporaries) / 0.8
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.module(free=1_000_000))
     out_small = str(tmp_path / "small")
     assert main(["solve", "--store", store, "--out", out_small, *common, "--device", "gpu",
                  "--precond", "shift"]) == 0
