@@ -7,6 +7,7 @@
     python benchmarks/solver.py mixed --n 20000            # what mixed precision does
     python benchmarks/solver.py strips                     # a tile's products; round trips
     python benchmarks/solver.py profile --n 20000          # where a mixed solve's time goes
+    python benchmarks/solver.py passes --store PATH.zarr    # float64 and fast passes over it
 
 All on sphere data, d = 64, L = 3, seed 0, a LocalCluster of 2 single-threaded workers.
 """
@@ -207,7 +208,7 @@ def pieces(args):
 
 def mixed(args):
     """Mixed precision at N: how much the deflation shrinks the entries, the error of a fast
-    product, in-process Davidson (block 16) with float64, plain float32 and deflated float32
+    product (plain float32, shifted by the mean entry, deflated), in-process Davidson (block 16) with float64, plain float32 and deflated float32
     products, and the distributed memory operator's passes in float32 and float64."""
     from ntkdist.kernels.limiting import kernel_tile, row_block
     from ntkdist.kernels.taylor import deflation_factor
@@ -256,13 +257,30 @@ def mixed(args):
           f"{[(p['products'], p['passes'], p['stopped']) for p in two.phases]}, λ differs by "
           f"{abs(two.values[0] - lam) / lam:.1e} relative, certified "
           f"{two.certificate()['rel_error_bound_kato_temple'][0]:.1e}")
-    r = davidson_smallest(plain, n, block=b, precond=P.apply, tol=1e-8, max_products=400,
-                          stall=10)
-    v = r.vectors[:, :1]
-    print(f"plain float32 products: stopped after {r.products} products "
-          f"({'stalled' if r.stalled else 'converged' if r.converged else 'limit'}) at "
-          f"‖r‖ = {r.residuals[0]:.2e}, λ_1 off by {abs(r.values[0] - lam) / lam:.1e}, its "
-          f"float64 Rayleigh quotient off by {abs(float((v.T @ K @ v)[0, 0]) - lam) / lam:.1e}")
+    last = (n - 1) // 4096 * 4096  # c as the operator takes it: tile (0, last) of 4096²
+    c = np.float32(np.mean(K32[:4096, last:], dtype=np.float64))
+    R0 = (K - float(c)).astype(np.float32)  # K − c rounded once, as from a float64 store
+
+    def shifted_fast(V):
+        return (R0 @ V.astype(np.float32)).astype(np.float64) + float(c) * V.sum(axis=0)
+
+    for name, f in (("plain float32", plain), ("shifted float32", shifted_fast)):
+        r = davidson_smallest(f, n, block=b, precond=P.apply, tol=1e-8, max_products=400,
+                              stall=10)
+        v = r.vectors[:, :1]
+        print(f"{name} products: stopped after {r.products} products "
+              f"({'stalled' if r.stalled else 'converged' if r.converged else 'limit'}) at "
+              f"‖r‖ = {r.residuals[0]:.2e}, λ_1 off by {abs(r.values[0] - lam) / lam:.1e}, its "
+              f"float64 Rayleigh quotient off by "
+              f"{abs(float((v.T @ K @ v)[0, 0]) - lam) / lam:.1e}")
+    V = np.linalg.qr(np.random.default_rng(2).standard_normal((n, 32)))[0]
+    KV = K @ V
+    shifted = shifted_fast(V)
+    del R0
+    col = lambda Y: np.linalg.norm(Y - KV, axis=0).max()
+    print(f"a random orthonormal N × 32 block, largest column error of K·V: plain float32 "
+          f"{col(plain(V)):.2e}, shifted by the mean entry c = {c:.4g} {col(shifted):.2e}, "
+          f"deflated {col(fast(V)):.2e}")
     v = ref.vectors[:, :1]
     w = np.random.default_rng(1).standard_normal((n, 1))
     w /= np.linalg.norm(w)
@@ -342,10 +360,13 @@ def _time_tile_products(t, b, repeats=10):
     (K_IJ·V_J, K_IJᵀ·V_I): float32 and float64 tiles with V of their dtype as two whole-tile
     GEMMs, fused strip by strip (``_fused``) and fused with a fresh product per strip; a
     float32 tile with float64 V (widened strip
-    by strip, ``_products``) against the same loop with a fresh product per strip."""
+    by strip, ``_products``) against the same loop with a fresh product per strip; the
+    shifted float32 products of mixed precision (``_shifted``) of both, by strips of 64 to
+    512 rows."""
     from threadpoolctl import threadpool_limits
 
     from ntkdist.operator import FUSED_STRIP, _fused, _products
+    from ntkdist.operator.tasks import _shifted
 
     rng = np.random.default_rng(0)
     out = {}
@@ -358,6 +379,11 @@ def _time_tile_products(t, b, repeats=10):
             out[dtype, "fused"] = _timed(lambda: _fused(tile, vi, vj, FUSED_STRIP), repeats)
             out[dtype, "fused, temporaries"] = _timed(
                 lambda: _fused_with_temporaries(tile, vi, vj, FUSED_STRIP), repeats)
+            vi32, vj32 = vi.astype(np.float32), vj.astype(np.float32)
+            for rows in (64, 128, 256, 512):
+                buf = np.empty((rows, t), dtype=np.float32)
+                out[dtype, f"shifted {rows}"] = _timed(
+                    lambda: _shifted(tile, vi32, vj32, np.float32(0.5), rows, buf), repeats)
         tile = rng.standard_normal((t, t)).astype(np.float32)
         VT = rng.standard_normal((b, 2 * t))
         out["widened", "per-strip temporaries"] = _timed(
@@ -399,7 +425,10 @@ def strips(args):
                           f"({gflop / r[kind, 'two GEMMs'] * 1e3:.0f} GFLOP/s), fused "
                           f"{r[kind, 'fused']:.1f} ms ({r[kind, 'two GEMMs'] / r[kind, 'fused']:.2f}×), "
                           f"fused with a fresh product per strip "
-                          f"{r[kind, 'fused, temporaries']:.1f} ms")
+                          f"{r[kind, 'fused, temporaries']:.1f} ms; shifted float32 products "
+                          f"by strips of 64/128/256/512 rows " + "/".join(
+                              f"{r[kind, f'shifted {m}']:.1f}" for m in (64, 128, 256, 512))
+                          + " ms")
                 print(f"b = {b}, float32 tile widened for float64 V, worker {w[-5:]}: "
                       f"per-strip temporaries {r['widened', 'per-strip temporaries']:.1f} ms, "
                       f"preallocated (_products) {r['widened', '_products']:.1f} ms")
@@ -460,6 +489,37 @@ def profile(args):
           f"algebra) {rest:.1f} s ({rest / iters * 1e3:.0f} ms an iteration), {iters} iterations")
 
 
+def passes(args):
+    """The auto operator over a complete store, as a run builds it (precision auto): seconds
+    of its float64 passes and of its fast (float32) passes at b = 32, alternated, and the
+    largest column error of a fast product against the float64 one."""
+    with connect(workers=2) as client:
+        t0 = time.perf_counter()
+        op = make_operator(client, "auto", store=args.store, precision="auto")
+        print(f"operator {op.mode}, fast products {op.fast_kind or 'none'}: set-up "
+              f"{time.perf_counter() - t0:.1f} s, {op.cached_bytes / 1e9:.2f} GB kept in "
+              f"worker memory, {op.streamed_bytes_per_pass / 1e9:.2f} GB streamed a pass")
+        V = np.linalg.qr(np.random.default_rng(0).standard_normal((op.n, 32)))[0]
+        products = [("float64", op.matmat)] + ([("fast", op.matmat_fast)] if op.mixed else [])
+        exact = None
+        for _ in range(2):
+            for name, f in products:
+                seconds = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    Y = f(V)
+                    seconds.append(time.perf_counter() - t0)
+                print(f"{name} passes: " + ", ".join(f"{x:.2f}" for x in seconds) + " s")
+                if name == "float64":
+                    exact = Y
+                else:
+                    err = np.linalg.norm(Y - exact, axis=0).max()
+                    size = np.linalg.norm(exact, axis=0).min()
+                    print(f"fast product's largest column error {err:.2e} (smallest column "
+                          f"norm of K·V {size:.4g})")
+        op.close()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -489,9 +549,13 @@ def main():
     r.add_argument("--n", type=int, default=20000)
     o = sub.add_parser("profile")
     o.add_argument("--n", type=int, default=20000)
+    a = sub.add_parser("passes")
+    a.add_argument("--store", required=True)
+    a.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     {"side-by-side": side_by_side, "dtypes": dtypes, "store": from_store,
-     "pieces": pieces, "mixed": mixed, "strips": strips, "profile": profile}[args.what](args)
+     "pieces": pieces, "mixed": mixed, "strips": strips, "profile": profile,
+     "passes": passes}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -130,9 +130,11 @@ def _add_solver_args(p) -> None:
                    help="how K·V is computed (default auto: with a store, memory if the "
                         "tiles fit, else store; without one, recompute)")
     p.add_argument("--precision", choices=["auto", "float64", "mixed"],
-                   help="products of LOBPCG/Davidson: mixed = float32 deflated products for "
-                        "most iterations, float64 to finish and certify (memory operator); "
-                        "default auto: mixed where the memory operator has room for it")
+                   help="products of LOBPCG/Davidson: mixed = float32 products for most "
+                        "iterations (deflated copies of the tiles where memory holds them, "
+                        "else the stored tiles less their mean), float64 to finish and "
+                        "certify; needs a store; default auto: mixed for lobpcg/davidson on a "
+                        "store (not --operator recompute) unless rows repeat")
     p.add_argument("--max-products", type=_count,
                    help="cap on passes over the kernel (default 600)")
     p.add_argument("--certify", choices=["none", "cholesky"],

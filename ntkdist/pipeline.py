@@ -599,7 +599,13 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                   dense_matrix=dense_matrix, scale=cheap["upper_trace_over_n"], log=log,
                   checkpoint=checkpoint, groups=check.groups, diag=diag,
                   start=near_null_vectors(check, row_norms(X), spec.n))
-    fast = op.matmat_fast if op is not None and op.mixed else None
+    fast, unsafe = None, None
+    if op is not None and op.mixed:
+        from .solvers.mixed import FastProducts, float32_unsafe
+
+        unsafe = float32_unsafe(diag, spec.n)  # said once, by the solve's notes
+        if not unsafe:
+            fast = FastProducts(op.matmat_fast, f"float32 {op.fast_kind}")
     if shift:
         sol, precond = _solve_shifted(spec, X, check, matmat, fast, precond, common, log,
                                       device, store)
@@ -609,6 +615,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                                   fast_matmat=fast, **common)
     if precond is not None:
         precond.apply = None  # its factor (N × N for the shift and the gram form) goes now
+    if unsafe:
+        sol.notes.append(unsafe)
     for note in sol.notes:
         log(f"note: {note}")
     if kern.finite:

@@ -81,23 +81,44 @@ def test_mixed_operator_products(client, tmp_path, dtype):
     assert op.passes == 3 and op.passes_fast == 2
     op.close()
     auto = make_operator(client, "auto", store=path, precision="auto")
-    assert auto.mode == "memory" and auto.precision == "mixed"
+    assert auto.mode == "memory" and auto.precision == "mixed" and auto.fast_kind == "deflated"
     auto.close()
-    streaming = make_operator(client, "store", store=path)
-    assert streaming.precision == "float64" and not streaming.mixed
+    plain64 = make_operator(client, "store", store=path, precision="float64")
+    assert plain64.precision == "float64" and not plain64.mixed and plain64.fast_kind == ""
     with pytest.raises(NtkdistError, match="mixed"):
-        streaming.matmat_fast(V)
-    with pytest.raises(NtkdistError, match="memory operator"):
-        make_operator(client, "store", store=path, precision="mixed")
+        plain64.matmat_fast(V)
     total = sum(w["memory_limit"] for w in client.scheduler_info()["workers"].values())
-    # room for the tiles but not their float32 copies: auto stays float64, mixed refuses
-    fraction = 1.1 * streaming.tile_bytes / total
-    roomy = make_operator(client, "memory", store=path, cache_fraction=fraction,
-                           precision="auto")
-    assert roomy.precision == "float64" and not roomy.mixed
-    roomy.close()
-    with pytest.raises(NtkdistError, match="do not fit"):
-        make_operator(client, "memory", store=path, precision="mixed", cache_fraction=fraction)
+    # streamed, or kept without room for the float32 copies: the shifted float32 products
+    fraction = 1.1 * plain64.tile_bytes / total
+    plain64.close()
+    for mode, kw in (("store", {}), ("memory", dict(cache_fraction=fraction)),
+                     ("auto", dict(cache_fraction=0.3 * fraction))):
+        for precision in ("auto", "mixed"):
+            op = make_operator(client, mode, store=path, precision=precision, **kw)
+            assert op.precision == "mixed" and op.fast_kind == "shifted", (mode, precision)
+            assert op.deflated_bytes == 0
+            np.testing.assert_allclose(op.matmat(V), exact, rtol=1e-12, atol=1e-10)
+            shifted = op.matmat_fast(V)
+            err_shifted = np.linalg.norm(shifted - exact)
+            assert err_shifted < 1e-6 * np.linalg.norm(exact), (mode, precision)
+            assert err_shifted < err_plain / 2, (err_shifted, err_plain)
+            assert err < err_shifted  # the deflated copies are the more accurate
+            assert np.linalg.norm(op.matmat_fast(V[:, 0]) - exact[:, 0]) < (
+                1e-6 * np.linalg.norm(exact[:, 0]))
+            assert op.passes == 3 and op.passes_fast == 2
+            op.close()
+    with pytest.raises(NtkdistError, match="recompute"):
+        make_operator(client, "recompute", store=path, precision="mixed")
+    if dtype == "float32":  # N below one tile: c from the one (diagonal) tile
+        (tmp_path / "small").mkdir()
+        small = _store(client, tmp_path / "small", dtype, n=90, d=8, tile=256)
+        from ntkdist import open_kernel as ok
+        Ks = np.asarray(ok(small).compute(scheduler="threads"), dtype=np.float64)
+        op = make_operator(client, "store", store=small, precision="auto")
+        assert op.fast_kind == "shifted" and op.tile == 90
+        W = V[:90]
+        assert np.linalg.norm(op.matmat_fast(W) - Ks @ W) < 1e-6 * np.linalg.norm(Ks @ W)
+        op.close()
 
 
 def _problem(n=900, d=32, depth=3):
@@ -138,11 +159,66 @@ def test_stall_ends_an_inexact_operator_and_float64_finishes():
         np.testing.assert_allclose(sol.values, ref[:2], rtol=1e-9)
         direct = np.linalg.norm(K @ sol.vectors - sol.vectors * sol.values, axis=0)
         np.testing.assert_allclose(sol.residuals, direct, rtol=1e-6, atol=1e-12)
-        assert [p["products"] for p in sol.phases] == ["float32 deflated", "float64"]
+        assert [p["products"] for p in sol.phases] == ["float32", "float64"]
         assert sol.phases[0]["stopped"] == "stalled"
         assert sol.phases[0]["passes"] == count["fast"]
         assert sol.phases[1]["passes"] + 1 == count["exact"]  # + the fresh residual product
         assert count["exact"] < count["fast"]
+
+
+def test_overflowing_fast_products_hand_over_to_float64():
+    X, K, ref = _problem(n=600)
+    calls = [0]
+
+    def overflowing(V):  # as float32 products of entries beyond float32's range
+        calls[0] += 1
+        Y = K @ V
+        if calls[0] > 3:
+            Y[0, 0] = np.inf
+        return Y
+
+    P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+    lines, saved = [], []
+
+    class Saver:  # the checkpoint's interface, recording what is saved
+        resumed, stage = None, ""
+
+        def save(self, X, lam, it, products):
+            saved.append((self.stage, it, products))
+
+        def load(self, n, block):
+            return None
+
+    sol = smallest_eigenpairs(lambda V: K @ V, len(K), "lobpcg", k=1, tol=1e-9, block=8,
+                              precond=P.apply, scale=np.trace(K) / len(K),
+                              fast_matmat=overflowing, log=lines.append, checkpoint=Saver())
+    assert sol.converged and sol.phases[0]["stopped"] == "non-finite products"
+    assert sol.phases[0]["passes"] == 4 and sol.phases[0]["lambda_1"] is None
+    assert sol.phases[0]["iterations"] == 3  # the iterations that went on before it
+    np.testing.assert_allclose(sol.values[:1], ref[:1], rtol=1e-9)
+    assert any("from its starting block (non-finite products after 4" in ln for ln in lines)
+    # Saves go on counting across the phases: the float64 phase's continue the first's.
+    first = [(it, p) for stage, it, p in saved if stage == ""]
+    second = [(it, p) for stage, it, p in saved if stage == "float64"]
+    assert first and second and second[0][0] > first[-1][0] and second[0][1] > first[-1][1]
+
+
+def test_huge_entries_keep_float64_products(client, tmp_path):
+    X = synthetic_rows("gaussian", 8, SEED, 0, 300) * 1e25  # K_ii ~ 1e51: float32 overflows
+    path = str(tmp_path / "huge.npy")
+    np.save(path, X)
+    store, addr = str(tmp_path / "k.zarr"), client.scheduler.address
+    assert main(["assemble", "--data", path, "--depth", "3", "--store", store, "--tile", "128",
+                 "--scheduler", addr]) == 0
+    ref = np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0]
+    for operator in ("store", "memory"):
+        out = tmp_path / operator
+        assert main(["solve", "--store", store, "--out", str(out), "--operator", operator,
+                     "--method", "lobpcg", "--scheduler", addr]) == 0
+        r = json.load(open(out / "result.json"))
+        assert r["precision"] == "float64" and r["phases"] is None
+        assert any("no float32 products" in note for note in r["notes"])
+        assert r["status"] == "certified" and r["lambda_min"] == pytest.approx(ref, rel=1e-7)
 
 
 def test_mixed_solve_resumed_in_its_float64_phase_skips_the_first(tmp_path):
@@ -191,10 +267,13 @@ def test_cli_mixed_precision_agrees_with_float64_and_dense(client, tmp_path, cap
     X = KernelStore.open(store).array("X")[:]
     ref = scipy.linalg.eigh(ntkdist.ntk(X, depth=3), subset_by_index=[0, 1], eigvals_only=True)
     results = {}
-    for precision in ("auto", "float64"):
+    for precision, operator, precond in (("auto", "auto", "auto"), ("float64", "auto", "auto"),
+                                         ("mixed", "store", "auto"), ("shift", "store", "shift")):
         out = str(tmp_path / precision)
         assert main(["solve", "--store", store, "--out", out, "--method", "davidson", "--k", "2",
-                     "--precision", precision, "--scheduler", addr]) == 0
+                     "--precision", "auto" if precision == "shift" else precision,
+                     "--operator", operator, "--precond", precond,
+                     "--scheduler", addr]) == 0
         r = results[precision] = json.load(open(os.path.join(out, "result.json")))
         np.testing.assert_allclose(r["eigenvalues"], ref, rtol=1e-8)
         assert r["converged"] and r["relative_accuracy_kato_temple"] <= 1e-8
@@ -203,8 +282,19 @@ def test_cli_mixed_precision_agrees_with_float64_and_dense(client, tmp_path, cap
     assert plain["phases"] is None and mixed["operator"] == "memory"
     assert sum(p["passes"] for p in mixed["phases"]) + 1 == mixed["passes"]
     assert mixed["operator_memory"]["deflated_bytes"] > 0
+    assert mixed["phases"][0]["products"] == "float32 deflated"
+    shifted = results["mixed"]  # streamed from the store: the shifted float32 products
+    assert shifted["precision"] == "mixed" and shifted["operator"] == "store"
+    assert shifted["phases"][0]["products"] == "float32 shifted"
+    assert shifted["operator_memory"]["deflated_bytes"] == 0
+    assert "float32 shifted then float64" in shifted["method"]
+    inverted = results["shift"]  # the shift's estimate on the shifted float32 products
+    assert inverted["phases"][0]["stage"] == "shift estimate"
+    assert [p["products"] for p in inverted["phases"]] == ["float32 shifted", "float32 shifted",
+                                                          "float64"]
+    assert inverted["preconditioner"]["sigma_tried"]
     assert "mixed precision:" in capsys.readouterr().out
-    for bad in (["--precision", "mixed", "--operator", "store"],
+    for bad in (["--precision", "mixed", "--operator", "recompute"],
                 ["--precision", "mixed", "--method", "lanczos"],
                 ["--precision", "half"]):
         out = str(tmp_path / "bad")

@@ -28,9 +28,8 @@ def _plan(n=1000, store="complete", tile=100, dtype="float64", workers=(4 * GB, 
 
 @pytest.mark.parametrize("solver, cluster, store, words", [
     (dict(method="dense", precision="mixed"), CPU, "complete", "applies to --method lobpcg"),
-    (dict(precision="mixed", operator="store"), CPU, "complete", "not --operator store"),
-    (dict(precision="mixed", operator="recompute"), CPU, None, "not --operator recompute"),
-    (dict(precision="mixed"), GPU, None, "CPU memory operator"),
+    (dict(precision="mixed", operator="recompute"), CPU, "complete", "not --operator recompute"),
+    (dict(precision="mixed"), GPU, None, "CPU operator over a store"),
     (dict(operator="store"), CPU, None, "--operator store needs --store"),
     (dict(operator="memory"), CPU, None, "--operator memory needs --store"),
     (dict(precision="mixed"), CPU, None, "--precision mixed needs --store"),
@@ -64,7 +63,7 @@ def test_a_plan_before_the_cluster_is_incomplete():
 def test_auto_keeps_tiles_in_memory_when_they_fit_and_goes_mixed():
     plan = _plan()
     sizes = tile_sizes(1000, 100)
-    assert plan.operator == "memory" and plan.precision == "mixed"
+    assert plan.operator == "memory" and plan.precision == "mixed" and plan.fast == "deflated"
     assert set(plan.kept) == set(sizes) and not plan.streamed
     assert plan.tile_bytes == 8 * 1000 * 1000 // 2 + 8 * 100 * 100 * 10 // 2
     assert plan.deflated_bytes == plan.tile_bytes // 2 and plan.cached_bytes == plan.tile_bytes
@@ -82,7 +81,8 @@ def test_auto_streams_what_does_not_fit_keeping_the_largest_tiles():
     total = sum(8 * r * c for r, c in sizes.values())
     memory = int(total * 0.5 / CACHE_FRACTION / 2)  # half the tiles' bytes, over 2 workers
     plan = _plan(n=n, tile=t, workers=(memory, memory))
-    assert plan.operator == "store" and plan.precision == "float64"
+    assert plan.operator == "store" and plan.precision == "mixed" and plan.fast == "shifted"
+    assert plan.deflated_bytes == 0
     assert 0 < plan.cached_bytes <= total * 0.5
     assert set(plan.kept) | set(plan.streamed) == set(sizes)
     assert not set(plan.kept) & set(plan.streamed)
@@ -93,20 +93,24 @@ def test_auto_streams_what_does_not_fit_keeping_the_largest_tiles():
     assert any(sizes[p] == (300, 300) for p in plan.kept)
     with pytest.raises(SpecError, match="do not fit"):
         _plan(n=n, tile=t, workers=(memory, memory), operator="memory")
-    with pytest.raises(SpecError, match=r"not 'store'"):
-        _plan(n=n, tile=t, workers=(memory, memory), precision="mixed")
-    # --operator store keeps nothing.
+    assert _plan(n=n, tile=t, workers=(memory, memory), precision="float64").precision == (
+        "float64")
+    # --operator store keeps nothing; its fast products are the shifted tiles.
     plain = _plan(operator="store")
-    assert plain.operator == "store" and not plain.kept and plain.precision == "float64"
+    assert plain.operator == "store" and not plain.kept
+    assert plain.precision == "mixed" and plain.fast == "shifted"
+    assert _plan(operator="store", parallel_rows=1).precision == "float64"
+    assert _plan(operator="recompute").precision == "float64"
 
 
-def test_mixed_that_does_not_fit_is_refused():
+def test_mixed_without_room_for_copies_shifts_the_kept_tiles():
     sizes = tile_sizes(1000, 100)
     total = sum(8 * r * c for r, c in sizes.values())
     memory = int(total * 1.2 / CACHE_FRACTION / 2)  # the tiles fit, not their float32 copies
-    assert _plan(workers=(memory, memory)).precision == "float64"
-    with pytest.raises(SpecError, match="float32 copies"):
-        _plan(workers=(memory, memory), precision="mixed")
+    for precision in ("auto", "mixed"):
+        plan = _plan(workers=(memory, memory), precision=precision)
+        assert plan.operator == "memory" and plan.precision == "mixed"
+        assert plan.fast == "shifted" and plan.deflated_bytes == 0
 
 
 def test_workers_without_a_limit_keep_everything():

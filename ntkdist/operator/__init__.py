@@ -4,7 +4,7 @@
   environment to what runs (operator mode, precision, device, tile, what is kept in memory
   and what streamed), with every refusal;
 * :mod:`.tasks`: a CPU worker's share of a pass (tiles kept, streamed or rebuilt; mixed
-  precision's float32 deflated copies);
+  precision's float32 products, from deflated copies or the shifted stored tiles);
 * :mod:`.gpu`: a GPU worker's share of a pass, tiles built and kept on its GPU;
 * :mod:`.client`: :class:`KernelOperator`, the client-side operator that carries out a plan.
 """

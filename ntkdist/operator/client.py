@@ -125,7 +125,8 @@ class KernelOperator:
         self._closed = False
         self.passes = self.matvecs = self.bytes_read = 0
         self.passes_fast = 0  # of the passes, those in float32 (matmat_fast)
-        self._F = None  # mixed precision: the deflated low-rank factor
+        self._F = None  # mixed precision, deflated: the low-rank factor taken off the tiles
+        self._shift = None  # mixed precision, shifted: the constant c taken off the tiles
         self._cache, self._blocks = {}, None
         if store is not None:
             self.store = KernelStore.open(store).require_complete()
@@ -138,6 +139,8 @@ class KernelOperator:
             self.store, self.kernel, self.n = None, kernel, len(rows)
         self.tile = plan.tile
         self._assign = {w: list(pairs) for w, pairs in plan.assignment}
+        if plan.fast == "shifted":
+            self._shift = self._mean_entry()
         if plan.kept and self.device == "cpu":
             with _one_line("while the tiles were loaded into worker memory",
                            "loading the tiles into worker memory"):
@@ -184,7 +187,7 @@ class KernelOperator:
 
         client, t, kept = self.client, self.tile, set(self.plan.kept)
         parts = {}
-        if self.precision == "mixed":  # the low-rank part, by row block, on every worker
+        if self.plan.fast == "deflated":  # the low-rank part, by row block, on every worker
             k = self.kernel
             self._F = deflation_factor(self._rows(rows), k.depth, k.kind, k.normalization)
             # A list, not a dict: a dict's keys would name the data on the cluster, and a
@@ -210,6 +213,16 @@ class KernelOperator:
                     self._assign[there].append(p)
         for pairs in self._assign.values():
             pairs.sort()
+
+    def _mean_entry(self) -> np.float32:
+        """c of the shifted fast products: the mean entry of the last tile of the first row
+        of tiles (read checked), rounded to float32. Any c gives K·V; this one takes off
+        the mean level of the entries, which is what makes plain float32 products noisy."""
+        last = self.store.spec.blocks - 1
+        with _one_line("while a tile was read", "reading a tile"):
+            tile = self.store.read_tile_checked(0, last)
+        c = float(np.mean(tile, dtype=np.float64))
+        return np.float32(c if abs(c) < 1e38 else 0.0)  # inf and NaN too
 
     def _rows(self, rows) -> np.ndarray:
         """The rows X: as given (the caller's, already checked), else the store's, checked."""
@@ -253,19 +266,26 @@ class KernelOperator:
 
     @property
     def mixed(self) -> bool:
-        """Whether :meth:`matmat_fast` (float32 deflated products) is available."""
-        return self._F is not None and bool(self._cache)
+        """Whether :meth:`matmat_fast` (float32 deflated or shifted products) is available."""
+        return (self._F is not None and bool(self._cache)) or self._shift is not None
+
+    @property
+    def fast_kind(self) -> str:
+        """"deflated" or "shifted": how :meth:`matmat_fast` forms its float32 products (the
+        plan's ``fast``); "" without them."""
+        return self.plan.fast if self.mixed else ""
 
     def matmat(self, V: np.ndarray) -> np.ndarray:
         """K·V, accumulated in float64 (float64 arithmetic on the stored values)."""
         return self._apply(V, fast=False)
 
     def matmat_fast(self, V: np.ndarray) -> np.ndarray:
-        """K·V as R·V (float32 deflated tiles, float32 arithmetic) + F(FᵀV) (float64); only
-        with mixed precision. Not exact to float64: for the bulk of an iteration only."""
+        """K·V as R·V (float32 arithmetic) + the part taken off R in float64: R = K − FFᵀ
+        (deflated copies kept in memory) or K − c11ᵀ (the stored tiles, shifted); only with
+        mixed precision. Not exact to float64: for the bulk of an iteration only."""
         if not self.mixed:
-            raise NtkdistError("this operator has no float32 copy of its tiles "
-                               "(mixed precision needs the memory operator)")
+            raise NtkdistError("this operator has no float32 products "
+                               "(mixed precision needs stored tiles)")
         return self._apply(V, fast=True)
 
     def _apply(self, V: np.ndarray, fast: bool) -> np.ndarray:
@@ -304,7 +324,7 @@ class KernelOperator:
             recompute = [p for p in other if p not in streaming]
             futures.append(self.client.submit(
                 _pass_on_worker, Vf, self.n, self.tile, cached, streamed, path, recompute,
-                blocks, self.kernel, self.passes == 0, fast, workers=[w],
+                blocks, self.kernel, self.passes == 0, fast, self._shift, workers=[w],
                 allow_other_workers=True, pure=False))
         YT = np.zeros((b, self.n))
         try:
@@ -322,7 +342,9 @@ class KernelOperator:
         self.matvecs += b
         self.bytes_read += self.streamed_bytes_per_pass
         Y = np.ascontiguousarray(YT.T)
-        if fast and self._F.shape[1]:
+        if fast and self._shift is not None:
+            Y += np.float64(self._shift) * V.sum(axis=0)
+        elif fast and self._F.shape[1]:
             Y += self._F @ (self._F.T @ V)
         return Y[:, 0].copy() if squeeze else Y
 
@@ -362,7 +384,8 @@ class KernelOperator:
         return self.plan.memory()
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "precision": self.precision, "device": self.device,
+        return {"mode": self.mode, "precision": self.precision, "fast": self.fast_kind,
+                "device": self.device,
                 "gpus": sorted(set(self.gpus.values())), **self.memory()}
 
     def close(self) -> None:

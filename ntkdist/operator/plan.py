@@ -12,6 +12,16 @@ a store is given, the rows' structure), which refuses what needs no cluster to r
 with the cluster's facts (workers' memory, GPUs' free memory, the store's tile and dtype),
 which completes the plan. The pipeline and the operator obey the plan and re-check nothing.
 
+Mixed precision (``--precision mixed``, and ``auto`` where it applies) has two kinds of fast
+(float32) products, the plan's ``fast``:
+
+* ``deflated``: memory mode with room for a second copy of the tiles: each worker also keeps
+  R = K − FFᵀ in float32 (F: the degree-0 and degree-1 part of the kernel's Taylor series);
+* ``shifted``: every other mode that reads a store (tiles streamed, or kept without room for
+  a copy): the stored tiles themselves, less a constant c, in float32 arithmetic, the client
+  adding c·1(1ᵀV) in float64. No memory beyond the tiles; a noise floor about 5× higher than
+  ``deflated`` (measured in benchmarks/RESULTS.md), still far below where it matters.
+
 Operator modes (``--operator``):
 
 * ``store``: each pass reads every stored upper tile once and applies it twice,
@@ -160,6 +170,7 @@ class Plan:
     cached_bytes: int = 0
     deflated_bytes: int = 0
     streamed_bytes_per_pass: int = 0
+    fast: str = ""  # mixed precision: "deflated" or "shifted" (the module's docstring)
     complete: bool = False
     notes: tuple = field(default=())
 
@@ -208,7 +219,7 @@ def make_plan(solver: SolverSpec, cluster: ClusterSpec, facts: Facts, tile: int 
     store = facts.store
     _refuse(s, n, device, store)
     if facts.feature_columns and s.precision == "mixed":
-        raise SpecError("--precision mixed deflates the limiting kernels' Taylor part; for "
+        raise SpecError("--precision mixed serves the limiting kernels (ntk, nngp); for "
                         "--kernel empirical or features use --precision float64 (or auto)")
     notes = []
     in_process = store is None and s.method == "dense"
@@ -243,20 +254,21 @@ def _refuse(s: SolverSpec, n: int, device: str, store: str | None) -> None:
     if s.precision == "mixed" and s.method not in ("lobpcg", "davidson"):
         raise SpecError(f"--precision mixed applies to --method lobpcg or davidson, "
                         f"not {s.method}")
-    if s.precision == "mixed" and s.operator in ("store", "recompute"):
-        raise SpecError(f"--precision mixed needs the memory operator (tiles kept in worker "
-                        f"memory), not --operator {s.operator}")
+    if s.precision == "mixed" and s.operator == "recompute":
+        raise SpecError("--precision mixed needs stored tiles (--store, with --operator "
+                        "memory, store or auto), not --operator recompute")
     if s.method == "dense" and n > DENSE_MAX_N:
         raise SpecError(f"N = {n} is above the dense path's limit of {DENSE_MAX_N}; "
                         "use --method lobpcg")
     if device == "gpu" and s.precision == "mixed":
-        raise SpecError("--precision mixed is for the CPU memory operator; on GPUs use "
+        raise SpecError("--precision mixed is for the CPU operator over a store; on GPUs use "
                         "--precision float64 (or auto)")
     if store is None and (s.operator == "store" or (s.operator == "memory"
                                                     and device != "gpu")):
         raise SpecError(f"--operator {s.operator} needs --store")
     if store is None and s.precision == "mixed":
-        raise SpecError("--precision mixed needs --store (its tiles kept in worker memory)")
+        raise SpecError("--precision mixed needs --store (the float32 products use its "
+                        "tiles)")
     if device == "gpu" and store == "assemble":
         raise SpecError("--device gpu rebuilds the tiles on the GPUs and needs no store: leave "
                         "out --store (or solve a store's kernel with 'ntkdist solve --store S "
@@ -299,17 +311,14 @@ def _cpu_plan(s, facts, base, workers, sizes, tile, dtype, cache_fraction) -> Pl
             "--operator auto (caches what fits, streams the rest) or store")
     precision = _requested_precision(s, facts)
     deflated = sum(r * c * 4 for r, c in sizes.values())
-    if precision == "mixed" and mode != "memory":
-        raise SpecError(f"--precision mixed needs the memory operator (tiles kept in worker "
-                        f"memory), not {mode!r}; use --precision float64")
-    if precision == "mixed" and tile_bytes + deflated > budget:
-        raise SpecError(
-            f"--precision mixed: the stored tiles and their float32 copies "
-            f"({(tile_bytes + deflated) / 1e9:.1f} GB) do not fit in {cache_fraction:.0%} of "
-            f"the workers' memory ({budget / 1e9:.1f} GB); use --precision float64")
-    if precision == "auto":
-        precision = ("mixed" if mode == "memory" and tile_bytes + deflated <= budget
-                     else "float64")
+    fast = ""
+    if precision in ("auto", "mixed") and mode != "recompute":
+        fast = "deflated" if mode == "memory" and tile_bytes + deflated <= budget else "shifted"
+        precision = "mixed"
+    elif precision == "mixed":  # no stored tiles: refused before the cluster started
+        raise SpecError("--precision mixed needs stored tiles (--store)")
+    elif precision == "auto":
+        precision = "float64"
     kept = []
     if mode == "memory":
         kept = list(sizes)
@@ -328,7 +337,7 @@ def _cpu_plan(s, facts, base, workers, sizes, tile, dtype, cache_fraction) -> Pl
         streamed=streamed,
         assignment=tuple((w, tuple(first[w] + rest[w])) for w in sorted(workers)),
         tile_bytes=tile_bytes, cached_bytes=sum(nbytes[p] for p in kept),
-        deflated_bytes=deflated if precision == "mixed" else 0,
+        deflated_bytes=deflated if fast == "deflated" else 0, fast=fast,
         streamed_bytes_per_pass=sum(nbytes[p] for p in streamed), complete=True)
 
 

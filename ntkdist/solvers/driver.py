@@ -37,7 +37,7 @@ from .certificate import (block_size, certified, floors, initial_block, judge, r
 from .davidson import davidson_smallest
 from .dense import DENSE_METHOD, eigh_smallest, scaled_smallest
 from .lobpcg import lobpcg_smallest
-from .mixed import solve_in_phases
+from .mixed import fast_label, solve_in_phases
 from .result import EigenResult
 
 METHODS = ("lobpcg", "davidson", "lanczos", "dense")
@@ -142,8 +142,9 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     only): start from its saved Ritz block if it holds a usable one, and save the block as
     the solve goes.
 
-    ``fast_matmat`` (LOBPCG and Davidson only): a cheaper, inexact K·V (float32 deflated
-    products, the distributed operator's ``matmat_fast``). The solve then runs in two phases
+    ``fast_matmat`` (LOBPCG and Davidson only): a cheaper, inexact K·V (float32 deflated or
+    shifted products, the distributed operator's ``matmat_fast``, named by a
+    :class:`ntkdist.solvers.mixed.FastProducts`). The solve then runs in two phases
     (:mod:`ntkdist.solvers.mixed`): with ``fast_matmat`` until converged, stalled at its noise
     floor or out of four fifths of the products; then with ``matmat`` from the first phase's
     Ritz block until the float64 products certify ``tol``. Values, residuals and the
@@ -209,7 +210,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
             t0=t0, log=log)
         what = ("ntkdist block LOBPCG" if method == "lobpcg"
                 else "ntkdist block generalized Davidson, GD+k")
-        mixed = ", mixed precision: float32 deflated then float64 products"
+        mixed = f", mixed precision: {fast_label(fast_matmat)} then float64 products"
         name = (f"{method} ({what}, block {used_block}, "
                 f"{'preconditioned' if precond is not None else 'no preconditioner'}"
                 f"{mixed if r.phases is not None else ''})")

@@ -1,7 +1,8 @@
 """An iterative solve (LOBPCG or Davidson) in two phases: float32 products, then float64.
 
-Given a cheaper, inexact product ``fast_matmat`` (float32 deflated products,
-``matmat_fast`` of the distributed operator), the solve runs in two phases
+Given a cheaper, inexact product ``fast_matmat`` (float32 deflated or shifted products,
+``matmat_fast`` of the distributed operator, named by :class:`FastProducts`), the solve runs
+in two phases
 (docs/accuracy.md, "Mixed precision"):
 
 1. **float32**: the solver with ``fast_matmat`` until its values converge, its residuals
@@ -35,6 +36,63 @@ MIXED_STALL = 10
 RESUMES = 3
 
 
+class FastProducts:
+    """A fast, inexact product V ↦ K·V with the name the solve's record gives it
+    (``label``, e.g. "float32 deflated")."""
+
+    def __init__(self, matmat, label: str):
+        self.matmat, self.label = matmat, label
+
+    def __call__(self, V):
+        return self.matmat(V)
+
+
+#: Fast products are used only where N · max K_ii stays below this: |K_ij| ≤ max K_ii (K is
+#: PSD), so no float32 sum of a product with unit vectors can overflow (float32's 3.4e38).
+FLOAT32_SAFE = 1e36
+
+
+#: ... and only where max K_ii is above this: smaller entries reach float32's subnormals
+#: (below 1.2e-38), where its products lose their relative accuracy.
+FLOAT32_TINY = 1e-30
+
+
+def float32_unsafe(diag, n: int) -> str | None:
+    """Why float32 products cannot serve a kernel of diagonal ``diag`` (None: they can)."""
+    top = float(np.max(diag)) if len(diag) else 0.0
+    if top * n >= FLOAT32_SAFE or not np.isfinite(top):
+        return (f"no float32 products: the kernel's diagonal reaches {top:.3g}, too close "
+                "to the top of float32's range (3.4e38); float64 products throughout")
+    if top < FLOAT32_TINY:
+        return (f"no float32 products: the kernel's diagonal is at most {top:.3g}, in "
+                "float32's subnormal range; float64 products throughout")
+    return None
+
+
+class NonFiniteProducts(ArithmeticError):
+    """A fast product came back with an overflow or a NaN (entries beyond float32's range)."""
+
+
+class Checked:
+    """``fast_matmat``, its calls counted, and refused (:class:`NonFiniteProducts`) where a
+    product is not finite."""
+
+    def __init__(self, fast_matmat):
+        self.fast_matmat, self.calls = fast_matmat, 0
+
+    def __call__(self, V):
+        self.calls += 1
+        Y = self.fast_matmat(V)
+        if not np.all(np.isfinite(Y)):
+            raise NonFiniteProducts("a float32 product overflowed")
+        return Y
+
+
+def fast_label(fast_matmat) -> str:
+    """The record's name of a fast product: its :class:`FastProducts` label, else "float32"."""
+    return getattr(fast_matmat, "label", "float32")
+
+
 def solve_in_phases(solver, matmat, n: int, k: int, X0: np.ndarray | None, *,
                     fast_matmat=None, checkpoint=None, block: int, precond, tol: float,
                     seed: int, trace: float, project, diag, max_products: int,
@@ -57,23 +115,38 @@ def solve_in_phases(solver, matmat, n: int, k: int, X0: np.ndarray | None, *,
     resumed_stage = (checkpoint.resumed or {}).get("stage") if checkpoint is not None else None
     if fast_matmat is not None and resumed_stage != "float64":
         if log:
-            log("phase 1: float32 deflated products")
+            log(f"phase 1: {fast_label(fast_matmat)} products")
         cap = max(1, max_products - max(10, max_products // 5))  # keep a fifth for phase 2
-        r1 = solver(fast_matmat, n, max_products=cap,
-                    max_seconds=None if max_seconds is None else 0.8 * max_seconds,
-                    X0=X0, log=log, stall=MIXED_STALL, on_iterate=on_iterate, **common)
-        used, done_its = r1.products, r1.iterations
-        if np.all(np.isfinite(r1.ritz_block)):  # else start the float64 phase as phase 1 did
-            X0 = r1.ritz_block
-        phases.append({"products": "float32 deflated", "passes": r1.products,
-                       "iterations": r1.iterations,
-                       "stopped": ("converged" if r1.converged else
-                                   "stalled" if r1.stalled else "limit"),
-                       "lambda_1": float(r1.values[0]),
-                       "residual_1": float(r1.residuals[0])})
+        counted, seen = Checked(fast_matmat), [0]
+
+        def phase1_iterate(X, lam, it, products):  # the iterations done, for the record
+            seen[0] = it + 1
+            if on_iterate is not None:
+                on_iterate(X, lam, it, products)
+        try:
+            r1 = solver(counted, n, max_products=cap,
+                        max_seconds=None if max_seconds is None else 0.8 * max_seconds,
+                        X0=X0, log=log, stall=MIXED_STALL, on_iterate=phase1_iterate, **common)
+        except NonFiniteProducts:  # the float64 phase starts as phase 1 did
+            used, done_its = counted.calls, seen[0]
+            phases.append({"products": fast_label(fast_matmat), "passes": used,
+                           "iterations": done_its, "stopped": "non-finite products",
+                           "lambda_1": None, "residual_1": None})
+        else:
+            used, done_its = r1.products, r1.iterations
+            if np.all(np.isfinite(r1.ritz_block)):  # else start float64 as phase 1 did
+                X0 = r1.ritz_block
+            phases.append({"products": fast_label(fast_matmat), "passes": r1.products,
+                           "iterations": r1.iterations,
+                           "stopped": ("converged" if r1.converged else
+                                       "stalled" if r1.stalled else "limit"),
+                           "lambda_1": float(r1.values[0]),
+                           "residual_1": float(r1.residuals[0])})
         if log:
-            log(f"phase 2: float64 products from the phase-1 block ({phases[0]['stopped']} "
-                f"after {r1.products} passes)")
+            start = ("its starting block" if phases[0]["stopped"] == "non-finite products"
+                     else "the phase-1 block")
+            log(f"phase 2: float64 products from {start} ({phases[0]['stopped']} after "
+                f"{used} passes)")
     if checkpoint is not None and fast_matmat is not None:
         checkpoint.stage = "float64"
     start_used, start_its = used, done_its

@@ -255,6 +255,7 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     (the solve, the preconditioner it finished with, whose ``info`` says what the shift
     did)."""
     from .driver import SMALL_N, smallest_eigenpairs
+    from .mixed import Checked, NonFiniteProducts, fast_label
 
     log = log or (lambda *a: None)
     max_products = options.pop("max_products", 600)
@@ -273,9 +274,18 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     log(f"shift-invert, stage 1: λ_min to {tol1:g} with the harmonic preconditioner "
         f"(degrees ≤ {estimate.degree}){' on the float32 products' if fast_matmat else ''}")
     t = time.perf_counter()
-    first = smallest_eigenpairs(fast_matmat or matmat, n, method, k=k, tol=tol1,
-                                precond=estimate.apply, max_products=max(1, max_products // 2),
-                                log=log, **options)
+    stage1 = dict(k=k, tol=tol1, precond=estimate.apply, max_products=max(1, max_products // 2),
+                  log=log, **options)
+    overflowed = None
+    try:
+        first = smallest_eigenpairs(Checked(fast_matmat) if fast_matmat else matmat, n, method,
+                                    **stage1)
+    except NonFiniteProducts:  # entries beyond float32's range: float64 from here on
+        overflowed = ("a float32 product overflowed in the shift's estimate: float64 "
+                      "products from there on")
+        fast_matmat = None
+        first = smallest_eigenpairs(matmat, n, method, **stage1)
+        first.notes.append(overflowed)
     first_seconds = time.perf_counter() - t
     lam, res = float(first.values[0]), float(first.residuals[0])
     if fast_matmat is None and tol1 == tol and first.status == "certified":
@@ -326,8 +336,10 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     sol.iterations += first.iterations
     sol.products += first.products
     sol.solver_seconds += first_seconds
+    if overflowed:
+        sol.notes.append(overflowed)
     if sol.phases is not None:
-        sol.phases.insert(0, {"products": "float32 deflated" if fast_matmat else "float64",
+        sol.phases.insert(0, {"products": fast_label(fast_matmat) if fast_matmat else "float64",
                               "passes": first.products, "iterations": first.iterations,
                               "stage": "shift estimate",
                               "stopped": "the shift's estimate" + (
