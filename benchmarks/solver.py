@@ -261,8 +261,8 @@ def mixed(args):
     c = np.float32(np.mean(K32[:4096, last:], dtype=np.float64))
     R0 = (K - float(c)).astype(np.float32)  # K − c rounded once, as from a float64 store
 
-    def shifted_fast(V):
-        return (R0 @ V.astype(np.float32)).astype(np.float64) + float(c) * V.sum(axis=0)
+    def shifted_fast(V, R=R0):
+        return (R @ V.astype(np.float32)).astype(np.float64) + float(c) * V.sum(axis=0)
 
     for name, f in (("plain float32", plain), ("shifted float32", shifted_fast)):
         r = davidson_smallest(f, n, block=b, precond=P.apply, tol=1e-8, max_products=400,
@@ -276,7 +276,7 @@ def mixed(args):
     V = np.linalg.qr(np.random.default_rng(2).standard_normal((n, 32)))[0]
     KV = K @ V
     shifted = shifted_fast(V)
-    del R0
+    del R0, shifted_fast
     col = lambda Y: np.linalg.norm(Y - KV, axis=0).max()
     print(f"a random orthonormal N × 32 block, largest column error of K·V: plain float32 "
           f"{col(plain(V)):.2e}, shifted by the mean entry c = {c:.4g} {col(shifted):.2e}, "
