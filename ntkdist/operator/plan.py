@@ -311,13 +311,11 @@ def _cpu_plan(s, facts, base, workers, sizes, tile, dtype, cache_fraction) -> Pl
             "--operator auto (caches what fits, streams the rest) or store")
     precision = _requested_precision(s, facts)
     deflated = sum(r * c * 4 for r, c in sizes.values())
-    fast = ""
-    if precision in ("auto", "mixed") and mode != "recompute":
+    fast = ""  # mixed with no stored tiles (recompute) was refused before the cluster started
+    if precision != "float64" and mode != "recompute":
         fast = "deflated" if mode == "memory" and tile_bytes + deflated <= budget else "shifted"
         precision = "mixed"
-    elif precision == "mixed":  # no stored tiles: refused before the cluster started
-        raise SpecError("--precision mixed needs stored tiles (--store)")
-    elif precision == "auto":
+    else:
         precision = "float64"
     kept = []
     if mode == "memory":

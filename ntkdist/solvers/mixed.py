@@ -88,6 +88,15 @@ class Checked:
         return Y
 
 
+def fast_log(log):
+    """``log`` for a solve on fast products: its iteration lines (whose bound comes from
+    inexact products) say that they certify nothing."""
+    if log is None:
+        return None
+    return lambda m: log(f"{m} (float32 products: no certificate)" if m.startswith("iteration")
+                         else m)
+
+
 def fast_label(fast_matmat) -> str:
     """The record's name of a fast product: its :class:`FastProducts` label, else "float32"."""
     return getattr(fast_matmat, "label", "float32")
@@ -126,7 +135,8 @@ def solve_in_phases(solver, matmat, n: int, k: int, X0: np.ndarray | None, *,
         try:
             r1 = solver(counted, n, max_products=cap,
                         max_seconds=None if max_seconds is None else 0.8 * max_seconds,
-                        X0=X0, log=log, stall=MIXED_STALL, on_iterate=phase1_iterate, **common)
+                        X0=X0, log=fast_log(log), stall=MIXED_STALL, on_iterate=phase1_iterate,
+                        **common)
         except NonFiniteProducts:  # the float64 phase starts as phase 1 did
             used, done_its = counted.calls, seen[0]
             phases.append({"products": fast_label(fast_matmat), "passes": used,

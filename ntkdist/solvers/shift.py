@@ -255,7 +255,7 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     (the solve, the preconditioner it finished with, whose ``info`` says what the shift
     did)."""
     from .driver import SMALL_N, smallest_eigenpairs
-    from .mixed import Checked, NonFiniteProducts, fast_label
+    from .mixed import Checked, NonFiniteProducts, fast_label, fast_log
 
     log = log or (lambda *a: None)
     max_products = options.pop("max_products", 600)
@@ -275,16 +275,16 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
         f"(degrees ≤ {estimate.degree}){' on the float32 products' if fast_matmat else ''}")
     t = time.perf_counter()
     stage1 = dict(k=k, tol=tol1, precond=estimate.apply, max_products=max(1, max_products // 2),
-                  log=log, **options)
+                  **options)
     overflowed = None
     try:
         first = smallest_eigenpairs(Checked(fast_matmat) if fast_matmat else matmat, n, method,
-                                    **stage1)
+                                    log=fast_log(log) if fast_matmat else log, **stage1)
     except NonFiniteProducts:  # entries beyond float32's range: float64 from here on
         overflowed = ("a float32 product overflowed in the shift's estimate: float64 "
                       "products from there on")
         fast_matmat = None
-        first = smallest_eigenpairs(matmat, n, method, **stage1)
+        first = smallest_eigenpairs(matmat, n, method, log=log, **stage1)
         first.notes.append(overflowed)
     first_seconds = time.perf_counter() - t
     lam, res = float(first.values[0]), float(first.residuals[0])
