@@ -103,6 +103,33 @@ def test_result_does_not_depend_on_timing(client):
     assert runs[0] == runs[1] == runs[2]
 
 
+@pytest.mark.parametrize("strip", [1, 3, 32, 500])
+def test_tile_strips_equal_whole_tile_powers(monkeypatch, strip):
+    """chain_tile's strips (including a last short one, and a diagonal crossing them) give
+    the power sums of the whole tile, computed here directly."""
+    from ntkdist.bounds import HERMITE_ORDERS
+    from ntkdist.kernels.limiting import RowBlock, correlation_layers
+
+    monkeypatch.setattr(chain, "CHAIN_STRIP", strip)
+    X = synthetic_rows("gaussian", 9, 4, 0, 120)
+    norms = np.linalg.norm(X, axis=1)
+    blocks = [RowBlock(unit=X[s] / norms[s, None], norms=norms[s])
+              for s in (slice(0, 70), slice(70, 120))]
+    for A, B, same in ((blocks[0], blocks[1], False), (blocks[0], blocks[0], True)):
+        rows, cols = chain.chain_tile(A, B, same, (1, 3))
+        P = list(correlation_layers(A, B, 3))
+        for k, m in enumerate((1, 3)):
+            Q = np.abs(P[m - 1])
+            if same:
+                np.fill_diagonal(Q, 0.0)
+            for q, r in enumerate(HERMITE_ORDERS):
+                assert rows[:, k, q] == pytest.approx((Q ** r).sum(axis=1), rel=1e-12)
+                if same:
+                    assert cols is None
+                else:
+                    assert cols[:, k, q] == pytest.approx((Q ** r).sum(axis=0), rel=1e-12)
+
+
 def _failing_tile(*args):
     raise ValueError("boom\non two lines")
 

@@ -51,8 +51,9 @@ def test_dense_is_in_process_up_to_its_limit():
     with pytest.raises(SpecError, match="dense path's limit"):
         _plan(n=DENSE_MAX_N + 1, store=None, workers=None, method="dense")
     assert default_method(DENSE_MAX_N, False) == "dense"
-    assert default_method(DENSE_MAX_N + 1, False) == "lobpcg"
-    assert default_method(100, True) == "lobpcg" == default_method(100, False, "gpu")
+    assert default_method(DENSE_MAX_N + 1, False) == "davidson"
+    assert default_method(100, True) == "davidson"
+    assert default_method(100, False, "gpu") == "lobpcg" == default_method(10 ** 6, True, "gpu")
 
 
 def test_a_plan_before_the_cluster_is_incomplete():

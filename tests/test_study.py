@@ -94,7 +94,7 @@ tol = [1e-8, 1e-7, 1e-6]
         (0, 1e-8), (1, 1e-7), (2, 1e-6)]
     assert all(p.store and p.store.startswith(str(tmp_path / "o" / "stores"))
                for p in study.points)
-    assert all(p.spec.solver.method == "lobpcg" for p in study.points)  # a store's default
+    assert all(p.spec.solver.method == "davidson" for p in study.points)  # a store's default
     # Points of the same matrix (here: each seed's, at each n and depth) share one store.
     assert len({p.store for p in study.points}) == 12
     assert len({p.label for p in study.points}) == 12
@@ -235,7 +235,7 @@ workers = 1
     out = tmp_path / "out"
     assert main(["sweep", study, "--out", str(out)]) == 0
     rows = _rows(out / "results.csv")
-    assert [r["method"] for r in rows] == ["lobpcg", "lobpcg"]
+    assert [r["method"] for r in rows] == ["davidson", "davidson"]
     ref = np.linalg.eigvalsh(ntk(synthetic_rows("sphere", 4, 0, 0, 150), depth=2))[0]
     for r in rows:
         assert r["status"] == "certified"
