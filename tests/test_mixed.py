@@ -165,6 +165,52 @@ def test_stall_ends_an_inexact_operator_and_float64_finishes():
         assert count["exact"] < count["fast"]
 
 
+@pytest.mark.parametrize("method", ["lobpcg", "davidson"])
+def test_float32_phase_ends_at_its_products_measured_error(monkeypatch, method):
+    """Fast products of a fixed perturbed matrix K̃ = K + E converge to K̃'s eigenpairs, never
+    stalling; the first phase measures ‖E x‖ once and ends there, saving passes."""
+    from ntkdist.solvers import mixed
+
+    X, K, ref = _problem()
+    n = len(K)
+    E = np.random.default_rng(SEED).standard_normal((n, n))
+    E = (E + E.T) / 2
+    size = 1e-5 * np.linalg.norm(K, 2)
+    Kt = K + size / np.linalg.norm(E, 2) * E  # ‖E x‖ ≈ size / 2 for a spread-out unit x
+    P = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+    runs, default = {}, mixed.NOISE_CHECK
+    for check in (default, 0.0):  # 0: never measured, the phase runs to its end
+        monkeypatch.setattr(mixed, "NOISE_CHECK", check)
+        count = {"exact": 0, "fast": 0}
+
+        def exact(V):
+            count["exact"] += 1
+            return K @ V
+
+        def fast(V):
+            count["fast"] += 1
+            return Kt @ V
+
+        lines = []
+        sol = smallest_eigenpairs(exact, n, method, k=1, tol=1e-10, block=8, precond=P.apply,
+                                  scale=np.trace(K) / n, fast_matmat=fast, max_products=400,
+                                  log=lines.append)
+        assert sol.converged
+        np.testing.assert_allclose(sol.values, ref[:1], rtol=1e-10)
+        assert sol.products == count["exact"] + count["fast"]
+        runs[check] = sol, count, lines
+    sol, count, lines = runs[default]
+    first = sol.phases[0]
+    assert first["stopped"] == "noise floor"
+    assert first["passes"] == count["fast"] + 1  # + the float64 product that measured it
+    assert 0.3 * size < first["product_error"] < 0.7 * size
+    assert first["residual_1"] <= first["product_error"]
+    assert sum("float32 products' error on the Ritz vectors" in ln for ln in lines) == 1
+    old = runs[0.0][0]
+    assert old.phases[0]["stopped"] == "converged" and old.phases[0]["product_error"] is None
+    assert sol.products < old.products - 5
+
+
 def test_overflowing_fast_products_hand_over_to_float64():
     X, K, ref = _problem(n=600)
     calls = [0]

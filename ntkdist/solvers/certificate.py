@@ -268,14 +268,17 @@ class Iteration:
     floors from K's diagonal ``diag``, or from ``trace`` = tr(K) alone), and whether to stop:
     certified, residuals at their rounding floor (``FLOOR_STOP``), stalled (no fall by a
     tenth in ``stall`` iterations), stalled while λ is too close to 0 for float64 to certify
-    ``tol`` (``HOPELESS_STALL``), or out of products or time. Logs every 10 iterations, and
-    hands the block of every iteration that goes on to ``on_iterate(X, λ, iteration,
-    products)`` (checkpoints). :meth:`result` is the solver's :class:`EigenResult`."""
+    ``tol`` (``HOPELESS_STALL``), out of products or time, or when ``enough(X, AX, λ,
+    ‖r‖)`` says so (a float32 phase at its products' noise floor, :mod:`.mixed`). Logs every
+    10 iterations, and hands the block of every iteration that goes on to ``on_iterate(X, λ,
+    iteration, products)`` (checkpoints). :meth:`result` is the solver's
+    :class:`EigenResult`."""
 
     def __init__(self, n: int, k: int, tol: float, trace: float, diag, log, max_products: int,
-                 max_seconds: float | None, stall: int | None, matvecs: int, on_iterate=None):
+                 max_seconds: float | None, stall: int | None, matvecs: int, on_iterate=None,
+                 enough=None):
         self.n, self.k, self.tol, self.trace, self.diag, self.log = n, k, tol, trace, diag, log
-        self.on_iterate = on_iterate
+        self.on_iterate, self.enough = on_iterate, enough
         self.max_products, self.max_seconds = max_products, max_seconds
         self.stalling, self.hopeless = Stall(stall), Stall(HOPELESS_STALL)
         self.products, self.matvecs = 1, matvecs  # the starting block's product
@@ -318,7 +321,8 @@ class Iteration:
                                                 >= tol * lam[:k])) and self.hopeless(rnorm[:k]))
         self.rnorm, self.gaps, self.converged, self.floor = rnorm, gaps, converged, floor
         stop = (converged or floor or stalled or beyond or self.products >= self.max_products
-                or out_of_time)
+                or out_of_time or (self.enough is not None
+                                   and bool(self.enough(X, AX, lam, rnorm))))
         if not stop and self.on_iterate is not None:
             self.on_iterate(X, lam, it, self.products)
         return R, stop

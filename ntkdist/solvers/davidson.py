@@ -70,7 +70,8 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
                       X0: np.ndarray | None = None, trace: float = 0.0, log=None,
                       max_seconds: float | None = None, on_iterate=None,
                       basis: int | None = None, keep: int | None = None,
-                      stall: int | None = None, project=None, diag=None) -> EigenResult:
+                      stall: int | None = None, project=None, diag=None,
+                      enough=None) -> EigenResult:
     """The k smallest eigenpairs of a symmetric PSD operator; arguments as LOBPCG's, plus
     the largest search space ``basis`` (default 6·block) and the Ritz vectors ``keep``
     at restart (default 2·block; the previous iteration's block is kept as well)."""
@@ -84,7 +85,7 @@ def davidson_smallest(matmat, n: int, k: int = 1, block: int | None = None, prec
     H, C = np.diag(lam), np.eye(block)  # projected matrix, its eigenvectors
     prev = None  # the previous iteration's Ritz vectors, as coefficients on V
     state = Iteration(n, k, tol, trace, diag, log, max_products, max_seconds, stall, block,
-                      on_iterate)
+                      on_iterate, enough)
     while True:
         X, AX = space.V @ C[:, :block], space.AV @ C[:, :block]
         theta = lam[:block]

@@ -31,7 +31,8 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
                     tol: float = 1e-8, max_products: int = 500, seed: int = 0,
                     X0: np.ndarray | None = None, trace: float = 0.0, log=None,
                     max_seconds: float | None = None, on_iterate=None,
-                    stall: int | None = None, project=None, diag=None) -> EigenResult:
+                    stall: int | None = None, project=None, diag=None,
+                    enough=None) -> EigenResult:
     """The k smallest eigenpairs of a symmetric positive semidefinite operator.
 
     ``matmat(V)`` returns A·V for an (n, b) float64 block; ``precond(R)`` applies an
@@ -43,14 +44,15 @@ def lobpcg_smallest(matmat, n: int, k: int = 1, block: int | None = None, precon
     ``project(V)`` (or None) maps a block onto the subspace the solve is restricted to (an
     orthogonal projector that commutes with A: the complement of a known null space).
     ``diag``: A's diagonal, for the rounding floors of :mod:`ntkdist.solvers.certificate`
-    (None: tr(A) alone).
+    (None: tr(A) alone). ``enough(X, AX, λ, ‖r‖)`` (or None) stops the solve when true
+    (:class:`ntkdist.solvers.certificate.Iteration`).
     """
     block = block_size(n, k, block)
     X = initial_block(n, block, precond, seed, X0, project)
     X, AX, lam = fresh_ritz(X, matmat)
     P = AP = None
     state = Iteration(n, k, tol, trace, diag, log, max_products, max_seconds, stall, X.shape[1],
-                      on_iterate)
+                      on_iterate, enough)
     while True:
         R, stop = state.check(X, AX, lam)
         if stop:

@@ -6,8 +6,8 @@ in two phases
 (docs/accuracy.md, "Mixed precision"):
 
 1. **float32**: the solver with ``fast_matmat`` until its values converge, its residuals
-   stall at the fast product's noise floor (no fall by a tenth in ``MIXED_STALL``
-   iterations), or four fifths of the products are spent;
+   reach the fast products' measured error (:class:`NoiseFloor`) or stall (no fall by a
+   tenth in ``MIXED_STALL`` iterations), or four fifths of the products are spent;
 2. **float64**: the solver with ``matmat`` from the first phase's Ritz block, until float64
    products certify ``tol``.
 
@@ -31,6 +31,10 @@ from .certificate import certified, judge
 #: Iterations without a tenth's fall of the residuals that end a float32 phase (its noise
 #: floor: plain float32 tiles stall at ‖r‖ = 3.5e-4 at N = 20000, benchmarks/solver.py mixed).
 MIXED_STALL = 10
+#: The residuals (on fast products) relative to |λ| at which a float32 phase measures its
+#: products' error, once (:class:`NoiseFloor`): far above any useful fast product's error
+#: (shifted products at N = 100000: 2.7e-5·λ; deflated at N = 8000: 1.4e-6·λ).
+NOISE_CHECK = 1e-3
 #: Times an iterative solve that stopped certified by its own residuals, but not by the fresh
 #: product's, is continued from its block.
 RESUMES = 3
@@ -88,6 +92,49 @@ class Checked:
         return Y
 
 
+class NoiseFloor:
+    """``enough`` for a float32 phase (:class:`ntkdist.solvers.certificate.Iteration`): stop
+    where its residuals reach the error of its products.
+
+    The float32 phase iterates with K̃, the operator its products apply, and converges to K̃'s
+    eigenpairs; the true residual ‖Kx − θx‖ ≥ ‖(K̃ − K)x‖ − ‖K̃x − θx‖ stops falling once the
+    phase's own residual ‖K̃x − θx‖ is below the error ‖(K̃ − K)x‖. Iterating on wastes passes
+    that the float64 phase must repeat: at N = 100000 (shifted products) the float32 phase
+    went on from ‖r‖ ~ 9e-4 to 3.5e-4 and the float64 phase started again at 9e-4.
+
+    So, the first time the k smallest Ritz pairs' residuals are at most ``NOISE_CHECK``·|λ|,
+    one float64 product ``matmat`` of those k Ritz vectors measures the error of the phase's
+    own product of them, η = max_i ‖(AX)_i − K x_i‖ (AX as the solver holds it: its
+    combination of fast products). From then on the phase stops as soon as every one of the
+    k residuals is at most η. It decides when the float32 phase ends, never what is
+    certified: that is the float64 phase's alone. ``products`` counts the measurement."""
+
+    def __init__(self, matmat, k: int, log=None):
+        self.matmat, self.k, self.log = matmat, k, log
+        self.error: float | None = None  # η, once measured
+        self.products = 0
+        self.reached = False
+
+    def __call__(self, X, AX, lam, rnorm) -> bool:
+        k = self.k
+        r = float(np.max(rnorm[:k]))
+        if self.error is None:
+            scale = float(np.max(np.abs(lam[:k])))
+            if not r <= NOISE_CHECK * scale:  # λ = 0 or NaN never measures: the stall rules
+                return False
+            V = np.ascontiguousarray(X[:, :k])
+            KV = self.matmat(V)
+            self.products += 1
+            self.error = float(np.max(np.linalg.norm(AX[:, :k] - KV, axis=0)))
+            true = float(np.max(np.linalg.norm(KV - V * lam[:k], axis=0)))
+            if self.log:
+                self.log(f"float32 products' error on the Ritz vectors: {self.error:.2e} "
+                         f"(float64 residual {true:.2e}, float32 {r:.2e}); the phase ends "
+                         f"where its residuals reach it")
+        self.reached = r <= self.error
+        return self.reached
+
+
 def fast_log(log):
     """``log`` for a solve on fast products: its iteration lines (whose bound comes from
     inexact products) say that they certify nothing."""
@@ -127,6 +174,7 @@ def solve_in_phases(solver, matmat, n: int, k: int, X0: np.ndarray | None, *,
             log(f"phase 1: {fast_label(fast_matmat)} products")
         cap = max(1, max_products - max(10, max_products // 5))  # keep a fifth for phase 2
         counted, seen = Checked(fast_matmat), [0]
+        noise = NoiseFloor(matmat, k, log)
 
         def phase1_iterate(X, lam, it, products):  # the iterations done, for the record
             seen[0] = it + 1
@@ -136,22 +184,25 @@ def solve_in_phases(solver, matmat, n: int, k: int, X0: np.ndarray | None, *,
             r1 = solver(counted, n, max_products=cap,
                         max_seconds=None if max_seconds is None else 0.8 * max_seconds,
                         X0=X0, log=fast_log(log), stall=MIXED_STALL, on_iterate=phase1_iterate,
-                        **common)
+                        enough=noise, **common)
         except NonFiniteProducts:  # the float64 phase starts as phase 1 did
-            used, done_its = counted.calls, seen[0]
+            used, done_its = counted.calls + noise.products, seen[0]
             phases.append({"products": fast_label(fast_matmat), "passes": used,
                            "iterations": done_its, "stopped": "non-finite products",
-                           "lambda_1": None, "residual_1": None})
+                           "lambda_1": None, "residual_1": None,
+                           "product_error": noise.error})
         else:
-            used, done_its = r1.products, r1.iterations
+            used, done_its = r1.products + noise.products, r1.iterations
             if np.all(np.isfinite(r1.ritz_block)):  # else start float64 as phase 1 did
                 X0 = r1.ritz_block
-            phases.append({"products": fast_label(fast_matmat), "passes": r1.products,
+            phases.append({"products": fast_label(fast_matmat), "passes": used,
                            "iterations": r1.iterations,
                            "stopped": ("converged" if r1.converged else
+                                       "noise floor" if noise.reached else
                                        "stalled" if r1.stalled else "limit"),
                            "lambda_1": float(r1.values[0]),
-                           "residual_1": float(r1.residuals[0])})
+                           "residual_1": float(r1.residuals[0]),
+                           "product_error": noise.error})
         if log:
             start = ("its starting block" if phases[0]["stopped"] == "non-finite products"
                      else "the phase-1 block")
