@@ -37,6 +37,39 @@ from .kernels.taylor import kernel_coefficients
 HERMITE_ORDERS = tuple(range(2, 21, 2))
 
 
+#: Rows of a block of correlations whose powers :func:`power_sums` takes at once: 32 rows of
+#: 2048–8192 float64 columns (0.5–2 MB) and their powers stay in a core's cache. Powers of the
+#: whole block streamed it through memory some thirty times a layer: three times slower
+#: (a 4096 × 4096 tile at two layers: 1.0 s against 3.5 s, the recursion 0.6 s of each).
+POWER_STRIP = 32
+
+
+def power_sums(P: np.ndarray, diagonal: int | None, rows: np.ndarray,
+               cols: np.ndarray | None = None) -> None:
+    """rows[a, q] = Σ_b |P_ab|^r and, with ``cols``, cols[b, q] += Σ_a |P_ab|^r, for r =
+    HERMITE_ORDERS[q]; the entries (a, ``diagonal`` + a) are left out (as 0) unless
+    ``diagonal`` is None. Taken ``POWER_STRIP`` rows at a time: the values are those of whole-
+    block powers (|P|² by P * P, then each power times |P|²) up to the order of the sums."""
+    strip = POWER_STRIP
+    height, width = P.shape
+    square = np.empty((min(strip, height), width))
+    power = np.empty_like(square)
+    for lo in range(0, height, strip):
+        hi = min(height, lo + strip)
+        p2, pw = square[:hi - lo], power[:hi - lo]
+        np.abs(P[lo:hi], out=p2)  # P itself is not written: the recursion goes on from it
+        if diagonal is not None:
+            p2[np.arange(hi - lo), np.arange(diagonal + lo, diagonal + hi)] = 0.0
+        p2 *= p2
+        np.copyto(pw, p2)
+        for q in range(len(HERMITE_ORDERS)):
+            if q:
+                pw *= p2
+            rows[lo:hi, q] = pw.sum(axis=1)
+            if cols is not None:
+                cols[:, q] += pw.sum(axis=0)
+
+
 def _max_row_power_sums(rows: RowBlock, depth: int, wanted, block: int) -> dict:
     """{m: M} for m in ``wanted``, M[r_idx] = max_i Σ_{j≠i} |P^(m)_ij|^r, r in HERMITE_ORDERS.
 
@@ -49,23 +82,15 @@ def _max_row_power_sums(rows: RowBlock, depth: int, wanted, block: int) -> dict:
     n = rows.unit.shape[0]
     wanted = frozenset(wanted)
     maxima = {m: np.full(len(HERMITE_ORDERS), -np.inf) for m in wanted}
-    sums = np.empty(len(HERMITE_ORDERS))
+    sums = np.empty((min(block, n), len(HERMITE_ORDERS)))
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         part = RowBlock(unit=rows.unit[lo:hi], norms=rows.norms[lo:hi])
-        diagonal = (np.arange(hi - lo), np.arange(lo, hi))
         for m, P in enumerate(correlation_layers(part, rows, depth), start=1):
             if m not in wanted:
                 continue
-            P = np.abs(P)  # a new array: the recursion goes on from the yielded one
-            P[diagonal] = 0.0
-            P2 = P * P
-            power = P2.copy()
-            for idx, _ in enumerate(HERMITE_ORDERS):
-                if idx:
-                    power *= P2
-                sums[idx] = power.sum(axis=1).max()
-            np.maximum(maxima[m], sums, out=maxima[m])
+            power_sums(P, lo, sums[:hi - lo])
+            np.maximum(maxima[m], sums[:hi - lo].max(axis=0), out=maxima[m])
     return maxima
 
 

@@ -43,16 +43,14 @@ import math
 
 import numpy as np
 
-from .bounds import HERMITE_ORDERS, chain_layers, chain_result, chain_start, gershgorin_result
+from .bounds import (HERMITE_ORDERS, chain_layers, chain_result, chain_start,
+                     gershgorin_result, power_sums)
 from .errors import SpecError
 from .kernels.limiting import RowBlock, _correlations, correlation_layers
 from .operator.client import LOST_POLL, _lost_worker_errors, _one_line, _worker_lost
 
 #: Default side of the row blocks (capped at N).
 DEFAULT_TILE = 2048
-#: Rows of a tile whose powers are taken at once in :func:`chain_tile` (a strip of 32 × 2048
-#: float64 values is 0.5 MB: it and its power stay in a core's cache).
-CHAIN_STRIP = 32
 #: Budget of the client's accumulators and buffered results, in bytes (see module doc).
 CLIENT_BYTES = 2 ** 30
 #: Tasks in flight per worker thread: enough to keep the workers busy while the client waits
@@ -70,37 +68,17 @@ def chain_tile(A: RowBlock, B: RowBlock, same: bool, layers: tuple) -> tuple:
 
     Returns (rows, cols): ``rows[a, k, q]`` = Σ_b |P^(m_k)_ab|^r_q over the tile's columns,
     ``cols[b, k, q]`` = Σ_a |P^(m_k)_ab|^r_q over its rows (None when ``same``: a diagonal
-    tile, whose diagonal is excluded).
-
-    The powers are taken ``CHAIN_STRIP`` rows at a time, so that the ten powers of a strip and
-    their sums stay in cache (three times faster than whole-tile powers, which streamed the
-    tile through memory some thirty times a layer); the column sums add the strips' in order.
+    tile, whose diagonal is excluded). The powers are those of :func:`bounds.power_sums`,
+    taken in cache-sized strips of rows.
     """
     n_orders = len(HERMITE_ORDERS)
     rows = np.zeros((A.unit.shape[0], len(layers), n_orders))
     cols = None if same else np.zeros((B.unit.shape[0], len(layers), n_orders))
     index = {m: k for k, m in enumerate(layers)}
-    width = B.unit.shape[0]
-    square = np.empty((CHAIN_STRIP, width))
-    power = np.empty((CHAIN_STRIP, width))
     for m, P in enumerate(correlation_layers(A, B, max(layers)), start=1):
         k = index.get(m)
-        if k is None:
-            continue
-        for lo in range(0, P.shape[0], CHAIN_STRIP):
-            hi = min(P.shape[0], lo + CHAIN_STRIP)
-            p2, pw = square[:hi - lo], power[:hi - lo]
-            np.abs(P[lo:hi], out=p2)  # the recursion goes on from P: it is not written
-            if same:
-                p2[np.arange(hi - lo), np.arange(lo, hi)] = 0.0
-            p2 *= p2  # P², elementwise the same as bounds' P * P
-            np.copyto(pw, p2)
-            for q in range(n_orders):
-                if q:
-                    pw *= p2
-                rows[lo:hi, k, q] = pw.sum(axis=1)
-                if cols is not None:
-                    cols[:, k, q] += pw.sum(axis=0)
+        if k is not None:
+            power_sums(P, 0 if same else None, rows[:, k], None if same else cols[:, k])
     return rows, cols
 
 

@@ -105,12 +105,13 @@ def test_result_does_not_depend_on_timing(client):
 
 @pytest.mark.parametrize("strip", [1, 3, 32, 500])
 def test_tile_strips_equal_whole_tile_powers(monkeypatch, strip):
-    """chain_tile's strips (including a last short one, and a diagonal crossing them) give
-    the power sums of the whole tile, computed here directly."""
+    """chain_tile's and the in-process chain's strips (including a last short one, and a
+    diagonal crossing them) give the power sums of the whole tile, computed here directly."""
+    from ntkdist import bounds
     from ntkdist.bounds import HERMITE_ORDERS
     from ntkdist.kernels.limiting import RowBlock, correlation_layers
 
-    monkeypatch.setattr(chain, "CHAIN_STRIP", strip)
+    monkeypatch.setattr(bounds, "POWER_STRIP", strip)
     X = synthetic_rows("gaussian", 9, 4, 0, 120)
     norms = np.linalg.norm(X, axis=1)
     blocks = [RowBlock(unit=X[s] / norms[s, None], norms=norms[s])
@@ -128,6 +129,13 @@ def test_tile_strips_equal_whole_tile_powers(monkeypatch, strip):
                     assert cols is None
                 else:
                     assert cols[:, k, q] == pytest.approx((Q ** r).sum(axis=0), rel=1e-12)
+    whole = RowBlock(unit=X / norms[:, None], norms=norms)
+    maxima = bounds._max_row_power_sums(whole, 3, (1, 3), 50)  # row blocks of 50, 50, 20
+    for m in (1, 3):
+        Q = np.abs(list(correlation_layers(whole, whole, 3))[m - 1])
+        np.fill_diagonal(Q, 0.0)
+        expected = [(Q ** r).sum(axis=1).max() for r in HERMITE_ORDERS]
+        assert maxima[m] == pytest.approx(expected, rel=1e-12)
 
 
 def _failing_tile(*args):
