@@ -438,8 +438,10 @@ def summary(result: dict, out: str) -> str:
                         if result.get("preconditioner") else ""))
     if result.get("phases"):
         lines.append("mixed precision: " + ", then ".join(
-            f"{p['passes']} passes with {p['products']} products ({p['stopped']})"
-            for p in result["phases"]))
+            f"{p['passes']} passes with {p['products']} products ({p['stopped']}"
+            + ("" if p.get("product_error") is None else
+               f"; their error {p['product_error']:.2e}, measured by one float64 pass of these")
+            + ")" for p in result["phases"]))
     if status == "not_converged":
         unresolved = sum(v is None for v in result["eigenvalues"])
         lines.append(f"warning: not certified to tol = {result['spec']['tol']:g}: the bounds "
