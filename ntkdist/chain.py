@@ -51,6 +51,11 @@ from .operator.client import LOST_POLL, _lost_worker_errors, _one_line, _worker_
 
 #: Default side of the row blocks (capped at N).
 DEFAULT_TILE = 2048
+#: Rows of I whose correlation layers :func:`chain_tile` builds at once: 128 rows of a 4096
+#: tile are 4 MB a layer, against 128 MB for the whole tile, whose recursion and powers
+#: streamed through memory (a tile at two layers: 0.84–0.90 s against 1.0–4.0 s, both
+#: workers busy slowing the latter most).
+CHAIN_ROWS = 128
 #: Budget of the client's accumulators and buffered results, in bytes (see module doc).
 CLIENT_BYTES = 2 ** 30
 #: Tasks in flight per worker thread: enough to keep the workers busy while the client waits
@@ -68,17 +73,25 @@ def chain_tile(A: RowBlock, B: RowBlock, same: bool, layers: tuple) -> tuple:
 
     Returns (rows, cols): ``rows[a, k, q]`` = Σ_b |P^(m_k)_ab|^r_q over the tile's columns,
     ``cols[b, k, q]`` = Σ_a |P^(m_k)_ab|^r_q over its rows (None when ``same``: a diagonal
-    tile, whose diagonal is excluded). The powers are those of :func:`bounds.power_sums`,
-    taken in cache-sized strips of rows.
+    tile, whose diagonal is excluded). The recursion runs on ``CHAIN_ROWS`` rows of I at a
+    time, so that its layers stay in cache as :func:`bounds.power_sums` takes their powers
+    (a row's correlations do not depend on the other rows of its block: the values are the
+    whole tile's recursion's, up to how the BLAS blocks the correlations' GEMM; with OpenBLAS
+    here, bit for bit).
     """
     n_orders = len(HERMITE_ORDERS)
-    rows = np.zeros((A.unit.shape[0], len(layers), n_orders))
+    height = A.unit.shape[0]
+    rows = np.zeros((height, len(layers), n_orders))
     cols = None if same else np.zeros((B.unit.shape[0], len(layers), n_orders))
     index = {m: k for k, m in enumerate(layers)}
-    for m, P in enumerate(correlation_layers(A, B, max(layers)), start=1):
-        k = index.get(m)
-        if k is not None:
-            power_sums(P, 0 if same else None, rows[:, k], None if same else cols[:, k])
+    for lo in range(0, height, CHAIN_ROWS):
+        hi = min(height, lo + CHAIN_ROWS)
+        part = RowBlock(unit=A.unit[lo:hi], norms=A.norms[lo:hi])
+        for m, P in enumerate(correlation_layers(part, B, max(layers)), start=1):
+            k = index.get(m)
+            if k is not None:
+                power_sums(P, lo if same else None, rows[lo:hi, k],
+                           None if same else cols[:, k])
     return rows, cols
 
 
