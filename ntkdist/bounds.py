@@ -122,12 +122,19 @@ def upper_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "paper
     return {"upper_min_diagonal": float(diag.min()), "upper_trace_over_n": float(diag.mean())}
 
 
+#: Rows of X whose correlations with all N rows :func:`lambda_min_bounds` builds at once: 256
+#: rows keep a layer (256 × N) near the cache as its recursion and powers run (N = 8000:
+#: 3.8–4.1 s against 7.1–8.3 s with 2048 rows).
+BOUNDS_BLOCK = 256
+
+
 def lambda_min_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "paper",
-                      block: int = 2048) -> dict:
+                      block: int = BOUNDS_BLOCK) -> dict:
     """Rigorous data-dependent bounds on λ_min of the limiting kernel Gram of rows ``X``.
 
     Returns a JSON-ready dict; all values in the requested normalisation. Costs O(N² L): one
-    pass of the layer recursion over all pairs, whatever the number of layers in the chain.
+    pass of the layer recursion over all pairs, whatever the number of layers in the chain,
+    ``block`` rows at a time.
     """
     X, rows, factor, min_sq, out = chain_start(X, depth, kernel, normalization)
     if depth == 1:

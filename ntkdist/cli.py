@@ -114,7 +114,7 @@ def _add_device_arg(p) -> None:
 def _add_solver_args(p) -> None:
     p.add_argument("--method", choices=["lobpcg", "davidson", "lanczos", "dense"],
                    help="eigensolver (default: dense in memory up to N=25000 without --store "
-                        "and --device gpu, else lobpcg)")
+                        "and --device gpu, else davidson on the CPU and lobpcg on GPUs)")
     p.add_argument("--k", type=int, help="number of smallest eigenvalues (default 1)")
     p.add_argument("--tol", type=float,
                    help="relative accuracy of the k eigenvalues to certify (default 1e-8)")

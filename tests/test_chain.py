@@ -112,6 +112,7 @@ def test_tile_strips_equal_whole_tile_powers(monkeypatch, strip):
     from ntkdist.kernels.limiting import RowBlock, correlation_layers
 
     monkeypatch.setattr(bounds, "POWER_STRIP", strip)
+    monkeypatch.setattr(chain, "CHAIN_ROWS", 16)  # blocks of 16 rows: 70 = 4 × 16 + 6
     X = synthetic_rows("gaussian", 9, 4, 0, 120)
     norms = np.linalg.norm(X, axis=1)
     blocks = [RowBlock(unit=X[s] / norms[s, None], norms=norms[s])

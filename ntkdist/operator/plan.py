@@ -62,8 +62,9 @@ def default_method(n: int, store: bool, device: str = "cpu") -> str:
     (LOBPCG on a GPU).
 
     On the CPU block Davidson (GD+k) took no more passes than LOBPCG to the same certificate
-    at every N measured (benchmarks/RESULTS.md, passes against N: e.g. 89 against 100 at
-    N = 20000 and 259 against 297 at N = 100000 from a store), with less work between passes.
+    at every N measured (benchmarks/RESULTS.md, passes against N: e.g. 29 against 30 at
+    N = 20000 with the shift-invert preconditioner, 46 against 54 with the harmonic model,
+    and 259 against 297 at N = 100000 from a store), with less work between passes.
     The GPU's figures were measured with LOBPCG, which stays its default."""
     if device == "gpu":
         return "lobpcg"

@@ -145,9 +145,9 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     ``fast_matmat`` (LOBPCG and Davidson only): a cheaper, inexact K·V (float32 deflated or
     shifted products, the distributed operator's ``matmat_fast``, named by a
     :class:`ntkdist.solvers.mixed.FastProducts`). The solve then runs in two phases
-    (:mod:`ntkdist.solvers.mixed`): with ``fast_matmat`` until converged, at the fast products'
-    measured error, stalled or out of four fifths of the products; then with ``matmat`` from the first phase's
-    Ritz block until the float64 products certify ``tol``. Values, residuals and the
+    (:mod:`ntkdist.solvers.mixed`): with ``fast_matmat`` until converged, at a third of the
+    fast products' measured error, stalled or out of four fifths of the products; then with
+    ``matmat`` from the first phase's Ritz block until the float64 products certify ``tol``. Values, residuals and the
     certificate come from ``matmat`` alone.
     """
     if method not in METHODS:

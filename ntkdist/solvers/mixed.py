@@ -6,7 +6,7 @@ in two phases
 (docs/accuracy.md, "Mixed precision"):
 
 1. **float32**: the solver with ``fast_matmat`` until its values converge, its residuals
-   reach the fast products' measured error (:class:`NoiseFloor`) or stall (no fall by a
+   reach a third of the fast products' measured error (:class:`NoiseFloor`) or stall (no fall by a
    tenth in ``MIXED_STALL`` iterations), or four fifths of the products are spent;
 2. **float64**: the solver with ``matmat`` from the first phase's Ritz block, until float64
    products certify ``tol``.
@@ -108,7 +108,7 @@ class NoiseFloor:
     spends passes for nothing, as a tight ``tol`` would have the phase do (its own
     certificate at 1e-8 and N = 100000 needs ‖r‖ ≈ 3.5e-5, against an error of 8.4e-4).
 
-    So, the first time the k smallest Ritz pairs' residuals are at most ``NOISE_CHECK``·|λ|,
+    So, the first time the k smallest Ritz pairs' residuals are at most ``NOISE_CHECK``·|λ_k|,
     one float64 product ``matmat`` of those k Ritz vectors measures the error of the phase's
     own product of them, η = max_i ‖(AX)_i − K x_i‖ (AX as the solver holds it: its
     combination of fast products). From then on the phase stops as soon as every one of the
@@ -185,8 +185,8 @@ def solve_in_phases(solver, matmat, n: int, k: int, X0: np.ndarray | None, *,
 
         def phase1_iterate(X, lam, it, products):  # the iterations done, for the record
             seen[0] = it + 1
-            if on_iterate is not None:
-                on_iterate(X, lam, it, products)
+            if on_iterate is not None:  # the float64 product that measured the error counts
+                on_iterate(X, lam, it, products + noise.products)
         try:
             r1 = solver(counted, n, max_products=cap,
                         max_seconds=None if max_seconds is None else 0.8 * max_seconds,
