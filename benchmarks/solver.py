@@ -208,8 +208,9 @@ def pieces(args):
 
 def mixed(args):
     """Mixed precision at N: how much the deflation shrinks the entries, the error of a fast
-    product (plain float32, shifted by the mean entry, deflated), in-process Davidson (block 16) with float64, plain float32 and deflated float32
-    products, and the distributed memory operator's passes in float32 and float64."""
+    product (plain float32, shifted by the mean entry, deflated), in-process Davidson
+    (block 16) with float64, plain float32, shifted and deflated float32 products, and the
+    distributed memory operator's passes in float32 and float64."""
     from ntkdist.kernels.limiting import kernel_tile, row_block
     from ntkdist.kernels.taylor import deflation_factor
     from ntkdist.solvers.davidson import davidson_smallest

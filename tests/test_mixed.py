@@ -126,6 +126,21 @@ def _problem(n=900, d=32, depth=3):
     return X, K, scipy.linalg.eigh(K, subset_by_index=[0, 2], eigvals_only=True)
 
 
+def _counted(K, fast_op):
+    """(count, exact, fast): K·V and ``fast_op``, each call counted in ``count``."""
+    count = {"exact": 0, "fast": 0}
+
+    def exact(V):
+        count["exact"] += 1
+        return K @ V
+
+    def fast(V):
+        count["fast"] += 1
+        return fast_op(V)
+
+    return count, exact, fast
+
+
 def test_stall_ends_an_inexact_operator_and_float64_finishes():
     X, K, ref = _problem()
     n = len(K)
@@ -140,16 +155,7 @@ def test_stall_ends_an_inexact_operator_and_float64_finishes():
                           max_products=400, stall=10)
     assert r.stalled and not r.converged and r.products < 200
     assert r.ritz_block.shape == (n, 8) and r.block == 8
-    count = {"exact": 0, "fast": 0}
-
-    def exact(V):
-        count["exact"] += 1
-        return K @ V
-
-    def fast(V):
-        count["fast"] += 1
-        return noisy(V)
-
+    count, exact, fast = _counted(K, noisy)
     for method in ("lobpcg", "davidson"):
         count.update(exact=0, fast=0)
         sol = smallest_eigenpairs(exact, n, method, k=2, tol=1e-9, block=8, precond=P.apply,
@@ -181,16 +187,7 @@ def test_float32_phase_ends_at_its_products_measured_error(monkeypatch, method, 
     runs, default = {}, mixed.NOISE_CHECK
     for check in (default, 0.0):  # 0: never measured, the phase runs to its end
         monkeypatch.setattr(mixed, "NOISE_CHECK", check)
-        count = {"exact": 0, "fast": 0}
-
-        def exact(V):
-            count["exact"] += 1
-            return K @ V
-
-        def fast(V):
-            count["fast"] += 1
-            return Kt @ V
-
+        count, exact, fast = _counted(K, lambda V: Kt @ V)
         lines = []
         sol = smallest_eigenpairs(exact, n, method, k=k, tol=1e-10, block=8, precond=P.apply,
                                   scale=np.trace(K) / n, fast_matmat=fast, max_products=400,
@@ -246,6 +243,33 @@ def test_overflowing_fast_products_hand_over_to_float64():
     first = [(it, p) for stage, it, p in saved if stage == ""]
     second = [(it, p) for stage, it, p in saved if stage == "float64"]
     assert first and second and second[0][0] > first[-1][0] and second[0][1] > first[-1][1]
+
+
+def test_overflow_in_the_shifts_estimate_counts_every_pass():
+    """A float32 product that overflows in the shift's first stage hands the solve to float64
+    products, with a note, and the passes it spent are counted in the estimate's."""
+    from ntkdist.solvers.shift import solve_shifted
+
+    X, K, ref = _problem()
+    n = len(K)
+    calls = [0]
+
+    def overflowing(V):
+        calls[0] += 1
+        Y = K @ V
+        if calls[0] > 2:
+            Y[0, 0] = np.inf
+        return Y
+
+    count, exact, fast = _counted(K, overflowing)
+    pre = make_preconditioner("harmonic", X, 3, "ntk", "paper")
+    kernel = make_spec(data="sphere", n=n, d=32, depth=3).kernel  # X's K: ntk, paper
+    sol, P = solve_shifted(exact, n, "davidson", X, kernel, pre, tol=1e-9, block=8,
+                           fast_matmat=fast, scale=np.trace(K) / n)
+    assert sol.converged and sol.values[0] == pytest.approx(ref[0], rel=1e-9)
+    assert count["fast"] == 3 and sol.products == count["exact"] + count["fast"]
+    assert P.info["estimate_passes"] > count["fast"]
+    assert any("overflowed in the shift's estimate" in note for note in sol.notes)
 
 
 def test_huge_entries_keep_float64_products(client, tmp_path):

@@ -3,8 +3,8 @@ block, from tiles kept in its memory, streamed from the store, or rebuilt from t
 
 Products accumulate in float64 whatever the storage dtype. Mixed precision with deflated
 copies (the plan's ``fast="deflated"``, memory mode with room for them): each worker also
-keeps its tiles *deflated* in float32, R = K − F Fᵀ, where F Fᵀ is the degree-0 and degree-1 part of the kernel's Taylor series
-(:func:`ntkdist.kernels.taylor.deflation_factor`); a fast pass computes R·V in float32
+keeps its tiles *deflated* in float32, R = K − F Fᵀ, where F Fᵀ is the degree-0 and
+degree-1 part of the kernel's Taylor series (:func:`ntkdist.kernels.taylor.deflation_factor`); a fast pass computes R·V in float32
 arithmetic (half the bytes of float64 tiles) and the client adds F(FᵀV) in float64. The
 deflation removes the large, smooth part of every entry (at N = 20000, d = 64, L = 3 the
 off-diagonal r.m.s. falls from 45.2 to 1.07), so float32 rounding perturbs the product

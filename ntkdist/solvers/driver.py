@@ -147,8 +147,8 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     :class:`ntkdist.solvers.mixed.FastProducts`). The solve then runs in two phases
     (:mod:`ntkdist.solvers.mixed`): with ``fast_matmat`` until converged, at a third of the
     fast products' measured error, stalled or out of four fifths of the products; then with
-    ``matmat`` from the first phase's Ritz block until the float64 products certify ``tol``. Values, residuals and the
-    certificate come from ``matmat`` alone.
+    ``matmat`` from the first phase's Ritz block until the float64 products certify ``tol``.
+    Values, residuals and the certificate come from ``matmat`` alone.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

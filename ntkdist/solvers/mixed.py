@@ -6,8 +6,8 @@ in two phases
 (docs/accuracy.md, "Mixed precision"):
 
 1. **float32**: the solver with ``fast_matmat`` until its values converge, its residuals
-   reach a third of the fast products' measured error (:class:`NoiseFloor`) or stall (no fall by a
-   tenth in ``MIXED_STALL`` iterations), or four fifths of the products are spent;
+   reach a third of the fast products' measured error (:class:`NoiseFloor`) or stall (no
+   fall by a tenth in ``MIXED_STALL`` iterations), or four fifths of the products are spent;
 2. **float64**: the solver with ``matmat`` from the first phase's Ritz block, until float64
    products certify ``tol``.
 
@@ -31,7 +31,7 @@ from .certificate import certified, judge
 #: Iterations without a tenth's fall of the residuals that end a float32 phase (its noise
 #: floor: plain float32 tiles stall at ‖r‖ = 3.5e-4 at N = 20000, benchmarks/solver.py mixed).
 MIXED_STALL = 10
-#: The residuals (on fast products) relative to |λ| at which a float32 phase measures its
+#: The residuals (on fast products) relative to |λ_k| at which a float32 phase measures its
 #: products' error, once (:class:`NoiseFloor`): far above any useful fast product's error
 #: (shifted products at N = 100000: 2.7e-5·λ; deflated at N = 8000: 1.4e-6·λ).
 NOISE_CHECK = 1e-3
@@ -194,22 +194,17 @@ def solve_in_phases(solver, matmat, n: int, k: int, X0: np.ndarray | None, *,
                         enough=noise, **common)
         except NonFiniteProducts:  # the float64 phase starts as phase 1 did
             used, done_its = counted.calls + noise.products, seen[0]
-            phases.append({"products": fast_label(fast_matmat), "passes": used,
-                           "iterations": done_its, "stopped": "non-finite products",
-                           "lambda_1": None, "residual_1": None,
-                           "product_error": noise.error})
+            end = {"stopped": "non-finite products", "lambda_1": None, "residual_1": None}
         else:
             used, done_its = r1.products + noise.products, r1.iterations
             if np.all(np.isfinite(r1.ritz_block)):  # else start float64 as phase 1 did
                 X0 = r1.ritz_block
-            phases.append({"products": fast_label(fast_matmat), "passes": used,
-                           "iterations": r1.iterations,
-                           "stopped": ("converged" if r1.converged else
-                                       "noise floor" if noise.reached else
-                                       "stalled" if r1.stalled else "limit"),
-                           "lambda_1": float(r1.values[0]),
-                           "residual_1": float(r1.residuals[0]),
-                           "product_error": noise.error})
+            end = {"stopped": ("converged" if r1.converged else
+                               "noise floor" if noise.reached else
+                               "stalled" if r1.stalled else "limit"),
+                   "lambda_1": float(r1.values[0]), "residual_1": float(r1.residuals[0])}
+        phases.append({"products": fast_label(fast_matmat), "passes": used,
+                       "iterations": done_its, **end, "product_error": noise.error})
         if log:
             start = ("its starting block" if phases[0]["stopped"] == "non-finite products"
                      else "the phase-1 block")

@@ -276,15 +276,16 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     t = time.perf_counter()
     stage1 = dict(k=k, tol=tol1, precond=estimate.apply, max_products=max(1, max_products // 2),
                   **options)
-    overflowed = None
+    overflowed, counted = None, Checked(fast_matmat) if fast_matmat else None
     try:
-        first = smallest_eigenpairs(Checked(fast_matmat) if fast_matmat else matmat, n, method,
+        first = smallest_eigenpairs(counted or matmat, n, method,
                                     log=fast_log(log) if fast_matmat else log, **stage1)
     except NonFiniteProducts:  # entries beyond float32's range: float64 from here on
         overflowed = ("a float32 product overflowed in the shift's estimate: float64 "
                       "products from there on")
         fast_matmat = None
         first = smallest_eigenpairs(matmat, n, method, log=log, **stage1)
+        first.products += counted.calls  # the passes the float32 attempt spent count too
         first.notes.append(overflowed)
     first_seconds = time.perf_counter() - t
     lam, res = float(first.values[0]), float(first.residuals[0])
