@@ -38,9 +38,8 @@ HERMITE_ORDERS = tuple(range(2, 21, 2))
 
 
 #: Rows of a block of correlations whose powers :func:`power_sums` takes at once: 32 rows of
-#: 2048–8192 float64 columns (0.5–2 MB) and their powers stay in a core's cache. Powers of the
-#: whole block streamed it through memory some thirty times a layer: three times slower
-#: (a 4096 × 4096 tile at two layers: 1.0 s against 3.5 s, the recursion 0.6 s of each).
+#: 2048–8192 float64 columns (0.5–2 MB) and their powers stay in a core's cache, where powers
+#: of the whole block would stream it through memory some thirty times a layer.
 POWER_STRIP = 32
 
 
@@ -124,7 +123,7 @@ def upper_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "paper
 
 #: Rows of X whose correlations with all N rows :func:`lambda_min_bounds` builds at once: 256
 #: rows keep a layer (256 × N) near the cache as its recursion and powers run (N = 8000:
-#: 3.8–4.1 s against 7.1–8.3 s with 2048 rows).
+#: 3.4–4.0 s against 6.1–6.6 s with 2048 rows, ``python benchmarks/chain.py --n 8000``).
 BOUNDS_BLOCK = 256
 
 

@@ -53,8 +53,8 @@ from .operator.client import LOST_POLL, _lost_worker_errors, _one_line, _worker_
 DEFAULT_TILE = 2048
 #: Rows of I whose correlation layers :func:`chain_tile` builds at once: 128 rows of a 4096
 #: tile are 4 MB a layer, against 128 MB for the whole tile, whose recursion and powers
-#: streamed through memory (a tile at two layers: 0.84–0.90 s against 1.0–4.0 s, both
-#: workers busy slowing the latter most).
+#: would stream through memory (``python benchmarks/chain.py --n 100000 --workers 2``:
+#: benchmarks/RESULTS.md).
 CHAIN_ROWS = 128
 #: Budget of the client's accumulators and buffered results, in bytes (see module doc).
 CLIENT_BYTES = 2 ** 30
