@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from .chain import stored_layers, tile_with_sums
 from .errors import NtkdistError, SpecError
 from .kernels.limiting import row_block
 from .spec import ClusterSpec, RunSpec, StoreSpec
@@ -180,24 +181,34 @@ def remove_features(store: KernelStore) -> None:
     shutil.rmtree(os.path.join(store.path, FEATURES_DIR), ignore_errors=True)
 
 
-def compute_tile(store: KernelStore, i: int, j: int, cache: bool = True) -> np.ndarray:
+def compute_tile(store: KernelStore, i: int, j: int, cache: bool = True,
+                 sums: bool = False):
     """Tile (I, J) in the storage dtype, from the stored rows (diagonal tiles exactly
-    symmetric); finite widths from the blocks' features (``cache``: kept in the store)."""
+    symmetric); finite widths from the blocks' features (``cache``: kept in the store).
+    With ``sums``: (tile, its power sums for the bounds chain or None where the store keeps
+    none, :func:`ntkdist.chain.stored_layers`), the tile's bytes the same either way."""
     made = {}  # a group made for block I serves block J too
-    tile = store.spec.kernel.tile(block_features(store, i, cache, made),
-                                  block_features(store, j, cache, made))
+    A, B = block_features(store, i, cache, made), block_features(store, j, cache, made)
+    layers = stored_layers(store.spec) if sums else None
+    if layers is None:
+        tile, packed = store.spec.kernel.tile(A, B), None
+    else:
+        tile, packed = tile_with_sums(store.spec.kernel, A, B, layers, i == j)
     if i == j:
         tile = np.triu(tile) + np.triu(tile, 1).T
-    return tile.astype(store.spec.dtype, copy=False)
+    tile = tile.astype(store.spec.dtype, copy=False)
+    return (tile, packed) if sums else tile
 
 
 def write_tile(path: str, i: int, j: int) -> str:
     """Task: compute tile (I, J) from rows I and J (checked against their checksums first),
-    write its chunk, then its done marker; returns its checksum."""
+    and with it its power sums for the bounds chain where the store keeps them; write them,
+    its chunk, then its done marker; returns its checksum."""
     store = KernelStore.open(path)
     for k in {i, j}:
         store.row_block_checked(k)
-    return store.write_piece(store.tile_key(i, j), "K", (i, j), compute_tile(store, i, j))
+    tile, sums = compute_tile(store, i, j, sums=True)
+    return store.write_piece(store.tile_key(i, j), "K", (i, j), tile, sums=sums)
 
 
 class Progress:
@@ -334,7 +345,8 @@ def existing_layout(path: str, run_spec: RunSpec) -> tuple[int | None, str | Non
 
 def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
            keys=None) -> dict:
-    """Re-read every done piece of a store and check it against its recorded checksum.
+    """Re-read every done piece of a store and check it against its recorded checksum (a
+    tile's power sums for the bounds chain too, where its marker records them).
 
     With ``recompute`` > 0, also recompute that many random done tiles from the stored rows
     and compare them with the stored bytes. ``keys``: check only these pieces. Returns the
@@ -363,6 +375,9 @@ def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
         checked += 1
         if not ok:
             bad.append(key)
+        elif name == "K" and store.recorded_checksum(key, "chain") is not None \
+                and store.read_chain_sums(key) is None:
+            bad.append(f"{key} (its power sums)")
         if log and checked % 50 == 0:
             log(f"checked {checked} pieces")
     recomputed = []

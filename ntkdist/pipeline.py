@@ -541,6 +541,21 @@ def _dense_from(op, X, spec):
 RECOMPUTE_BLOCK = 128
 
 
+def _bounds_from_store(store: str, X, log) -> dict | None:
+    """The proof chain's bounds from the power sums ``store`` keeps beside its tiles (made
+    with them by the assembly), or None where it keeps none."""
+    from .chain import lambda_min_bounds_from_store
+    from .store import KernelStore
+
+    kstore = KernelStore.open(store)
+    t0 = time.perf_counter()
+    bounds = lambda_min_bounds_from_store(kstore, X, log)
+    if bounds is not None:
+        log(f"lower-bound chain from the store's power sums of its "
+            f"{len(kstore.upper_tiles())} tiles ({time.perf_counter() - t0:.1f} s)")
+    return bounds
+
+
 def _default_block(solver, op) -> int | None:
     """The block asked for, else :data:`RECOMPUTE_BLOCK` with the recompute operator, else
     None (the solvers' default, max(32, 2k + 16))."""
@@ -623,6 +638,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         from .bounds import finite_width_bounds
 
         bounds = finite_width_bounds(spec.n, spec.d, kern, cheap)
+    elif store is not None and (bounds := _bounds_from_store(store, X, log)) is not None:
+        pass
     elif spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, kern.depth, kern.kind, kern.normalization)
     elif op is not None and op.device == "cpu":  # O(N² L): on the workers, tile by tile

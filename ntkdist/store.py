@@ -13,7 +13,11 @@ Layout of ``PATH.zarr`` (also written into the group's attributes under ``ntkdis
   its hash, N, d, tile, dtype, ntkdist version) and its SHA-256 ``spec_hash``;
 * ``.lock``: present only while a process assembles or repairs the store, which holds an
   exclusive ``flock`` on it (released by the kernel when that process ends, however it
-  ends) and writes its PID, host and start time into it; not a piece of the store.
+  ends) and writes its PID, host and start time into it; not a piece of the store;
+* ``chain/``: limiting kernels of depth ≥ 2, where they take at most half a tile's bytes:
+  ``K.I.J.npy``, the power sums of tile (I, J) that the bounds chain needs
+  (:mod:`ntkdist.chain`), made with the tile and renamed into place before its chunk is
+  written; the tile's marker also records their checksum (key ``chain``).
 
 This module knows the layout only; it never computes kernel entries.
 """
@@ -36,13 +40,17 @@ from .zarr_chunks import ChunkSizeError, read_block
 FORMAT = "ntkdist-kernel-store"
 FORMAT_VERSION = 1
 DONE_DIR = "done"
+#: The tiles' power sums for the bounds chain (see the module doc).
+CHAIN_DIR = "chain"
 #: Finite widths: each row block's features, made once by an assembly for its tiles and
 #: removed when the store is complete (derived data, checked by a checksum beside each).
 FEATURES_DIR = "features"
 LOCK_FILE = ".lock"
 LAYOUT = ("X: N×d float64 rows, chunks (tile, d); K: N×N, chunks (tile, tile), fill NaN, "
           "only tiles I<=J written, K[J,I] = K[I,J]^T; done/X.I and done/K.I.J: JSON markers "
-          "with a blake2b-128 checksum of the chunk's bytes, written after the chunk")
+          "with a blake2b-128 checksum of the chunk's bytes, written after the chunk; "
+          "chain/K.I.J.npy: the bounds chain's power sums of tile (I, J), their checksum "
+          "under 'chain' in its marker")
 
 
 class StoreError(NtkdistError):
@@ -247,7 +255,7 @@ class KernelStore:
         for root, _, files in os.walk(self.path):
             for name in files:
                 if name.endswith(".partial") or (
-                        root.endswith((DONE_DIR, FEATURES_DIR)) and ".tmp" in name):
+                        root.endswith((DONE_DIR, FEATURES_DIR, CHAIN_DIR)) and ".tmp" in name):
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(root, name))
 
@@ -310,39 +318,72 @@ class KernelStore:
     def rows_key(i: int) -> str:
         return f"X.{i}"
 
-    def write_piece(self, key: str, name: str, index: tuple[int, int], data: np.ndarray) -> str:
+    def write_piece(self, key: str, name: str, index: tuple[int, int], data: np.ndarray,
+                    sums: np.ndarray | None = None) -> str:
         """Write one piece (row block or tile) and record it done; returns its checksum.
 
         The one write protocol of assembly and repair: the piece's marker is removed, then its
         chunk file (so that Zarr writes a fresh chunk, never merging into damaged bytes), the
         chunk is written (atomically, by Zarr's rename) and only then the marker. A process
         killed anywhere in between leaves the piece not done, never done with other bytes.
+        ``sums``: a tile's power sums for the bounds chain, renamed into place before the
+        chunk is written and recorded in the same marker.
         """
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(self.path, DONE_DIR, key))
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.chunk_file(name, *index))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.chain_file(key))
+        extra = {}
+        if sums is not None:
+            file = self.chain_file(key)
+            os.makedirs(os.path.dirname(file), exist_ok=True)
+            tmp = f"{file}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                np.save(f, sums)
+            os.replace(tmp, file)
+            extra["chain"] = checksum(sums)
         t, n = self.spec.tile, self.spec.n
         region = (_tile_bounds(index[0], t, n),
                   slice(None) if name == "X" else _tile_bounds(index[1], t, n))
         self.array(name, mode="r+")[region] = data
         digest = checksum(data)
-        self.mark_done(key, digest)
+        self.mark_done(key, digest, **extra)
         return digest
 
-    def mark_done(self, key: str, digest: str) -> None:
+    def mark_done(self, key: str, digest: str, **extra: str) -> None:
         """Record a finished piece; call only after its chunk is fully written."""
         final = os.path.join(self.path, DONE_DIR, key)
         tmp = f"{final}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"checksum": digest}, f)
+            json.dump({"checksum": digest, **extra}, f)
         os.replace(tmp, final)
 
-    def recorded_checksum(self, key: str) -> str | None:
-        """The checksum in a marker, or None if the piece is not done (or the marker is bad)."""
+    def chain_file(self, key: str) -> str:
+        """Where tile ``key``'s power sums for the bounds chain are kept."""
+        return os.path.join(self.path, CHAIN_DIR, f"{key}.npy")
+
+    def read_chain_sums(self, key: str) -> np.ndarray | None:
+        """Tile ``key``'s power sums, if its marker records some and the file matches their
+        checksum; else None (never stored, or damaged)."""
+        recorded = self.recorded_checksum(key, "chain")
+        if recorded is None:
+            return None
+        try:
+            sums = np.load(self.chain_file(key), allow_pickle=False)
+        except Exception:  # a damaged file may fail to load in many ways
+            return None
+        if sums.dtype != np.float64 or checksum(sums) != recorded:
+            return None
+        return sums
+
+    def recorded_checksum(self, key: str, field: str = "checksum") -> str | None:
+        """The checksum in a marker (``field``: "chain" for the tile's power sums), or None if
+        the piece is not done (or the marker is bad, or records none)."""
         try:
             with open(os.path.join(self.path, DONE_DIR, key)) as f:
-                value = json.load(f).get("checksum")
+                value = json.load(f).get(field)
         except (OSError, ValueError, AttributeError):
             return None
         return value if isinstance(value, str) else None

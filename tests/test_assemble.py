@@ -93,10 +93,10 @@ def test_failing_task_reports_and_store_stays_resumable(client, tmp_path, monkey
     path = str(tmp_path / "k.zarr")
     real = assemble_mod.compute_tile
 
-    def flaky(store, i, j):
+    def flaky(store, i, j, **options):
         if (i, j) == (1, 2):
             raise OSError(28, "No space left on device")
-        return real(store, i, j)
+        return real(store, i, j, **options)
 
     monkeypatch.setattr(assemble_mod, "compute_tile", flaky)
     with pytest.raises(AssemblyError, match=r"tile \(1, 2\) failed: no space left on device "

@@ -105,12 +105,15 @@ def test_result_does_not_depend_on_timing(client):
 
 @pytest.mark.parametrize("strip", [1, 3, 32, 500])
 def test_tile_strips_equal_whole_tile_powers(monkeypatch, strip):
-    """chain_tile's and the in-process chain's strips (including a last short one, and a
-    diagonal crossing them) give the power sums of the whole tile, computed here directly."""
+    """chain_tile's (without numba) and the in-process chain's strips (including a last
+    short one, and a diagonal crossing them) give the power sums of the whole tile,
+    computed here directly."""
     from ntkdist import bounds
     from ntkdist.bounds import HERMITE_ORDERS
+    from ntkdist.kernels import fused
     from ntkdist.kernels.limiting import RowBlock, correlation_layers
 
+    monkeypatch.setattr(fused, "available", lambda: False)
     monkeypatch.setattr(bounds, "POWER_STRIP", strip)
     monkeypatch.setattr(chain, "CHAIN_ROWS", 16)  # blocks of 16 rows: 70 = 4 × 16 + 6
     X = synthetic_rows("gaussian", 9, 4, 0, 120)

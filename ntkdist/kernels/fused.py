@@ -38,6 +38,23 @@ if numba is not None:
             return acc * t2 * theta
         return theta * rho - sin_theta
 
+    @numba.njit(cache=True, inline="always")
+    def _step(rho, s, t, advance):
+        """One layer of the recursion at one entry: (ρ_next, π − θ, s, t), with s and t
+        advanced only if ``advance`` (another layer follows)."""
+        pi = math.pi
+        sin_theta = math.sqrt(s * t)
+        if -0.9 <= rho <= 0.9:
+            theta = math.acos(rho)
+        else:
+            theta = math.atan2(sin_theta, rho)
+        phi = pi - theta
+        rho_next = (sin_theta + phi * rho) / pi
+        if advance:
+            s = (pi * s + _theta_cos_minus_sin(theta, rho, sin_theta)) / pi
+            t = 1.0 + rho_next
+        return rho_next, phi, s, t
+
     @numba.njit(cache=True, parallel=True)
     def _recursion(rho_in, depth, ntk, out):
         pi = math.pi
@@ -49,17 +66,8 @@ if numba is not None:
                 t = 1.0 + rho
                 k = rho
                 for layer in range(2, depth + 1):
-                    sin_theta = math.sqrt(s * t)
-                    if -0.9 <= rho <= 0.9:
-                        theta = math.acos(rho)
-                    else:
-                        theta = math.atan2(sin_theta, rho)
-                    phi = pi - theta
-                    rho_next = (sin_theta + phi * rho) / pi
+                    rho_next, phi, s, t = _step(rho, s, t, layer < depth)
                     k = k * (phi / pi) + rho_next
-                    if layer < depth:
-                        s = (pi * s + _theta_cos_minus_sin(theta, rho, sin_theta)) / pi
-                        t = 1.0 + rho_next
                     rho = rho_next
                 out[i, j] = k if ntk else rho
 
@@ -72,3 +80,93 @@ def normalized_recursion_fused(rho, depth: int, kernel: str):
     out = np.empty_like(rho)
     _recursion(rho, int(depth), kernel == "ntk", out)
     return out
+
+
+#: Columns whose powers :func:`_even_powers` takes at once.
+POWER_CHUNK = 512
+
+if numba is not None:
+    @numba.njit(cache=True, fastmath=True)
+    def _even_powers(values, p2, pw, sums, cols, add_cols):
+        """sums[q] = Σ_j values_j^(2q+2) and, with ``add_cols``, cols[q, j] += values_j^(2q+2):
+        the powers as :func:`ntkdist.bounds.power_sums` takes them (v², then times v² each
+        order), summed in whatever order vectorises (fastmath touches only these sums)."""
+        width = values.shape[0]
+        for j in range(width):
+            p2[j] = values[j] * values[j]
+            pw[j] = 1.0
+        for q in range(sums.shape[0]):
+            acc = 0.0
+            if add_cols:
+                for j in range(width):
+                    v = pw[j] * p2[j]
+                    pw[j] = v
+                    acc += v
+                    cols[q, j] += v
+            else:
+                for j in range(width):
+                    v = pw[j] * p2[j]
+                    pw[j] = v
+                    acc += v
+            sums[q] = acc
+
+    @numba.njit(cache=True)
+    def _recursion_sums(rho_in, depth, ntk, slot, gap, diagonal, write, out, rows, cols,
+                        add_cols):
+        """``_recursion`` (the same operations, so ``out`` is bit for bit its output) that also
+        sums the even powers of the layers m with slot[m] ≥ 0 (m = 1: ρ itself) over each
+        row into rows[i, slot[m]] and, with ``add_cols``, over each column into
+        cols[slot[m], :, j]; entries with |ρ| > 1 − ``gap`` (close pairs, for the caller's
+        exact fix-up) and, for ``diagonal`` ≥ 0, the entries (i, ``diagonal`` + i) are left
+        out of the sums."""
+        pi = math.pi
+        n_rows, n_cols = rho_in.shape
+        wanted = rows.shape[1]
+        layers = np.zeros((wanted, n_cols))
+        p2 = np.empty(n_cols)
+        pw = np.empty(n_cols)
+        for i in range(n_rows):
+            for j in range(n_cols):
+                raw = rho_in[i, j]
+                rho = min(1.0, max(-1.0, raw))
+                keep = abs(raw) <= 1.0 - gap and j != i + diagonal
+                if slot[1] >= 0:
+                    layers[slot[1], j] = rho if keep else 0.0
+                s = 1.0 - rho
+                t = 1.0 + rho
+                k = rho
+                for layer in range(2, depth + 1):
+                    rho_next, phi, s, t = _step(rho, s, t, layer < depth)
+                    k = k * (phi / pi) + rho_next
+                    rho = rho_next
+                    if slot[layer] >= 0:
+                        layers[slot[layer], j] = rho if keep else 0.0
+                if write:
+                    out[i, j] = k if ntk else rho
+            for w in range(wanted):
+                _even_powers(layers[w], p2, pw, rows[i, w], cols[w], add_cols)
+
+
+def recursion_sums(rho, depth: int, kernel: str, layers, orders: int, diagonal=None,
+                   gap: float = 0.0, tile: bool = True):
+    """κ(ρ) for every entry of the 2-D float64 array ``rho``, as
+    :func:`normalized_recursion_fused` gives it (bit for bit; None unless ``tile``), with the
+    even-power sums of the correlation layers m in ``layers`` (1 ≤ m ≤ ``depth``, ascending):
+    ``rows[a, k, q]`` = Σ_b ρ^(m_k)_ab^(2q+2) and ``cols[b, k, q]`` = Σ_a of the same (None
+    for a ``diagonal`` tile), q < ``orders``. Entries with |ρ| > 1 − ``gap`` and, with
+    ``diagonal``, the entries (a, ``diagonal`` + a) are left out of both sums."""
+    if numba is None:
+        raise RuntimeError("numba is not installed")
+    rho = np.ascontiguousarray(rho, dtype=np.float64)
+    n_rows, n_cols = rho.shape
+    slot = np.full(depth + 1, -1, dtype=np.int64)
+    for k, m in enumerate(layers):
+        slot[m] = k
+    out = np.empty_like(rho) if tile else np.empty((0, 0))
+    rows = np.zeros((n_rows, len(layers), orders))
+    add_cols = diagonal is None
+    cols = np.zeros((len(layers), orders, n_cols if add_cols else 0))
+    _recursion_sums(rho, int(depth), kernel == "ntk", slot, float(gap),
+                    -n_rows - 1 if diagonal is None else int(diagonal), tile, out, rows,
+                    cols, add_cols)
+    return (out if tile else None), rows, (cols.transpose(2, 0, 1) if add_cols else None)

@@ -268,12 +268,63 @@ def kernel_tile(A: RowBlock, B: RowBlock, depth: int, kernel: str = "ntk",
         k = normalized_recursion(r, 1.0 - r, 1.0 + r, depth, kernel)
     if ii.shape[0]:
         k[ii, jj] = normalized_recursion(*exact_gaps(A, B, ii, jj), depth, kernel)
+    return _scaled(k, A, B, normalization)
+
+
+def _scaled(k, A: RowBlock, B: RowBlock, normalization: str):
+    """κ of unit rows → the tile: times ‖x_i‖‖x_j‖ and the normalisation's factor, in place."""
     k *= A.norms[:, None]
     k *= B.norms[None, :]
     factor = normalization_factor(normalization, A.d)
     if factor != 1.0:
         k *= factor
     return k
+
+
+def kernel_tile_sums(A: RowBlock, B: RowBlock, depth: int, kernel: str, normalization: str,
+                     layers, orders: int, same: bool, tile: bool = True):
+    """(tile, rows, cols): the tile exactly as :func:`kernel_tile` makes it on the CPU with
+    numba (None unless ``tile``), and the power sums the bounds chain needs of it
+    (:mod:`ntkdist.chain`), from the same pass over the entries:
+
+    ``rows[a, k, q]`` = Σ_b |P^(m_k)_ab|^(2q+2) and ``cols[b, k, q]`` = Σ_a |P^(m_k)_ab|^(2q+2)
+    (None when ``same``, a diagonal tile, whose diagonal is left out) for the correlation
+    layers m_k in ``layers`` (ascending, ≤ ``depth``; P^(1) the unit rows' Gram) and
+    q < ``orders``. The layers are those of :func:`correlation_layers`: close pairs
+    (1 − |ρ| < ``CLOSE_PAIR_GAP``) are left out of the compiled sums and added from their
+    exact gaps. NumPy row blocks, numba required."""
+    from .fused import recursion_sums
+
+    check_kernel_args(depth, kernel, normalization)
+    if A.d != B.d:
+        raise InputError(f"row blocks have different dimensions: {A.d} and {B.d}")
+    rho = _correlations(A.unit, B.unit, np)
+    ii, jj = close_pairs(rho)
+    k, rows, cols = recursion_sums(rho, depth, kernel, layers, orders,
+                                   diagonal=0 if same else None, gap=CLOSE_PAIR_GAP, tile=tile)
+    if ii.shape[0]:
+        exact = exact_gaps(A, B, ii, jj)
+        if tile:
+            k[ii, jj] = normalized_recursion(*exact, depth, kernel)
+        off = ii != jj if same else slice(None)
+        rho, s, t = (v[off] for v in exact)
+        ii, jj = ii[off], jj[off]
+        wanted = {m: q for q, m in enumerate(layers)}
+        steps = layer_steps(rho, s, t, max(layers))
+        for m in range(1, max(layers) + 1):
+            if m > 1:
+                rho = next(steps)[1]
+            if m not in wanted:
+                continue
+            p2 = rho * rho
+            power = p2.copy()
+            for q in range(orders):
+                if q:
+                    power *= p2
+                np.add.at(rows[:, wanted[m], q], ii, power)
+                if cols is not None:
+                    np.add.at(cols[:, wanted[m], q], jj, power)
+    return (_scaled(k, A, B, normalization) if tile else None), rows, cols
 
 
 _blas_controller = None
