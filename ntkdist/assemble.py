@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 
-from .chain import stored_layers, tile_with_sums
 from .errors import NtkdistError, SpecError
 from .kernels.limiting import row_block
 from .spec import ClusterSpec, RunSpec, StoreSpec
@@ -187,6 +186,8 @@ def compute_tile(store: KernelStore, i: int, j: int, cache: bool = True,
     symmetric); finite widths from the blocks' features (``cache``: kept in the store).
     With ``sums``: (tile, its power sums for the bounds chain or None where the store keeps
     none, :func:`ntkdist.chain.stored_layers`), the tile's bytes the same either way."""
+    from .chain import stored_layers, tile_with_sums
+
     made = {}  # a group made for block I serves block J too
     A, B = block_features(store, i, cache, made), block_features(store, j, cache, made)
     layers = stored_layers(store.spec) if sums else None
@@ -349,13 +350,17 @@ def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
     tile's power sums for the bounds chain too, where its marker records them).
 
     With ``recompute`` > 0, also recompute that many random done tiles from the stored rows
-    and compare them with the stored bytes. ``keys``: check only these pieces. Returns the
+    and compare them with the stored bytes (and their power sums with the stored ones, to
+    1e-12 relative). ``keys``: check only these pieces. Returns the
     bad pieces, the missing ones and counts; a sound store has no bad pieces.
     """
     if isinstance(recompute, bool) or not isinstance(recompute, int) or recompute < 0:
         raise SpecError(f"--recompute must be an integer >= 0 (tiles to recompute), "
                         f"got {recompute!r}")
+    from .chain import read_tile_sums, stored_layers
+
     store = KernelStore.open(path)
+    layers = stored_layers(store.spec)
     done = store.done_keys()
     bad, missing, checked = [], [], 0
     pieces = [(store.rows_key(i), "X", (i, 0)) for i in range(store.spec.blocks)]
@@ -375,8 +380,8 @@ def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
         checked += 1
         if not ok:
             bad.append(key)
-        elif name == "K" and store.recorded_checksum(key, "chain") is not None \
-                and store.read_chain_sums(key) is None:
+        elif name == "K" and store.recorded_checksum(key, "chain") is not None and (
+                layers is None or read_tile_sums(store, i, j, layers) is None):
             bad.append(f"{key} (its power sums)")
         if log and checked % 50 == 0:
             log(f"checked {checked} pieces")
@@ -387,7 +392,7 @@ def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
     picks = rng.choice(len(tiles_done), size=min(recompute, len(tiles_done)), replace=False)
     for idx in sorted(int(k) for k in picks):
         i, j = tiles_done[idx]
-        fresh = compute_tile(store, i, j, cache=False)
+        fresh, sums = compute_tile(store, i, j, cache=False, sums=True)
         stored = store.read_tile(i, j)
         scale = float(np.max(np.abs(fresh))) or 1.0
         diff = float(np.max(np.abs(fresh.astype(np.float64) - stored)))
@@ -395,6 +400,9 @@ def verify(path: str, recompute: int = 0, seed: int | None = None, log=None,
         recomputed.append({"tile": [i, j], "max_abs_diff": diff})
         if not diff <= tol:
             bad.append(store.tile_key(i, j) + " (recomputed)")
+        kept = None if sums is None else read_tile_sums(store, i, j, layers)
+        if kept is not None and not np.allclose(kept, sums, rtol=1e-12, atol=0.0):
+            bad.append(store.tile_key(i, j) + " (its power sums, recomputed)")
     return {"bad": bad, "missing": missing, "checked": checked, "recomputed": recomputed}
 
 

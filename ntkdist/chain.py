@@ -35,8 +35,9 @@ floor.
 In a store. The same sums, tile by tile, are what an assembly keeps beside each tile
 (:func:`stored_layers`, :func:`tile_with_sums`): the tile's entries and its layers' powers
 come from one compiled pass (:func:`ntkdist.kernels.limiting.kernel_tile_sums`), so a solve
-from the store gets the chain by adding N · layers · orders numbers per tile in the fixed
-order of the tiles (:func:`lambda_min_bounds_from_store`) instead of the O(N² L) pass.
+from the store gets the chain by adding each tile's (rows of I [+ rows of J]) · layers ·
+orders numbers in the fixed order of the tiles (:func:`lambda_min_bounds_from_store`):
+N · (blocks + 1) · layers · 10 float64 read, instead of the O(N² L) pass.
 
 Errors: a failed task or a lost worker (including lost scattered rows, which Dask would wait
 for for ever) is one line of :class:`ntkdist.errors.NtkdistError`, as in the operator.
@@ -52,9 +53,9 @@ import numpy as np
 from .bounds import (HERMITE_ORDERS, chain_layers, chain_result, chain_start,
                      gershgorin_result, power_sums)
 from .errors import SpecError
-from .store import repair_hint
 from .kernels.limiting import RowBlock, _correlations, correlation_layers, kernel_tile_sums
 from .operator.client import LOST_POLL, _lost_worker_errors, _one_line, _worker_lost
+from .store import repair_hint
 
 #: Default side of the row blocks (capped at N).
 DEFAULT_TILE = 2048
@@ -119,9 +120,12 @@ STORED_SHARE = 0.5
 def stored_layers(spec) -> tuple | None:
     """The layers m whose power sums an assembly of store spec ``spec`` keeps beside each
     tile (m = l − 1 for the chain's layers l), or None: finite widths and depth 1 have no
-    such chain, and sums over ``STORED_SHARE`` of a tile's bytes are not kept."""
+    such chain, sums over ``STORED_SHARE`` of a tile's bytes are not kept, and without
+    numba the tiles come from the array-module path alone."""
+    from .kernels.fused import available
+
     kern = spec.kernel
-    if kern.finite or kern.depth < 2:
+    if kern.finite or kern.depth < 2 or not available():
         return None
     layers = tuple(layer - 1 for layer in chain_layers(kern.depth, kern.kind))
     sums = 2 * spec.tile * len(layers) * len(HERMITE_ORDERS) * 8
@@ -140,6 +144,17 @@ def tile_with_sums(kernel, A: RowBlock, B: RowBlock, layers: tuple, same: bool):
     return tile, (rows if cols is None else np.concatenate([rows, cols]))
 
 
+def read_tile_sums(store, i: int, j: int, layers: tuple):
+    """Tile (I, J)'s power sums as the store keeps them, or None if its marker records none,
+    or the file does not match that checksum or the shape of the tile's sums at
+    ``layers``."""
+    sums = store.read_chain_sums(store.tile_key(i, j))
+    rows_i, rows_j = store.tile_slices(i, j)
+    height = rows_i.stop - rows_i.start + (0 if i == j else rows_j.stop - rows_j.start)
+    return sums if sums is not None and sums.shape == (height, len(layers),
+                                                        len(HERMITE_ORDERS)) else None
+
+
 def maxima_from_store(store, log=None) -> dict | None:
     """{m: max_i Σ_j≠i |P^(m)_ij|^r for r in HERMITE_ORDERS} from a complete store's power
     sums, added in the fixed order of its upper tiles; None (with a logged reason) where
@@ -150,19 +165,19 @@ def maxima_from_store(store, log=None) -> dict | None:
         return None  # (the chain on the workers takes the layers in groups)
     acc = np.zeros((n, len(layers), len(HERMITE_ORDERS)))
     for i, j in store.upper_tiles():
-        key = store.tile_key(i, j)
-        sums = store.read_chain_sums(key)
-        rows_i, rows_j = store.tile_slices(i, j)
-        height, width = rows_i.stop - rows_i.start, rows_j.stop - rows_j.start
-        shape = (height + (0 if i == j else width), len(layers), len(HERMITE_ORDERS))
-        if sums is None or sums.shape != shape:
+        sums = read_tile_sums(store, i, j, layers)
+        if sums is None:
+            key = store.tile_key(i, j)
             if log and store.recorded_checksum(key, "chain") is None:
-                log("note: the store keeps no power sums for the bounds chain (assembled "
-                    "before they were kept): the chain is computed from the rows")
+                log(f"note: the store keeps no power sums for the bounds chain of tile {key} "
+                    "(assembled by a version that did not keep them): the chain is computed "
+                    "from the rows")
             elif log:
                 log(f"note: the power sums of tile {key} for the bounds chain are damaged "
                     f"({repair_hint(store.path)}): the chain is computed from the rows")
             return None
+        rows_i, rows_j = store.tile_slices(i, j)
+        height = rows_i.stop - rows_i.start
         acc[rows_i] += sums[:height]
         if i != j:
             acc[rows_j] += sums[height:]
@@ -172,9 +187,14 @@ def maxima_from_store(store, log=None) -> dict | None:
 
 def lambda_min_bounds_from_store(store, X, log=None) -> dict | None:
     """:func:`ntkdist.bounds.lambda_min_bounds` of a complete store's rows ``X`` (as the
-    store holds them) from the power sums it keeps beside its tiles: O(N · layers) reads
-    instead of the O(N² L) chain. None where it keeps none (or one is damaged)."""
-    kern = store.spec.kernel
+    store holds them, checked by the caller) from the power sums it keeps beside its tiles:
+    N · (blocks + 1) · layers · 10 numbers read instead of the O(N² L) chain. None where it
+    keeps none (or one is damaged)."""
+    spec = store.spec
+    if np.shape(X) != (spec.n, spec.data.d):
+        raise SpecError(f"rows of shape {np.shape(X)} are not those of store {store.path!r} "
+                        f"(N = {spec.n}, d = {spec.data.d})")
+    kern = spec.kernel
     maxima = maxima_from_store(store, log)
     if maxima is None:
         return None

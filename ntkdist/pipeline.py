@@ -634,12 +634,13 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         sol.notes.append(unsafe)
     for note in sol.notes:
         log(f"note: {note}")
+    stored = _bounds_from_store(store, X, log) if store and not kern.finite else None
     if kern.finite:
         from .bounds import finite_width_bounds
 
         bounds = finite_width_bounds(spec.n, spec.d, kern, cheap)
-    elif store is not None and (bounds := _bounds_from_store(store, X, log)) is not None:
-        pass
+    elif stored is not None:  # the chain the assembly made with the tiles
+        bounds = stored
     elif spec.n <= BOUNDS_MAX_N:
         bounds = lambda_min_bounds(X, kern.depth, kern.kind, kern.normalization)
     elif op is not None and op.device == "cpu":  # O(N² L): on the workers, tile by tile

@@ -15,7 +15,7 @@ from ntkdist.data import synthetic_rows
 from ntkdist.kernels.limiting import (RowBlock, correlation_layers, kernel_tile,
                                       kernel_tile_sums)
 from ntkdist.spec import make_spec, make_store_spec
-from ntkdist.store import KernelStore
+from ntkdist.store import KernelStore, checksum
 from test_chain import assert_same
 
 
@@ -153,4 +153,85 @@ def test_a_store_keeps_the_chains_sums_and_runs_read_them(client, tmp_path, caps
             store.mark_done(key, store.recorded_checksum(key))
     assert main(["verify", "--store", path]) == 0
     assert lambda_min_bounds_from_store(store, X, notes.append) is None
-    assert "assembled before they were kept" in notes[-1]
+    assert "by a version that did not keep them" in notes[-1]
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_a_larger_tile_is_bit_for_bit_the_parallel_kernels(depth):
+    """The serial compiled pass against the parallel one of kernel_tile, on a tile whose
+    loops run long enough for either to vectorise or split them."""
+    X = synthetic_rows("sphere", 64, 5, 0, 557)
+    A, B = _block(X, slice(0, 300)), _block(X, slice(300, 557))
+    tile, _, _ = kernel_tile_sums(A, B, depth, "ntk", "paper", (1, 2), len(HERMITE_ORDERS),
+                                  False)
+    assert np.array_equal(tile, kernel_tile(A, B, depth, "ntk", "paper", fused=True))
+
+
+def _store_bounds(client, tmp_path, args, name="k.zarr"):
+    path = str(tmp_path / name)
+    assert main(["assemble", *args, "--store", path, "--scheduler",
+                 client.scheduler.address]) == 0
+    store = KernelStore.open(path)
+    return path, store, store.rows_checked()
+
+
+def test_nngp_and_deeper_kernels_through_a_store(client, tmp_path):
+    for kernel, depth, n, tile in (("nngp", 4, 150, 64), ("ntk", 5, 400, 256)):
+        args = ["--data", "gaussian", "--n", str(n), "--d", "5", "--depth", str(depth),
+                "--kernel", kernel, "--seed", "4", "--tile", str(tile), "--dtype", "float64"]
+        _, store, X = _store_bounds(client, tmp_path, args, f"{kernel}{depth}.zarr")
+        assert stored_layers(store.spec) is not None
+        assert_same(lambda_min_bounds(X, depth, kernel), lambda_min_bounds_from_store(store, X))
+    with pytest.raises(Exception, match="not those of store"):
+        lambda_min_bounds_from_store(store, X[:-1])
+
+
+def test_a_store_without_sums_falls_back_without_a_note(client, tmp_path):
+    args = ["--data", "sphere", "--n", "100", "--d", "5", "--depth", "3", "--seed", "1",
+            "--tile", "16", "--dtype", "float64"]  # sums over half a tile's bytes
+    _, store, X = _store_bounds(client, tmp_path, args)
+    assert stored_layers(store.spec) is None
+    notes = []
+    assert lambda_min_bounds_from_store(store, X, notes.append) is None and not notes
+    assert not os.path.exists(os.path.join(store.path, "chain"))
+
+
+def test_stale_or_wrong_sums_never_serve(client, tmp_path, capsys):
+    path, store, X = _store_bounds(client, tmp_path, ARGS)
+    expected = lambda_min_bounds(X, 3)
+    key = store.tile_key(0, 1)
+    file = store.chain_file(key)
+    good = open(file, "rb").read()
+
+    # A killed rewrite: the marker gone, stale sums left; the resumed assembly makes both.
+    os.remove(os.path.join(path, "done", key))
+    np.save(file, np.zeros((256, 2, 10)))
+    assert main(["assemble", *ARGS, "--store", path, "--scheduler",
+                 client.scheduler.address]) == 0
+    assert open(file, "rb").read() == good
+    assert_same(expected, lambda_min_bounds_from_store(store, X))
+
+    # Values changed with their checksum: only a recomputation tells.
+    sums = np.load(file)
+    sums[3, 0, 0] *= 1.5
+    np.save(file, sums)
+    store.mark_done(key, store.recorded_checksum(key), chain=checksum(sums))
+    assert main(["verify", "--store", path]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--store", path, "--recompute", "6"]) == 1
+    assert f"{key} (its power sums, recomputed)" in capsys.readouterr().err
+
+    # The right checksum on the wrong shape.
+    wrong = np.zeros((10, 2, 10))
+    np.save(file, wrong)
+    store.mark_done(key, store.recorded_checksum(key), chain=checksum(wrong))
+    assert main(["verify", "--store", path]) == 1
+    assert f"{key} (its power sums)" in capsys.readouterr().err
+    assert lambda_min_bounds_from_store(store, X) is None
+
+    # A tile written again without sums loses the old ones with its marker's record.
+    store.write_piece(key, "K", (0, 1), store.read_tile(0, 1).copy())
+    assert not os.path.exists(file) and store.recorded_checksum(key, "chain") is None
+    notes = []
+    assert lambda_min_bounds_from_store(store, X, notes.append) is None
+    assert "did not keep them" in notes[0]
