@@ -28,6 +28,7 @@ from .kernels.limiting import (
     RowBlock,
     check_kernel_args,
     correlation_layers,
+    kernel_tile_sums,
     normalization_factor,
     row_block,
 )
@@ -76,11 +77,25 @@ def _max_row_power_sums(rows: RowBlock, depth: int, wanted, block: int) -> dict:
     O(L²) recursion steps (minutes at depth 1000 and N = 200); instead each row block runs
     the recursion once up to ``depth`` and takes the power sums as it passes each layer,
     holding one layer's correlations at a time. Only the row maxima are kept, so memory is
-    O(block · N + L) whatever the depth.
+    O(block · N + L) whatever the depth; with numba, one compiled pass a block
+    (:func:`ntkdist.kernels.limiting.kernel_tile_sums`) holds the wanted layers of one row
+    at a time and the block's sums, O(N · L + block · L).
     """
+    from .kernels.fused import available
+
     n = rows.unit.shape[0]
     wanted = frozenset(wanted)
     maxima = {m: np.full(len(HERMITE_ORDERS), -np.inf) for m in wanted}
+    if available():  # one compiled pass a block (kernel_tile_sums)
+        layers = tuple(sorted(wanted))
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            part = RowBlock(unit=rows.unit[lo:hi], norms=rows.norms[lo:hi])
+            _, sums, _ = kernel_tile_sums(part, rows, max(layers), "nngp", "paper", layers,
+                                          len(HERMITE_ORDERS), True, tile=False, offset=lo)
+            for k, m in enumerate(layers):
+                np.maximum(maxima[m], sums[:, k].max(axis=0), out=maxima[m])
+        return maxima
     sums = np.empty((min(block, n), len(HERMITE_ORDERS)))
     for lo in range(0, n, block):
         hi = min(n, lo + block)
@@ -121,9 +136,10 @@ def upper_bounds(X, depth: int, kernel: str = "ntk", normalization: str = "paper
     return {"upper_min_diagonal": float(diag.min()), "upper_trace_over_n": float(diag.mean())}
 
 
-#: Rows of X whose correlations with all N rows :func:`lambda_min_bounds` builds at once: 256
-#: rows keep a layer (256 × N) near the cache as its recursion and powers run (N = 8000:
-#: 3.4–4.0 s against 6.1–6.6 s with 2048 rows, ``python benchmarks/chain.py --n 8000``).
+#: Rows of X whose correlations with all N rows :func:`lambda_min_bounds` builds at once: with
+#: numba, N = 8000 took 2.5–2.7 s in 256-row blocks and 2.4–3.5 s in 2048-row blocks
+#: (``python benchmarks/chain.py --n 8000``); without it, 256 rows keep a layer (256 × N)
+#: near the cache as its recursion and powers run.
 BOUNDS_BLOCK = 256
 
 

@@ -82,8 +82,8 @@ def chain_tile(A: RowBlock, B: RowBlock, same: bool, layers: tuple) -> tuple:
     Returns (rows, cols): ``rows[a, k, q]`` = Σ_b |P^(m_k)_ab|^r_q over the tile's columns,
     ``cols[b, k, q]`` = Σ_a |P^(m_k)_ab|^r_q over its rows (None when ``same``: a diagonal
     tile, whose diagonal is excluded). With numba, one compiled pass over the entries
-    (:func:`ntkdist.kernels.limiting.kernel_tile_sums`, 0.40 s a 4096 tile at depth 3 on
-    the Intel Xeon); else the array-module recursion on ``CHAIN_ROWS`` rows of I at a time,
+    (:func:`ntkdist.kernels.limiting.kernel_tile_sums`: 0.56 s a 4096 tile at depth 3 on a
+    core of the Intel Xeon, ``python benchmarks/chain.py --n 8192 --tile-cost``); else the array-module recursion on ``CHAIN_ROWS`` rows of I at a time,
     so that its layers stay in cache as :func:`bounds.power_sums` takes their powers (a
     row's correlations do not depend on the other rows of its block).
     """
@@ -122,14 +122,19 @@ def stored_layers(spec) -> tuple | None:
     tile (m = l − 1 for the chain's layers l), or None: finite widths and depth 1 have no
     such chain, sums over ``STORED_SHARE`` of a tile's bytes are not kept, and without
     numba the tiles come from the array-module path alone."""
+    return kept_layers(spec.kernel, spec.tile, spec.dtype)
+
+
+def kept_layers(kernel, tile: int, dtype: str) -> tuple | None:
+    """:func:`stored_layers` of a store of ``kernel`` (a :class:`ntkdist.spec.KernelSpec`)
+    with tiles of side ``tile`` in ``dtype``."""
     from .kernels.fused import available
 
-    kern = spec.kernel
-    if kern.finite or kern.depth < 2 or not available():
+    if kernel.finite or kernel.depth < 2 or not available():
         return None
-    layers = tuple(layer - 1 for layer in chain_layers(kern.depth, kern.kind))
-    sums = 2 * spec.tile * len(layers) * len(HERMITE_ORDERS) * 8
-    if sums > STORED_SHARE * spec.tile ** 2 * np.dtype(spec.dtype).itemsize:
+    layers = tuple(layer - 1 for layer in chain_layers(kernel.depth, kernel.kind))
+    sums = 2 * tile * len(layers) * len(HERMITE_ORDERS) * 8
+    if sums > STORED_SHARE * tile ** 2 * np.dtype(dtype).itemsize:
         return None
     return layers
 

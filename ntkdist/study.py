@@ -268,9 +268,15 @@ PASS_OVERHEAD = 0.35
 PASS_EFFICIENCY = 1.0
 EIGH_FLOPS_PER_N3 = 7.0
 #: Distributed assembly's entries/s, and the bound's chain's entry-layers/s, as shares of the
-#: tile function's in-process rate at depth 3 (22 M/s and 18 M/s against 35 M/s measured).
+#: tile function's in-process rate at depth 3 (22 M/s against 35 M/s measured; the chain on
+#: 2 workers at N = 100000 in 118 s, ``python benchmarks/chain.py --n 100000 --workers 2``:
+#: 169 M entry-layers/s against 31 M/s).
 ASSEMBLY_SHARE = 0.65
-CHAIN_SHARE = 0.5
+CHAIN_SHARE = 5.4
+#: The chain's power sums made with a store's tiles, upper entry-layers/s as a share of the
+#: same rate: 0.37 s a 4096 tile for two layers on one core (``python benchmarks/chain.py
+#: --n 8192 --tile-cost``), about 60 s on 2 workers at N = 100000.
+SUMS_SHARE = 5.4
 #: Finite widths: normal draws a second per core (NumPy's Philox; 55–62 M/s measured by
 #: benchmarks/finite_tile.py).
 WEIGHTS_PER_S = 6e7
@@ -279,8 +285,9 @@ WEIGHTS_PER_S = 6e7
 def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
     """Disk (bytes of its store), memory (bytes at its peak) and time (seconds) of a point,
     from the machine's ``rates`` (:func:`machine_rates`) and the constants above."""
+    from .chain import kept_layers
     from .operator.plan import default_dtype, default_tile
-    from .pipeline import RECOMPUTE_BLOCK
+    from .pipeline import BOUNDS_MAX_N, RECOMPUTE_BLOCK
     from .solvers.cholesky import memory_needed
 
     spec, n = point.spec, point.spec.n
@@ -310,6 +317,13 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
                    + groups * 2 * weights / WEIGHTS_PER_S / share)
         disk += 8 * n * columns if point.store else 0  # the feature cache while assembling
     chain = n * n * max(depth - 1, 1) / chain_s
+    if n <= BOUNDS_MAX_N:  # in the solving process: all N² pairs, one core
+        chain *= 2 * share * rates["cores"]
+    kept = (kept_layers(spec.kernel, point.tile or default_tile(n, rates["worker_memory"]),
+                        point.dtype or default_dtype(n)) if point.store else None)
+    if kept:  # made with the tiles, read back in seconds
+        build_s += n * n / 2 * len(kept) / (SUMS_SHARE * rates["entries_per_s"] * share)
+        chain = 0.0
     # --certify cholesky: K formed and factorised in this process (one attempt, n³/3 flops)
     certify = (n * n / 2 / (entries_s / share) + n ** 3 / 3 / rates["gemm_flops_per_s"]
                if s.certify == "cholesky" else 0.0)

@@ -235,3 +235,20 @@ def test_stale_or_wrong_sums_never_serve(client, tmp_path, capsys):
     notes = []
     assert lambda_min_bounds_from_store(store, X, notes.append) is None
     assert "did not keep them" in notes[0]
+
+
+@pytest.mark.parametrize("depth", [2, 3, 6])
+def test_the_in_process_chain_with_and_without_numba(monkeypatch, depth):
+    """lambda_min_bounds' row blocks through the compiled pass (the diagonal at the block's
+    offset) against the array-module layers, on rows with close pairs."""
+    from ntkdist import bounds
+    from ntkdist.kernels import fused
+
+    X = _hard_rows()
+    rows = _block(X, slice(None))
+    wanted = tuple(range(1, depth))
+    fast = bounds._max_row_power_sums(rows, depth - 1, wanted, 32)
+    monkeypatch.setattr(fused, "available", lambda: False)
+    slow = bounds._max_row_power_sums(rows, depth - 1, wanted, 32)
+    for m in wanted:
+        np.testing.assert_allclose(fast[m], slow[m], rtol=1e-12)

@@ -282,17 +282,18 @@ def _scaled(k, A: RowBlock, B: RowBlock, normalization: str):
 
 
 def kernel_tile_sums(A: RowBlock, B: RowBlock, depth: int, kernel: str, normalization: str,
-                     layers, orders: int, same: bool, tile: bool = True):
+                     layers, orders: int, same: bool, tile: bool = True, offset: int = 0):
     """(tile, rows, cols): the tile exactly as :func:`kernel_tile` makes it on the CPU with
     numba (None unless ``tile``), and the power sums the bounds chain needs of it
     (:mod:`ntkdist.chain`), from the same pass over the entries:
 
     ``rows[a, k, q]`` = Σ_b |P^(m_k)_ab|^(2q+2) and ``cols[b, k, q]`` = Σ_a |P^(m_k)_ab|^(2q+2)
-    (None when ``same``, a diagonal tile, whose diagonal is left out) for the correlation
-    layers m_k in ``layers`` (ascending, ≤ ``depth``; P^(1) the unit rows' Gram) and
-    q < ``orders``. The layers are those of :func:`correlation_layers`: close pairs
-    (1 − |ρ| < ``CLOSE_PAIR_GAP``) are left out of the compiled sums and added from their
-    exact gaps. NumPy row blocks, numba required."""
+    (None when ``same``: A's rows are B's from ``offset`` on, and the entries (a, ``offset``
+    + a), their diagonal, are left out) for the correlation layers m_k in ``layers``
+    (ascending, ≤ ``depth``; P^(1) the unit rows' Gram) and q < ``orders``. The layers are
+    those of :func:`correlation_layers`: close pairs (1 − |ρ| < ``CLOSE_PAIR_GAP``) are left
+    out of the compiled sums and added from their exact gaps. NumPy row blocks, numba
+    required."""
     from .fused import recursion_sums
 
     check_kernel_args(depth, kernel, normalization)
@@ -301,12 +302,13 @@ def kernel_tile_sums(A: RowBlock, B: RowBlock, depth: int, kernel: str, normaliz
     rho = _correlations(A.unit, B.unit, np)
     ii, jj = close_pairs(rho)
     k, rows, cols = recursion_sums(rho, depth, kernel, layers, orders,
-                                   diagonal=0 if same else None, gap=CLOSE_PAIR_GAP, tile=tile)
+                                   diagonal=offset if same else None, gap=CLOSE_PAIR_GAP,
+                                   tile=tile)
     if ii.shape[0]:
         exact = exact_gaps(A, B, ii, jj)
         if tile:
             k[ii, jj] = normalized_recursion(*exact, depth, kernel)
-        off = ii != jj if same else slice(None)
+        off = ii + offset != jj if same else slice(None)
         rho, s, t = (v[off] for v in exact)
         ii, jj = ii[off], jj[off]
         wanted = {m: q for q, m in enumerate(layers)}
