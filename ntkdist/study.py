@@ -269,14 +269,14 @@ PASS_EFFICIENCY = 1.0
 EIGH_FLOPS_PER_N3 = 7.0
 #: Distributed assembly's entries/s, and the bound's chain's entry-layers/s, as shares of the
 #: tile function's in-process rate at depth 3 (22 M/s against 35 M/s measured; the chain on
-#: 2 workers at N = 100000 in 118 s, ``python benchmarks/chain.py --n 100000 --workers 2``:
-#: 169 M entry-layers/s against 31 M/s).
+#: 2 workers at N = 100000 in 151 s, ``python benchmarks/chain.py --n 100000 --workers 2``:
+#: 132 M entry-layers/s against 31 M/s).
 ASSEMBLY_SHARE = 0.65
-CHAIN_SHARE = 5.4
+CHAIN_SHARE = 4.3
 #: The chain's power sums made with a store's tiles, upper entry-layers/s as a share of the
-#: same rate: 0.37 s a 4096 tile for two layers on one core (``python benchmarks/chain.py
-#: --n 8192 --tile-cost``), about 60 s on 2 workers at N = 100000.
-SUMS_SHARE = 5.4
+#: same rate: 0.41–0.50 s a 4096 tile for two layers on one core (``python
+#: benchmarks/chain.py --n 8192 --tile-cost``), about 75 s on 2 workers at N = 100000.
+SUMS_SHARE = 4.4
 #: Finite widths: normal draws a second per core (NumPy's Philox; 55–62 M/s measured by
 #: benchmarks/finite_tile.py).
 WEIGHTS_PER_S = 6e7

@@ -252,3 +252,27 @@ def test_the_in_process_chain_with_and_without_numba(monkeypatch, depth):
     slow = bounds._max_row_power_sums(rows, depth - 1, wanted, 32)
     for m in wanted:
         np.testing.assert_allclose(fast[m], slow[m], rtol=1e-12)
+
+
+_SUMS_BYTES = """
+import hashlib
+from ntkdist.chain import tile_with_sums
+from ntkdist.kernels.limiting import row_block
+from ntkdist.spec import make_spec
+run = make_spec(data="sphere", n=700, d=16, depth=3, seed=77)
+X = run.rows()
+tile, sums = tile_with_sums(run.kernel, row_block(X[:300]), row_block(X[300:]), (1, 2), False)
+print(hashlib.sha256(tile.tobytes()).hexdigest(), hashlib.sha256(sums.tobytes()).hexdigest())
+"""
+
+
+def test_sums_are_the_same_bits_freshly_compiled_and_from_numbas_cache(tmp_path):
+    """A store resumed by other processes must equal a clean one: the first process below
+    compiles the pass (an empty numba cache), the second loads it from that cache."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = [subprocess.run([sys.executable, "-c", _SUMS_BYTES], env=env, capture_output=True,
+                           text=True, check=True).stdout for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0].split()) == 2
