@@ -90,8 +90,8 @@ if numba is not None:
         order). Each sum runs in eight partial sums (column j in lane j mod 8, the columns
         past the last multiple of 8 in lane 0), added pairwise at the end: an order the code
         fixes, so the bits do not depend on how the compiler vectorises (with fastmath's
-        reductions, 1.7× as fast, a fresh compilation and numba's cached one gave different
-        last bits, and a resumed store other sums than a clean one)."""
+        reductions a fresh compilation and numba's cached one gave different last bits, and
+        a resumed store other sums than a clean one)."""
         width = values.shape[0]
         for j in range(width):
             p2[j] = values[j] * values[j]
