@@ -39,9 +39,10 @@ if numba is not None:
         return theta * rho - sin_theta
 
     @numba.njit(cache=True, inline="always")
-    def _step(rho, s, t, advance):
-        """One layer of the recursion at one entry: (ρ_next, π − θ, s, t), with s and t
-        advanced only if ``advance`` (another layer follows)."""
+    def _step(rho, s, t, k, advance):
+        """One layer of the recursion at one entry: (ρ_next, s, t, k_next) with the NTK's
+        k_next = k (π − θ)/π + ρ_next, and s and t advanced only if ``advance`` (another
+        layer follows)."""
         pi = math.pi
         sin_theta = math.sqrt(s * t)
         if -0.9 <= rho <= 0.9:
@@ -53,11 +54,10 @@ if numba is not None:
         if advance:
             s = (pi * s + _theta_cos_minus_sin(theta, rho, sin_theta)) / pi
             t = 1.0 + rho_next
-        return rho_next, phi, s, t
+        return rho_next, s, t, k * (phi / pi) + rho_next
 
     @numba.njit(cache=True, parallel=True)
     def _recursion(rho_in, depth, ntk, out):
-        pi = math.pi
         rows, cols = rho_in.shape
         for i in numba.prange(rows):
             for j in range(cols):
@@ -66,9 +66,7 @@ if numba is not None:
                 t = 1.0 + rho
                 k = rho
                 for layer in range(2, depth + 1):
-                    rho_next, phi, s, t = _step(rho, s, t, layer < depth)
-                    k = k * (phi / pi) + rho_next
-                    rho = rho_next
+                    rho, s, t, k = _step(rho, s, t, k, layer < depth)
                 out[i, j] = k if ntk else rho
 
 
@@ -136,7 +134,6 @@ if numba is not None:
         cols[slot[m], :, j]; entries with |ρ| > 1 − ``gap`` (close pairs, for the caller's
         exact fix-up) and, for ``diagonal`` ≥ 0, the entries (i, ``diagonal`` + i) are left
         out of the sums."""
-        pi = math.pi
         n_rows, n_cols = rho_in.shape
         wanted = rows.shape[1]
         layers = np.zeros((wanted, n_cols))
@@ -153,9 +150,7 @@ if numba is not None:
                 t = 1.0 + rho
                 k = rho
                 for layer in range(2, depth + 1):
-                    rho_next, phi, s, t = _step(rho, s, t, layer < depth)
-                    k = k * (phi / pi) + rho_next
-                    rho = rho_next
+                    rho, s, t, k = _step(rho, s, t, k, layer < depth)
                     if slot[layer] >= 0:
                         layers[slot[layer], j] = rho if keep else 0.0
                 if write:
