@@ -7,8 +7,9 @@ this process (the count of products does not depend on the operator that compute
         --configs "lobpcg:32:harmonic,lobpcg:128:harmonic,davidson:32:harmonic"
 
 A config is METHOD:BLOCK:PRECOND (PRECOND as --precond takes it; ``shift`` runs the
-two-stage shift-invert solve, its estimate's passes counted). Sphere rows, L = 3,
-seed 31, tol 1e-8 unless given. One line per (N, config): passes, status, λ_min, seconds.
+two-stage shift-invert solve, its estimate's passes counted; σ from the paper's model where
+it is trusted, as a run places it, unless ``--no-prediction``). Sphere rows, L = 3, seed 31,
+tol 1e-8 unless given. One line per (N, config): passes, status, λ_min, seconds.
 
 ``--spectrum J`` also prints, per N, the J smallest eigenvalues' spread (λ_j/λ_1 − 1 for
 j = 2, 17, 33, 65, … ≤ J, by LAPACK's eigh of K) and, for ``shift`` configs, where σ fell
@@ -26,7 +27,7 @@ from ntkdist.bounds import upper_bounds
 from ntkdist.solvers.cholesky import dense_kernel
 from ntkdist.solvers.driver import smallest_eigenpairs
 from ntkdist.solvers.precond import make_preconditioner
-from ntkdist.solvers.shift import solve_shifted
+from ntkdist.solvers.shift import solve_shifted, trusted_prediction
 from ntkdist.spec import make_spec
 
 
@@ -39,6 +40,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=31)
     p.add_argument("--tol", type=float, default=1e-8)
     p.add_argument("--max-products", type=int, default=800)
+    p.add_argument("--no-prediction", action="store_true",
+                   help="shift configs: σ from the estimate alone (as before the prediction)")
     p.add_argument("--spectrum", type=int, default=0,
                    help="print the spread of the J smallest eigenvalues (dense eigh)")
     args = p.parse_args()
@@ -56,6 +59,8 @@ def main() -> None:
             print(f"d={args.d} N={n} lambda_1={low[0]:.12g} spread "
                   + " ".join(f"lambda_{j}/lambda_1-1={low[j - 1] / low[0] - 1:.3g}"
                              for j in marks), flush=True)
+        prediction = None if args.no_prediction else trusted_prediction(
+            "sphere", n, args.d, args.depth, "ntk", "paper")
         for config in args.configs.split(","):
             method, block, precond = config.split(":", 2)
             pre = make_preconditioner(precond, X, args.depth, "ntk", "paper")
@@ -69,9 +74,10 @@ def main() -> None:
             if precond == "shift":  # the two-stage solve: the estimate's passes counted
                 sol, used = solve_shifted(matmat, n, method, X, spec.kernel, pre, tol=args.tol,
                                           block=int(block), max_products=args.max_products,
-                                          scale=scale)
+                                          scale=scale, prediction=prediction)
                 what = (f"estimate {used.info['estimate_passes']} passes, sigma "
-                        f"{used.info.get('sigma', used.info.get('shift_skipped'))}")
+                        f"{used.info.get('sigma', used.info.get('shift_skipped'))} from the "
+                        f"{used.info.get('sigma_from')}")
                 sigma, b = used.info.get("sigma"), int(block)
                 if low is not None and sigma is not None and low.size > b:
                     what += (f", 1-sigma/lambda_1 {1 - sigma / low[0]:.3g}, rate "

@@ -485,7 +485,7 @@ def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="
     """The shift-invert solve (:func:`ntkdist.solvers.shift.solve_shifted`) of a run: K − σI
     read from ``store`` where the run has one, on the client's GPU for ``device`` "gpu".
     Returns (the solve, the preconditioner it finished with)."""
-    from .solvers.shift import solve_shifted
+    from .solvers.shift import solve_shifted, trusted_prediction
 
     xp = None
     if device == "gpu":  # formed, factored and applied on the client's GPU
@@ -499,9 +499,12 @@ def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="
         return make_preconditioner("harmonic" if s.precond == "shift" else s.precond, X,
                                    kern.depth, kern.kind, kern.normalization, device=device)
 
-    sol, pre = solve_shifted(matmat, spec.n, s.method, X, spec.kernel, estimate, tol=s.tol,
+    kern = spec.kernel
+    prediction = trusted_prediction(spec.data.source, spec.n, spec.d, kern.depth, kern.kind,
+                                    kern.normalization)
+    sol, pre = solve_shifted(matmat, spec.n, s.method, X, kern, estimate, tol=s.tol,
                              fast_matmat=fast, xp=xp, skip=repeated, fallback=fallback,
-                             store=store, **common)
+                             store=store, prediction=prediction, **common)
     pre.info["asked"] = s.precond
     return sol, pre
 

@@ -299,3 +299,120 @@ def test_k_minus_sigma_read_from_the_store_and_formed_where_a_tile_is_damaged(tm
         stored_shifted_kernel(store, 0.5, F)
     again = shift_invert(X, spec.kernel, 0.9 * lam, store=store)  # formed from the rows
     np.testing.assert_allclose(again.apply(R), good, rtol=1e-3)
+
+
+def test_sigmas_from_a_prediction_and_from_the_estimate():
+    from ntkdist.solvers.shift import SHIFT_PREDICTION_MARGIN as m, shift_sigmas
+
+    plain, why = shift_sigmas(40.0, 1.0)
+    assert plain == pytest.approx([39.0, 36.0]) and why is None
+    near, why = shift_sigmas(40.0, 1.0, prediction=38.0)  # below λ̃: tried first
+    assert why is None
+    assert near == pytest.approx([38.0 * (1 - m), 38.0 * (1 - 4 * m), 36.0])
+    assert near == sorted(near, reverse=True)
+    loose, _ = shift_sigmas(42.0, 4.0, prediction=38.0)  # the estimate's first σ lies above
+    assert loose == pytest.approx([38.0 * (1 - m), 38.0 * (1 - 4 * m), 42.0 - 16.0])
+    high, why = shift_sigmas(40.0, 1.0, prediction=40.5)  # above an upper bound of λ_1
+    assert high == plain and "not below the estimate" in why and "\n" not in why
+
+
+def test_the_prediction_places_sigma_only_in_its_measured_domain():
+    from ntkdist.predict import predict_lambda_min
+    from ntkdist.solvers.shift import trusted_prediction
+
+    p = trusted_prediction("sphere", 5000, 64, 3, "ntk", "paper")
+    assert p == predict_lambda_min(5000, 64, 3, "ntk", "paper")["lambda_min"]
+    assert trusted_prediction("sphere", 5000, 64, 4, "ntk", "nt") > 0
+    for args in (("gaussian", 5000, 64, 3, "ntk"), ("/data/x.npy", 5000, 64, 3, "ntk"),
+                 ("sphere", 5000, 32, 3, "ntk"), ("sphere", 5000, 64, 2, "ntk"),
+                 ("sphere", 5000, 64, 3, "nngp"), ("sphere", 5000, 64, 3, "empirical")):
+        assert trusted_prediction(*args, "paper") is None, args
+
+
+@pytest.fixture(scope="module")
+def shifted_problem():
+    spec = make_spec(n=2000, d=16, depth=3, seed=5)
+    X = spec.rows()
+    K = dense_kernel(X, spec.kernel)
+    return spec, X, K, float(np.linalg.eigvalsh(K)[0])
+
+
+def _solve_with(problem, prediction, monkeypatch):
+    """solve_shifted in process with ``prediction``: (the solve, its preconditioner, its
+    passes, every σ it tried to factor)."""
+    import ntkdist.solvers.shift as shift
+    from ntkdist.solvers.precond import make_preconditioner
+
+    spec, X, K, ref = problem
+    pre = make_preconditioner("shift", X, 3, "ntk", "paper")
+    passes, tried = [], []
+
+    def matmat(V):
+        passes.append(1)
+        return K @ V
+
+    real = shift.shift_invert
+
+    def watched(X, kernel, sigma, **kw):
+        tried.append(sigma)
+        return real(X, kernel, sigma, **kw)
+
+    monkeypatch.setattr(shift, "shift_invert", watched)
+    sol, P = shift.solve_shifted(matmat, 2000, "davidson", X, spec.kernel, pre, tol=1e-8,
+                                 block=16, prediction=prediction,
+                                 scale=float(np.trace(K)) / 2000)
+    assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
+    return sol, P, len(passes), tried
+
+
+def test_a_close_prediction_places_sigma_and_saves_passes(shifted_problem, monkeypatch):
+    from ntkdist.solvers.shift import SHIFT_PREDICTION_MARGIN as m
+
+    ref = shifted_problem[3]
+    _, P0, plain, tried0 = _solve_with(shifted_problem, None, monkeypatch)
+    assert P0.info["sigma_from"] == "estimate" and "prediction" not in P0.info
+    _, P, fewer, tried = _solve_with(shifted_problem, 1.001 * ref, monkeypatch)
+    assert tried == [pytest.approx(1.001 * ref * (1 - m))] and P.name == "shift"
+    assert P.info["sigma_from"] == "prediction" and P.info["prediction"] == 1.001 * ref
+    assert P.info["sigma"] < ref and P.info["sigma"] > tried0[0]  # closer than the estimate's
+    assert fewer < plain, (fewer, plain)
+
+
+def test_a_prediction_too_high_fails_to_factor_and_a_lower_sigma_serves(shifted_problem,
+                                                                        monkeypatch):
+    from ntkdist.solvers.shift import SHIFT_PREDICTION_MARGIN as m
+
+    ref = shifted_problem[3]
+    high = (1 + 2 * m) * ref  # p·(1 − m) lies above λ_1: K − σI is indefinite
+    _, P, _, tried = _solve_with(shifted_problem, high, monkeypatch)
+    assert P.info["estimate"] > high  # the estimate did not rule it out
+    assert tried == pytest.approx([high * (1 - m), high * (1 - 4 * m)])
+    assert P.name == "shift" and P.info["sigma_tried"] == tried
+    assert P.info["sigma"] == tried[1] < ref and P.info["sigma_from"] == "prediction"
+
+
+def test_a_prediction_above_the_estimate_is_not_used(shifted_problem, monkeypatch):
+    ref = shifted_problem[3]
+    _, P, _, tried = _solve_with(shifted_problem, 2.0 * ref, monkeypatch)
+    assert "not below the estimate" in P.info["prediction_unused"]
+    assert P.info["estimate_passes"] > 2  # the estimate went on past the prediction's pass
+    assert P.info["sigma_from"] == "estimate" and tried[0] < ref
+
+
+def test_a_sphere_run_at_d_64_places_sigma_by_the_prediction(tmp_path):
+    from ntkdist.predict import predict_lambda_min
+    from ntkdist.solvers.shift import SHIFT_PREDICTION_MARGIN as m
+
+    out = str(tmp_path / "p")
+    assert main(["run", "--n", "1200", "--d", "64", "--depth", "3", "--seed", "4",
+                 "--method", "davidson", "--precond", "shift", "--out", out]) == 0
+    r = json.load(open(os.path.join(out, "result.json")))
+    X = synthetic_rows("sphere", 64, 4, 0, 1200)
+    ref = float(np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0])
+    assert r["status"] == "certified" and r["lambda_min"] == pytest.approx(ref, rel=1e-8)
+    p = r["preconditioner"]
+    want = predict_lambda_min(1200, 64, 3)["lambda_min"]
+    assert p["prediction"] == pytest.approx(want, rel=1e-12)
+    assert r["bounds"]["prediction"]["value"] == pytest.approx(want, rel=1e-12)
+    assert p["sigma_from"] == "prediction" and p["sigma"] == pytest.approx(want * (1 - m))
+    assert p["sigma"] < ref < p["estimate"]

@@ -15,6 +15,11 @@ solve therefore runs in two stages (``ntkdist.pipeline``):
    degree-1 terms, which join by Woodbury: :func:`shift_invert`), and the solve goes on from
    the estimate's Ritz block with P, to the asked accuracy.
 
+Where the paper's model predicts λ_1 closely (sphere rows, the NTK, d ≥ 64, depth ≥ 3:
+:func:`trusted_prediction`), the estimate takes one pass and σ is first tried
+:data:`SHIFT_PREDICTION_MARGIN` below the prediction, if the prediction lies below the
+estimate's Ritz value (:func:`shift_sigmas`); else the estimate goes on as above.
+
 If the factorisation fails (σ above λ_1, or K − σI beyond float32) σ is moved down once, to
 λ̃ − 4(λ̃ − σ); if that fails too, or λ̃ is below :data:`SHIFT_MIN_RATIO`·tr(K)/N, or rows
 repeat, the solve goes on with the harmonic preconditioner. The
@@ -45,6 +50,28 @@ SHIFT_ESTIMATE_TOL = 3e-2
 #: which is the larger at SHIFT_ESTIMATE_TOL). At N = 5000, d = 64, σ 0.4 %, 2 % and 7 %
 #: below λ_1 took 7, 12 and 22 passes from a random start.
 SHIFT_MARGIN = 1e-2
+#: Where the paper's model predicts λ_1 closely (:func:`trusted_prediction`), σ is first
+#: tried this fraction below the prediction: about twice its largest error measured in that
+#: domain (+0.27 %, d = 64, L = 10, N = 3000; docs/theory.md). A σ above
+#: λ_1 costs one more factorisation, never a wrong value. Through `ntkdist run --store`
+#: (d = 64, Davidson block 32; benchmarks/RESULTS.md) σ 0.44 % below λ_1 took the shifted
+#: stage 13 float32 passes at N = 40000 against 22 with σ = λ̃ − ‖r‖ (1.6 % below), and 15
+#: with a margin of 0.75 %.
+SHIFT_PREDICTION_MARGIN = 5e-3
+#: Stage 1's accuracy and passes where σ comes from the prediction: the estimate then only
+#: gives the shifted stage a start and checks the prediction against a Ritz value, an upper
+#: bound of λ_1 after any pass. The shifted stage barely needs a better start: at N = 10000
+#: and 40000 (the same runs) 1 pass (the start block's, and its residuals' pass) took 13 and
+#: 18 passes in all, 2 passes 14 and 19 (1e-1: 15 and 23, 3 and 5 of them the estimate's).
+SHIFT_PREDICTION_ESTIMATE_TOL = 1e-1
+SHIFT_PREDICTION_ESTIMATE_PASSES = 1
+#: The model's domain for σ (:func:`trusted_prediction`): rows uniform on the sphere of
+#: radius √d, the limiting NTK, depth ≥ 3, d ≥ 64 (measured: −0.26 % to +0.27 % at depths
+#: 3–20). Outside it the prediction errs by more (the NTK at L = 2, d = 64: +0.45 % to
+#: +1.27 %; d = 48: +0.37 %; d = 32: up to +2.6 %; the NNGP at d = 64: +0.25 % at L = 3,
+#: +0.42 % at L = 8).
+PREDICTION_MIN_D = 64
+PREDICTION_MIN_DEPTH = 3
 #: No shift where the estimate is below this fraction of tr(K)/N: λ_1 − σ would be far
 #: below what a float32 factor resolves (the sphere at d = 64: 0.17; d = 8, N = 6400: 0.03).
 SHIFT_MIN_RATIO = 1e-3
@@ -101,6 +128,48 @@ def shift_fits(n: int, max_bytes: float | None = None, xp=None) -> str | None:
 def shift_sigma(estimate: float, residual: float, margin: float = SHIFT_MARGIN) -> float:
     """σ below a Ritz value ``estimate`` (≥ λ_1) with residual norm ``residual``."""
     return float(estimate) - max(margin * abs(float(estimate)), float(residual))
+
+
+def in_prediction_domain(source: str, d: int, depth: int, kind: str) -> bool:
+    """Whether the prediction may place σ (:func:`trusted_prediction`)."""
+    return (source == "sphere" and kind == "ntk" and depth >= PREDICTION_MIN_DEPTH
+            and d >= PREDICTION_MIN_D)
+
+
+def trusted_prediction(source: str, n: int, d: int, depth: int, kind: str,
+                       normalization: str) -> float | None:
+    """The predicted λ_1 (:func:`ntkdist.predict.predict_lambda_min`, the free edge) where it
+    may place σ: rows drawn uniform on the sphere (``source`` "sphere"), the limiting NTK at
+    depth ≥ :data:`PREDICTION_MIN_DEPTH`, d ≥ :data:`PREDICTION_MIN_D`; else None.
+    The prediction only steers: a σ above λ_1 fails to factor and the estimate's σ follows."""
+    if not in_prediction_domain(source, d, depth, kind):
+        return None
+    from ..predict import predict_lambda_min
+
+    value = float(predict_lambda_min(n, d, depth, kind, normalization)["lambda_min"])
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def shift_sigmas(estimate: float, residual: float,
+                 prediction: float | None = None) -> tuple[list[float], str | None]:
+    """The σ to try in turn, each lower than the last (a factorisation that fails says σ
+    was above λ_1, or too close to it for float32). Without a ``prediction``:
+    :func:`shift_sigma`'s λ̃ − max(1 % λ̃, ‖r‖), then λ̃ − 4(λ̃ − that). With one below the
+    Ritz value λ̃ (an upper bound of λ_1: a prediction above it is wrong by more than its
+    margin): p·(1 − m) and p·(1 − 4m) (m = :data:`SHIFT_PREDICTION_MARGIN`), then the first
+    of the estimate's two below those. Returns (the σ, why the prediction was not used or
+    None)."""
+    lam = float(estimate)
+    est = shift_sigma(lam, residual)
+    plain = [est, lam - 4.0 * (lam - est)]
+    if prediction is None:
+        return plain, None
+    if not prediction < lam:
+        return plain, (f"the prediction {prediction:.6g} is not below the estimate {lam:.6g}, "
+                       "an upper bound of λ_min")
+    m = SHIFT_PREDICTION_MARGIN
+    near = [float(prediction) * (1.0 - m), float(prediction) * (1.0 - 4.0 * m)]
+    return near + [s for s in plain if s < near[-1]][:1], None
 
 
 def shifted_kernel(X: np.ndarray, kernel, sigma: float, block: int = SHIFT_BLOCK,
@@ -241,14 +310,17 @@ def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None,
 def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, *,
                   tol: float = 1e-8, k: int = 1, fast_matmat=None, xp=None,
                   skip: str | None = None, fallback=None, store: str | None = None,
-                  log=None, **options):
+                  prediction: float | None = None, log=None, **options):
     """The two-stage shift-invert solve (module docstring) of K's k smallest eigenpairs,
     certified to ``tol`` as :func:`ntkdist.solvers.driver.smallest_eigenpairs` certifies:
     ``estimate`` (a :class:`Preconditioner`, the harmonic model) for the first stage, on
     ``fast_matmat`` where given; ``X`` and ``kernel`` (with a closed form) to form K − σI
     (on the GPU of ``xp`` where given). ``skip``: a reason not to shift (the solve then runs
     with ``fallback``'s preconditioner alone). ``store``: a complete store of K to read
-    K − σI from (:func:`shift_invert`). ``fallback``: a function giving the preconditioner
+    K − σI from (:func:`shift_invert`). ``prediction``: a model's λ_1 to place σ by
+    (:func:`trusted_prediction`, :func:`shift_sigmas`; the estimate then takes
+    :data:`SHIFT_PREDICTION_ESTIMATE_PASSES`, and goes on only where the prediction is not
+    below its Ritz value). ``fallback``: a function giving the preconditioner
     to solve or finish with where the shift is not used (default: ``estimate``).
     ``options``: the driver's other arguments (``block``, ``max_products``, a cap on both
     stages' passes together, ``scale``, tr(K)/N, ``checkpoint``, ``start``, ...). Returns
@@ -270,23 +342,51 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
         sol.notes.append(f"shift-invert not used ({why}); the harmonic model instead")
         pre.info = {**(pre.info or {}), "shift_skipped": why}
         return sol, pre
-    tol1 = max(tol, SHIFT_ESTIMATE_TOL)
-    log(f"shift-invert, stage 1: λ_min to {tol1:g} with the harmonic preconditioner "
-        f"(degrees ≤ {estimate.degree}){' on the float32 products' if fast_matmat else ''}")
+    on = " on the float32 products" if fast_matmat else ""
     t = time.perf_counter()
-    stage1 = dict(k=k, tol=tol1, precond=estimate.apply, max_products=max(1, max_products // 2),
-                  **options)
-    overflowed, counted = None, Checked(fast_matmat) if fast_matmat else None
-    try:
-        first = smallest_eigenpairs(counted or matmat, n, method,
-                                    log=fast_log(log) if fast_matmat else log, **stage1)
-    except NonFiniteProducts:  # entries beyond float32's range: float64 from here on
-        overflowed = ("a float32 product overflowed in the shift's estimate: float64 "
-                      "products from there on")
-        fast_matmat = None
-        first = smallest_eigenpairs(matmat, n, method, log=log, **stage1)
-        first.products += counted.calls  # the passes the float32 attempt spent count too
-        first.notes.append(overflowed)
+    cap = max(1, max_products // 2)
+    base = dict(k=k, precond=estimate.apply, **options)
+    overflowed = None
+
+    def run_estimate(tol_e, cap_e, start=None):
+        nonlocal fast_matmat, overflowed
+        opts = {**base, "tol": tol_e, "max_products": cap_e}
+        if start is not None:
+            opts["start"] = start
+        counted = Checked(fast_matmat) if fast_matmat else None
+        try:
+            return smallest_eigenpairs(counted or matmat, n, method,
+                                       log=fast_log(log) if fast_matmat else log, **opts)
+        except NonFiniteProducts:  # entries beyond float32's range: float64 from here on
+            overflowed = ("a float32 product overflowed in the shift's estimate: float64 "
+                          "products from there on")
+            fast_matmat = None
+            r = smallest_eigenpairs(matmat, n, method, log=log, **opts)
+            r.products += counted.calls  # the passes the float32 attempt spent count too
+            r.notes.append(overflowed)
+            return r
+
+    tol1, first = max(tol, SHIFT_ESTIMATE_TOL), None
+    if prediction is not None:
+        quick = max(tol, SHIFT_PREDICTION_ESTIMATE_TOL)
+        log(f"shift-invert, stage 1: a Ritz value in at most "
+            f"{min(cap, SHIFT_PREDICTION_ESTIMATE_PASSES)} pass(es){on}, to check the "
+            f"prediction {prediction:.10g} against")
+        first = run_estimate(quick, min(cap, SHIFT_PREDICTION_ESTIMATE_PASSES))
+        if prediction < float(first.values[0]):
+            tol1 = quick
+        elif first.products < cap:  # the prediction will not serve: the estimate goes on
+            log(f"note: the prediction {prediction:.6g} is not below the Ritz value "
+                f"{float(first.values[0]):.6g}: the estimate goes on to {tol1:g}")
+            more = run_estimate(tol1, cap - first.products, start=first.ritz_block)
+            more.products += first.products
+            more.iterations += first.iterations
+            more.notes = first.notes + more.notes
+            first = more
+    else:
+        log(f"shift-invert, stage 1: λ_min to {tol1:g} with the harmonic preconditioner "
+            f"(degrees ≤ {estimate.degree}){on}")
+        first = run_estimate(tol1, cap)
     first_seconds = time.perf_counter() - t
     lam, res = float(first.values[0]), float(first.residuals[0])
     if fast_matmat is None and tol1 == tol and first.status == "certified":
@@ -297,11 +397,17 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     checkpoint = options.get("checkpoint")
     if checkpoint is not None and first.ritz_block is not None:  # before the factorisation
         checkpoint.prime(first.ritz_block, first.ritz_values, first.iterations, first.products)
-    pre, sigma = None, shift_sigma(lam, res)
+    sigmas, unused = shift_sigmas(lam, res, prediction)
+    if prediction is not None:
+        info["prediction"] = float(prediction)
+        if unused:
+            info["prediction_unused"] = unused
+            log(f"note: σ from the estimate: {unused}")
+    pre, predicted = None, prediction is not None and not unused
     if lam < SHIFT_MIN_RATIO * float(options.get("scale") or 0.0):
         info["shift_skipped"] = (f"the estimate {lam:.3g} is below {SHIFT_MIN_RATIO:g}·tr(K)/N, "
                                  "too close to 0 for a float32 factor of K − σI")
-    for _ in range(0 if "shift_skipped" in info else 2):
+    for sigma in ([] if "shift_skipped" in info else sigmas):
         if not sigma > 0:
             break
         info["sigma_tried"].append(sigma)
@@ -316,7 +422,6 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
         if pre is not None:
             break
         log(f"note: K − σI does not factor in float32 at σ = {sigma:.10g}: σ lowered")
-        sigma = lam - 4.0 * (lam - sigma)
     if pre is None:
         why = info.get("shift_skipped") or (
             "the estimate leaves no positive σ" if not info["sigma_tried"] else
@@ -326,7 +431,9 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
         pre = fallback() if fallback is not None else estimate
         info["shift_skipped"] = why
     else:
-        log(f"shift-invert preconditioner: σ = {sigma:.10g}, set-up {pre.setup_seconds:.1f} s "
+        info["sigma_from"] = "prediction" if predicted and sigma in sigmas[:2] else "estimate"
+        log(f"shift-invert preconditioner: σ = {sigma:.10g} (from the {info['sigma_from']}), "
+            f"set-up {pre.setup_seconds:.1f} s "
             f"({pre.info['form_seconds']:.1f} s forming K − σI)")
     pre.info = {**(pre.info or {}), **info}
     if first.ritz_block is not None:
