@@ -75,7 +75,7 @@ def main() -> None:
                 sol, used = solve_shifted(matmat, n, method, X, spec.kernel, pre, tol=args.tol,
                                           block=int(block), max_products=args.max_products,
                                           scale=scale, prediction=prediction)
-                what = (f"estimate {used.info['estimate_passes']} passes, sigma "
+                what = (f"estimate {used.info.get('estimate_passes')} passes, sigma "
                         f"{used.info.get('sigma', used.info.get('shift_skipped'))} from the "
                         f"{used.info.get('sigma_from')}")
                 sigma, b = used.info.get("sigma"), int(block)

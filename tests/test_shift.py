@@ -15,6 +15,8 @@ from ntkdist.solvers.cholesky import dense_kernel
 from ntkdist.solvers.shift import shift_fits, shift_invert, shift_sigma, shifted_kernel
 from ntkdist.spec import make_spec
 
+REAL_SHIFT_INVERT = shift_invert
+
 
 def _rows(n, d, seed=3):
     """Gaussian rows of spread norms (not the sphere): the general case."""
@@ -309,11 +311,13 @@ def test_sigmas_from_a_prediction_and_from_the_estimate():
     near, why = shift_sigmas(40.0, 1.0, prediction=38.0)  # below λ̃: tried first
     assert why is None
     assert near == pytest.approx([38.0 * (1 - m), 38.0 * (1 - 4 * m), 36.0])
-    assert near == sorted(near, reverse=True)
     loose, _ = shift_sigmas(42.0, 4.0, prediction=38.0)  # the estimate's first σ lies above
     assert loose == pytest.approx([38.0 * (1 - m), 38.0 * (1 - 4 * m), 42.0 - 16.0])
     high, why = shift_sigmas(40.0, 1.0, prediction=40.5)  # above an upper bound of λ_1
     assert high == plain and "not below the estimate" in why and "\n" not in why
+    for bad in (0.0, -3.0, float("nan"), float("inf")):
+        got, why = shift_sigmas(40.0, 1.0, prediction=bad)
+        assert got == plain and "not a positive number" in why
 
 
 def test_the_prediction_places_sigma_only_in_its_measured_domain():
@@ -337,9 +341,9 @@ def shifted_problem():
     return spec, X, K, float(np.linalg.eigvalsh(K)[0])
 
 
-def _solve_with(problem, prediction, monkeypatch):
-    """solve_shifted in process with ``prediction``: (the solve, its preconditioner, its
-    passes, every σ it tried to factor)."""
+def _solve_with(problem, prediction, monkeypatch, fail=0, **kw):
+    """solve_shifted in process with ``prediction``, its first ``fail`` factorisations made
+    to fail: (the solve, its preconditioner, its passes, every σ it tried to factor)."""
     import ntkdist.solvers.shift as shift
     from ntkdist.solvers.precond import make_preconditioner
 
@@ -351,17 +355,17 @@ def _solve_with(problem, prediction, monkeypatch):
         passes.append(1)
         return K @ V
 
-    real = shift.shift_invert
-
     def watched(X, kernel, sigma, **kw):
         tried.append(sigma)
-        return real(X, kernel, sigma, **kw)
+        return None if len(tried) <= fail else REAL_SHIFT_INVERT(X, kernel, sigma, **kw)
 
     monkeypatch.setattr(shift, "shift_invert", watched)
-    sol, P = shift.solve_shifted(matmat, 2000, "davidson", X, spec.kernel, pre, tol=1e-8,
-                                 block=16, prediction=prediction,
-                                 scale=float(np.trace(K)) / 2000)
-    assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
+    kw = {"tol": 1e-8, **kw}
+    sol, P = shift.solve_shifted(matmat, 2000, "davidson", X, spec.kernel, pre, block=16,
+                                 prediction=prediction, scale=float(np.trace(K)) / 2000, **kw)
+    assert sol.products == len(passes)
+    if kw["tol"] == 1e-8:
+        assert sol.status == "certified" and sol.values[0] == pytest.approx(ref, rel=1e-8)
     return sol, P, len(passes), tried
 
 
@@ -416,3 +420,41 @@ def test_a_sphere_run_at_d_64_places_sigma_by_the_prediction(tmp_path):
     assert r["bounds"]["prediction"]["value"] == pytest.approx(want, rel=1e-12)
     assert p["sigma_from"] == "prediction" and p["sigma"] == pytest.approx(want * (1 - m))
     assert p["sigma"] < ref < p["estimate"]
+
+
+def test_both_sigmas_of_the_prediction_failing_leave_the_estimates(shifted_problem,
+                                                                   monkeypatch):
+    from ntkdist.solvers.shift import shift_sigmas
+
+    ref = shifted_problem[3]
+    _, P, _, tried = _solve_with(shifted_problem, 1.001 * ref, monkeypatch, fail=2)
+    want, _ = shift_sigmas(P.info["estimate"], P.info["estimate_residual"], 1.001 * ref)
+    assert len(want) == 3 and tried == pytest.approx(want)
+    assert P.name == "shift" and P.info["sigma_from"] == "estimate"
+
+
+def test_an_estimate_judged_at_a_looser_tol_is_not_returned_as_certified(monkeypatch):
+    """The prediction's check is judged at 1e-1: with no passes left to go on, a check
+    'certified' there must not stand as a solve certified to --tol 5e-2."""
+    from types import SimpleNamespace
+
+    import ntkdist.solvers.driver as driver
+    import ntkdist.solvers.shift as shift
+
+    calls = []
+
+    def fake(matmat, n, method, tol=1e-8, max_products=600, **kw):
+        calls.append(tol)
+        return SimpleNamespace(values=np.array([10.0]), residuals=np.array([0.5]),
+                               status="certified", products=max_products, iterations=1,
+                               ritz_block=None, ritz_values=None, notes=[], phases=None,
+                               converged=True, solver_seconds=0.0)
+
+    monkeypatch.setattr(driver, "smallest_eigenpairs", fake)
+    monkeypatch.setattr(shift, "shift_invert", lambda *a, **k: None)
+    pre = SimpleNamespace(apply=None, degree=2, info=None)
+    sol, P = shift.solve_shifted(lambda V: V, 500, "davidson", np.zeros((500, 3)), None, pre,
+                                 tol=5e-2, prediction=20.0, max_products=2)
+    assert calls[0] == pytest.approx(1e-1)  # the check, judged at 1e-1 and out of passes
+    assert len(calls) == 2 and calls[1] == 5e-2  # so the solve went on to the asked tol
+    assert "certified to tol" not in (P.info or {}).get("shift_skipped", "")

@@ -15,13 +15,15 @@ solve therefore runs in two stages (``ntkdist.pipeline``):
    degree-1 terms, which join by Woodbury: :func:`shift_invert`), and the solve goes on from
    the estimate's Ritz block with P, to the asked accuracy.
 
-Where the paper's model predicts λ_1 closely (sphere rows, the NTK, d ≥ 64, depth ≥ 3:
-:func:`trusted_prediction`), the estimate takes one pass and σ is first tried
-:data:`SHIFT_PREDICTION_MARGIN` below the prediction, if the prediction lies below the
-estimate's Ritz value (:func:`shift_sigmas`); else the estimate goes on as above.
+Where the paper's model predicts λ_1 closely (sphere rows, the NTK, d ≥ 64, depth ≥ 3,
+N ≥ 1000: :func:`trusted_prediction`), the estimate stops after its start block (two
+passes) and σ is first tried :data:`SHIFT_PREDICTION_MARGIN` below the prediction p, if p
+lies below the estimate's Ritz value (:func:`shift_sigmas`); else the estimate goes on as
+above.
 
-If the factorisation fails (σ above λ_1, or K − σI beyond float32) σ is moved down once, to
-λ̃ − 4(λ̃ − σ); if that fails too, or λ̃ is below :data:`SHIFT_MIN_RATIO`·tr(K)/N, or rows
+If the factorisation fails (σ above λ_1, or K − σI beyond float32) σ is moved down: to
+λ̃ − 4(λ̃ − σ) (after p, to p less 4 margins, then to the estimate's first σ below that);
+if the last fails too, or λ̃ is below :data:`SHIFT_MIN_RATIO`·tr(K)/N, or rows
 repeat, the solve goes on with the harmonic preconditioner. The
 preconditioner only steers the iteration: the values, residuals and certificate come from
 the products alone, whatever σ is.
@@ -52,26 +54,33 @@ SHIFT_ESTIMATE_TOL = 3e-2
 SHIFT_MARGIN = 1e-2
 #: Where the paper's model predicts λ_1 closely (:func:`trusted_prediction`), σ is first
 #: tried this fraction below the prediction: about twice its largest error measured in that
-#: domain (+0.27 %, d = 64, L = 10, N = 3000; docs/theory.md). A σ above
-#: λ_1 costs one more factorisation, never a wrong value. Through `ntkdist run --store`
-#: (d = 64, Davidson block 32; benchmarks/RESULTS.md) σ 0.44 % below λ_1 took the shifted
-#: stage 13 float32 passes at N = 40000 against 22 with σ = λ̃ − ‖r‖ (1.6 % below), and 15
-#: with a margin of 0.75 %.
+#: domain (+0.27 %, d = 64, L = 10, N = 3000; docs/theory.md). A σ above λ_1 costs a
+#: factorisation more (or, within float32's reach of λ_1, a factor of an indefinite matrix,
+#: which still only steers), never a wrong value. Through `ntkdist run --store` (d = 64,
+#: Davidson block 32; benchmarks/RESULTS.md), σ 0.40–0.45 % below λ_1 took the shifted
+#: stage and its float64 passes 11, 14 and 16 passes at N = 10000, 20000 and 40000, against
+#: 14, 19 and 23 with σ = λ̃ − ‖r‖ (1.5–1.6 % below).
 SHIFT_PREDICTION_MARGIN = 5e-3
 #: Stage 1's accuracy and passes where σ comes from the prediction: the estimate then only
 #: gives the shifted stage a start and checks the prediction against a Ritz value, an upper
-#: bound of λ_1 after any pass. The shifted stage barely needs a better start: at N = 10000
-#: and 40000 (the same runs) 1 pass (the start block's, and its residuals' pass) took 13 and
-#: 18 passes in all, 2 passes 14 and 19 (1e-1: 15 and 23, 3 and 5 of them the estimate's).
+#: bound of λ_1 after any pass. Capped at one product, it takes two passes (the start
+#: block's product, and the fresh product that judges its Ritz vectors). The shifted stage
+#: barely needs a better start: on the same stores (scratch runs with the constants
+#: overridden) the runs took 13 and 18 passes in all at N = 10000 and 40000 with this cap;
+#: 13 and 19 with the estimate run to 2e-1 (2 and 3 passes of it); 14 at N = 10000 with a
+#: cap of two products or the estimate run to 1e-1 (3 passes); and 15 and 23 with the
+#: estimate to 1e-1 and a margin of 0.75 %.
 SHIFT_PREDICTION_ESTIMATE_TOL = 1e-1
 SHIFT_PREDICTION_ESTIMATE_PASSES = 1
 #: The model's domain for σ (:func:`trusted_prediction`): rows uniform on the sphere of
-#: radius √d, the limiting NTK, depth ≥ 3, d ≥ 64 (measured: −0.26 % to +0.27 % at depths
-#: 3–20). Outside it the prediction errs by more (the NTK at L = 2, d = 64: +0.45 % to
-#: +1.27 %; d = 48: +0.37 %; d = 32: up to +2.6 %; the NNGP at d = 64: +0.25 % at L = 3,
-#: +0.42 % at L = 8).
+#: radius √d, the limiting NTK, depth ≥ 3, d ≥ 64, N ≥ 1000 (measured: −0.16 % to +0.27 % at
+#: depths 3–20, both normalisations, d = 64–200). Outside it the prediction errs by more, or
+#: was not measured: N = 500, d = 64, L = 3: +0.41 %; the NTK at L = 2, d = 64: +0.03 % to
+#: +1.27 %; d = 48: +0.37 %; d = 32: up to +2.3 %; the NNGP at d = 64: +0.21 % to +0.42 %,
+#: growing with depth.
 PREDICTION_MIN_D = 64
 PREDICTION_MIN_DEPTH = 3
+PREDICTION_MIN_N = 1000
 #: No shift where the estimate is below this fraction of tr(K)/N: λ_1 − σ would be far
 #: below what a float32 factor resolves (the sphere at d = 64: 0.17; d = 8, N = 6400: 0.03).
 SHIFT_MIN_RATIO = 1e-3
@@ -130,19 +139,21 @@ def shift_sigma(estimate: float, residual: float, margin: float = SHIFT_MARGIN) 
     return float(estimate) - max(margin * abs(float(estimate)), float(residual))
 
 
-def in_prediction_domain(source: str, d: int, depth: int, kind: str) -> bool:
+def in_prediction_domain(source: str, d: int, depth: int, kind: str,
+                         n: int = PREDICTION_MIN_N) -> bool:
     """Whether the prediction may place σ (:func:`trusted_prediction`)."""
     return (source == "sphere" and kind == "ntk" and depth >= PREDICTION_MIN_DEPTH
-            and d >= PREDICTION_MIN_D)
+            and d >= PREDICTION_MIN_D and n >= PREDICTION_MIN_N)
 
 
 def trusted_prediction(source: str, n: int, d: int, depth: int, kind: str,
                        normalization: str) -> float | None:
     """The predicted λ_1 (:func:`ntkdist.predict.predict_lambda_min`, the free edge) where it
     may place σ: rows drawn uniform on the sphere (``source`` "sphere"), the limiting NTK at
-    depth ≥ :data:`PREDICTION_MIN_DEPTH`, d ≥ :data:`PREDICTION_MIN_D`; else None.
-    The prediction only steers: a σ above λ_1 fails to factor and the estimate's σ follows."""
-    if not in_prediction_domain(source, d, depth, kind):
+    depth ≥ :data:`PREDICTION_MIN_DEPTH`, d ≥ :data:`PREDICTION_MIN_D`,
+    N ≥ :data:`PREDICTION_MIN_N`; else None. The prediction only steers: a σ above λ_1 fails
+    to factor and a lower σ follows."""
+    if not in_prediction_domain(source, d, depth, kind, n):
         return None
     from ..predict import predict_lambda_min
 
@@ -154,16 +165,19 @@ def shift_sigmas(estimate: float, residual: float,
                  prediction: float | None = None) -> tuple[list[float], str | None]:
     """The σ to try in turn, each lower than the last (a factorisation that fails says σ
     was above λ_1, or too close to it for float32). Without a ``prediction``:
-    :func:`shift_sigma`'s λ̃ − max(1 % λ̃, ‖r‖), then λ̃ − 4(λ̃ − that). With one below the
-    Ritz value λ̃ (an upper bound of λ_1: a prediction above it is wrong by more than its
-    margin): p·(1 − m) and p·(1 − 4m) (m = :data:`SHIFT_PREDICTION_MARGIN`), then the first
-    of the estimate's two below those. Returns (the σ, why the prediction was not used or
+    :func:`shift_sigma`'s λ̃ − max(1 % λ̃, ‖r‖), then λ̃ − 4(λ̃ − that). With a positive one
+    below the Ritz value λ̃: p·(1 − m) and p·(1 − 4m) (m = :data:`SHIFT_PREDICTION_MARGIN`),
+    then the first of the estimate's two below those, if one is. A prediction at or above
+    λ̃, an upper bound of λ_1, is known to err high by an amount the margin may not cover:
+    the estimate's σ serve instead. Returns (the σ, why the prediction was not used or
     None)."""
     lam = float(estimate)
     est = shift_sigma(lam, residual)
     plain = [est, lam - 4.0 * (lam - est)]
     if prediction is None:
         return plain, None
+    if not (np.isfinite(prediction) and prediction > 0):
+        return plain, f"the prediction {prediction!r} is not a positive number"
     if not prediction < lam:
         return plain, (f"the prediction {prediction:.6g} is not below the estimate {lam:.6g}, "
                        "an upper bound of λ_min")
@@ -367,17 +381,20 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
             return r
 
     tol1, first = max(tol, SHIFT_ESTIMATE_TOL), None
+    checkpoint, primed = options.get("checkpoint"), (0, 0)  # primed: iterations, passes
     if prediction is not None:
-        quick = max(tol, SHIFT_PREDICTION_ESTIMATE_TOL)
-        log(f"shift-invert, stage 1: a Ritz value in at most "
-            f"{min(cap, SHIFT_PREDICTION_ESTIMATE_PASSES)} pass(es){on}, to check the "
-            f"prediction {prediction:.10g} against")
-        first = run_estimate(quick, min(cap, SHIFT_PREDICTION_ESTIMATE_PASSES))
-        if prediction < float(first.values[0]):
-            tol1 = quick
-        elif first.products < cap:  # the prediction will not serve: the estimate goes on
+        tol1 = max(tol, SHIFT_PREDICTION_ESTIMATE_TOL)  # what the first call is judged to
+        log(f"shift-invert, stage 1: the Ritz values of the harmonic preconditioner's start "
+            f"block{on}, to check the prediction {prediction:.10g} against")
+        first = run_estimate(tol1, min(cap, SHIFT_PREDICTION_ESTIMATE_PASSES))
+        if not prediction < float(first.values[0]) and first.products < cap:
+            tol1 = max(tol, SHIFT_ESTIMATE_TOL)  # the prediction will not serve: go on
             log(f"note: the prediction {prediction:.6g} is not below the Ritz value "
                 f"{float(first.values[0]):.6g}: the estimate goes on to {tol1:g}")
+            if checkpoint is not None and first.ritz_block is not None:  # go on from here
+                checkpoint.prime(first.ritz_block, first.ritz_values, first.iterations,
+                                 first.products)
+                primed = (first.iterations, first.products)
             more = run_estimate(tol1, cap - first.products, start=first.ritz_block)
             more.products += first.products
             more.iterations += first.iterations
@@ -391,12 +408,14 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     lam, res = float(first.values[0]), float(first.residuals[0])
     if fast_matmat is None and tol1 == tol and first.status == "certified":
         estimate.info = {"shift_skipped": f"the estimate is certified to tol = {tol:g}"}
+        if prediction is not None:
+            estimate.info["prediction"] = float(prediction)
         return first, estimate  # nothing left to do
     info = {"estimate": lam, "estimate_residual": res, "estimate_passes": first.products,
             "estimate_seconds": first_seconds, "sigma_tried": []}
-    checkpoint = options.get("checkpoint")
     if checkpoint is not None and first.ritz_block is not None:  # before the factorisation
-        checkpoint.prime(first.ritz_block, first.ritz_values, first.iterations, first.products)
+        checkpoint.prime(first.ritz_block, first.ritz_values, first.iterations - primed[0],
+                         first.products - primed[1])  # what was not primed before
     sigmas, unused = shift_sigmas(lam, res, prediction)
     if prediction is not None:
         info["prediction"] = float(prediction)
