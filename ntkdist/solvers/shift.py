@@ -387,10 +387,12 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
         log(f"shift-invert, stage 1: the Ritz values of the harmonic preconditioner's start "
             f"block{on}, to check the prediction {prediction:.10g} against")
         first = run_estimate(tol1, min(cap, SHIFT_PREDICTION_ESTIMATE_PASSES))
-        if not prediction < float(first.values[0]) and first.products < cap:
-            tol1 = max(tol, SHIFT_ESTIMATE_TOL)  # the prediction will not serve: go on
+        lam0 = float(first.values[0])
+        if (not prediction < lam0 and first.products < cap  # the prediction will not serve,
+                and float(first.residuals[0]) > SHIFT_ESTIMATE_TOL * abs(lam0)):  # nor λ̃
+            tol1 = max(tol, SHIFT_ESTIMATE_TOL)  # so the estimate goes on
             log(f"note: the prediction {prediction:.6g} is not below the Ritz value "
-                f"{float(first.values[0]):.6g}: the estimate goes on to {tol1:g}")
+                f"{lam0:.6g}: the estimate goes on to {tol1:g}")
             if checkpoint is not None and first.ritz_block is not None:  # go on from here
                 checkpoint.prime(first.ritz_block, first.ritz_values, first.iterations,
                                  first.products)
@@ -423,7 +425,10 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
             info["prediction_unused"] = unused
             log(f"note: σ from the estimate: {unused}")
     pre, predicted = None, prediction is not None and not unused
-    if lam < SHIFT_MIN_RATIO * float(options.get("scale") or 0.0):
+    if max_products - first.products < 1:  # a factorisation would serve no pass
+        info["shift_skipped"] = (f"no passes left for a shifted stage (--max-products "
+                                 f"{max_products}, the estimate took {first.products})")
+    elif lam < SHIFT_MIN_RATIO * float(options.get("scale") or 0.0):
         info["shift_skipped"] = (f"the estimate {lam:.3g} is below {SHIFT_MIN_RATIO:g}·tr(K)/N, "
                                  "too close to 0 for a float32 factor of K − σI")
     for sigma in ([] if "shift_skipped" in info else sigmas):
