@@ -438,7 +438,8 @@ def summary(result: dict, out: str) -> str:
                         if result.get("preconditioner") else ""))
     if result.get("phases"):
         lines.append("mixed precision: " + ", then ".join(
-            f"{p['passes']} passes with {p['products']} products ({p['stopped']}"
+            f"{p['passes']} pass{'' if p['passes'] == 1 else 'es'} with {p['products']} "
+            f"products ({p['stopped']}"
             + ("" if p.get("product_error") is None else
                f"; their error {p['product_error']:.2e}, measured by one float64 pass of these")
             + ")" for p in result["phases"]))
