@@ -315,6 +315,10 @@ def _cmd_bounds(args) -> int:
     for layer, terms in (b.get("lower_hermite_gershgorin_terms") or {}).items():
         shown = ", ".join(f"{r} {v:.3g}" for r, v in terms.items() if v > 0) or "all 0"
         print(f"  {layer:<8} {shown}")
+    if "prediction" not in b:
+        print("prediction none: the model is for rows uniform on the sphere of radius √d "
+              "(--data sphere)")
+        return 0
     p, s = b["prediction"], b["prediction_staircase"]
     print(f"prediction λ_min ≈ {p['value']:.6g} (rows on the sphere; degree ℓ = {p['degree']}, "
           f"D_ℓ+1 = {p['D_next']}, tail {p['tail']:.6g} + edge {p['edge']:.6g}; a heuristic, "

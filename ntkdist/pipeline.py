@@ -268,7 +268,7 @@ def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,
 
 def bounds(spec: RunSpec, cluster: ClusterSpec | None = None, log=print) -> dict:
     """The bounds of ``spec``'s rows (the upper bounds, the proof chain's lower bound and its
-    terms) and the prediction. Up to ``BOUNDS_MAX_N`` rows the chain runs in this process,
+    terms) and, for sphere rows, the predictions. Up to ``BOUNDS_MAX_N`` rows the chain runs in this process,
     above on the workers of ``cluster``."""
     if spec.kernel.finite:
         raise SpecError(f"'ntkdist bounds' gives the limiting kernels' bounds; for --kernel "
@@ -285,9 +285,10 @@ def bounds(spec: RunSpec, cluster: ClusterSpec | None = None, log=print) -> dict
         with (cluster or ClusterSpec()).connect(log) as client:
             out = lambda_min_bounds_distributed(client, X, k.depth, k.kind, k.normalization,
                                                 log=log)
-    out["prediction_staircase"] = staircase_prediction(spec.n, spec.d, k.depth, k.kind,
-                                                       k.normalization)
-    out["prediction"] = _prediction(spec)
+    if spec.data.source == "sphere":  # the model's rows: uniform on the sphere of radius √d
+        out["prediction_staircase"] = staircase_prediction(spec.n, spec.d, k.depth, k.kind,
+                                                           k.normalization)
+        out["prediction"] = _prediction(spec)
     return out
 
 

@@ -491,3 +491,14 @@ def test_an_accurate_start_block_is_not_estimated_again(monkeypatch):
                         tol=1e-8, prediction=10.05)
     assert calls == [pytest.approx(1e-1), 1e-8]  # the check, then the solve: no estimate
     assert tried[0] == pytest.approx(shift.shift_sigma(10.0, 0.1))
+
+
+def test_bounds_give_no_sphere_prediction_for_rows_from_a_file(tmp_path, capsys):
+    X = 1e3 * synthetic_rows("sphere", 8, 1, 0, 200)  # not on the sphere of radius √d
+    np.save(tmp_path / "x.npy", X)
+    assert main(["bounds", "--data", str(tmp_path / "x.npy"), "--n", "200",
+                 "--depth", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "prediction none" in out and "≈" not in out
+    assert main(["bounds", "--n", "200", "--d", "8", "--depth", "3"]) == 0
+    assert "prediction λ_min ≈" in capsys.readouterr().out
