@@ -83,9 +83,10 @@ def chain_tile(A: RowBlock, B: RowBlock, same: bool, layers: tuple) -> tuple:
     ``cols[b, k, q]`` = Σ_a |P^(m_k)_ab|^r_q over its rows (None when ``same``: a diagonal
     tile, whose diagonal is excluded). With numba, one compiled pass over the entries
     (:func:`ntkdist.kernels.limiting.kernel_tile_sums`: 0.7–0.9 s a 4096 tile at depth 3 on
-    a core of the Intel Xeon, ``python benchmarks/chain.py --n 8192 --tile-cost``); else the array-module recursion on ``CHAIN_ROWS`` rows of I at a time,
-    so that its layers stay in cache as :func:`bounds.power_sums` takes their powers (a
-    row's correlations do not depend on the other rows of its block).
+    a core of the Intel Xeon, ``python benchmarks/chain.py --n 8192 --tile-cost``); else the
+    array-module recursion on ``CHAIN_ROWS`` rows of I at a time, so that its layers stay in
+    cache as :func:`bounds.power_sums` takes their powers (a row's correlations do not depend
+    on the other rows of its block).
     """
     from .kernels.fused import available
 

@@ -268,8 +268,8 @@ def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,
 
 def bounds(spec: RunSpec, cluster: ClusterSpec | None = None, log=print) -> dict:
     """The bounds of ``spec``'s rows (the upper bounds, the proof chain's lower bound and its
-    terms) and, for sphere rows, the predictions. Up to ``BOUNDS_MAX_N`` rows the chain runs in this process,
-    above on the workers of ``cluster``."""
+    terms) and, for sphere rows, the predictions. Up to ``BOUNDS_MAX_N`` rows the chain runs
+    in this process, above on the workers of ``cluster``."""
     if spec.kernel.finite:
         raise SpecError(f"'ntkdist bounds' gives the limiting kernels' bounds; for --kernel "
                         f"{spec.kernel.kind} run 'ntkdist run': its result.json holds the "

@@ -392,7 +392,8 @@ def _uses_shift(spec: RunSpec, device: str = "cpu") -> bool:
 #: Passes of a shift-invert solve against the degree ≤ 2 harmonic model's (its estimate
 #: stage included), measured with the defaults at d = 64 (benchmarks/RESULTS.md): with σ
 #: from the estimate alone 22/65 at N = 10000, 30/125 at 20000, 36/200 at 40000; with σ
-#: from the prediction (the NTK on sphere rows, d ≥ 64, depth ≥ 3, N ≥ 1000) 13/65, 16/125 and 18/200.
+#: from the prediction (the NTK on sphere rows, d ≥ 64, depth ≥ 3, N ≥ 1000) 13/65, 16/125
+#: and 18/200.
 SHIFT_PASSES = 0.25
 SHIFT_PASSES_PREDICTED = 0.15
 

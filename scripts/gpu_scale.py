@@ -7,8 +7,8 @@ H200; ``--steps`` splits it), each figure printed as it comes and written to ``-
 1. ``ntkdist run --device gpu --method davidson`` at N = ``--n-end`` (100000): end-to-end
    seconds, passes, certificate (sphere, d = 64, L = 3, seed 0, tol 1e-8).
 2. ``--precond shift`` (K − σI formed, factored in float32 and applied on the GPU, σ placed
-   by the prediction after a one-pass estimate with the harmonic model) at each N of ``--pass-sizes`` and ``--n-end``:
-   end-to-end seconds, passes (the estimate's among them), σ, set-up.
+   by the prediction after a two-pass estimate with the harmonic model) at each N of
+   ``--pass-sizes`` and ``--n-end``: end-to-end seconds, passes (the estimate's among them), σ, set-up.
 3. Passes to a certified 1e-8 at each N of ``--pass-sizes`` (20000, 50000), Davidson with
    blocks 32 and 128.
 4. At N = ``--n-big`` (300000): seconds per pass (b = 128) of the ``auto`` operator, which

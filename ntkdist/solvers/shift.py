@@ -65,11 +65,8 @@ SHIFT_PREDICTION_MARGIN = 5e-3
 #: gives the shifted stage a start and checks the prediction against a Ritz value, an upper
 #: bound of λ_1 after any pass. Capped at one product, it takes two passes (the start
 #: block's product, and the fresh product that judges its Ritz vectors). The shifted stage
-#: barely needs a better start: on the same stores (scratch runs with the constants
-#: overridden) the runs took 13 and 18 passes in all at N = 10000 and 40000 with this cap;
-#: 13 and 19 with the estimate run to 2e-1 (2 and 3 passes of it); 14 at N = 10000 with a
-#: cap of two products or the estimate run to 1e-1 (3 passes); and 15 and 23 with the
-#: estimate to 1e-1 and a margin of 0.75 %.
+#: barely needs a better start: with this cap, 11 and 13 passes in all at N = 10000 and
+#: 20000 in process (benchmarks/passes.py, d = 64; benchmarks/RESULTS.md).
 SHIFT_PREDICTION_ESTIMATE_TOL = 1e-1
 SHIFT_PREDICTION_ESTIMATE_PASSES = 1
 #: The model's domain for σ (:func:`trusted_prediction`): rows uniform on the sphere of
@@ -139,8 +136,7 @@ def shift_sigma(estimate: float, residual: float, margin: float = SHIFT_MARGIN) 
     return float(estimate) - max(margin * abs(float(estimate)), float(residual))
 
 
-def in_prediction_domain(source: str, d: int, depth: int, kind: str,
-                         n: int = PREDICTION_MIN_N) -> bool:
+def in_prediction_domain(source: str, d: int, depth: int, kind: str, n: int) -> bool:
     """Whether the prediction may place σ (:func:`trusted_prediction`)."""
     return (source == "sphere" and kind == "ntk" and depth >= PREDICTION_MIN_DEPTH
             and d >= PREDICTION_MIN_D and n >= PREDICTION_MIN_N)
@@ -332,8 +328,8 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     (on the GPU of ``xp`` where given). ``skip``: a reason not to shift (the solve then runs
     with ``fallback``'s preconditioner alone). ``store``: a complete store of K to read
     K − σI from (:func:`shift_invert`). ``prediction``: a model's λ_1 to place σ by
-    (:func:`trusted_prediction`, :func:`shift_sigmas`; the estimate then takes
-    :data:`SHIFT_PREDICTION_ESTIMATE_PASSES`, and goes on only where the prediction is not
+    (:func:`trusted_prediction`, :func:`shift_sigmas`; the estimate then stops after
+    its start block, two passes, and goes on only where the prediction is not
     below its Ritz value). ``fallback``: a function giving the preconditioner
     to solve or finish with where the shift is not used (default: ``estimate``).
     ``options``: the driver's other arguments (``block``, ``max_products``, a cap on both
