@@ -23,6 +23,7 @@ from .operator.plan import (DENSE_MAX_N, Facts, check_feature_memory, default_me
                             make_plan, store_layout)
 from .results import RunResult, claim_out_dir, release_out_dir, write_result
 from .solvers.checkpoint import CHECKPOINT_FILE, Checkpoint
+from .solvers.diskfactor import FACTOR_DIR
 from .solvers.driver import smallest_eigenpairs
 from .solvers.precond import make_preconditioner
 from .solvers.shift import uses_shift
@@ -482,10 +483,11 @@ def _certify_on_gpu(spec, X, sol, err, log):
 
 
 def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="cpu",
-                   store=None):
+                   store=None, factor_dir=None, identity=""):
     """The shift-invert solve (:func:`ntkdist.solvers.shift.solve_shifted`) of a run: K − σI
-    read from ``store`` where the run has one, on the client's GPU for ``device`` "gpu".
-    Returns (the solve, the preconditioner it finished with)."""
+    read from ``store`` where the run has one, on the client's GPU for ``device`` "gpu", in
+    tiles on disk under ``factor_dir`` where it does not fit in memory. Returns (the solve,
+    the preconditioner it finished with)."""
     from .solvers.shift import solve_shifted, trusted_prediction
 
     xp = None
@@ -505,7 +507,8 @@ def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="
                                     kern.normalization)
     sol, pre = solve_shifted(matmat, spec.n, s.method, X, kern, estimate, tol=s.tol,
                              fast_matmat=fast, xp=xp, skip=repeated, fallback=fallback,
-                             store=store, prediction=prediction, **common)
+                             store=store, prediction=prediction, factor_dir=factor_dir,
+                             identity=identity, **common)
     pre.info["asked"] = s.precond
     return sol, pre
 
@@ -627,7 +630,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
             fast = FastProducts(op.matmat_fast, f"float32 {op.fast_kind}")
     if shift:
         sol, precond = _solve_shifted(spec, X, check, matmat, fast, precond, common, log,
-                                      device, store)
+                                      device, store, os.path.join(out, FACTOR_DIR),
+                                      ckpt_hash or spec.hash())
     else:
         sol = smallest_eigenpairs(matmat, spec.n, s.method, tol=s.tol,
                                   precond=precond.apply if precond else None,

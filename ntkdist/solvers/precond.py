@@ -68,6 +68,7 @@ class Preconditioner:
     degree: int | None = None  # harmonic: the highest degree kept exactly
     form: str | None = None  # harmonic degree 3: "features" or "gram" (held N × N)
     info: dict | None = None  # more of what it did, for result.json (shift: σ, its estimate)
+    release: object = None  # callable freeing what it holds outside memory (a factor on disk)
 
     def describe(self) -> dict:
         out = {"name": self.name, "rank": self.rank, "setup_seconds": self.setup_seconds}

@@ -30,12 +30,15 @@ the products alone, whatever σ is.
 
 Memory: 4N² bytes on the client (N ≤ 44721 under :data:`SHIFT_MAX_BYTES`), as the harmonic
 preconditioner's gram form; on a GPU run the same 4N² (factored in place) on the client's
-GPU. Time: N³/3 float32 flops to factor, the kernel's N²/2 entries to form, and two N²
-triangular solves an iteration.
+GPU. Beyond that on a CPU run, the factor's tiles on disk (:func:`disk_shift_invert`,
+:mod:`ntkdist.solvers.diskfactor`: 2N² bytes in the run's result folder). Time: N³/3
+float32 flops to factor, the kernel's N²/2 entries to form, and two N² triangular solves an
+iteration.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -317,10 +320,100 @@ def shift_invert(X: np.ndarray, kernel, sigma: float, xp=None,
                           info={"sigma": float(sigma), "form_seconds": formed})
 
 
+def _lower_tiles(X: np.ndarray, kernel, sigma: float, F: np.ndarray, store: str | None,
+                 tile: int):
+    """(the tile size, (I, J) ↦ tile (I, J) of K − FFᵀ − σI for I ≥ J, float64, and the
+    seconds spent forming them so far): from a complete store of this K where given (its
+    tiling; each tile checked against its checksum, a damaged one formed from the rows
+    instead), else formed from the rows with the tile function in tiles of ``tile``."""
+    from .diskfactor import tiling
+
+    n = X.shape[0]
+    kernel_store = None
+    if store is not None:
+        from ..store import KernelStore, StoreError
+
+        try:
+            kernel_store = KernelStore.open(store).require_complete()
+            if kernel_store.spec.n != n:
+                kernel_store = None
+        except StoreError:
+            kernel_store = None
+    if kernel_store is not None:
+        tile = kernel_store.spec.tile
+    bounds = tiling(n, tile)
+    feats, spent = {}, [0.0]
+
+    def formed(i):
+        if i not in feats:
+            feats[i] = kernel.features(X[bounds[i]])
+        return feats[i]
+
+    def lower_tile(i, j):
+        t = time.perf_counter()
+        T = None
+        if kernel_store is not None:
+            try:
+                T = np.array(kernel_store.read_tile_checked(j, i), dtype=np.float64).T
+            except StoreError:
+                T = None
+        if T is None:
+            T = np.asarray(kernel.tile(formed(i), formed(j)), dtype=np.float64)
+        T = T - F[bounds[i]] @ F[bounds[j]].T
+        if i == j:
+            T[np.diag_indices(len(T))] -= sigma
+        spent[0] += time.perf_counter() - t
+        return T
+
+    return tile, lower_tile, spent
+
+
+def disk_shift_invert(X: np.ndarray, kernel, sigma: float, path: str, identity: str = "",
+                      store: str | None = None, log=None) -> Preconditioner | None:
+    """:func:`shift_invert` with the factor of K − FFᵀ − σI in tiles on disk under ``path``
+    (:class:`ntkdist.solvers.diskfactor.DiskFactor`: resumed where a killed run left it for
+    the same ``identity`` and σ), for N where it does not fit in memory; None where it does
+    not factor in float32 (its folder then cleared). The preconditioner's ``release``
+    deletes the folder. Raises DiskFactorError where the folder cannot be written or read."""
+    from .diskfactor import DISK_TILE, DiskFactor, DiskFactorError
+
+    X = np.asarray(X, dtype=np.float64)
+    t0 = time.perf_counter()
+    F = _deflation(X, kernel)
+    n = X.shape[0]
+    tile, lower_tile, spent = _lower_tiles(X, kernel, sigma, F, store, min(n, DISK_TILE))
+    factor = DiskFactor(path, n, tile, sigma, identity, log=log)
+    try:
+        ok = factor.factor(lower_tile)
+    except DiskFactorError:  # a full disk or a lost folder: free what was written
+        factor.remove()
+        raise
+    if not ok:
+        factor.remove()
+        return None
+    factored = time.perf_counter() - t0
+    try:
+        apply = woodbury(factor.solve, np.ascontiguousarray(F.T, dtype=np.float32))
+    except (np.linalg.LinAlgError, ValueError):  # a factor too poor for its Woodbury system
+        factor.remove()
+        return None
+    return Preconditioner("shift", apply, time.perf_counter() - t0, n, release=factor.remove,
+                          info={"sigma": float(sigma), "form_seconds": spent[0],
+                                "factor_on_disk": {"path": path, "tile": tile,
+                                                   "gigabytes": round(_gb(path), 3),
+                                                   "factor_seconds": factored}})
+
+
+def _gb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith(".npy")) / 1e9
+
+
 def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, *,
                   tol: float = 1e-8, k: int = 1, fast_matmat=None, xp=None,
                   skip: str | None = None, fallback=None, store: str | None = None,
-                  prediction: float | None = None, log=None, **options):
+                  prediction: float | None = None, factor_dir: str | None = None,
+                  identity: str = "", log=None, **options):
     """The two-stage shift-invert solve (module docstring) of K's k smallest eigenpairs,
     certified to ``tol`` as :func:`ntkdist.solvers.driver.smallest_eigenpairs` certifies:
     ``estimate`` (a :class:`Preconditioner`, the harmonic model) for the first stage, on
@@ -330,18 +423,27 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     K − σI from (:func:`shift_invert`). ``prediction``: a model's λ_1 to place σ by
     (:func:`trusted_prediction`, :func:`shift_sigmas`; the estimate then stops after
     its start block, two passes, and goes on only where the prediction is not
-    below its Ritz value). ``fallback``: a function giving the preconditioner
-    to solve or finish with where the shift is not used (default: ``estimate``).
+    below its Ritz value). ``factor_dir``: a folder for K − σI's factor on disk where it
+    does not fit in memory (CPU runs; :func:`disk_shift_invert`, resumed for the same
+    ``identity`` and σ, deleted when the solve ends). ``fallback``: a function giving the
+    preconditioner to solve or finish with where the shift is not used (default:
+    ``estimate``).
     ``options``: the driver's other arguments (``block``, ``max_products``, a cap on both
     stages' passes together, ``scale``, tr(K)/N, ``checkpoint``, ``start``, ...). Returns
     (the solve, the preconditioner it finished with, whose ``info`` says what the shift
     did)."""
     from .driver import SMALL_N, smallest_eigenpairs
+    from .diskfactor import DiskFactorError, recorded_sigma, remove_factor
     from .mixed import Checked, NonFiniteProducts, fast_label, fast_log
 
     log = log or (lambda *a: None)
     max_products = options.pop("max_products", 600)
-    why = skip or shift_fits(n, xp=xp)
+    why, on_disk = skip or shift_fits(n, xp=xp), False
+    if why is not None and not skip and factor_dir is not None and (xp is None or xp is np):
+        from .diskfactor import DISK_TILE, disk_fits
+
+        disk_why = disk_fits(factor_dir, n, min(n, DISK_TILE))
+        why, on_disk = (None, True) if disk_why is None else (f"{why}; {disk_why}", False)
     if why is None and (n <= SMALL_N or n < 4 * (k + 1)):
         why = f"N = {n} is solved densely"
     if why is not None:  # said once, by the solve's notes
@@ -420,7 +522,12 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
         if unused:
             info["prediction_unused"] = unused
             log(f"note: σ from the estimate: {unused}")
-    pre, predicted = None, prediction is not None and not unused
+    pre, predicted = None, sigmas[:2] if prediction is not None and not unused else []
+    resumed = recorded_sigma(factor_dir, n, identity) if on_disk else None
+    if resumed is not None and sigmas and resumed not in sigmas and 0 < resumed < lam and (
+            0.5 <= (lam - resumed) / (lam - sigmas[0]) <= 2.0):
+        sigmas = [resumed, *sigmas]  # a killed run's factor, at a σ as good as this one's
+        log(f"note: the factor on disk was begun at σ = {resumed:.10g}: resumed at that σ")
     if max_products - first.products < 1:  # a factorisation would serve no pass
         info["shift_skipped"] = (f"no passes left for a shifted stage (--max-products "
                                  f"{max_products}, the estimate took {first.products})")
@@ -432,17 +539,24 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
             break
         info["sigma_tried"].append(sigma)
         log(f"shift-invert, stage 2: forming and factoring K − σI in float32, σ = {sigma:.10g} "
-            f"(estimate {lam:.10g}, residual {res:.2e})")
+            f"(estimate {lam:.10g}, residual {res:.2e})"
+            + (f", in tiles on disk under {factor_dir}" if on_disk else ""))
         try:
-            pre = shift_invert(X, kernel, sigma, xp=xp, store=store)
+            pre = (disk_shift_invert(X, kernel, sigma, factor_dir, identity, store, log)
+                   if on_disk else shift_invert(X, kernel, sigma, xp=xp, store=store))
         except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError
             info["shift_skipped"] = (f"out of {'GPU ' if xp is not None else ''}memory "
                                      "forming or factoring K − σI")
+            break
+        except DiskFactorError as exc:
+            info["shift_skipped"] = str(exc)
             break
         if pre is not None:
             break
         log(f"note: K − σI does not factor in float32 at σ = {sigma:.10g}: σ lowered")
     if pre is None:
+        if on_disk:  # what a killed run's factor left there serves nothing now
+            remove_factor(factor_dir)
         why = info.get("shift_skipped") or (
             "the estimate leaves no positive σ" if not info["sigma_tried"] else
             "K − σI did not factor in float32")
@@ -451,7 +565,8 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
         pre = fallback() if fallback is not None else estimate
         info["shift_skipped"] = why
     else:
-        info["sigma_from"] = "prediction" if predicted and sigma in sigmas[:2] else "estimate"
+        info["sigma_from"] = ("resumed factor" if sigma == resumed else "prediction"
+                              if sigma in predicted else "estimate")
         log(f"shift-invert preconditioner: σ = {sigma:.10g} (from the {info['sigma_from']}), "
             f"set-up {pre.setup_seconds:.1f} s "
             f"({pre.info['form_seconds']:.1f} s forming K − σI)")
@@ -461,6 +576,9 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     sol = smallest_eigenpairs(matmat, n, method, k=k, tol=tol, precond=pre.apply,
                               fast_matmat=fast_matmat, log=log,
                               max_products=max(1, max_products - first.products), **options)
+    release = getattr(pre, "release", None)
+    if release is not None:  # a factor on disk; kept above for a killed run's rerun
+        release()
     sol.iterations += first.iterations
     sol.products += first.products
     sol.solver_seconds += first_seconds
