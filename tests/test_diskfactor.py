@@ -280,3 +280,103 @@ def test_killed_while_factoring_on_disk_then_rerun_resumes_the_factor(client, tm
                                             rel=1e-8)
     assert r["preconditioner"]["factor_on_disk"]["tile"] == 200
     assert not (out / "shift-factor").exists()
+
+
+def test_tiles_of_k_minus_sigma_on_disk_from_the_rows_and_from_a_store(client, tmp_path,
+                                                                       monkeypatch):
+    """Several tiles (700 = 5·128 + 60): the factor on disk of K − FFᵀ − σI, formed from the
+    rows and read from a store of another tiling, applies what the in-memory one applies."""
+    import ntkdist.solvers.diskfactor as df
+    from ntkdist.spec import make_spec
+
+    monkeypatch.setattr(df, "DISK_TILE", 128)
+    spec = make_spec(data="sphere", n=700, d=16, depth=3, seed=2)
+    X = spec.rows()
+    sigma = 0.9 * float(np.linalg.eigvalsh(ntkdist_dense(X))[0])
+    R = np.random.default_rng(0).standard_normal((700, 4))
+    mem = shift.shift_invert(X, spec.kernel, sigma).apply(R)
+    store = str(tmp_path / "k.zarr")
+    assert main(["assemble", "--data", "sphere", "--n", "700", "--d", "16", "--depth", "3",
+                 "--seed", "2", "--store", store, "--tile", "200", "--dtype", "float64",
+                 "--scheduler", client.scheduler.address]) == 0
+    for where, tile in ((None, 128), (store, 200)):
+        pre = shift.disk_shift_invert(X, spec.kernel, sigma, str(tmp_path / "f"), store=where)
+        assert pre.info["factor_on_disk"]["tile"] == tile
+        got = pre.apply(R)
+        pre.release()
+        np.testing.assert_allclose(got, mem, rtol=2e-3, atol=2e-3 * np.abs(mem).max())
+        assert not (tmp_path / "f").exists()
+
+
+def fake_solve(calls):
+    from types import SimpleNamespace
+
+    def fake(matmat, n, method, tol=1e-8, max_products=600, precond=None, **kw):
+        calls.append(("solve", tol))
+        return SimpleNamespace(values=np.array([10.0]), residuals=np.array([0.5]),
+                               status="not_converged", products=2, iterations=1,
+                               ritz_block=None, ritz_values=None, notes=[], phases=None,
+                               converged=False, solver_seconds=0.0)
+    return fake
+
+
+def write_manifest(path, n, sigma, identity="x", columns=1):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump({"n": n, "tile": 64, "sigma": repr(sigma), "identity": identity,
+                   "dtype": "float32", "columns": columns, "checksums": {}}, f)
+
+
+@pytest.mark.parametrize("recorded, first", [(8.0, 8.0), (9.3, 9.3), (2.0, 9.5),
+                                             (8.0000001, 9.5)])
+def test_a_killed_runs_factor_is_resumed_at_its_sigma(tmp_path, monkeypatch, small_memory,
+                                                      recorded, first):
+    """The estimate (λ̃ = 10, ‖r‖ = 0.5) places σ at 9.5, then 8.0. A factor on disk begun at
+    8.0 (9.5 had failed) resumes at 8.0; one at a σ about as far below λ̃ as 9.5 (9.3) is
+    tried first; one far below (2.0, or 8.0000001: not one of this run's σ) is not used, and
+    deleted when the solve ends."""
+    from types import SimpleNamespace
+
+    import ntkdist.solvers.driver as driver
+
+    calls = []
+    monkeypatch.setattr(driver, "smallest_eigenpairs", fake_solve(calls))
+
+    def disk(X, kernel, sigma, path, identity, store, log):
+        calls.append(("factor", sigma))
+        return SimpleNamespace(apply=lambda R: R, info={"form_seconds": 0.0}, setup_seconds=0.0,
+                               release=lambda: df.remove_factor(path))
+
+    import ntkdist.solvers.diskfactor as df
+
+    monkeypatch.setattr(shift, "disk_shift_invert", disk)
+    path = str(tmp_path / "f")
+    write_manifest(path, 500, recorded)
+    pre = SimpleNamespace(apply=None, degree=2, info=None)
+    sol, P = shift.solve_shifted(lambda V: V, 500, "davidson", np.zeros((500, 3)), None, pre,
+                                 tol=1e-8, factor_dir=path, identity="x")
+    tried = [c[1] for c in calls if c[0] == "factor"]
+    assert tried[0] == first
+    assert P.info["sigma_from"] == ("resumed factor" if first == recorded else "estimate")
+    assert not os.path.exists(path)
+
+
+def test_a_factor_of_another_run_or_a_garbled_manifest_is_not_resumed(tmp_path):
+    from ntkdist.solvers.diskfactor import recorded_sigma
+
+    path = str(tmp_path / "f")
+    write_manifest(path, 500, 8.0, identity="other")
+    assert recorded_sigma(path, 500, "x") is None and recorded_sigma(path, 501, "other") is None
+    assert recorded_sigma(path, 500, "other") == 8.0
+    write_manifest(path, 500, 8.0, columns=0)
+    assert recorded_sigma(path, 500, "x") is None
+    n = 200
+    f = DiskFactor(path, n, 64, 0.25, "x")
+    assert f.factor(source(spd(n), f.bounds))
+    m = json.load(open(os.path.join(path, "manifest.json")))
+    m["checksums"] = {"garbled": "0"}
+    json.dump(m, open(os.path.join(path, "manifest.json"), "w"))
+    calls = []
+    g = DiskFactor(path, n, 64, 0.25, "x")
+    assert g.factor(source(spd(n), g.bounds, calls))
+    assert min(j for _, j in calls) == 0

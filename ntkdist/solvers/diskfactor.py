@@ -16,7 +16,7 @@ the backward one first).
 Cost at N = 100000 with tiles of 4096: the lower tiles take 2N²(1 + 1/T) bytes (20.8 GB),
 the factorisation N³/3 float32 flops in 4096³ GEMMs and reads about T/3 times the factor
 (T = 25 tile columns), an application two reads of it and 4N²·m flops (m the block).
-Memory: one column panel (N × tile float32) and two tiles.
+Memory: one column panel (N × tile float32) and four tiles (read ahead by a thread).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..errors import NtkdistError
+
 #: Largest share of the free disk the factor may take.
 DISK_SHARE = 0.9
 #: Tile of the factor where no store gives one.
@@ -41,7 +43,7 @@ MANIFEST = "manifest.json"
 FACTOR_DIR = "shift-factor"
 
 
-class DiskFactorError(Exception):
+class DiskFactorError(NtkdistError):
     """The factor could not be written or read (permissions, full disk): one line."""
 
 
@@ -62,10 +64,21 @@ def _existing(path: str) -> str:
     return path
 
 
-def disk_fits(path: str, n: int, tile: int) -> str | None:
+def panel_bytes(n: int, tile: int) -> float:
+    """Memory of the factorisation: its column panel (N × tile float32), a float64 tile of
+    K − σI being formed (with its copies), and the tiles read ahead."""
+    return 4.0 * n * tile + 8.0 * 3 * tile * tile + 4.0 * (READ_AHEAD + 2) * tile * tile
+
+
+def disk_fits(path: str, n: int, tile: int, memory: float | None = None) -> str | None:
     """None where the factor's tiles fit in :data:`DISK_SHARE` of the free disk at ``path``
-    (what a factor there already holds counted as free), and the folder can be written; else
-    why not (one line)."""
+    (what a factor there already holds counted as free), the folder can be written, and its
+    :func:`panel_bytes` within ``memory`` (bytes; not checked where None); else why not
+    (one line)."""
+    if memory is not None and panel_bytes(n, tile) > memory:
+        return (f"the shift's factor on disk works on an N × {tile} column panel "
+                f"({panel_bytes(n, tile) / 1e9:.1f} GB at N = {n}), more than "
+                f"{memory / 1e9:.1f} GB of memory (a store of smaller tiles needs less)")
     need = disk_bytes(n, tile)
     where = _existing(path)
     if not os.access(where, os.W_OK):
@@ -108,7 +121,8 @@ def remove_factor(path: str) -> None:
     empty."""
     if not os.path.isdir(path):
         return
-    for name in os.listdir(path):
+    names = sorted(os.listdir(path), key=lambda name: name != MANIFEST)  # the manifest first
+    for name in names:
         if _ours(name) or name == MANIFEST + ".tmp":
             try:
                 os.remove(os.path.join(path, name))
@@ -183,8 +197,10 @@ class DiskFactor:
             with open(os.path.join(self.path, MANIFEST)) as f:
                 m = json.load(f)
             same = all(m.get(k) == v for k, v in self.key.items())
-            done, sums = int(m.get("columns", 0)), dict(m.get("checksums", {}))
-        except (OSError, ValueError, TypeError, AttributeError):
+            done = int(m.get("columns", 0))
+            sums = {(int(key.split(".")[0]), int(key.split(".")[1])): str(v)
+                    for key, v in dict(m.get("checksums", {})).items()}
+        except (OSError, ValueError, TypeError, AttributeError, IndexError):
             same, done, sums = False, 0, {}
         if not same or done <= 0:
             self.remove()
@@ -192,7 +208,7 @@ class DiskFactor:
         good = 0
         for k in range(min(done, self.T)):
             try:
-                ok = all(checksum(self._load(i, k)) == sums.get(f"{i}.{k}")
+                ok = all(checksum(self._load(i, k)) == sums.get((i, k))
                          for i in range(k, self.T))
             except DiskFactorError:
                 ok = False
@@ -201,7 +217,7 @@ class DiskFactor:
                          "factored again from there")
                 break
             good = k + 1
-        self.checksums = {key: v for key, v in sums.items() if int(key.split(".")[1]) < good}
+        self.checksums = {f"{i}.{j}": v for (i, j), v in sums.items() if j < good}
         return good
 
     def _reader(self, keys):
@@ -211,7 +227,7 @@ class DiskFactor:
             pending = deque()
             for key in keys:
                 pending.append((key, pool.submit(self._load, *key)))
-                if len(pending) > READ_AHEAD:
+                if len(pending) >= READ_AHEAD:
                     break
             while pending:
                 key, fut = pending.popleft()
@@ -267,7 +283,8 @@ class DiskFactor:
                 if not np.shares_memory(Y, P):
                     P[w:] = Y.T
                 del Y
-                if not np.all(np.isfinite(P[w:])):
+                if not all(np.isfinite(P[b.start - s:b.stop - s]).all()
+                           for b in self.bounds[k + 1:]):
                     return False
             for i in range(k, self.T):
                 bi = self.bounds[i]

@@ -404,6 +404,23 @@ def disk_shift_invert(X: np.ndarray, kernel, sigma: float, path: str, identity: 
                                                    "factor_seconds": factored}})
 
 
+def _factor_tile(n: int, store: str | None) -> int:
+    """The tile of the factor on disk: the store's where it is complete for this N, else
+    :data:`ntkdist.solvers.diskfactor.DISK_TILE`."""
+    from .diskfactor import DISK_TILE
+
+    if store is not None:
+        from ..store import KernelStore, StoreError
+
+        try:
+            spec = KernelStore.open(store).spec
+            if spec.n == n:
+                return int(spec.tile)
+        except (StoreError, OSError, ValueError):
+            pass
+    return min(n, DISK_TILE)
+
+
 def _gb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                if f.endswith(".npy")) / 1e9
@@ -433,17 +450,20 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     (the solve, the preconditioner it finished with, whose ``info`` says what the shift
     did)."""
     from .driver import SMALL_N, smallest_eigenpairs
-    from .diskfactor import DiskFactorError, recorded_sigma, remove_factor
+    from .diskfactor import DiskFactorError, disk_fits, recorded_sigma, remove_factor
     from .mixed import Checked, NonFiniteProducts, fast_label, fast_log
 
     log = log or (lambda *a: None)
     max_products = options.pop("max_products", 600)
     why, on_disk = skip or shift_fits(n, xp=xp), False
     if why is not None and not skip and factor_dir is not None and (xp is None or xp is np):
-        from .diskfactor import DISK_TILE, disk_fits
+        from .cholesky import available_memory
 
-        disk_why = disk_fits(factor_dir, n, min(n, DISK_TILE))
+        disk_why = disk_fits(factor_dir, n, _factor_tile(n, store),
+                             SHIFT_MEMORY_SHARE * available_memory())
         why, on_disk = (None, True) if disk_why is None else (f"{why}; {disk_why}", False)
+    if factor_dir is not None and not on_disk:  # a killed run's factor, of no use now
+        remove_factor(factor_dir)
     if why is None and (n <= SMALL_N or n < 4 * (k + 1)):
         why = f"N = {n} is solved densely"
     if why is not None:  # said once, by the solve's notes
@@ -507,6 +527,8 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
     first_seconds = time.perf_counter() - t
     lam, res = float(first.values[0]), float(first.residuals[0])
     if fast_matmat is None and tol1 == tol and first.status == "certified":
+        if on_disk:
+            remove_factor(factor_dir)
         estimate.info = {"shift_skipped": f"the estimate is certified to tol = {tol:g}"}
         if prediction is not None:
             estimate.info["prediction"] = float(prediction)
@@ -524,9 +546,14 @@ def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, 
             log(f"note: σ from the estimate: {unused}")
     pre, predicted = None, sigmas[:2] if prediction is not None and not unused else []
     resumed = recorded_sigma(factor_dir, n, identity) if on_disk else None
-    if resumed is not None and sigmas and resumed not in sigmas and 0 < resumed < lam and (
+    if resumed is not None and resumed in sigmas:  # those before it failed to factor
+        sigmas = sigmas[sigmas.index(resumed):]
+    elif resumed is not None and sigmas and 0 < resumed < lam and (
             0.5 <= (lam - resumed) / (lam - sigmas[0]) <= 2.0):
         sigmas = [resumed, *sigmas]  # a killed run's factor, at a σ as good as this one's
+    else:
+        resumed = None
+    if resumed is not None:
         log(f"note: the factor on disk was begun at σ = {resumed:.10g}: resumed at that σ")
     if max_products - first.products < 1:  # a factorisation would serve no pass
         info["shift_skipped"] = (f"no passes left for a shifted stage (--max-products "
