@@ -116,6 +116,35 @@ def _gpu_cluster(workers, memory_limit):
                             silence_logs=logging.ERROR)
 
 
+def _local_cluster(device, workers, memory_limit, n_workers, env):
+    from distributed import LocalCluster
+
+    if device == "gpu":
+        return _gpu_cluster(workers, memory_limit)
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                        memory_limit=memory_limit or "auto", dashboard_address=None,
+                        scheduler_kwargs=_NO_DASHBOARD, silence_logs=logging.ERROR, env=env)
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_workers():
+    """SIGINT ignored while the local workers start, so that they inherit it ignored: Ctrl-C
+    in a terminal signals the whole process group, and each worker would print its own
+    KeyboardInterrupt traceback; this process alone handles it (one line, the workers closed
+    with the cluster)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @contextlib.contextmanager
 def connect(scheduler: str | None = None, scheduler_file: str | None = None,
             workers: int | None = None, memory_limit: str | None = None,
@@ -127,7 +156,7 @@ def connect(scheduler: str | None = None, scheduler_file: str | None = None,
     one per core) with one thread each, and numba/BLAS threads split among them. With
     ``device="gpu"`` the local cluster has one worker per GPU (:func:`_gpu_cluster`).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler and scheduler_file:
         raise ClusterError("give either --scheduler or --scheduler-file, not both")
@@ -154,13 +183,8 @@ def connect(scheduler: str | None = None, scheduler_file: str | None = None,
     env = {"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
            "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     try:
-        if device == "gpu":
-            cluster = _gpu_cluster(workers, memory_limit)
-        else:
-            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                   memory_limit=memory_limit or "auto", dashboard_address=None,
-                                   scheduler_kwargs=_NO_DASHBOARD, silence_logs=logging.ERROR,
-                                   env=env)
+        with _sigint_ignored_by_workers():
+            cluster = _local_cluster(device, workers, memory_limit, n_workers, env)
     except ClusterError:
         raise
     except (ValueError, TypeError, RuntimeError, OSError) as exc:  # dask-cuda/NVML's, too

@@ -173,3 +173,24 @@ def test_a_closed_pipe_is_not_an_error(tmp_path):
         f"{sys.executable} -m ntkdist run --n 40 --d 4 --depth 2 --out {tmp_path / 'o'} "
         "| head -c 1", shell=True, capture_output=True, text=True)
     assert "error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_in_a_terminal_is_one_line_from_the_whole_process_group(tmp_path):
+    """A terminal's Ctrl-C signals every process of the group: the local workers ignore it
+    (no traceback of theirs), the run says one line and exits 130, its store resumable."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ntkdist", "run", "--data", "sphere", "--n", "6000", "--d",
+         "16", "--depth", "3", "--method", "davidson", "--store", str(tmp_path / "k.zarr"),
+         "--tile", "1000", "--out", str(tmp_path / "o"), "--workers", "2"],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("tiles "):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 130
+    assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "ntkdist: interrupted"
