@@ -48,6 +48,10 @@ def test_dense_is_in_process_up_to_its_limit():
     assert not plan.notes
     noted = _plan(store=None, workers=None, method="dense", cluster=ClusterSpec(workers=3))
     assert "not used" in noted.notes[0]
+    for method in ("dense", "lanczos"):
+        shifted = _plan(store=None, workers=None, method=method, precond="shift")
+        assert any("--precond shift serves LOBPCG and Davidson only" in x for x in shifted.notes)
+    assert not _plan(store=None, workers=None, method="davidson", precond="shift").notes
     with pytest.raises(SpecError, match="dense path's limit"):
         _plan(n=DENSE_MAX_N + 1, store=None, workers=None, method="dense")
     assert default_method(DENSE_MAX_N, False) == "dense"

@@ -233,6 +233,9 @@ def make_plan(solver: SolverSpec, cluster: ClusterSpec, facts: Facts, tile: int 
     if in_process and cluster.explicit:
         notes.append("the dense path runs in this process; the cluster options are not used "
                      "(--method lobpcg or davidson solves on the cluster)")
+    if s.method in ("dense", "lanczos") and s.precond != "auto":
+        notes.append(f"--precond {s.precond} serves LOBPCG and Davidson only; --method "
+                     f"{s.method} does not use it")
     base = dict(method=s.method, in_process=in_process, device=device, notes=tuple(notes))
     if in_process:
         return Plan(precision="float64", complete=True, **base)
