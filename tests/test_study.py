@@ -242,3 +242,44 @@ workers = 1
         assert float(r["lambda_min"]) == pytest.approx(ref, rel=float(r["tol"]))
         assert int(r["store_bytes"]) == 8 * 150 * 150  # one diagonal tile of 150²
     assert not any((out / "stores").iterdir())  # the shared store, deleted after both
+
+
+def test_dry_run_models_the_shift_factor_on_disk_beyond_memory(tmp_path, monkeypatch):
+    """--precond shift past memory: the factor's tiles join the point's disk, its column
+    panel the client's memory, two reads of it each pass the time; the passes follow the
+    shift's own model where the prediction places σ (13 at N = 10000, 21 at 100000)."""
+    import ntkdist.solvers.shift as shift
+    from ntkdist.solvers.diskfactor import disk_bytes, panel_bytes
+    from ntkdist.spec import ClusterSpec
+    from ntkdist.study import _base_passes, estimate
+
+    study = load_study(_write(tmp_path, """
+[study]
+storage = "delete"
+[data]
+source = "sphere"
+d = 64
+[kernel]
+depth = 3
+[solver]
+method = "davidson"
+precond = "shift"
+[zip]
+n = [10000, 100000]
+"""), str(tmp_path / "o"))
+    small, big = study.points
+    assert _base_passes(small.spec) == pytest.approx(13.0)
+    assert _base_passes(big.spec) == pytest.approx(21.0, abs=0.6)
+    rates = {"cores": 2, "entries_per_s": 1.7e7, "gemm_flops_per_s": 1e11,
+             "worker_memory": 10e9, "disk_bytes_per_s": 1e9, "build_s": 1.0}
+    cluster = ClusterSpec()
+    monkeypatch.setattr(shift, "SHIFT_MAX_BYTES", 1e20)  # as if K − σI fitted in memory
+    monkeypatch.setattr(shift, "SHIFT_MEMORY_SHARE", 1e9)
+    fits = estimate(big, cluster, dict(rates))
+    monkeypatch.setattr(shift, "SHIFT_MAX_BYTES", 1e6)  # it does not: on disk
+    disk = estimate(big, cluster, dict(rates))
+    tile = 4096
+    assert disk["disk"] - fits["disk"] == pytest.approx(disk_bytes(100000, tile))
+    assert disk["client_memory"] < fits["client_memory"] == pytest.approx(4e10)
+    assert disk["client_memory"] >= panel_bytes(100000, tile)
+    assert disk["seconds"] - fits["seconds"] > 21 * 2 * disk_bytes(100000, tile) / 1e9 * 0.9
