@@ -56,13 +56,14 @@ SHIFT_ESTIMATE_TOL = 3e-2
 #: below λ_1 took 7, 12 and 22 passes from a random start.
 SHIFT_MARGIN = 1e-2
 #: Where the paper's model predicts λ_1 closely (:func:`trusted_prediction`), σ is first
-#: tried this fraction below the prediction: about twice its largest error measured in that
-#: domain (+0.27 %, d = 64, L = 10, N = 3000; docs/theory.md). A σ above λ_1 costs a
-#: factorisation more (or, within float32's reach of λ_1, a factor of an indefinite matrix,
-#: which still only steers), never a wrong value. Through `ntkdist run --store` (d = 64,
-#: Davidson block 32; benchmarks/RESULTS.md), σ 0.40–0.45 % below λ_1 took the shifted
-#: stage and its float64 passes 11, 14 and 16 passes at N = 10000, 20000 and 40000, against
-#: 14, 19 and 23 with σ = λ̃ − ‖r‖ (1.5–1.6 % below).
+#: tried this fraction below the prediction: 1.5–2 times its largest errors measured in
+#: that domain (+0.27 %, d = 64, L = 10, N = 3000; +0.33 % at N = 50000, L = 3, near D_3;
+#: docs/theory.md). A σ above λ_1 costs a factorisation more (or, within float32's reach
+#: of λ_1, a factor of an indefinite matrix, which still only steers), never a wrong value.
+#: Through `ntkdist run --store` (d = 64, Davidson block 32; benchmarks/RESULTS.md), σ
+#: 0.40–0.45 % below λ_1 took the shifted stage and its float64 passes 11, 14 and 16
+#: passes at N = 10000, 20000 and 40000, against 14, 19 and 23 with σ = λ̃ − ‖r‖
+#: (1.5–1.6 % below).
 SHIFT_PREDICTION_MARGIN = 5e-3
 #: Stage 1's accuracy and passes where σ comes from the prediction: the estimate then only
 #: gives the shifted stage a start and checks the prediction against a Ritz value, an upper
@@ -74,10 +75,10 @@ SHIFT_PREDICTION_ESTIMATE_TOL = 1e-1
 SHIFT_PREDICTION_ESTIMATE_PASSES = 1
 #: The model's domain for σ (:func:`trusted_prediction`): rows uniform on the sphere of
 #: radius √d, the limiting NTK, depth ≥ 3, d ≥ 64, N ≥ 1000 (measured: −0.16 % to +0.27 % at
-#: depths 3–20, both normalisations, d = 64–200). Outside it the prediction errs by more, or
-#: was not measured: N = 500, d = 64, L = 3: +0.41 %; the NTK at L = 2, d = 64: +0.03 % to
-#: +1.27 %; d = 48: +0.37 %; d = 32: up to +2.3 %; the NNGP at d = 64: +0.21 % to +0.42 %,
-#: growing with depth.
+#: depths 3–20, both normalisations, d = 64–200, and +0.33 % at N = 50000, d = 64, L = 3).
+#: Outside it the prediction errs by more, or was not measured: N = 500, d = 64, L = 3:
+#: +0.41 %; the NTK at L = 2, d = 64: +0.03 % to +1.27 %; d = 48: +0.37 %; d = 32: up to
+#: +2.3 %; the NNGP at d = 64: +0.21 % to +0.42 %, growing with depth.
 PREDICTION_MIN_D = 64
 PREDICTION_MIN_DEPTH = 3
 PREDICTION_MIN_N = 1000
