@@ -594,8 +594,9 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     precond = checkpoint = None
     s, kern = spec.solver, spec.kernel
     device = op.device if op is not None else "cpu"
-    shift = s.method in ("lobpcg", "davidson") and uses_shift(s.precond, spec.n, kern.depth,
-                                                                kern.finite, device)
+    shift = s.method in ("lobpcg", "davidson") and uses_shift(
+        s.precond, spec.n, kern.depth, kern.finite, device,
+        recompute=op is not None and getattr(op, "mode", None) == "recompute")
     if s.method in ("lobpcg", "davidson"):
         if ckpt_hash is not None:
             checkpoint = Checkpoint(os.path.join(out, CHECKPOINT_FILE),

@@ -338,13 +338,14 @@ def estimate(point: Point, cluster: ClusterSpec, rates: dict) -> dict:
         seconds = build + EIGH_FLOPS_PER_N3 * n ** 3 / gemm + chain + certify
         return {"disk": disk, "memory": memory, "seconds": seconds, "client_memory": client}
     tile = point.tile or default_tile(n, rates["worker_memory"])
+    shift = _uses_shift(spec, cluster.device, recompute=not point.store)
     passes = min(s.max_products,
-                 _base_passes(spec, cluster.device) * s.k ** 0.5
-                 * _passes_factor(spec, cluster.device))
+                 _base_passes(spec, shift) * s.k ** 0.5 * _passes_factor(spec, cluster.device,
+                                                                         shift))
     block = s.block or (32 if point.store else RECOMPUTE_BLOCK)  # recompute: wider
     products = 2.0 * block * n * n / (gemm * PASS_EFFICIENCY)
     precond, factor_disk = 1e-8 * n * spec.d ** 2, 0.0
-    if _uses_shift(spec, cluster.device):
+    if shift:
         # on the client's cores: K − σI's n²/2 entries and its float32 factor (n³/3), two n²
         # triangular solves an iteration; 4n² bytes on the client, or beyond memory (CPU) its
         # tiles on disk, read twice an iteration, and one column panel on the client
@@ -390,12 +391,13 @@ def _harmonic_plan(spec: RunSpec, device: str = "cpu") -> tuple:
     return (None, None) if asked is None else harmonic_plan(spec.n, spec.d, **asked)
 
 
-def _uses_shift(spec: RunSpec, device: str = "cpu") -> bool:
-    """Whether the point's solve runs shift-invert (:func:`ntkdist.solvers.shift.uses_shift`)."""
+def _uses_shift(spec: RunSpec, device: str = "cpu", recompute: bool = False) -> bool:
+    """Whether the point's solve runs shift-invert (:func:`ntkdist.solvers.shift.uses_shift`;
+    ``recompute``: the point has no store)."""
     from .solvers.shift import uses_shift
 
     return spec.solver.method in ("lobpcg", "davidson") and uses_shift(
-        spec.solver.precond, spec.n, spec.kernel.depth, spec.kernel.finite, device)
+        spec.solver.precond, spec.n, spec.kernel.depth, spec.kernel.finite, device, recompute)
 
 
 #: Passes of a shift-invert solve against the degree ≤ 2 harmonic model's (its estimate
@@ -411,32 +413,32 @@ SHIFT_PREDICTED_AT_10000 = 13.0
 SHIFT_PREDICTED_GROWTH = 0.21
 
 
-def _shift_predicted(spec: RunSpec, device: str = "cpu") -> bool:
+def _shift_predicted(spec: RunSpec, shift: bool) -> bool:
     from .solvers.shift import in_prediction_domain
 
     k = spec.kernel
-    return _uses_shift(spec, device) and in_prediction_domain(spec.data.source, spec.d,
-                                                              k.depth, k.kind, spec.n)
+    return shift and in_prediction_domain(spec.data.source, spec.d, k.depth, k.kind, spec.n)
 
 
-def _base_passes(spec: RunSpec, device: str = "cpu") -> float:
+def _base_passes(spec: RunSpec, shift: bool) -> float:
     """Passes to a certified 1e-8 before :func:`_passes_factor`: the shift-invert solve's
-    own model where the prediction places σ, else the degree ≤ 2 harmonic model's."""
+    (``shift``) own model where the prediction places σ, else the degree ≤ 2 harmonic
+    model's."""
     n = spec.n
-    if _shift_predicted(spec, device):
+    if _shift_predicted(spec, shift):
         return SHIFT_PREDICTED_AT_10000 * (n / 10000.0) ** SHIFT_PREDICTED_GROWTH
     return max(20.0, PASSES_AT_8000 * (n / 8000.0) ** PASSES_GROWTH)
 
 
-def _passes_factor(spec: RunSpec, device: str = "cpu") -> float:
+def _passes_factor(spec: RunSpec, device: str = "cpu", shift: bool = False) -> float:
     """The passes of :data:`PASSES_AT_8000` (tol 1e-8, the degree ≤ 2 harmonic
     preconditioner) scaled to the point's tol (linear convergence: passes ∝ log(1/tol)) and
     halved where the preconditioner keeps the degree-3 block (measured at d = 16: 57 → 29
     passes at N = 4000, 93 → 45 at 16000; at d = 64, N = 20000: 104 → 46)."""
     factor = min(max(math.log10(1.0 / spec.solver.tol) / 8.0, 0.25), 2.0)
-    if _uses_shift(spec, device) and not _shift_predicted(spec, device):
+    if shift and not _shift_predicted(spec, shift):
         factor *= SHIFT_PASSES
-    elif not _uses_shift(spec, device) and _harmonic_plan(spec, device)[0] == 3:
+    elif not shift and _harmonic_plan(spec, device)[0] == 3:
         factor *= 0.5
     return factor
 

@@ -268,8 +268,8 @@ precond = "shift"
 n = [10000, 100000]
 """), str(tmp_path / "o"))
     small, big = study.points
-    assert _base_passes(small.spec) == pytest.approx(13.0)
-    assert _base_passes(big.spec) == pytest.approx(21.0, abs=0.6)
+    assert _base_passes(small.spec, True) == pytest.approx(13.0)
+    assert _base_passes(big.spec, True) == pytest.approx(21.0, abs=0.6)
     rates = {"cores": 2, "entries_per_s": 1.7e7, "gemm_flops_per_s": 1e11,
              "worker_memory": 10e9, "disk_bytes_per_s": 1e9, "build_s": 1.0}
     cluster = ClusterSpec()
@@ -283,3 +283,20 @@ n = [10000, 100000]
     assert disk["client_memory"] < fits["client_memory"] == pytest.approx(4e10)
     assert disk["client_memory"] >= panel_bytes(100000, tile)
     assert disk["seconds"] - fits["seconds"] > 21 * 2 * disk_bytes(100000, tile) / 1e9 * 0.9
+
+
+def test_auto_takes_the_factor_on_disk_only_where_passes_rebuild_the_tiles(monkeypatch):
+    """Past the memory's N, `--precond auto` shifts where there is no store (each pass
+    rebuilds the tiles: the dry run puts 9–12× less time on it at N = 50000–100000), and
+    keeps the harmonic model where a store's tiles are read."""
+    import ntkdist.solvers.shift as shift
+    from ntkdist.solvers.shift import uses_shift
+
+    monkeypatch.setattr(shift, "SHIFT_MAX_BYTES", 1e9)  # N ≤ 15811 fits
+    assert uses_shift("auto", 10000, 3) and uses_shift("auto", 10000, 3, recompute=True)
+    assert not uses_shift("auto", 50000, 3)
+    assert uses_shift("auto", 50000, 3, recompute=True)
+    assert not uses_shift("auto", 50000, 3, device="gpu", recompute=True)
+    assert not uses_shift("auto", 50000, 3, finite=True, recompute=True)
+    assert not uses_shift("auto", 4000, 3, recompute=True)
+    assert not uses_shift("harmonic", 50000, 3, recompute=True)

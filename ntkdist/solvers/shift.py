@@ -102,16 +102,18 @@ SHIFT_FROM = 5000
 
 
 def uses_shift(name: str, n: int, depth: int, finite: bool = False,
-               device: str = "cpu") -> bool:
+               device: str = "cpu", recompute: bool = False) -> bool:
     """Whether ``--precond name`` runs the two-stage shift-invert solve: ``shift`` always
     (where it cannot, the run says why and keeps the harmonic model); ``auto`` for the
     limiting kernels at depth ≥ 2 on CPU runs from N ≥ :data:`SHIFT_FROM` where
-    :func:`shift_fits`. (GPU runs keep the harmonic model under ``auto`` until the shift's
-    time there is measured: scripts/gpu_scale.py.)"""
+    :func:`shift_fits`, and beyond it (the factor on disk) where the operator rebuilds the
+    tiles every pass (``recompute``: no store), so that the passes saved are tile builds
+    saved (at N = 100000 on 2 cores, about 300 s a pass). (GPU runs keep the harmonic model
+    under ``auto`` until the shift's time there is measured: scripts/gpu_scale.py.)"""
     if name == "shift":
         return not finite
     return (name == "auto" and not finite and depth >= 2 and device == "cpu"
-            and n >= SHIFT_FROM and shift_fits(n) is None)
+            and n >= SHIFT_FROM and (recompute or shift_fits(n) is None))
 
 
 def shift_fits(n: int, max_bytes: float | None = None, xp=None) -> str | None:
