@@ -380,3 +380,28 @@ def test_a_factor_of_another_run_or_a_garbled_manifest_is_not_resumed(tmp_path):
     g = DiskFactor(path, n, 64, 0.25, "x")
     assert g.factor(source(spd(n), g.bounds, calls))
     assert min(j for _, j in calls) == 0
+
+
+def test_an_overflowing_manifest_and_a_look_alike_file(tmp_path):
+    """'columns': Infinity in a hand-edited manifest is not resumable (no OverflowError);
+    a user's L.backup.npy is not one of the factor's files; a complete factor is reused."""
+    from ntkdist.solvers.diskfactor import recorded_sigma
+
+    path = tmp_path / "f"
+    n = 200
+    f = DiskFactor(str(path), n, 64, 0.25, "x")
+    assert f.factor(source(spd(n), f.bounds))
+    seen = []
+    again = DiskFactor(str(path), n, 64, 0.25, "x", log=seen.append)
+    assert again.factor(lambda i, j: pytest.fail("a complete factor is formed again"))
+    assert any("complete" in line and "reused" in line for line in seen)
+    text = (path / "manifest.json").read_text().replace('"columns": 4', '"columns": Infinity')
+    (path / "manifest.json").write_text(text)
+    assert recorded_sigma(str(path), n, "x") is None
+    (path / "L.backup.npy").write_bytes(b"mine")
+    calls = []
+    g = DiskFactor(str(path), n, 64, 0.25, "x")
+    assert g.factor(source(spd(n), g.bounds, calls))
+    assert min(j for _, j in calls) == 0
+    g.remove()
+    assert (path / "L.backup.npy").read_bytes() == b"mine"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -95,8 +96,9 @@ def disk_fits(path: str, n: int, tile: int, memory: float | None = None) -> str 
 
 
 def _ours(name: str) -> bool:
-    return name == MANIFEST or (name.startswith("L.") and (
-        name.endswith(".npy") or name.endswith(".tmp")))
+    """A file the factor writes: its manifest and tiles ``L.I.J.npy`` (``.tmp`` while
+    written)."""
+    return name == MANIFEST or re.fullmatch(r"L\.\d+\.\d+\.(npy|tmp)", name) is not None
 
 
 def recorded_sigma(path: str | None, n: int, identity: str = "") -> float | None:
@@ -111,7 +113,7 @@ def recorded_sigma(path: str | None, n: int, identity: str = "") -> float | None
                 int(m.get("columns", 0)) > 0):
             return None
         sigma = float(m["sigma"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
         return None
     return sigma if np.isfinite(sigma) else None
 
@@ -200,7 +202,7 @@ class DiskFactor:
             done = int(m.get("columns", 0))
             sums = {(int(key.split(".")[0]), int(key.split(".")[1])): str(v)
                     for key, v in dict(m.get("checksums", {})).items()}
-        except (OSError, ValueError, TypeError, AttributeError, IndexError):
+        except (OSError, ValueError, TypeError, AttributeError, IndexError, OverflowError):
             same, done, sums = False, 0, {}
         if not same or done <= 0:
             self.remove()
@@ -251,7 +253,9 @@ class DiskFactor:
         except OSError as exc:
             raise DiskFactorError(f"the shift's factor folder {self.path!r} cannot be made "
                                   f"({exc.strerror or exc})") from None
-        if start:
+        if start == self.T:
+            self.log(f"shift factor on disk: complete in {self.path}, reused")
+        elif start:
             self.log(f"shift factor on disk: resuming at column {start + 1} of {self.T} "
                      f"({self.path})")
         self.columns = start
