@@ -17,6 +17,15 @@ RESULT_FILE = "result.json"
 EIGVEC_FILE = "eigvec.npy"
 
 
+def existing_parent(path: str) -> str:
+    """``path`` itself where it exists, else its nearest existing parent folder (where a
+    folder to be made would live: its disk, its permissions)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def claim_out_dir(path: str, spec_dict: dict, spec_hash: str) -> str | None:
     """Create ``path`` for this spec, or accept it if it already belongs to the same spec.
 

@@ -42,6 +42,7 @@ from .assemble import FEATURE_GROUP_BYTES
 from .config import (TABLES, Options, cluster_request, merge, read_toml, run_request,
                      store_request)
 from .errors import SpecError
+from .results import existing_parent
 from .spec import BATCH_KINDS, ClusterSpec, RunSpec, content_hash
 
 STORAGE = ("keep", "delete", "none")
@@ -478,7 +479,7 @@ def check_fits(study: Study, estimates: list, rates: dict) -> None:
     """Refuse, before anything starts, a point that cannot fit the disk or memory it has."""
     from .solvers.cholesky import MEMORY_SHARE
 
-    free = shutil.disk_usage(_existing_parent(study.out)).free
+    free = shutil.disk_usage(existing_parent(study.out)).free
     held = 0
     stores_done = set()
     for p, e in zip(study.points, estimates):
@@ -499,17 +500,10 @@ def check_fits(study: Study, estimates: list, rates: dict) -> None:
             if need > free:
                 raise SpecError(f"point {p.label} needs {need / 1e9:.1f} GB of disk for its "
                                 f"store{'s' if study.storage == 'keep' else ''}; "
-                                f"{_existing_parent(study.out)} has {free / 1e9:.1f} GB free")
+                                f"{existing_parent(study.out)} has {free / 1e9:.1f} GB free")
             if study.storage == "keep":
                 held += e["disk"]
             stores_done.add(p.store)
-
-
-def _existing_parent(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
 
 
 def plan_text(study: Study, estimates: list) -> str:

@@ -287,7 +287,7 @@ n = [10000, 100000]
 
 def test_auto_takes_the_factor_on_disk_only_where_passes_rebuild_the_tiles(monkeypatch):
     """Past the memory's N, `--precond auto` shifts where there is no store (each pass
-    rebuilds the tiles: the dry run puts 9–12× less time on it at N = 50000–100000), and
+    rebuilds the tiles: the dry run puts 9–13× less time on it at N = 50000–100000), and
     keeps the harmonic model where a store's tiles are read."""
     import ntkdist.solvers.shift as shift
     from ntkdist.solvers.shift import uses_shift

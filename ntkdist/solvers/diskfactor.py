@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import NtkdistError
+from ..results import existing_parent
 
 #: Largest share of the free disk the factor may take.
 DISK_SHARE = 0.9
@@ -58,13 +59,6 @@ def disk_bytes(n: int, tile: int) -> float:
     return 4.0 * (float(sizes.sum()) ** 2 + float((sizes ** 2).sum())) / 2.0
 
 
-def _existing(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
 def panel_bytes(n: int, tile: int) -> float:
     """Memory of the factorisation: its column panel (N × tile float32), a float64 tile of
     K − σI being formed (with its copies), and the tiles read ahead."""
@@ -81,7 +75,7 @@ def disk_fits(path: str, n: int, tile: int, memory: float | None = None) -> str 
                 f"({panel_bytes(n, tile) / 1e9:.1f} GB at N = {n}), more than "
                 f"{memory / 1e9:.1f} GB of memory (a store of smaller tiles needs less)")
     need = disk_bytes(n, tile)
-    where = _existing(path)
+    where = existing_parent(path)
     if not os.access(where, os.W_OK):
         return f"the shift's factor folder {path!r} cannot be written"
     held = 0
@@ -150,7 +144,6 @@ class DiskFactor:
         self.log = log or (lambda *a: None)
         self.checksums: dict[str, str] = {}
         self.columns = 0
-        self.reads = 0  # tiles read, for the record
 
     # --- files -------------------------------------------------------------------------
     def _file(self, i: int, j: int) -> str:
@@ -163,7 +156,6 @@ class DiskFactor:
         except (OSError, ValueError) as exc:
             raise DiskFactorError(f"the shift's factor tile {self._file(i, j)!r} cannot be "
                                   f"read ({exc.__class__.__name__}: {exc})") from None
-        self.reads += 1
         return a
 
     def _save(self, i: int, j: int, a: np.ndarray) -> None:

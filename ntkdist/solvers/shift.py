@@ -38,7 +38,6 @@ iteration.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -108,7 +107,8 @@ def uses_shift(name: str, n: int, depth: int, finite: bool = False,
     limiting kernels at depth ≥ 2 on CPU runs from N ≥ :data:`SHIFT_FROM` where
     :func:`shift_fits`, and beyond it (the factor on disk) where the operator rebuilds the
     tiles every pass (``recompute``: no store), so that the passes saved are tile builds
-    saved (at N = 100000 on 2 cores, about 300 s a pass). (GPU runs keep the harmonic model
+    saved (N²/2 kernel entries a pass: about 290 s at N = 100000 at the 17.1 M entries/s
+    of the assembly on 2 cores, benchmarks/RESULTS.md). (GPU runs keep the harmonic model
     under ``auto`` until the shift's time there is measured: scripts/gpu_scale.py.)"""
     if name == "shift":
         return not finite
@@ -378,7 +378,7 @@ def disk_shift_invert(X: np.ndarray, kernel, sigma: float, path: str, identity: 
     the same ``identity`` and σ), for N where it does not fit in memory; None where it does
     not factor in float32 (its folder then cleared). The preconditioner's ``release``
     deletes the folder. Raises DiskFactorError where the folder cannot be written or read."""
-    from .diskfactor import DISK_TILE, DiskFactor, DiskFactorError
+    from .diskfactor import DISK_TILE, DiskFactor, DiskFactorError, disk_bytes
 
     X = np.asarray(X, dtype=np.float64)
     t0 = time.perf_counter()
@@ -403,7 +403,8 @@ def disk_shift_invert(X: np.ndarray, kernel, sigma: float, path: str, identity: 
     return Preconditioner("shift", apply, time.perf_counter() - t0, n, release=factor.remove,
                           info={"sigma": float(sigma), "form_seconds": spent[0],
                                 "factor_on_disk": {"path": path, "tile": tile,
-                                                   "gigabytes": round(_gb(path), 3),
+                                                   "gigabytes": round(disk_bytes(n, tile) / 1e9,
+                                                                      3),
                                                    "factor_seconds": factored}})
 
 
@@ -422,11 +423,6 @@ def _factor_tile(n: int, store: str | None) -> int:
         except (StoreError, OSError, ValueError):
             pass
     return min(n, DISK_TILE)
-
-
-def _gb(path: str) -> float:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-               if f.endswith(".npy")) / 1e9
 
 
 def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, *,
