@@ -331,17 +331,10 @@ def _lower_tiles(X: np.ndarray, kernel, sigma: float, F: np.ndarray, store: str 
     instead), else formed from the rows with the tile function in tiles of ``tile``."""
     from .diskfactor import tiling
 
-    n = X.shape[0]
-    kernel_store = None
-    if store is not None:
-        from ..store import KernelStore, StoreError
+    from ..store import StoreError
 
-        try:
-            kernel_store = KernelStore.open(store).require_complete()
-            if kernel_store.spec.n != n:
-                kernel_store = None
-        except StoreError:
-            kernel_store = None
+    n = X.shape[0]
+    kernel_store = _complete_store(store, n)
     if kernel_store is not None:
         tile = kernel_store.spec.tile
     bounds = tiling(n, tile)
@@ -408,21 +401,26 @@ def disk_shift_invert(X: np.ndarray, kernel, sigma: float, path: str, identity: 
                                                    "factor_seconds": factored}})
 
 
+def _complete_store(store: str | None, n: int):
+    """The complete KernelStore at ``store`` for this N, or None."""
+    if store is None:
+        return None
+    from ..store import KernelStore, StoreError
+
+    try:
+        kernel_store = KernelStore.open(store).require_complete()
+    except StoreError:
+        return None
+    return kernel_store if kernel_store.spec.n == n else None
+
+
 def _factor_tile(n: int, store: str | None) -> int:
-    """The tile of the factor on disk: the store's where it is complete for this N, else
-    :data:`ntkdist.solvers.diskfactor.DISK_TILE`."""
+    """The tile of the factor on disk: the store's where it is complete for this N (as
+    :func:`_lower_tiles` reads it), else :data:`ntkdist.solvers.diskfactor.DISK_TILE`."""
     from .diskfactor import DISK_TILE
 
-    if store is not None:
-        from ..store import KernelStore, StoreError
-
-        try:
-            spec = KernelStore.open(store).spec
-            if spec.n == n:
-                return int(spec.tile)
-        except (StoreError, OSError, ValueError):
-            pass
-    return min(n, DISK_TILE)
+    kernel_store = _complete_store(store, n)
+    return int(kernel_store.spec.tile) if kernel_store is not None else min(n, DISK_TILE)
 
 
 def solve_shifted(matmat, n: int, method: str, X: np.ndarray, kernel, estimate, *,
