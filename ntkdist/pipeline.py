@@ -21,7 +21,7 @@ from .data import check_rows, near_null_vectors, row_norms
 from .errors import SpecError
 from .operator.plan import (DENSE_MAX_N, Facts, check_feature_memory, default_method,
                             make_plan, store_layout)
-from .results import RunResult, claim_out_dir, release_out_dir, write_result
+from .results import OutClaim, RunResult, write_result
 from .solvers.checkpoint import CHECKPOINT_FILE, Checkpoint
 from .solvers.diskfactor import FACTOR_DIR
 from .solvers.driver import smallest_eigenpairs
@@ -66,18 +66,10 @@ def run(spec: RunSpec, out: str, cluster: ClusterSpec | None = None, store: str 
                   parallel_rows=check.parallel_rows,
                   feature_columns=spec.kernel.feature_columns(spec.d))
     plan = make_plan(spec.solver, cluster, facts, tile, dtype)
-    claimed = []
-
-    def claim():
-        claimed.append(claim_out_dir(out, spec.to_dict(), spec.hash()))
-
-    try:
+    # a failed run leaves no folder that only refuses the corrected rerun
+    with OutClaim(out, spec.to_dict(), spec.hash()) as claim:
         return _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0,
                     claim, client)
-    except BaseException:
-        if claimed:  # a failed run leaves no folder that only refuses the corrected rerun
-            release_out_dir(out, claimed[0])
-        raise
 
 
 def _run(spec, out, cluster, store, tile, dtype, log, X, check, facts, plan, t0, claim,
@@ -217,29 +209,22 @@ def solve(store: str, out: str, cluster: ClusterSpec | None = None, log=print,
     facts = Facts(**{**facts.__dict__, "parallel_rows": check.parallel_rows})
     out_spec = {**spec.to_dict(), "store_spec_hash": kstore.spec.hash()}
     out_hash = content_hash(out_spec)
-    with cluster.connect(log) as client:
+    with cluster.connect(log) as client, OutClaim(out, out_spec, out_hash) as claim:
         pending = [_replan(client, cluster, spec, facts)]  # a resumed solve plans anew
-        claimed = []
 
         def make_op():
             plan, names = pending.pop() if pending else _replan(client, cluster, spec, facts)
             return KernelOperator(client, plan, rows=X, store=store, gpus=names)
 
         def solve_with(op):
-            if not claimed:
-                claimed.append(claim_out_dir(out, out_spec, out_hash))
+            claim()
             _log_device(op, log)
             return _solve_and_write(spec, X, check, out, op.matmat,
                                     lambda: _dense_from(op, X, spec), op, t0, log,
                                     store=store, ckpt_hash=out_hash, cluster=cluster)
 
-        try:
-            return _resuming(client, cluster, make_op, solve_with, log,
-                             lambda: _checkpoint_mtime(out))
-        except BaseException:
-            if claimed:
-                release_out_dir(out, claimed[0])
-            raise
+        return _resuming(client, cluster, make_op, solve_with, log,
+                         lambda: _checkpoint_mtime(out))
 
 
 def assemble(spec: RunSpec, store: str, cluster: ClusterSpec | None = None,

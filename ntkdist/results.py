@@ -71,6 +71,41 @@ def release_out_dir(path: str, claimed: str | None) -> None:
     except OSError:
         pass
 
+
+class OutClaim:
+    """A run's hold on its ``--out`` folder, as a context manager: calling it claims the
+    folder (:func:`claim_out_dir`, once, when the run is about to write) and takes the
+    folder's lock (:func:`ntkdist.locks.folder_lock`), so a second run on the same folder
+    gets one line naming the first instead of sharing its checkpoint and factor. The lock
+    ends with the block (or the process); a block that fails undoes the claim
+    (:func:`release_out_dir`)."""
+
+    def __init__(self, path: str, spec_dict: dict, spec_hash: str):
+        self.path, self.spec_dict, self.spec_hash = path, spec_dict, spec_hash
+        self._claimed: list = []
+        self._lock = None
+
+    def __call__(self) -> None:
+        if self._claimed:
+            return
+        self._claimed.append(claim_out_dir(self.path, self.spec_dict, self.spec_hash))
+        from .locks import folder_lock
+
+        lock = folder_lock(self.path, f"--out {self.path!r}", "written", OutputError)
+        lock.__enter__()
+        self._lock = lock
+
+    def __enter__(self) -> OutClaim:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        if kind is not None and self._claimed:
+            release_out_dir(self.path, self._claimed[0])
+
+
 def _differences(path: str, spec_dict: dict) -> str:
     """'; differs in depth (3 ≠ 4), …' between a folder's recorded spec and ``spec_dict``."""
     from .spec import spec_differences

@@ -25,7 +25,6 @@ This module knows the layout only; it never computes kernel entries.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -33,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import NtkdistError, OutputError
+from .errors import NtkdistError, OutputError, os_reason
+from .locks import LOCK_FILE, folder_lock, lock_holder
 from .spec import StoreSpec, spec_differences
 from .zarr_chunks import ChunkSizeError, read_block
 
@@ -45,7 +45,6 @@ CHAIN_DIR = "chain"
 #: Finite widths: each row block's features, made once by an assembly for its tiles and
 #: removed when the store is complete (derived data, checked by a checksum beside each).
 FEATURES_DIR = "features"
-LOCK_FILE = ".lock"
 LAYOUT = ("X: N×d float64 rows, chunks (tile, d); K: N×N, chunks (tile, tile), fill NaN, "
           "only tiles I<=J written, K[J,I] = K[I,J]^T; done/X.I and done/K.I.J: JSON markers "
           "with a blake2b-128 checksum of the chunk's bytes, written after the chunk; "
@@ -60,16 +59,6 @@ class StoreError(NtkdistError):
 def repair_hint(path: str) -> str:
     """The command that recomputes a store's damaged pieces, for damage messages."""
     return f"run 'ntkdist verify --store {path} --repair' to recompute the damaged pieces"
-
-
-def os_reason(exc: OSError) -> str:
-    """An OS error in words, lower case, with its errno name: 'no space left on device
-    (ENOSPC)'; for a full disk, a read-only file system, missing permissions and the like."""
-    code = getattr(exc, "errno", None)
-    if isinstance(code, int) and code in errno.errorcode:
-        words = os.strerror(code)
-        return f"{words[:1].lower()}{words[1:]} ({errno.errorcode[code]})"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def checksum(array: np.ndarray) -> str:
@@ -167,85 +156,15 @@ class KernelStore:
             raise OutputError(f"cannot write store {self.path!r}: {os_reason(exc)}") from None
 
     # --- the lock ------------------------------------------------------------------------
-    @contextlib.contextmanager
     def lock(self, action: str = "assembled"):
-        """Hold the store's lock (``PATH/.lock``) for assembling or repairing it; a one-line
-        StoreError naming the holder (PID, host, start time) if another process holds it.
-
-        An exclusive, non-blocking ``flock``: the kernel releases it when its process ends,
-        ``kill -9`` included, so a killed run never leaves the store locked. The file is
-        removed on release; a process that opened it just before that sees another file at
-        the path, or none, and tries again. On a file system without ``flock`` support
-        (ENOLCK, ENOSYS, EOPNOTSUPP) the store is used without a lock.
-        """
-        path = os.path.join(self.path, LOCK_FILE)
-        fd = self._acquire(path)
-        if fd is None:  # no locking on this file system
-            yield
-            return
-        try:
-            import socket
-            import time
-
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "action": action,
-                    "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-            with contextlib.suppress(OSError):  # a full disk: the flock still holds
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(info).encode(), 0)
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            os.close(fd)
-
-    def _acquire(self, path: str) -> int | None:
-        """The lock file's descriptor with the lock held, or None where the file system has
-        no ``flock``; a one-line StoreError naming the holder if another process has it."""
-        import fcntl
-
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise StoreError(f"cannot write store {self.path!r}: {os_reason(exc)}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                held = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-                holder = _lock_holder(fd) if held else None
-                os.close(fd)
-                if held:
-                    raise StoreError(f"store {self.path!r} is being {_describe_holder(holder)}; "
-                                     "wait for it to end, or stop that process (its lock ends "
-                                     "with it) and rerun") from None
-                if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-                    return None
-                raise StoreError(f"cannot lock store {self.path!r}: {os_reason(exc)}") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except OSError:
-                same = False
-            if same:
-                return fd
-            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+        """Hold the store's lock (``PATH/.lock``, :func:`ntkdist.locks.folder_lock`) for
+        assembling or repairing it; a one-line StoreError naming the holder (PID, host, start
+        time) if another process holds it. A killed run never leaves the store locked."""
+        return folder_lock(self.path, f"store {self.path!r}", action, StoreError)
 
     def lock_holder(self) -> str | None:
         """Who holds the store's lock ("assembled by process … since …"), or None."""
-        import fcntl
-
-        try:
-            fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return _describe_holder(_lock_holder(fd))
-            return None
-        finally:
-            os.close(fd)
-        return None
+        return lock_holder(self.path)
 
     def remove_partial_writes(self) -> None:
         """Delete what a killed run left half-written: markers are renamed into place when
@@ -447,24 +366,6 @@ class KernelStore:
                 except OSError:
                     pass
         return total
-
-
-def _lock_holder(fd: int) -> dict:
-    """The holder's record in a lock file (empty if unreadable)."""
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _describe_holder(info: dict) -> str:
-    """'assembled by process 123 on host since 2026-…', from a lock file's record."""
-    action = info.get("action") or "assembled"
-    if "pid" not in info:
-        return f"{action} by another process"
-    return (f"{action} by process {info['pid']} on {info.get('host', '?')} "
-            f"since {info.get('since', '?')}")
 
 
 def _spec_difference(attrs: dict, spec: StoreSpec) -> str:

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from .assemble import FEATURE_GROUP_BYTES
 from .config import (TABLES, Options, cluster_request, merge, read_toml, run_request,
                      store_request)
-from .errors import SpecError
+from .errors import OutputError, SpecError
+from .locks import folder_lock
 from .results import existing_parent
 from .spec import BATCH_KINDS, ClusterSpec, RunSpec, content_hash
 
@@ -562,7 +563,8 @@ def sweep(study: Study, log=print, dry_run: bool = False, report_only: bool = Fa
     ran, t0 = 0, time.perf_counter()
     needs_cluster = any(not (p.spec.solver.method == "dense" and p.store is None)
                         and not _finished(p) for p in study.points)
-    with study.cluster.connect(log) if needs_cluster else contextlib.nullcontext() as client:
+    with folder_lock(study.out, f"--out {study.out!r}", "swept", OutputError), \
+            study.cluster.connect(log) if needs_cluster else contextlib.nullcontext() as client:
         for i, p in enumerate(study.points):
             if _finished(p):
                 continue

@@ -83,14 +83,14 @@ def _solve(rng, X, depth, kernel, k, method):
 
 @pytest.mark.slow
 def test_converged_means_within_the_bound():
-    """Several hundred random problems (N 2–100, d 1–10, depth 1–6, k 1–3, block 1–N, every
+    """Two hundred random problems (N 2–100, d 1–10, depth 1–6, k 1–3, block 1–N, every
     method, rows with repeats, near-parallel pairs and norms spread over 12 decades): every
     value of a converged solve is within its reported bound of the true eigenvalue (float64
     eigvalsh, or the 60-digit kernel where float64 cannot tell). N ≤ 64 goes to the dense
     path; above, the iterative certificates are tested."""
     rng = np.random.default_rng(20261128)
     checked = converged = exact_checks = 0
-    for case in range(300):
+    for case in range(200):
         n = int(rng.integers(2, 101))
         d = int(rng.integers(1, 11))
         depth = int(rng.integers(1, 7))
@@ -128,7 +128,7 @@ def test_converged_means_within_the_bound():
         assert np.all(err <= bound + slack), (case, n, d, depth, kernel, k, method, sol.method,
                                       sol.values, ref, bound)
     print(f"{checked} solved, {converged} converged, {exact_checks} checked at 60 digits")
-    assert checked >= 280 and converged >= 150, (checked, converged)
+    assert checked >= 185 and converged >= 110, (checked, converged)
 
 
 def test_gap_estimate_never_infinite():
@@ -191,6 +191,7 @@ def test_rows_of_very_different_norms_use_the_scaled_formulation(tmp_path):
     assert not r["converged"] and r["status"] == "below_resolution"
     assert r["lambda_min"] is None and r["lambda_min_interval"][0] == 0.0
     assert r["lambda_min_interval"][1] >= ref
+    assert r["passes"] < 200  # stopped once stuck unresolved, not at the 600-pass cap
 
 
 def test_near_parallel_rows_stop_quickly_and_honestly(tmp_path):

@@ -399,12 +399,15 @@ def test_harmonic_preconditioner_built_and_applied_on_a_device(fake_gpu):
                               scale=np.trace(K) / 900)
     assert sol.status == "certified"
     assert sol.values[0] == pytest.approx(np.linalg.eigvalsh(K)[0], rel=1e-8)
-    # d = 32 (features rank 6545 over the CPU's 6000): no gram form on a device ...
+    # d = 32 (features rank 6545 over the CPU's 6000): no gram form on a device, degree 2
+    # where it is not given room for the features ...
     X32 = synthetic_rows("sphere", 32, SEED, 0, 1200)
     assert harmonic(X32, 3, "ntk", "paper", xp=fake_gpu).degree == 2
-    # ... and the features where the device is given room for them
-    wide = harmonic(X32, 3, "ntk", "paper", xp=fake_gpu, max_rank=50000, max_bytes=1e12)
-    assert (wide.degree, wide.form, wide.rank) == (3, "features", 6545)
+    # ... and at d = 24 (rank 2925) the features, where N = 1200 rows are under the rank
+    X24 = synthetic_rows("sphere", 24, SEED, 0, 1200)
+    wide = harmonic(X24, 3, "ntk", "paper", xp=fake_gpu)
+    assert (wide.degree, wide.form, wide.rank) == (3, "features", 2925)
+    assert harmonic(X24, 3, "ntk", "paper", xp=fake_gpu, max_rank=2000).degree == 2
 
 
 def test_gpu_certify_cholesky_factorises_on_the_device(client, store, fake_gpu, tmp_path,

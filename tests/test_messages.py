@@ -106,6 +106,22 @@ def test_other_spec_names_the_fields(tmp_path, capsys):
     _one_line_error(capsys, code, "depth (2 ≠ 3)", "seed (0 ≠ 2)")
 
 
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
+    from ntkdist.errors import OutputError
+    from ntkdist.locks import folder_lock
+
+    out = str(tmp_path / "o")
+    args = ["run", "--n", "60", "--d", "4", "--depth", "2", "--out", out]
+    assert main(args) == 0 and not os.path.exists(os.path.join(out, ".lock"))
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    capsys.readouterr()
+    with folder_lock(out, f"--out {out!r}", "written", OutputError):  # another run's hold
+        _one_line_error(capsys, main(args), "is being written by process", str(os.getpid()))
+        assert {n: open(os.path.join(out, n), "rb").read()
+                for n in os.listdir(out) if n != ".lock"} == before
+    assert main(args) == 0 and sorted(os.listdir(out)) == sorted(before)
+
+
 def test_depth_one_with_more_rows_than_dimensions_is_singular(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["run", "--data", "gaussian", "--n", "40", "--d", "5", "--depth", "1",

@@ -74,6 +74,15 @@ def test_a_tiny_sweep_matches_dense_eigenvalues_and_draws_its_figures(tmp_path, 
     assert main(["sweep", study, "--out", str(out)]) == 0
     assert "0 point(s) run now" in capsys.readouterr().out
     assert (out / "results.csv").read_text() == before
+    # A second sweep of the same folder while one runs: one line naming the first.
+    from ntkdist.errors import OutputError
+    from ntkdist.locks import folder_lock
+
+    with folder_lock(str(out), "it", "swept", OutputError):
+        code = main(["sweep", study, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "is being swept by process" in err and (out / "results.csv").read_text() == before
 
 
 def test_zip_and_product_axes_and_labels(tmp_path):

@@ -241,6 +241,12 @@ def broke_down(new: np.ndarray, old: np.ndarray, scale: float) -> bool:
 #: Iterations without a tenth's fall of the residuals that end a float64 solve whose λ is too
 #: close to 0 for float64 to certify ``tol`` (its rounding floor alone exceeds tol·λ).
 HOPELESS_STALL = 20
+#: Iterations without a tenth's fall of the residuals that end a solve whose values are not
+#: resolved (a bound at least the value: no digit certain). Their floor then lies above the
+#: rounding floors modelled here: rows of norms decades apart, where the products' rounding
+#: on the large rows swamps a vector that lives on the small ones (the scaled formulation of
+#: ``--method dense`` resolves those).
+STUCK_STALL = 50
 
 
 class Stall:
@@ -268,7 +274,8 @@ class Iteration:
     floors from K's diagonal ``diag``, or from ``trace`` = tr(K) alone), and whether to stop:
     certified, residuals at their rounding floor (``FLOOR_STOP``), stalled (no fall by a
     tenth in ``stall`` iterations), stalled while λ is too close to 0 for float64 to certify
-    ``tol`` (``HOPELESS_STALL``), out of products or time, or when ``enough(X, AX, λ,
+    ``tol`` (``HOPELESS_STALL``), stalled while no value is resolved (``STUCK_STALL``), out
+    of products or time, or when ``enough(X, AX, λ,
     ‖r‖)`` says so (a float32 phase at its products' noise floor, :mod:`.mixed`). Logs every
     10 iterations, and hands the block of every iteration that goes on to ``on_iterate(X, λ,
     iteration, products)`` (checkpoints). :meth:`result` is the solver's
@@ -281,6 +288,7 @@ class Iteration:
         self.on_iterate, self.enough = on_iterate, enough
         self.max_products, self.max_seconds = max_products, max_seconds
         self.stalling, self.hopeless = Stall(stall), Stall(HOPELESS_STALL)
+        self.stuck = Stall(STUCK_STALL)
         self.products, self.matvecs = 1, matvecs  # the starting block's product
         self.iterations = self.restarts = 0
         self.history: list = []
@@ -319,8 +327,12 @@ class Iteration:
         floor_q = floors(n, trace, weight)[0]
         beyond = (not converged and bool(np.any(np.broadcast_to(floor_q, lam.shape)[:k]
                                                 >= tol * lam[:k])) and self.hopeless(rnorm[:k]))
+        stuck = (self.stuck(rnorm[:k]) and not converged
+                 and bool(np.any(bound >= np.abs(lam[:k]))))
         self.rnorm, self.gaps, self.converged, self.floor = rnorm, gaps, converged, floor
-        stop = (converged or floor or stalled or beyond or self.products >= self.max_products
+        self.stuck.stalled = stuck
+        stop = (converged or floor or stalled or beyond or stuck
+                or self.products >= self.max_products
                 or out_of_time or (self.enough is not None
                                    and bool(self.enough(X, AX, lam, rnorm))))
         if not stop and self.on_iterate is not None:
@@ -335,5 +347,6 @@ class Iteration:
                            method=method, iterations=self.iterations, products=self.products,
                            matvecs=self.matvecs, converged=self.converged,
                            restarts=self.restarts, history=self.history, ritz_block=X,
-                           stalled=self.stalling.stalled or self.hopeless.stalled,
+                           stalled=(self.stalling.stalled or self.hopeless.stalled
+                                    or self.stuck.stalled),
                            ritz_values=lam.copy(), at_floor=self.floor, block=block)
