@@ -29,8 +29,14 @@ H200; ``--steps`` splits it), each figure printed as it comes and written to ``-
    an entry), and its largest difference to the array-module path and to a 50-digit
    evaluation (hard rows).
 
+8. ``big_run``, only when named in ``--steps``: ``ntkdist run --device gpu --method davidson``
+   at N = ``--n-big`` (300000) end to end, the tiles that do not fit on the GPU rebuilt every
+   pass, stopped (as Ctrl-C stops it) after ``--big-limit`` seconds. It checkpoints into
+   ``--big-out`` every 20 s, so the same step run again (on the same machine) resumes there;
+   it records the passes and seconds so far, and the result once there is one.
+
 ``--steps`` runs some of them (names as in the JSON: fused_tile, end_to_end, shift, passes,
-big_passes, bench_quick, degree3_passes, certify), in that order.
+big_passes, bench_quick, degree3_passes, certify, big_run), in that order.
 
 ``--fake`` runs every step on the CPU with the CuPy stand-in of tests/fakecupy.py, an
 in-process cluster and tiny sizes: it checks the script, not a GPU. Steps that fail print one
@@ -96,7 +102,12 @@ def main() -> int:
     p.add_argument("--pass-sizes", default="20000,50000")
     p.add_argument("--n-big", type=int, default=300000)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steps", default="", help="comma-separated step names (default: all)")
+    p.add_argument("--steps", default="",
+                   help="comma-separated step names (default: all but big_run)")
+    p.add_argument("--big-out", default="results/gpu-big",
+                   help="big_run's result folder (a rerun resumes from its checkpoint)")
+    p.add_argument("--big-limit", type=int, default=540,
+                   help="big_run stops after this many seconds")
     args = p.parse_args()
     if args.fake:
         sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -144,6 +155,8 @@ def main() -> int:
                 ("certify", lambda: _certify(
                     cli, common + addr, [int(args.pass_sizes.split(",")[0]), args.n_end],
                     tmp)),
+                ("big_run", lambda: _big_run(cli, common + addr, args.n_big, args.big_out,
+                                             args.big_limit)),
             ]
             wanted = [v for v in args.steps.split(",") if v]
             unknown = set(wanted) - {name for name, _ in steps}
@@ -151,7 +164,7 @@ def main() -> int:
                 print(f"unknown steps: {', '.join(sorted(unknown))}")
                 return 2
             for name, step in steps:
-                if wanted and name not in wanted:
+                if (name not in wanted) if wanted else name == "big_run":
                     continue
                 t0 = time.perf_counter()
                 try:
@@ -175,6 +188,44 @@ def _end_to_end(cli, common, n, tmp):
             "solver_seconds": r["solver_seconds"], "lambda_min": r["lambda_min"],
             "status": r["status"], "relative_accuracy": r["relative_accuracy"],
             "passes": r["passes"], "block": r["block"], "operator": r["operator"]}
+
+
+def _big_run(cli, common, n, out, limit):
+    """``ntkdist run`` at N = n in this process, stopped by SIGALRM (the CLI's Ctrl-C path:
+    its checkpoint stays) after ``limit`` seconds: the result, or the passes so far."""
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    result = os.path.join(out, "result.json")
+    t0, code, earlier = time.perf_counter(), 0, os.path.exists(result)
+    if not earlier:  # a finished run of an earlier call is reported, not rerun
+        before = signal.signal(signal.SIGALRM, stop)
+        signal.alarm(max(1, limit))
+        try:
+            code = cli(["run", *common, "--n", str(n), "--checkpoint-every", "20", "--out", out])
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, before)
+    figures = {"n": n, "exit": code, "seconds_this_call": time.perf_counter() - t0,
+               "out": os.path.abspath(out), "from_an_earlier_call": earlier}
+    if code == 0 and os.path.exists(result):
+        with open(result) as f:
+            r = json.load(f)
+        figures.update({k: r.get(k) for k in (
+            "wall_seconds", "solver_seconds", "lambda_min", "status", "relative_accuracy",
+            "passes", "passes_total", "block", "operator", "operator_memory", "resumed")})
+        return figures
+    ckpt = os.path.join(out, "checkpoint.npz")
+    if os.path.exists(ckpt):
+        with np.load(ckpt) as f:
+            figures.update({"finished": False, "passes_so_far": int(f["products"]),
+                            "iterations_so_far": int(f["iterations"]),
+                            "lambda_1_so_far": float(f["lambda"])})
+    else:
+        figures["finished"] = False
+    return figures
 
 
 def _shift(cli, common, sizes, tmp):
