@@ -55,8 +55,11 @@ def _acquire(path: str, label: str, error) -> int | None:
 
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # never written through a link planted there
+                raise error(f"cannot lock {label}: {path!r} is a symbolic link; remove it "
+                            "and rerun") from None
             raise error(f"cannot write {label}: {os_reason(exc)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,7 +86,7 @@ def lock_holder(folder: str) -> str | None:
     import fcntl
 
     try:
-        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY)
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import OutputError
+from .errors import OutputError, os_reason
+from .locks import LOCK_FILE, folder_lock
 
 SPEC_FILE = "spec.json"
 RESULT_FILE = "result.json"
@@ -35,7 +36,7 @@ def claim_out_dir(path: str, spec_dict: dict, spec_hash: str) -> str | None:
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"--out {path!r} exists and is not a folder")
-    if os.path.isdir(path) and os.listdir(path):
+    if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_FILE}:  # a lock is not content
         owner = _read_spec_hash(path)
         if owner is None:
             raise OutputError(f"--out {path!r} is not empty and holds no ntkdist spec; "
@@ -88,20 +89,43 @@ class OutClaim:
     def __call__(self) -> None:
         if self._claimed:
             return
-        self._claimed.append(claim_out_dir(self.path, self.spec_dict, self.spec_hash))
-        from .locks import folder_lock
-
-        lock = folder_lock(self.path, f"--out {self.path!r}", "written", OutputError)
-        lock.__enter__()
+        path = self.path
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OutputError(f"--out {path!r} exists and is not a folder")
+        created = not os.path.isdir(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write --out {path!r}: {os_reason(exc)}") from None
+        lock = folder_lock(path, f"--out {path!r}", "written", OutputError)
+        try:  # the lock first: only its holder reads and writes the folder's spec
+            lock.__enter__()
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise
         self._lock = lock
+        try:
+            claimed = claim_out_dir(path, self.spec_dict, self.spec_hash)
+        except BaseException:
+            self._unlock()
+            if created:  # nothing of the refused run stays behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise
+        self._claimed.append("created" if created and claimed else claimed)
+
+    def _unlock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
     def __enter__(self) -> OutClaim:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.__exit__(None, None, None)
+        self._unlock()
         if kind is not None and self._claimed:
             release_out_dir(self.path, self._claimed[0])
 

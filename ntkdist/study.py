@@ -559,12 +559,13 @@ def sweep(study: Study, log=print, dry_run: bool = False, report_only: bool = Fa
             log(f"each worker job of the {study.cluster.kind} cluster runs:\n"
                 f"{job_script(study.cluster)}")
         return {"points": len(study.points), "ran": 0}
-    os.makedirs(os.path.join(study.out, "points"), exist_ok=True)
+    os.makedirs(study.out, exist_ok=True)
     ran, t0 = 0, time.perf_counter()
     needs_cluster = any(not (p.spec.solver.method == "dense" and p.store is None)
                         and not _finished(p) for p in study.points)
     with folder_lock(study.out, f"--out {study.out!r}", "swept", OutputError), \
             study.cluster.connect(log) if needs_cluster else contextlib.nullcontext() as client:
+        os.makedirs(os.path.join(study.out, "points"), exist_ok=True)  # by the lock's holder
         for i, p in enumerate(study.points):
             if _finished(p):
                 continue

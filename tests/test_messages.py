@@ -122,6 +122,57 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     assert main(args) == 0 and sorted(os.listdir(out)) == sorted(before)
 
 
+def test_a_stale_or_planted_lock_file_never_blocks_nor_is_written_through(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".lock").write_text('{"pid": 999999999, "host": "gone"}')  # a dead run's, by hand
+    args = ["run", "--n", "60", "--d", "4", "--depth", "2", "--out", str(out)]
+    assert main(args) == 0 and sorted(os.listdir(out)) == ["eigvec.npy", "result.json",
+                                                            "spec.json"]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, out / ".lock")
+    _one_line_error(capsys, main(args), "symbolic link")
+    assert victim.read_text() == "precious"
+
+
+def test_racing_runs_on_a_new_folder_leave_the_winners_spec(tmp_path):
+    """Two processes claim one new folder at the same moment for different specs: one wins
+    and the folder holds its spec alone; the other is refused by the lock or the spec."""
+    import multiprocessing as mp
+
+    from ntkdist.errors import OutputError
+    from ntkdist.results import OutClaim
+
+    def claim(path, depth, barrier, queue):
+        barrier.wait()
+        try:
+            with OutClaim(path, {"depth": depth}, f"h{depth}") as c:
+                c()
+                queue.put(("won", depth))
+                time.sleep(0.3)
+        except OutputError as exc:
+            queue.put(("refused", str(exc)))
+
+    import time
+
+    ctx = mp.get_context("fork")
+    for trial in range(12):
+        path = str(tmp_path / f"q{trial}")
+        barrier, queue = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=claim, args=(path, depth, barrier, queue))
+                 for depth in (2, 3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        got = sorted(queue.get(timeout=5) for _ in procs)
+        assert [g[0] for g in got] == ["refused", "won"], got
+        assert "is being" in got[0][1] or "another spec" in got[0][1], got
+        spec = json.load(open(os.path.join(path, "spec.json")))
+        assert spec["spec_hash"] == f"h{got[1][1]}" and os.listdir(path) == ["spec.json"]
+
+
 def test_depth_one_with_more_rows_than_dimensions_is_singular(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["run", "--data", "gaussian", "--n", "40", "--d", "5", "--depth", "1",
