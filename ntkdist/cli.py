@@ -416,6 +416,14 @@ def summary(result: dict, out: str) -> str:
             f"{result['certify']['reason'].split(': ', 1)[0]}, so K very likely has a smaller "
             f"eigenvalue; 0 ≤ λ_min ≤ min_i K_ii = {b['upper_min_diagonal']:.6g}",
         ]
+    elif status == "missed" and (result.get("certify") or {}).get("upper_from_failure"):
+        lo, hi = result["lambda_min_interval"]
+        lines = [
+            f"λ_min not found: the {method} solver converged to "
+            f"{result['lambda_min_computed']:.10g}, but a float64 Cholesky of K − σI failed "
+            f"where it proves λ_min ≤ {result['certify']['upper_from_failure']:.10g}, so it "
+            f"missed a smaller eigenvalue; {lo:.10g} ≤ λ_min ≤ {hi:.10g}",
+        ]
     elif status == "missed":
         lines = [
             f"λ_min not found: the {method} solver converged to {result['lambda_min_computed']:.6g}"

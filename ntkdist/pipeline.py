@@ -657,16 +657,28 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
             op.close()  # its tiles leave the GPU (one GPU holds them and K alike)
         proof = _certify_cholesky(spec, X, sol, cert, log,
                                   dense_matrix() if in_process else None, device)
-        if proof["status"] == "failed" and sol.status in ("certified", "not_converged"):
+        cap = proof.get("upper_from_failure")
+        below = cap is not None and cap < lam - cert["abs_error_bound"][0]
+        if (proof["status"] == "failed" or below) and sol.status in (
+                "certified", "not_converged"):
             sol.status, sol.converged = "missed", False
             sol.resolved = np.zeros(len(sol.values), bool)
-            sol.notes.append(f"--certify cholesky: {proof['reason']}")
+            sigma = min((a for a in proof["attempts"] if "lambda_min_at_most" in a),
+                        key=lambda a: a["lambda_min_at_most"])["sigma"] if below else None
+            sol.notes.append(f"--certify cholesky: {proof['reason']}" if not below else
+                             f"--certify cholesky: the float64 Cholesky of K − σI failed at "
+                             f"σ = {sigma:.10g}, which proves λ_min ≤ {cap:.10g} (Demmel; "
+                             f"Higham, Theorem 10.7), below the lower end "
+                             f"{lam - cert['abs_error_bound'][0]:.10g} of the solver's "
+                             f"value {lam:.10g}: the solver missed a smaller eigenvalue")
             cert = sol.certificate()
     # A value whose first digit is not certain (below float64's resolution, or above what
     # the smallest eigenvalue can be) is not reported: null, with the interval that is sure.
     shown = [float(v) if ok else None for v, ok in zip(sol.values, cert["resolved"])]
     top = cheap["upper_min_diagonal"]
-    if shown[0] is None:
+    if shown[0] is None and proof is not None and proof.get("upper") is not None:
+        interval = [proof["lower"] or 0.0, min(proof["upper"], top)]  # what Cholesky proved
+    elif shown[0] is None:
         below = lam + cert["abs_error_bound"][0] if sol.status == "below_resolution" else top
         interval = [0.0, min(max(below, 0.0), top)]
     else:

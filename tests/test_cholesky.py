@@ -196,6 +196,45 @@ def test_a_failed_certificate_withdraws_the_solvers_claim(tmp_path, monkeypatch)
     assert any("--certify cholesky" in note for note in r.notes)
 
 
+def test_a_failed_factorisation_bounds_lambda_min_from_above_and_demotes_the_claim(
+        tmp_path, monkeypatch):
+    """Near-parallel pairs put many eigenvalues at the bottom. A solver that reports one
+    above several others, with a bound too small for it to be λ_min, is caught even where a
+    later, lower σ factorises: the failures prove λ_min ≤ σ + allowance (Demmel; Higham,
+    Theorem 10.7), a bound that holds against eigh, and the proved bracket is reported."""
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((200, 16))
+    B *= 4 / np.linalg.norm(B, axis=1, keepdims=True)
+    X = np.vstack([B, B + 1e-7 * rng.standard_normal(B.shape)])
+    K = ch.dense_kernel(X, _kernel(3))
+    w, V = np.linalg.eigh(K)
+    j = 4  # the fifth eigenvalue, 20 % above λ_min
+    gap = w[j] - w[0]
+    assert gap > 0.1 * w[j]
+    # an error bound of gap/100: σ = θ − δ₀·8^k fails for k < 3, factorises at k = 3
+    proof = ch.certify_cholesky(K.copy(), w[j], gap / 100, V[:, j])
+    assert [a["factorised"] for a in proof["attempts"]] == [False, False, False, True]
+    assert proof["status"] == "proved" and proof["lower"] <= w[0]
+    assert w[0] <= proof["upper_from_failure"] < w[j] - gap / 2
+    assert proof["upper"] == proof["upper_from_failure"]
+    real = pipeline.smallest_eigenpairs
+
+    def missing(matmat, n, *args, **kwargs):
+        sol = real(matmat, n, *args, **kwargs)
+        sol.values, sol.vectors = w[j:j + 1].copy(), V[:, j:j + 1].copy()
+        sol.residuals = np.array([np.linalg.norm(K @ V[:, j] - w[j] * V[:, j])])
+        return sol
+
+    monkeypatch.setattr(pipeline, "smallest_eigenpairs", missing)
+    np.save(tmp_path / "x.npy", X)
+    spec = make_spec(data=str(tmp_path / "x.npy"), depth=3, method="lobpcg").with_solver(
+        certify="cholesky")
+    r = pipeline.run(spec, str(tmp_path / "r"), log=lambda *a: None)
+    assert r.status == "missed" and not r.converged and r.lambda_min is None
+    assert r.lambda_min_interval[0] <= w[0] <= r.lambda_min_interval[1] < w[j]
+    assert any("missed a smaller eigenvalue" in note for note in r.notes)
+
+
 def test_certify_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ch, "available_memory", lambda: 2 * 10 ** 9)
     out = str(tmp_path / "r")

@@ -81,6 +81,20 @@ def cholesky_allowance(n: int, trace_shifted: float, max_diag: float) -> float:
     return float(np.nextafter(delta * (1 + 4 * UNIT_ROUNDOFF * n), np.inf))
 
 
+def failure_allowance(n: int, max_diag: float) -> float:
+    """What a float64 Cholesky of the n×n A = fl(K − σI) that fails leaves unproved above σ,
+    rounded up: by Demmel's theorem (Higham, 2nd ed., Theorem 10.7), the factorisation runs
+    to completion when λ_min(H) > nγ_{n+1}/(1 − nγ_{n+1}) for H = D⁻¹AD⁻¹, D² = diag(A); so a
+    failure gives λ_min(A) ≤ max_i A_ii · nγ/(1 − nγ) (a unit vector of H's, mapped by D⁻¹),
+    and λ_min(K) ≤ σ + that + u·max_i A_ii (the shift's rounding). γ_{2n+2} for γ_{n+1}, as
+    :func:`cholesky_allowance` takes it."""
+    ng = n * gamma(2 * n + 2)
+    if not np.isfinite(ng) or ng >= 0.5:
+        return np.inf
+    delta = (ng / (1.0 - ng) + UNIT_ROUNDOFF) * max_diag
+    return float(np.nextafter(delta * (1 + 4 * UNIT_ROUNDOFF * n), np.inf))
+
+
 def memory_needed(n: int, columns: int = 0) -> int:
     """Bytes the certification holds: K in float64, two row blocks of it (the Rayleigh
     quotient's |K| rows, a restore's copy) and a tile's temporaries; finite widths: every
@@ -272,7 +286,9 @@ def certify_cholesky(K, theta: float, abs_error: float | None,
     ``theta``: the solver's λ_min; ``abs_error``: its certified absolute error (None: none).
     Returns a JSON-ready dict: ``status`` (proved | failed | skipped), ``lower``, ``upper``,
     ``rayleigh_quotient``, ``sigma``, ``allowance``, ``attempts`` [{sigma, factorised,
-    seconds}], ``reason`` (why not proved), ``bound`` (the theorem used)."""
+    seconds, and for a failure lambda_min_at_most (:func:`failure_allowance`)}],
+    ``upper_from_failure`` (the least of those, where one failed; ``upper`` takes it if it
+    is lower), ``reason`` (why not proved), ``bound`` (the theorem used)."""
     n = K.shape[0]
     t0 = time.perf_counter()
     xp = _module(K)  # NumPy, or CuPy for K on a GPU (factorised there)
@@ -307,13 +323,17 @@ def certify_cholesky(K, theta: float, abs_error: float | None,
             _restore(K, diag)
         shifted = diag - sigma
         if bool(xp.any(shifted <= 0)):  # a diagonal entry at or below σ: cannot factorise
-            out["attempts"].append({"sigma": sigma, "factorised": False, "seconds": 0.0})
+            out["attempts"].append({"sigma": sigma, "factorised": False, "seconds": 0.0,
+                                    "lambda_min_at_most": float(xp.min(diag))})
             continue
         _set_diagonal(K, shifted)
         t = time.perf_counter()
         ok = _potrf_in_place(K)
         seconds = time.perf_counter() - t
         out["attempts"].append({"sigma": sigma, "factorised": ok, "seconds": seconds})
+        if not ok:  # a failure proves an eigenvalue near or below σ
+            out["attempts"][-1]["lambda_min_at_most"] = float(np.nextafter(
+                sigma + failure_allowance(n, float(xp.max(shifted))), np.inf))
         if log is not None:
             log(f"cholesky of K − σI at σ = {sigma:.12g}: "
                 f"{'factorised' if ok else 'not positive definite'} ({seconds:.1f} s)")
@@ -328,6 +348,11 @@ def certify_cholesky(K, theta: float, abs_error: float | None,
                                  f"{allowance:.3g} leaves nothing above 0 proved")
             break
     tried = out["attempts"]
+    caps = [a["lambda_min_at_most"] for a in tried if "lambda_min_at_most" in a]
+    if caps:  # the tightest upper end: a failed factorisation's, if below the quotient's
+        out["upper_from_failure"] = min(caps)
+        if out["upper"] is None or out["upper_from_failure"] < out["upper"]:
+            out["upper"] = out["upper_from_failure"]
     if out["status"] != "proved" and out["sigma"] is None:
         if tried and not any(a["factorised"] for a in tried):
             out["status"] = "failed"
