@@ -430,6 +430,13 @@ def summary(result: dict, out: str) -> str:
             f", above min_i K_ii = {b['upper_min_diagonal']:.6g} ≥ λ_min, so it missed a "
             "smaller eigenvalue; 0 ≤ λ_min ≤ min_i K_ii",
         ]
+    elif result["lambda_min"] is None:  # computed, but not certified as the smallest
+        lo, hi = result["lambda_min_interval"]
+        lines = [
+            f"λ_min not certified: the {method} solver converged to "
+            f"{result['lambda_min_computed']:.10g}, an eigenvalue that may not be the "
+            f"smallest (see notes); {lo:.6g} ≤ λ_min ≤ {hi:.6g}",
+        ]
     elif status == "exact":
         lines = [f"λ_min = 0 exactly (repeated rows: e_i − e_j is a null vector of the PSD K; "
                  f"method: {method})"]

@@ -112,6 +112,9 @@ MIN_SQUARED_NORM = 1e-290
 #: Unit rows equal after rounding at these decimals are taken as nearly parallel: each such
 #: pair gives a near-null vector that starts the iterative solvers (a hint, never trusted).
 NEAR_PARALLEL_DECIMALS = (12, 8, 6)
+#: Nearly parallel pairs kept as hints: each puts an eigenvalue near 0, and the solvers
+#: start from the bottom of the space they span (:func:`ntkdist.pipeline._near_null_start`).
+MAX_NEAR_PAIRS = 1024
 
 
 def row_norms(rows: np.ndarray) -> np.ndarray:
@@ -193,7 +196,8 @@ def check_rows(X, name: str = "input", block: int = 65536, growth: float = 1) ->
 
 def _repeats(X, norms, n):
     """Duplicates, parallel rows (counted with duplicates), the group of equal rows of each
-    row (None when no row repeats), and up to 64 pairs of nearly parallel rows."""
+    row (None when no row repeats), and up to MAX_NEAR_PAIRS pairs of nearly parallel
+    rows."""
     rows = np.asarray(X[:], dtype=np.float64)
     _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -201,7 +205,7 @@ def _repeats(X, norms, n):
     groups = first[inverse] if dup else None  # id: the group's first row
     unit = rows / norms[:, None]
     par = 0
-    near = []
+    near, seen = [], set()
     for decimals in NEAR_PARALLEL_DECIMALS:
         _, idx, inv = np.unique(np.round(unit, decimals), axis=0, return_index=True,
                                 return_inverse=True)
@@ -210,11 +214,12 @@ def _repeats(X, norms, n):
         inv = inv.reshape(-1)
         for j in np.nonzero(idx[inv] != np.arange(n))[0]:
             i = int(idx[inv[j]])
-            if (groups is None or groups[i] != groups[j]) and (i, int(j)) not in near:
+            if (groups is None or groups[i] != groups[j]) and (i, int(j)) not in seen:
                 near.append((i, int(j)))
-            if len(near) >= 64:
+                seen.add((i, int(j)))
+            if len(near) >= MAX_NEAR_PAIRS:
                 break
-    return int(dup), int(max(par, dup)), groups, tuple(near[:64])
+    return int(dup), int(max(par, dup)), groups, tuple(near[:MAX_NEAR_PAIRS])
 
 
 def near_null_vectors(check: RowCheck, norms: np.ndarray, n: int) -> np.ndarray:

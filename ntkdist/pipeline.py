@@ -558,6 +558,35 @@ def _default_block(solver, op) -> int | None:
     return None
 
 
+def _near_null_start(spec, X, check):
+    """(start vectors for the solvers, an upper bound on λ_min or None) from the nearly
+    parallel pairs of rows (:attr:`RowCheck.near_pairs`), each an eigenvalue near 0.
+
+    For a closed-form kernel, Rayleigh–Ritz on the space their differences span, with K
+    formed on the rows they touch alone (≤ 2·MAX_NEAR_PAIRS rows): the start is its Ritz
+    vectors, lowest first, so that the solvers begin at the bottom of the cluster the pairs
+    make rather than anywhere in it; and the float64 Rayleigh quotient of the lowest one
+    plus its rounding allowance (:func:`ntkdist.solvers.cholesky.rayleigh_upper`) is ≥ λ_min
+    (interlacing: K's principal submatrix on those rows). Finite widths: the pairs'
+    difference vectors themselves, and no bound."""
+    start = near_null_vectors(check, row_norms(X), spec.n)
+    if start.shape[1] < 2 or spec.kernel.finite:
+        return start, None
+    from .solvers.cholesky import rayleigh_upper
+
+    rows = np.unique(np.nonzero(start)[0])
+    Q, R = np.linalg.qr(start[rows])
+    keep = np.abs(np.diagonal(R)) > 1e-8 * np.abs(np.diagonal(R)).max()
+    Q = Q[:, keep]  # pairs that share rows span fewer directions
+    KR = spec.kernel.gram(np.asarray(X[rows], dtype=np.float64))
+    theta, Y = np.linalg.eigh(Q.T @ KR @ Q)
+    vectors = Q @ Y[:, np.argsort(theta)]
+    _, upper = rayleigh_upper(KR, vectors[:, 0])
+    out = np.zeros((spec.n, vectors.shape[1]))
+    out[rows] = vectors
+    return out, upper
+
+
 def checkpoint_every(solver, cluster) -> float:
     """Seconds between checkpoints: the solver's, and on a batch cluster at most a third of
     a worker's shortest lifetime (so that a solve whose workers retire keeps its progress)."""
@@ -605,8 +634,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         diag = kernel_diagonal(X, kern.depth, kern.kind, kern.normalization)
     common = dict(k=s.k, block=_default_block(s, op), max_products=s.max_products,
                   dense_matrix=dense_matrix, scale=cheap["upper_trace_over_n"], log=log,
-                  checkpoint=checkpoint, groups=check.groups, diag=diag,
-                  start=near_null_vectors(check, row_norms(X), spec.n))
+                  checkpoint=checkpoint, groups=check.groups, diag=diag)
+    common["start"], ceiling = _near_null_start(spec, X, check)
     fast, unsafe = None, None
     if op is not None and op.mixed:
         from .solvers.mixed import FastProducts, float32_unsafe
@@ -624,6 +653,27 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                                   fast_matmat=fast, **common)
     if precond is not None:
         precond.apply = None  # its factor (N × N for the shift and the gram form) goes now
+    if (ceiling is not None and not sol.smallest_proved
+            and sol.status in ("certified", "not_converged")
+            and not (sol.exact is not None and bool(sol.exact[0]))
+            and sol.values[0] - sol.certificate()["abs_error_bound"][0] > ceiling):
+        sol.status, sol.converged = "missed", False
+        sol.resolved = np.zeros(len(sol.values), bool)
+        sol.notes.append(f"value 1 found, {sol.values[0]:.10g}, less its bound lies above "
+                         f"{ceiling:.10g}, the Rayleigh quotient (with its rounding) of a "
+                         "combination of nearly parallel rows' differences, an upper bound "
+                         "on λ_min: the solver missed a smaller eigenvalue")
+    pairs = len(check.near_pairs)
+    if not sol.smallest_proved and sol.status in ("certified", "not_converged") and pairs >= 2:
+        sol.status, sol.converged = "not_converged", False
+        sol.resolved = np.zeros(len(sol.values), bool)
+        sol.notes.append(
+            f"{pairs} pairs of nearly parallel rows (found by rounding, so maybe more) put a "
+            "cluster of eigenvalues near the bottom of the spectrum, whose count the solver's "
+            f"gap estimate cannot know: the value found, {sol.values[0]:.10g}, is an "
+            "eigenvalue but may not be the "
+            "smallest, and is not certified as λ_min (use --method dense up to N = "
+            f"{DENSE_MAX_N}, or --certify cholesky for a proved bracket)")
     if unsafe:
         sol.notes.append(unsafe)
     for note in sol.notes:

@@ -209,6 +209,27 @@ def test_near_parallel_rows_stop_quickly_and_honestly(tmp_path):
     assert r["converged"] == (r["relative_accuracy"] <= 1e-8)
 
 
+@pytest.mark.parametrize("method, noise", [("lobpcg", 1e-7), ("davidson", 1e-6)])
+def test_a_cluster_of_nearly_parallel_pairs_is_never_certified_wrong(tmp_path, method, noise):
+    """Each of 500 rows with a copy moved by ``noise``: 500 eigenvalues near 0, found only
+    in part by rounding. The iterative solvers used to certify a higher one of them."""
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((500, 16))
+    B *= 4 / np.linalg.norm(B, axis=1, keepdims=True)
+    X = np.vstack([B, B + noise * rng.standard_normal(B.shape)])
+    path = str(tmp_path / "x.npy")
+    np.save(path, X)
+    out = tmp_path / "o"
+    assert main(["run", "--data", path, "--depth", "3", "--method", method, "--tol", "1e-6",
+                 "--workers", "1", "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    ref = np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0]
+    lo, hi = r["lambda_min_interval"]
+    assert lo <= ref <= hi * (1 + 1e-12), (r["status"], r["lambda_min_computed"], ref)
+    if r["converged"]:
+        assert abs(r["lambda_min"] - ref) <= r["abs_error_bound"]
+
+
 def test_repeated_rows_give_exact_zero_at_once(tmp_path):
     rng = np.random.default_rng(2)
     X = rng.standard_normal((1500, 8))

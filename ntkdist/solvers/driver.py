@@ -201,7 +201,9 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         X0 = checkpoint.load(n, used_block) if checkpoint is not None else None
         if X0 is None and start is not None and start.shape[1]:
             X0 = initial_block(n, used_block, precond, seed)
-            s = min(start.shape[1], used_block - 1)
+            # at most half the block: the rest stays random (preconditioned), so that a
+            # start that sits inside a cluster does not keep the solver from its bottom
+            s = min(start.shape[1], max(1, used_block // 2))
             X0[:, :s] = start[:, :s]
         r, judged = solve_in_phases(
             solver, matmat, n, kk, X0, fast_matmat=fast_matmat, checkpoint=checkpoint,
