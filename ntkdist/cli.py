@@ -462,7 +462,7 @@ def summary(result: dict, out: str) -> str:
             + ("" if p.get("product_error") is None else
                f"; their error {p['product_error']:.2e}, measured by one float64 pass of these")
             + ")" for p in result["phases"]))
-    if status == "not_converged":
+    if status == "not_converged" and result["lambda_min"] is not None:  # else said above
         unresolved = sum(v is None for v in result["eigenvalues"])
         lines.append(f"warning: not certified to tol = {result['spec']['tol']:g}: the bounds "
                      "reached are " + ", ".join(

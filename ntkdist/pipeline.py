@@ -33,6 +33,8 @@ from .spec import (BATCH_KINDS, ClusterSpec, RunSpec, content_hash, make_solver_
 __all__ = ["BOUNDS_MAX_N", "DENSE_MAX_N", "assemble", "bounds", "info", "run", "solve", "sweep",
            "verify"]
 
+#: Most bytes the solvers' start vectors from nearly parallel rows take (N × m float64).
+START_BYTES = 1 << 28
 #: Largest N for which the lower-bound chain (an O(N² L) pass over the data) is computed.
 BOUNDS_MAX_N = 25000
 
@@ -580,9 +582,10 @@ def _near_null_start(spec, X, check):
     Q = Q[:, keep]  # pairs that share rows span fewer directions
     KR = spec.kernel.gram(np.asarray(X[rows], dtype=np.float64))
     theta, Y = np.linalg.eigh(Q.T @ KR @ Q)
-    vectors = Q @ Y[:, np.argsort(theta)]
+    m = min(len(theta), 512, max(2, START_BYTES // (8 * spec.n)))  # the lowest m go on
+    vectors = Q @ Y[:, np.argsort(theta)[:m]]
     _, upper = rayleigh_upper(KR, vectors[:, 0])
-    out = np.zeros((spec.n, vectors.shape[1]))
+    out = np.zeros((spec.n, m))
     out[rows] = vectors
     return out, upper
 
