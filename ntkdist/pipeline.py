@@ -638,7 +638,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     common = dict(k=s.k, block=_default_block(s, op), max_products=s.max_products,
                   dense_matrix=dense_matrix, scale=cheap["upper_trace_over_n"], log=log,
                   checkpoint=checkpoint, groups=check.groups, diag=diag)
-    common["start"], ceiling = _near_null_start(spec, X, check)
+    common["start"], common["ceiling"] = _near_null_start(spec, X, check)
+    common["cluster"] = len(check.near_pairs)
     fast, unsafe = None, None
     if op is not None and op.mixed:
         from .solvers.mixed import FastProducts, float32_unsafe
@@ -656,27 +657,6 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                                   fast_matmat=fast, **common)
     if precond is not None:
         precond.apply = None  # its factor (N × N for the shift and the gram form) goes now
-    if (ceiling is not None and not sol.smallest_proved
-            and sol.status in ("certified", "not_converged")
-            and not (sol.exact is not None and bool(sol.exact[0]))
-            and sol.values[0] - sol.certificate()["abs_error_bound"][0] > ceiling):
-        sol.status, sol.converged = "missed", False
-        sol.resolved = np.zeros(len(sol.values), bool)
-        sol.notes.append(f"value 1 found, {sol.values[0]:.10g}, less its bound lies above "
-                         f"{ceiling:.10g}, the Rayleigh quotient (with its rounding) of a "
-                         "combination of nearly parallel rows' differences, an upper bound "
-                         "on λ_min: the solver missed a smaller eigenvalue")
-    pairs = len(check.near_pairs)
-    if not sol.smallest_proved and sol.status in ("certified", "not_converged") and pairs >= 2:
-        sol.status, sol.converged = "not_converged", False
-        sol.resolved = np.zeros(len(sol.values), bool)
-        sol.notes.append(
-            f"{pairs} pairs of nearly parallel rows (found by rounding, so maybe more) put a "
-            "cluster of eigenvalues near the bottom of the spectrum, whose count the solver's "
-            f"gap estimate cannot know: the value found, {sol.values[0]:.10g}, is an "
-            "eigenvalue but may not be the "
-            "smallest, and is not certified as λ_min (use --method dense up to N = "
-            f"{DENSE_MAX_N}, or --certify cholesky for a proved bracket)")
     if unsafe:
         sol.notes.append(unsafe)
     for note in sol.notes:

@@ -122,7 +122,8 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                         seed: int = 0, dense_matrix=None, scale: float = 0.0,
                         log=None, max_seconds: float | None = None,
                         checkpoint=None, fast_matmat=None, groups=None,
-                        start: np.ndarray | None = None, diag=None) -> EigenResult:
+                        start: np.ndarray | None = None, diag=None,
+                        ceiling: float | None = None, cluster: int = 0) -> EigenResult:
     """The k smallest eigenpairs of the PSD operator ``matmat`` (N×b ↦ K·V), certified.
 
     ``lobpcg``: :func:`ntkdist.solvers.lobpcg.lobpcg_smallest` with ``precond``
@@ -137,6 +138,10 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
     nearly parallel rows, which the iteration would otherwise find slowly). ``diag`` (N,):
     K's diagonal, known from the rows; it sharpens the rounding floors of vectors that live
     on a few rows, and min_i K_ii ≥ λ_min exposes a value that is not the smallest.
+    ``ceiling``: another upper bound on λ_min, known for certain (a value above it is
+    missed). ``cluster``: the pairs of nearly parallel rows found; from two on, they put a
+    cluster of eigenvalues near 0 of unknown size, and a value the solver cannot prove the
+    smallest (LOBPCG, Davidson, Lanczos) is not certified as λ_min.
 
     ``checkpoint`` (a :class:`ntkdist.solvers.checkpoint.Checkpoint`, LOBPCG and Davidson
     only): start from its saved Ritz block if it holds a usable one, and save the block as
@@ -156,6 +161,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         raise NtkdistError(f"k must be in [1, N-1] = [1, {n - 1}], got {k}")
     t0 = time.perf_counter()
     notes = []
+    guards = {"ceiling": ceiling, "cluster": cluster}
     rep = RepeatedRows(groups) if groups is not None else None
     if rep is not None and rep.nullity == 0:
         rep = None
@@ -180,7 +186,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                      "(e_i − e_j null vectors of K, which is PSD)")
     if kk == 0:
         return _finish(matmat, n, k, tol, trace, rep, m, None, None, "exact: repeated rows",
-                       True, 0, t0, None, None, None, notes)
+                       True, 0, t0, None, None, None, notes, guards=guards)
     if method == "dense":
         V, name = _dense(K, rep, kk)
         judged = judge(matmat(V), V, n, trace, diag)
@@ -190,7 +196,7 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
             if scaled is not None and scaled.bounds["best"][0] < best[0]:
                 return _finish_scaled(scaled, matmat, n, k, tol, trace, t0, notes, diag)
         return _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, True, 0, t0,
-                       None, None, None, notes, diag)
+                       None, None, None, notes, diag, guards)
     project = rep.project if rep is not None else None
     if method in ("lobpcg", "davidson"):
         solver = lobpcg_smallest if method == "lobpcg" else davidson_smallest
@@ -218,13 +224,13 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                 f"{mixed if r.phases is not None else ''})")
         resumed = checkpoint.resumed if checkpoint is not None else None
         out = _finish(matmat, n, k, tol, trace, rep, m, judged.vectors, judged, name, False,
-                      r.iterations, t0, r.phases, resumed, used_block, notes, diag)
+                      r.iterations, t0, r.phases, resumed, used_block, notes, diag, guards)
         out.products, out.ritz_block, out.ritz_values = r.products, r.ritz_block, r.ritz_values
         return out
     V = _lanczos(matmat, n, kk, rep, trace, tol, seed, max_products)
     return _finish(matmat, n, k, tol, trace, rep, m, V, None,
                    "lanczos (ARPACK eigsh, which='SA', no preconditioner)", False, -1, t0,
-                   None, None, None, notes, diag)
+                   None, None, None, notes, diag, guards)
 
 
 def _lanczos(matmat, n: int, kk: int, rep: RepeatedRows | None, trace: float, tol: float,
@@ -272,9 +278,10 @@ def _dense(K: np.ndarray, rep: RepeatedRows | None, kk: int):
 
 
 def _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, smallest_proved, iterations,
-            t0, phases, resumed, block, notes, diag=None) -> EigenResult:
+            t0, phases, resumed, block, notes, diag=None, guards=None) -> EigenResult:
     """Exact zeros first, then the computed values, each with its bounds (``judged``: V
-    judged by :func:`ntkdist.solvers.certificate.judge`, done here if None); the status."""
+    judged by :func:`ntkdist.solvers.certificate.judge`, done here if None); the status
+    (``guards``: :func:`_judged_solution`'s)."""
     kk = k - m
     if V is not None and judged is None:
         judged = judge(matmat(V), V, n, trace, diag)
@@ -310,31 +317,55 @@ def _finish(matmat, n, k, tol, trace, rep, m, V, judged, name, smallest_proved, 
         resumed=resumed, phases=phases,
         bounds={"best": best, "residual": np.array(res), "kato_temple": np.array(kt)},
         resolution=resolution(n, trace), trace=trace, smallest_proved=bool(smallest_proved),
-        block=block, rounding_limited=limited))
+        block=block, rounding_limited=limited), guards)
 
 
-def _judged_solution(values, best, exact, tol, diag, notes, fields) -> EigenResult:
+def _judged_solution(values, best, exact, tol, diag, notes, fields,
+                     guards=None) -> EigenResult:
     """The status of k values with their bounds (``exact``: exact zeros, bound 0).
 
     A value is *resolved* when it exceeds its bound (its first digit is certain). λ_i is at
     most the sum of the i smallest diagonal entries (the trace of that principal
-    submatrix, by interlacing), so a value whose lower end exceeds it is not the i-th
-    eigenvalue: a smaller one was *missed*."""
+    submatrix, by interlacing), and λ_1 at most ``guards["ceiling"]`` where given, so a
+    value whose lower end exceeds its ceiling is not the i-th eigenvalue: a smaller one was
+    *missed*. With ``guards["cluster"]`` ≥ 2 pairs of nearly parallel rows, a result not
+    proved the smallest is not certified (``not_converged``, no value resolved)."""
+    guards = guards or {}
     resolved = exact | (values > best)
     missed = np.zeros(len(values), bool)
+    ceiling = np.full(len(values), np.inf)
+    source = ["the sum of the {} smallest K_ii".format(i + 1) for i in range(len(values))]
     if diag is not None:
         ceiling = np.cumsum(np.sort(np.asarray(diag, dtype=np.float64)))[:len(values)]
-        missed = ~exact & (values - best > ceiling)
+    if guards.get("ceiling") is not None and guards["ceiling"] < ceiling[0]:
+        ceiling[0] = guards["ceiling"]
+        source[0] = ("the Rayleigh quotient, with its rounding, of a combination of nearly "
+                     "parallel rows' differences")
+    missed = ~exact & (values - best > ceiling)
     if missed.any():
         i = int(np.nonzero(missed)[0][0])
-        notes.append(f"value {i + 1} found, {values[i]:.6g}, exceeds the sum of the {i + 1} "
-                     f"smallest K_ii, {ceiling[i]:.6g}, an upper bound on λ_{i + 1}: the solver "
-                     "missed a smaller eigenvalue")
+        notes.append(f"value {i + 1} found, {values[i]:.6g}, less its bound exceeds "
+                     f"{source[i]}, {ceiling[i]:.6g}, an upper bound on λ_{i + 1}: the "
+                     "solver missed a smaller eigenvalue")
     ok = bool(not missed.any() and (exact.all() or certified(values[~exact], best[~exact], tol)))
+    pairs = guards.get("cluster", 0)
+    clustered = (pairs >= 2 and not fields.get("smallest_proved") and not missed.any()
+                 and not exact.all() and bool(resolved[0]))
+    if clustered:
+        ok = False
+        resolved = exact.copy()
+        notes.append(
+            f"{pairs} pairs of nearly parallel rows (found by rounding, so maybe more) put a "
+            "cluster of eigenvalues near the bottom of the spectrum, whose count the solver's "
+            f"gap estimate cannot know: the value found, {values[~exact][0]:.10g}, is an "
+            "eigenvalue but may not be the smallest, and is not certified as λ_min (use "
+            "--method dense, or --certify cholesky for a proved bracket)")
     if missed.any():
         status = "missed"
     elif ok:
         status = "exact" if exact.all() else "certified"
+    elif clustered:
+        status = "not_converged"
     elif not resolved[0]:
         status = "below_resolution"
     else:
