@@ -288,7 +288,7 @@ class Iteration:
         self.on_iterate, self.enough = on_iterate, enough
         self.max_products, self.max_seconds = max_products, max_seconds
         self.stalling, self.hopeless = Stall(stall), Stall(HOPELESS_STALL)
-        self.stuck = Stall(STUCK_STALL)
+        self.stuck, self.stopped_stuck = Stall(STUCK_STALL), False
         self.products, self.matvecs = 1, matvecs  # the starting block's product
         self.iterations = self.restarts = 0
         self.history: list = []
@@ -330,7 +330,7 @@ class Iteration:
         stuck = (self.stuck(rnorm[:k]) and not converged
                  and bool(np.any(bound >= np.abs(lam[:k]))))
         self.rnorm, self.gaps, self.converged, self.floor = rnorm, gaps, converged, floor
-        self.stuck.stalled = stuck
+        self.stopped_stuck = stuck
         stop = (converged or floor or stalled or beyond or stuck
                 or self.products >= self.max_products
                 or out_of_time or (self.enough is not None
@@ -348,5 +348,5 @@ class Iteration:
                            matvecs=self.matvecs, converged=self.converged,
                            restarts=self.restarts, history=self.history, ritz_block=X,
                            stalled=(self.stalling.stalled or self.hopeless.stalled
-                                    or self.stuck.stalled),
+                                    or self.stopped_stuck),
                            ritz_values=lam.copy(), at_floor=self.floor, block=block)
