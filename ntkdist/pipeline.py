@@ -469,6 +469,30 @@ def _certify_on_gpu(spec, X, sol, err, log):
     return proof, why
 
 
+def _certified_by_bracket(sol, proof, tol: float, log) -> bool:
+    """Certify λ_min (k = 1) on the Cholesky bracket alone where the solver could not (a
+    cluster of nearly parallel rows, residuals at their floor) and the bracket is tight
+    enough: lower ≤ λ_min ≤ upper rests on no gap estimate, so the value θ found is within
+    max(θ − lower, upper − θ) of λ_min. Updates ``sol``; True where it did."""
+    if (proof is None or proof.get("status") != "proved" or len(sol.values) != 1
+            or sol.status not in ("not_converged", "below_resolution")):
+        return False
+    lower, upper, theta = proof["lower"], proof["upper"], float(sol.values[0])
+    if lower is None or upper is None or not 0 < lower <= theta:
+        return False
+    err = max(theta - lower, upper - theta, 0.0)
+    if err > tol * theta:
+        return False
+    sol.bounds = {**sol.bounds, "best": np.array([err])}
+    sol.status, sol.converged, sol.smallest_proved = "certified", True, True
+    sol.resolved = np.ones(1, bool)
+    sol.notes.append(f"λ_min certified by the Cholesky bracket [{lower:.10g}, {upper:.10g}] "
+                     f"alone (relative error ≤ {err / theta:.2g} ≤ tol {tol:g}), not by the "
+                     "solver's gap estimate")
+    log(f"note: {sol.notes[-1]}")
+    return True
+
+
 def _solve_shifted(spec, X, check, matmat, fast, estimate, common, log, device="cpu",
                    store=None, factor_dir=None, identity=""):
     """The shift-invert solve (:func:`ntkdist.solvers.shift.solve_shifted`) of a run: K − σI
@@ -705,6 +729,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                              f"{lam - cert['abs_error_bound'][0]:.10g} of the solver's "
                              f"value {lam:.10g}: the solver missed a smaller eigenvalue")
             cert = sol.certificate()
+        elif _certified_by_bracket(sol, proof, s.tol, log):
+            cert = sol.certificate()
     # A value whose first digit is not certain (below float64's resolution, or above what
     # the smallest eigenvalue can be) is not reported: null, with the interval that is sure.
     shown = [float(v) if ok else None for v, ok in zip(sol.values, cert["resolved"])]
@@ -716,6 +742,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         interval = [0.0, min(max(below, 0.0), top)]
     else:
         interval = [max(lam - cert["abs_error_bound"][0], 0.0), lam + cert["abs_error_bound"][0]]
+        if proof is not None and proof.get("status") == "proved":  # both hold: θ ≥ λ_min
+            interval = [max(interval[0], proof["lower"]), min(interval[1], proof["upper"])]
     why_singular = singular_reason(check, spec)
     result = RunResult(**{
         "lambda_min": shown[0],

@@ -230,6 +230,32 @@ def test_a_cluster_of_nearly_parallel_pairs_is_never_certified_wrong(tmp_path, m
         assert abs(r["lambda_min"] - ref) <= r["abs_error_bound"]
 
 
+@pytest.mark.parametrize("tol, status", [("1e-2", "certified"), ("1e-5", "not_converged")])
+def test_a_cluster_is_certified_by_a_tight_cholesky_bracket_alone(tmp_path, tol, status):
+    """The cluster guard withholds the solver's certificate; a proved bracket that meets
+    the tolerance gives it back, one that does not leaves the value uncertified."""
+    rng = np.random.default_rng(1)
+    B = rng.standard_normal((100, 16))
+    B *= 4 / np.linalg.norm(B, axis=1, keepdims=True)
+    X = np.vstack([B, B + 1e-7 * rng.standard_normal(B.shape)])
+    path = str(tmp_path / "x.npy")
+    np.save(path, X)
+    out = tmp_path / "o"
+    assert main(["run", "--data", path, "--depth", "3", "--method", "lobpcg", "--tol", tol,
+                 "--workers", "1", "--certify", "cholesky", "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    ref = np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0]
+    assert r["status"] == status and r["certify"]["status"] == "proved"
+    assert any("pairs of nearly parallel rows" in n for n in r["notes"])
+    lo, hi = r["lambda_min_interval"]
+    assert r["certify"]["lower"] <= lo <= ref <= hi <= r["certify"]["upper"]
+    if status == "certified":
+        assert r["converged"] and r["smallest_proved"]
+        assert abs(r["lambda_min"] - ref) <= r["abs_error_bound"] <= 1e-2 * r["lambda_min"]
+    else:
+        assert r["lambda_min"] is None and not r["converged"]
+
+
 def test_repeated_rows_give_exact_zero_at_once(tmp_path):
     rng = np.random.default_rng(2)
     X = rng.standard_normal((1500, 8))
