@@ -430,6 +430,14 @@ def summary(result: dict, out: str) -> str:
             f", above min_i K_ii = {b['upper_min_diagonal']:.6g} ≥ λ_min, so it missed a "
             "smaller eigenvalue; 0 ≤ λ_min ≤ min_i K_ii",
         ]
+    elif result["lambda_min"] is None and not (result["relative_accuracy"] or 0) < 1:
+        lo, hi = result["lambda_min_interval"]  # stopped before its first digit was sure
+        lines = [
+            f"λ_min not certified: the {method} solver stopped at "
+            f"{result['lambda_min_computed']:.6g} with an error bound "
+            f"{result['abs_error_bound'] or float('inf'):.2g} not below it, above float64's "
+            f"resolution {result['resolution']:.2e} (see notes); {lo:.6g} ≤ λ_min ≤ {hi:.6g}",
+        ]
     elif result["lambda_min"] is None:  # computed, but not certified as the smallest
         lo, hi = result["lambda_min_interval"]
         lines = [
@@ -472,8 +480,8 @@ def summary(result: dict, out: str) -> str:
                         if result.get("rounding_limited") or unresolved else
                         "(the solver stopped at its product or time limit)"))
     low, high = result.get("row_norm_range") or (1.0, 1.0)
-    if status in ("below_resolution", "missed") and not result["method"].startswith("dense") \
-            and high > 2 * low:
+    if (status in ("below_resolution", "missed") or result["lambda_min"] is None) \
+            and not result["method"].startswith("dense") and high > 2 * low:
         lines.append("hint: rows of very different norms are resolved by --method dense (the "
                      "scaled formulation K = D A D, N ≤ 8000)")
     proof = result.get("certify")

@@ -738,7 +738,10 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     if shown[0] is None and proof is not None and proof.get("upper") is not None:
         interval = [proof["lower"] or 0.0, min(proof["upper"], top)]  # what Cholesky proved
     elif shown[0] is None:
-        below = lam + cert["abs_error_bound"][0] if sol.status == "below_resolution" else top
+        # θ, a Rayleigh quotient from a fresh product, is ≥ λ_min up to its rounding, which
+        # both the bound and the resolution exceed
+        err = min(cert["abs_error_bound"][0] or np.inf, sol.resolution)
+        below = lam + err if sol.status in ("below_resolution", "not_converged") else top
         interval = [0.0, min(max(below, 0.0), top)]
     else:
         interval = [max(lam - cert["abs_error_bound"][0], 0.0), lam + cert["abs_error_bound"][0]]

@@ -305,6 +305,30 @@ def test_a_value_above_min_diagonal_is_never_converged(tmp_path, capsys):
     assert "missed" in out and "--method dense" in out
 
 
+@pytest.mark.parametrize("method", ["lobpcg", "davidson"])
+def test_a_solve_stopped_short_is_not_called_below_resolution(tmp_path, capsys, method):
+    """λ_min far above float64's resolution whose bound is still above it (the product cap
+    here) is not_converged, with a note on how the solver stopped and an interval up to the
+    Rayleigh quotient; below_resolution is kept for values float64 cannot resolve."""
+    X = np.random.default_rng(0).standard_normal((600, 3))
+    path = str(tmp_path / "x.npy")
+    np.save(path, X)
+    out = tmp_path / "o"
+    assert main(["run", "--data", path, "--depth", "2", "--method", method, "--block", "4",
+                 "--max-products", "3", "--precond", "none", "--workers", "1",
+                 "--out", str(out)]) == 0
+    r = json.load(open(out / "result.json"))
+    ref = np.linalg.eigvalsh(ntkdist.ntk(X, depth=2))[0]
+    assert r["status"] == "not_converged" and r["lambda_min"] is None
+    assert r["relative_accuracy"] >= 1 and r["lambda_min_computed"] > 1e6 * r["resolution"]
+    lo, hi = r["lambda_min_interval"]
+    assert lo == 0 <= ref <= hi <= r["lambda_min_computed"] + r["resolution"]
+    assert any(f"{method} stopped after" in n and "--max-products 3" in n for n in r["notes"])
+    said = capsys.readouterr().out
+    assert f"λ_min not certified: the {method} solver stopped at" in said
+    assert "below what float64 resolves" not in said
+
+
 def test_unresolved_values_are_never_shown_negative(tmp_path):
     """Depth 1 with N > d: K = XXᵀ is singular; no value below the resolution is shown, and
     an exact zero from repeated rows stays exact whatever k."""

@@ -226,6 +226,15 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
         out = _finish(matmat, n, k, tol, trace, rep, m, judged.vectors, judged, name, False,
                       r.iterations, t0, r.phases, resumed, used_block, notes, diag, guards)
         out.products, out.ritz_block, out.ritz_values = r.products, r.ritz_block, r.ritz_values
+        if out.status in ("not_converged", "below_resolution") and not r.converged:
+            how = ("with its residuals at their rounding floor" if r.at_floor else
+                   "with its residuals no longer falling" if r.stalled else
+                   f"at its limit (--max-products {max_products}"
+                   + (f" or {max_seconds:g} s" if max_seconds else "") + ")")
+            out.notes.append(f"{method} stopped after {r.iterations} iterations {how}"
+                             + ("" if r.at_floor else "; --method "
+                                + ("davidson" if method == "lobpcg" else "lobpcg")
+                                + ", a larger --block or --max-products may get further"))
         return out
     V = _lanczos(matmat, n, kk, rep, trace, tol, seed, max_products)
     return _finish(matmat, n, k, tol, trace, rep, m, V, None,
@@ -329,7 +338,10 @@ def _judged_solution(values, best, exact, tol, diag, notes, fields,
     submatrix, by interlacing), and λ_1 at most ``guards["ceiling"]`` where given, so a
     value whose lower end exceeds its ceiling is not the i-th eigenvalue: a smaller one was
     *missed*. With ``guards["cluster"]`` ≥ 2 pairs of nearly parallel rows, a result not
-    proved the smallest is not certified (``not_converged``, no value resolved)."""
+    proved the smallest is not certified (``not_converged``, no value resolved). An
+    unresolved λ_1 is ``below_resolution`` only where it is at most ``fields["resolution"]``
+    (float64 cannot resolve it for this K); above, the solver stopped short of it
+    (``not_converged``)."""
     guards = guards or {}
     resolved = exact | (values > best)
     missed = np.zeros(len(values), bool)
@@ -366,7 +378,7 @@ def _judged_solution(values, best, exact, tol, diag, notes, fields,
         status = "exact" if exact.all() else "certified"
     elif clustered:
         status = "not_converged"
-    elif not resolved[0]:
+    elif not resolved[0] and values[0] <= fields["resolution"]:
         status = "below_resolution"
     else:
         status = "not_converged"
