@@ -42,8 +42,8 @@ from .assemble import FEATURE_GROUP_BYTES
 from .config import (TABLES, Options, cluster_request, merge, read_toml, run_request,
                      store_request)
 from .errors import OutputError, SpecError
-from .locks import folder_lock
-from .results import existing_parent
+from .locks import LOCK_FILE, folder_lock
+from .results import existing_parent, write_json
 from .spec import BATCH_KINDS, ClusterSpec, RunSpec, content_hash
 
 STORAGE = ("keep", "delete", "none")
@@ -52,6 +52,8 @@ STUDY_KEYS = {"storage": "keep | delete | none", "crossover_fraction": "a number
 #: Tables whose values may be lists (axes); the cluster is one for the whole study.
 AXIS_TABLES = ("data", "kernel", "solver", "store")
 RESULTS_CSV = "results.csv"
+#: A study folder's mark: a sweep goes only into a new or empty folder, or one that holds it.
+STUDY_FILE = "study.json"
 FITS_CSV = "fits.csv"
 COLUMNS = (
     "point", "n", "d", "depth", "kernel", "normalization", "widths", "width", "weights_seed",
@@ -548,6 +550,7 @@ def sweep(study: Study, log=print, dry_run: bool = False, report_only: bool = Fa
                 "results": os.path.join(study.out, RESULTS_CSV),
                 "fits": os.path.join(study.out, FITS_CSV),
                 "figures": _figures(study, rows, fits, log)}
+    check_study_out(study.out)
     rates = machine_rates(study.cluster)
     estimates = [estimate(p, study.cluster, rates) for p in study.points]
     check_fits(study, estimates, rates)
@@ -565,7 +568,10 @@ def sweep(study: Study, log=print, dry_run: bool = False, report_only: bool = Fa
                         and not _finished(p) for p in study.points)
     with folder_lock(study.out, f"--out {study.out!r}", "swept", OutputError), \
             study.cluster.connect(log) if needs_cluster else contextlib.nullcontext() as client:
-        os.makedirs(os.path.join(study.out, "points"), exist_ok=True)  # by the lock's holder
+        check_study_out(study.out)  # again, by the lock's holder
+        _mark_study_out(study)
+        os.makedirs(os.path.join(study.out, "points"), exist_ok=True)
+        _note_other_points(study, log)
         for i, p in enumerate(study.points):
             if _finished(p):
                 continue
@@ -585,6 +591,46 @@ def sweep(study: Study, log=print, dry_run: bool = False, report_only: bool = Fa
             "results": os.path.join(study.out, RESULTS_CSV),
             "fits": os.path.join(study.out, FITS_CSV),
             "figures": _figures(study, rows, fits, log)}
+
+
+def check_study_out(out: str) -> None:
+    """Refuse (one line) an ``--out`` that is a file, or a folder with content but neither a
+    study's mark nor its points (a run's result folder, a home folder): a sweep writes its
+    table, fits, figures and points there."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"--out {out!r} exists and is not a folder")
+    try:
+        held = set(os.listdir(out)) - {LOCK_FILE} if os.path.isdir(out) else set()
+    except OSError as exc:
+        raise OutputError(f"cannot read --out {out!r}: {exc.strerror or exc}") from None
+    if held and not held & {STUDY_FILE, "points"}:
+        what = "a run's results" if "result.json" in held or "spec.json" in held else \
+            "no ntkdist study"
+        raise OutputError(f"--out {out!r} is not empty and holds {what}; a sweep goes into "
+                          "a new or empty folder, or one that holds a study")
+
+
+def _mark_study_out(study: Study) -> None:
+    path = os.path.join(study.out, STUDY_FILE)
+    if os.path.exists(path):
+        return
+    try:
+        write_json(path, {"ntkdist_study": study.name, "created": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    except OSError as exc:
+        raise OutputError(f"cannot write --out {study.out!r}: {exc.strerror or exc}") from None
+
+
+def _note_other_points(study: Study, log) -> None:
+    """Say so where the folder holds finished points that this study has not: the table,
+    fits and figures are this study's alone, and those points stay where they are."""
+    mine = {os.path.basename(p.out) for p in study.points}
+    root = os.path.join(study.out, "points")
+    other = sorted(name for name in os.listdir(root) if name not in mine
+                   and os.path.exists(os.path.join(root, name, "result.json")))
+    if other:
+        log(f"note: {len(other)} finished point(s) in {root} are not in this study (first: "
+            f"{other[0]}): kept there, left out of {RESULTS_CSV}, fits and figures")
 
 
 def _figures(study: Study, rows: list[dict], fits: list[dict], log) -> list[str]:

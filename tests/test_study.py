@@ -83,6 +83,32 @@ def test_a_tiny_sweep_matches_dense_eigenvalues_and_draws_its_figures(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "is being swept by process" in err and (out / "results.csv").read_text() == before
+    # Another study into the folder: its own table; the first one's points stay, said so.
+    other = _write(tmp_path, TINY.replace("n = [60, 120]", "n = [90]"), "other.toml")
+    assert main(["sweep", other, "--out", str(out)]) == 0
+    assert "finished point(s) in" in capsys.readouterr().out
+    assert len(list((out / "points").iterdir())) > len(_rows(out / "results.csv"))
+
+
+@pytest.mark.parametrize("holds", ["run", "junk", "file"])
+def test_a_sweep_refuses_a_folder_that_is_not_a_study(tmp_path, capsys, holds):
+    study = _write(tmp_path, TINY)
+    out = tmp_path / "out"
+    if holds == "run":
+        assert main(["run", "--data", "sphere", "--n", "50", "--d", "4", "--depth", "2",
+                     "--out", str(out)]) == 0
+    elif holds == "junk":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        out.write_text("mine")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()
+    capsys.readouterr()
+    assert main(["sweep", study, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err, err
+    assert before == (sorted(p.name for p in out.iterdir()) if out.is_dir()
+                      else out.read_text())
 
 
 def test_zip_and_product_axes_and_labels(tmp_path):
