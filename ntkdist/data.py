@@ -109,9 +109,15 @@ MAX_SCALE = 1e150
 #: Rows whose squared norm is below this are refused: it underflows (or is subnormal), and
 #: the row's kernel entries lose every digit.
 MIN_SQUARED_NORM = 1e-290
-#: Unit rows equal after rounding at these decimals are taken as nearly parallel: each such
-#: pair gives a near-null vector that starts the iterative solvers (a hint, never trusted).
-NEAR_PARALLEL_DECIMALS = (12, 8, 6)
+#: Unit rows within this Euclidean distance of each other are nearly parallel: each such
+#: pair gives a near-null vector that starts the iterative solvers, and two or more withhold
+#: an iterative certificate (:func:`ntkdist.solvers.driver.smallest_eigenpairs`). Every
+#: such pair is found (:func:`near_parallel_pairs`), the closest first.
+NEAR_PARALLEL_DISTANCE = 4e-6
+#: Unit rows equal after rounding at this many decimals count as parallel.
+PARALLEL_DECIMALS = 12
+#: Neighbours in the sorted projection scanned per row for nearly parallel pairs.
+NEAR_SCAN = 64
 #: Nearly parallel pairs kept as hints: each puts an eigenvalue near 0, and the solvers
 #: start from the bottom of the space they span (:func:`ntkdist.pipeline._near_null_start`).
 MAX_NEAR_PAIRS = 1024
@@ -204,22 +210,47 @@ def _repeats(X, norms, n):
     dup = n - len(first)
     groups = first[inverse] if dup else None  # id: the group's first row
     unit = rows / norms[:, None]
-    par = 0
-    near, seen = [], set()
-    for decimals in NEAR_PARALLEL_DECIMALS:
-        _, idx, inv = np.unique(np.round(unit, decimals), axis=0, return_index=True,
-                                return_inverse=True)
-        if decimals == NEAR_PARALLEL_DECIMALS[0]:
-            par = n - len(idx)  # parallel rows compare equal up to rounding at 1e-12
-        inv = inv.reshape(-1)
-        for j in np.nonzero(idx[inv] != np.arange(n))[0]:
-            i = int(idx[inv[j]])
-            if (groups is None or groups[i] != groups[j]) and (i, int(j)) not in seen:
-                near.append((i, int(j)))
-                seen.add((i, int(j)))
-            if len(near) >= MAX_NEAR_PAIRS:
-                break
-    return int(dup), int(max(par, dup)), groups, tuple(near[:MAX_NEAR_PAIRS])
+    par = n - len(np.unique(np.round(unit, PARALLEL_DECIMALS), axis=0))
+    distinct = np.sort(first)  # a pair of equal rows is an exact zero, not a hint
+    near = tuple((int(distinct[i]), int(distinct[j]))
+                 for i, j in near_parallel_pairs(unit[distinct]))
+    return int(dup), int(max(par, dup)), groups, near
+
+
+def near_parallel_pairs(unit: np.ndarray, distance: float = NEAR_PARALLEL_DISTANCE,
+                        limit: int = MAX_NEAR_PAIRS) -> tuple:
+    """Pairs (i, j), i < j, of unit rows at most ``distance`` apart, the closest first, at
+    most ``limit``.
+
+    The rows are sorted by their projection on a fixed random unit vector g; since
+    |gᵀ(u_i − u_j)| ≤ ‖u_i − u_j‖, every such pair lies within ``distance`` in that order,
+    so scanning each row's next neighbours while their projections stay that close finds
+    them all (up to NEAR_SCAN neighbours a row: beyond, more than NEAR_SCAN rows crowd
+    there and pairs enough are found). O(N log N + N·d) for rows that are not crowded."""
+    n, d = unit.shape
+    g = np.random.default_rng(0).standard_normal(d)
+    g /= np.linalg.norm(g)
+    proj = unit @ g
+    order = np.argsort(proj, kind="stable")
+    ps = proj[order]
+    slack = distance + 4 * d * np.finfo(np.float64).eps  # the projections' rounding
+    found_a, found_b, found_d = [], [], []
+    for k in range(1, min(n, NEAR_SCAN + 1)):
+        close = np.nonzero(ps[k:] - ps[:-k] <= slack)[0]
+        if not close.size:
+            break
+        for lo in range(0, close.size, 65536):
+            a, b = order[close[lo:lo + 65536]], order[close[lo:lo + 65536] + k]
+            dist = np.linalg.norm(unit[a] - unit[b], axis=1)
+            keep = dist <= distance
+            found_a.append(np.minimum(a, b)[keep])
+            found_b.append(np.maximum(a, b)[keep])
+            found_d.append(dist[keep])
+    if not found_a:
+        return ()
+    a, b, dist = (np.concatenate(v) for v in (found_a, found_b, found_d))
+    best = np.lexsort((b, a, dist))[:limit]
+    return tuple((int(i), int(j)) for i, j in zip(a[best], b[best]))
 
 
 def near_null_vectors(check: RowCheck, norms: np.ndarray, n: int) -> np.ndarray:

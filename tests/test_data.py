@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import zarr
 
-from ntkdist.data import GENERATOR_CHUNK, check_rows, load_array, synthetic_rows
+from ntkdist.data import (GENERATOR_CHUNK, MAX_NEAR_PAIRS, NEAR_PARALLEL_DISTANCE, check_rows,
+                          load_array, near_parallel_pairs, synthetic_rows)
 from ntkdist.errors import InputError
 
 
@@ -74,3 +75,29 @@ def test_duplicates_and_parallel_rows_counted():
     assert check.duplicate_rows == 1
     assert check.parallel_rows == 2
     assert check_rows(X[:5]).parallel_rows == 0
+
+
+@pytest.mark.parametrize("d, noise", [(16, 1e-7), (64, 1e-6), (784, 1e-8)])
+def test_every_nearly_parallel_pair_is_found(d, noise):
+    """Copies moved by ``noise`` (unit distance ≤ 4e-6) are all found, whatever d, which
+    rounding the unit rows found only in part; pairs beyond the distance are not."""
+    rng = np.random.default_rng(3)
+    B = rng.standard_normal((300, d))
+    B *= 4 / np.linalg.norm(B, axis=1, keepdims=True)
+    X = np.vstack([B, B + noise * rng.standard_normal(B.shape), B[:5] + 1e-3])
+    pairs = check_rows(X).near_pairs
+    assert sorted(pairs) == [(i, 300 + i) for i in range(300)]
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    dist = [np.linalg.norm(unit[i] - unit[j]) for i, j in pairs]
+    assert dist == sorted(dist) and max(dist) <= NEAR_PARALLEL_DISTANCE
+
+
+def test_nearly_parallel_pairs_skip_equal_rows_keep_multiples_and_are_capped():
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((400, 8))
+    X[5], X[9], X[11] = 3 * X[7], X[7], X[7] + 1e-9  # a multiple, a duplicate, a near copy
+    c = check_rows(X)
+    assert sorted(c.near_pairs) == [(5, 7), (5, 11), (7, 11)] and c.duplicate_rows == 1
+    crowd = np.repeat(X[:1], 3000, axis=0) + 1e-8 * rng.standard_normal((3000, 8))
+    pairs = near_parallel_pairs(crowd / np.linalg.norm(crowd, axis=1, keepdims=True))
+    assert len(pairs) == MAX_NEAR_PAIRS and all(i < j for i, j in pairs)

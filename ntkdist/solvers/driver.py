@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from ..data import MAX_NEAR_PAIRS, NEAR_PARALLEL_DISTANCE
 from ..errors import NtkdistError
 from .certificate import (block_size, certified, floors, initial_block, judge, residuals,
                           resolution, weights)
@@ -367,7 +368,8 @@ def _judged_solution(values, best, exact, tol, diag, notes, fields,
         ok = False
         resolved = exact.copy()
         notes.append(
-            f"{pairs} pairs of nearly parallel rows (found by rounding, so maybe more) put a "
+            f"{pairs} pairs of nearly parallel rows (unit rows within {NEAR_PARALLEL_DISTANCE:g}"
+            f"{'; the closest kept' if pairs >= MAX_NEAR_PAIRS else ''}) put a "
             "cluster of eigenvalues near the bottom of the spectrum, whose count the solver's "
             f"gap estimate cannot know: the value found, {values[~exact][0]:.10g}, is an "
             "eigenvalue but may not be the smallest, and is not certified as λ_min (use "
