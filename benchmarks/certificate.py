@@ -43,6 +43,19 @@ def cases(rng):
     dup = rng.standard_normal((1500, 8))
     dup[5], dup[700] = dup[3], dup[10]
     eig = lambda X: np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0]  # noqa: E731
+    crng = np.random.default_rng(1)  # 500 rows of norm 4 in d = 16 and a copy of each, moved
+    base = crng.standard_normal((500, 16))
+    base *= 4 / np.linalg.norm(base, axis=1, keepdims=True)
+    moved = {s: np.vstack([base, base + s * crng.standard_normal(base.shape)])
+             for s in (1e-7, 1e-5)}
+    cluster = [
+        ("500 pairs moved by 1e-7, N = 1000", moved[1e-7], ["--method", "lobpcg", "--tol", "1e-6"]),
+        ("500 pairs moved by 1e-7, N = 1000", moved[1e-7],
+         ["--method", "lobpcg", "--tol", "1e-2", "--certify", "cholesky"]),
+        ("500 pairs moved by 1e-5, N = 1000", moved[1e-5], ["--method", "lobpcg", "--tol", "1e-6"]),
+        ("500 pairs moved by 1e-5, N = 1000", moved[1e-5],
+         ["--method", "davidson", "--tol", "1e-6"]),
+    ]
     return [
         ("200 Gaussian rows, --block 1", good, ["--method", "lobpcg", "--block", "1"], eig),
         ("200 Gaussian rows, --block 1", good, ["--method", "davidson", "--block", "1"], eig),
@@ -56,7 +69,7 @@ def cases(rng):
          lambda X: np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[2]),
         ("two repeated rows, N = 1500, --dedupe", dup, ["--method", "lobpcg", "--dedupe"],
          lambda X: eig(np.delete(X, [5, 700], axis=0))),
-    ]
+    ] + [(name, X, extra, eig) for name, X, extra in cluster]
 
 
 def _sci(value) -> str:
@@ -82,7 +95,7 @@ def run_case(folder, name, X, extra, reference, index):
     method = r["method"].split(" (")[0].split(":")[0]
     shown = "null" if value is None else f"{value:.6g}"
     print(f"| {name} | {' '.join(extra) or '(default)'} | {code} | {method} | {r['status']} | "
-          f"{shown} | {ref:.6g} | {_sci(None if err is None else err / max(abs(ref), 1e-300))}"
+          f"{shown} | {r['eigenvalues_computed'][k - 1]:.6g} | {ref:.6g} | {_sci(None if err is None else err / max(abs(ref), 1e-300))}"
           f" | {_sci(r['accuracy']['rel_error_bound'][k - 1])}"
           f" | {holds} | {r['passes'] if r['passes'] is not None else '-'} | {seconds:.1f} |",
           flush=True)
@@ -90,9 +103,9 @@ def run_case(folder, name, X, extra, reference, index):
 
 def main_():
     rng = np.random.default_rng(0)
-    print("| input | options | exit | method | status | λ reported | reference | true rel. error "
-          "| rel. bound | bound holds | passes | seconds |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| input | options | exit | method | status | λ reported | λ computed | reference "
+          "| true rel. error | rel. bound | bound holds | passes | seconds |")
+    print("|" + " --- |" * 13)
     with tempfile.TemporaryDirectory(prefix="ntkdist-cert-") as folder:
         for index, (name, X, extra, reference) in enumerate(cases(rng)):
             run_case(folder, name, X, extra, reference, index)

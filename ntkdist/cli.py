@@ -430,7 +430,8 @@ def summary(result: dict, out: str) -> str:
             f", above min_i K_ii = {b['upper_min_diagonal']:.6g} ≥ λ_min, so it missed a "
             "smaller eigenvalue; 0 ≤ λ_min ≤ min_i K_ii",
         ]
-    elif result["lambda_min"] is None and not (result["relative_accuracy"] or 0) < 1:
+    elif result["lambda_min"] is None and (result["relative_accuracy"] is None
+                                           or result["relative_accuracy"] >= 1):
         lo, hi = result["lambda_min_interval"]  # stopped before its first digit was sure
         lines = [
             f"λ_min not certified: the {method} solver stopped at "
@@ -450,7 +451,9 @@ def summary(result: dict, out: str) -> str:
                  f"method: {method})"]
     else:
         kt = result.get("relative_accuracy_kato_temple")
+        by_bracket = (result.get("certify") or {}).get("certified_value")
         acc = f"rel. error ≤ {result['relative_accuracy']:.1e}" + (
+            " (the proved Cholesky bracket)" if by_bracket else
             f" (Kato–Temple {kt:.1e})" if kt is not None else "")
         lines = [
             f"λ_min = {result['lambda_min']:.10g}  (residual ‖Kv−λv‖ = "

@@ -116,8 +116,11 @@ MIN_SQUARED_NORM = 1e-290
 NEAR_PARALLEL_DISTANCE = 4e-6
 #: Unit rows equal after rounding at this many decimals count as parallel.
 PARALLEL_DECIMALS = 12
-#: Neighbours in the sorted projection scanned per row for nearly parallel pairs.
+#: Neighbours in the sorted projection scanned per row for nearly parallel pairs; random
+#: projections a candidate pair must be that close on; pairs found before the scan stops.
 NEAR_SCAN = 64
+NEAR_PROBES = 8
+NEAR_ENOUGH = 8192
 #: Nearly parallel pairs kept as hints: each puts an eigenvalue near 0, and the solvers
 #: start from the bottom of the space they span (:func:`ntkdist.pipeline._near_null_start`).
 MAX_NEAR_PAIRS = 1024
@@ -222,31 +225,39 @@ def near_parallel_pairs(unit: np.ndarray, distance: float = NEAR_PARALLEL_DISTAN
     """Pairs (i, j), i < j, of unit rows at most ``distance`` apart, the closest first, at
     most ``limit``.
 
-    The rows are sorted by their projection on a fixed random unit vector g; since
-    |gᵀ(u_i − u_j)| ≤ ‖u_i − u_j‖, every such pair lies within ``distance`` in that order,
-    so scanning each row's next neighbours while their projections stay that close finds
-    them all (up to NEAR_SCAN neighbours a row: beyond, more than NEAR_SCAN rows crowd
-    there and pairs enough are found). O(N log N + N·d) for rows that are not crowded."""
+    The rows are sorted by their projection on a fixed random unit vector g₁; since
+    |gᵀ(u_i − u_j)| ≤ ‖u_i − u_j‖ for a unit g, every such pair lies within ``distance``
+    in that order, so each row's next neighbours are scanned while their projections stay
+    that close. Candidates pass NEAR_PROBES − 1 more projections the same way before their
+    distance is computed, so that rows merely close on g₁ (many, at large N and d) cost
+    NEAR_PROBES numbers each, not d. Every pair is found unless more than NEAR_SCAN rows
+    crowd within ``distance`` on g₁, or NEAR_ENOUGH pairs are found first (then the
+    closest of those found): pairs enough either way."""
     n, d = unit.shape
-    g = np.random.default_rng(0).standard_normal(d)
-    g /= np.linalg.norm(g)
-    proj = unit @ g
-    order = np.argsort(proj, kind="stable")
-    ps = proj[order]
+    G = np.random.default_rng(0).standard_normal((d, NEAR_PROBES))
+    G /= np.linalg.norm(G, axis=0)
+    P = unit @ G
+    order = np.argsort(P[:, 0], kind="stable")
+    P = P[order]
     slack = distance + 4 * d * np.finfo(np.float64).eps  # the projections' rounding
-    found_a, found_b, found_d = [], [], []
+    chunk = max(1024, (1 << 24) // d)  # rows of each 128 MB difference block
+    found_a, found_b, found_d, total = [], [], [], 0
     for k in range(1, min(n, NEAR_SCAN + 1)):
-        close = np.nonzero(ps[k:] - ps[:-k] <= slack)[0]
+        close = np.nonzero(P[k:, 0] - P[:-k, 0] <= slack)[0]
         if not close.size:
-            break
-        for lo in range(0, close.size, 65536):
-            a, b = order[close[lo:lo + 65536]], order[close[lo:lo + 65536] + k]
+            break  # the order is sorted: farther neighbours are farther still
+        close = close[np.all(np.abs(P[close + k, 1:] - P[close, 1:]) <= slack, axis=1)]
+        for lo in range(0, close.size, chunk):
+            a, b = order[close[lo:lo + chunk]], order[close[lo:lo + chunk] + k]
             dist = np.linalg.norm(unit[a] - unit[b], axis=1)
             keep = dist <= distance
             found_a.append(np.minimum(a, b)[keep])
             found_b.append(np.maximum(a, b)[keep])
             found_d.append(dist[keep])
-    if not found_a:
+            total += int(keep.sum())
+        if total >= NEAR_ENOUGH:
+            break
+    if not total:
         return ()
     a, b, dist = (np.concatenate(v) for v in (found_a, found_b, found_d))
     best = np.lexsort((b, a, dist))[:limit]

@@ -597,8 +597,9 @@ def check_study_out(out: str) -> None:
     """Refuse (one line) an ``--out`` that is a file, or a folder with content but neither a
     study's mark nor its points (a run's result folder, a home folder): a sweep writes its
     table, fits, figures and points there."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise OutputError(f"--out {out!r} exists and is not a folder")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise OutputError(f"--out {out!r} exists and is not a folder"
+                          + (" (a broken symbolic link)" if os.path.islink(out) else ""))
     try:
         held = set(os.listdir(out)) - {LOCK_FILE} if os.path.isdir(out) else set()
     except OSError as exc:
@@ -608,6 +609,12 @@ def check_study_out(out: str) -> None:
             "no ntkdist study"
         raise OutputError(f"--out {out!r} is not empty and holds {what}; a sweep goes into "
                           "a new or empty folder, or one that holds a study")
+    for name, kind, ok in ((STUDY_FILE, "file", os.path.isfile), ("points", "folder",
+                                                                    os.path.isdir)):
+        path = os.path.join(out, name)
+        if name in held and (os.path.islink(path) or not ok(path)):
+            raise OutputError(f"--out {out!r} holds {name} that is not a plain {kind}; "
+                              "choose another folder")
 
 
 def _mark_study_out(study: Study) -> None:
@@ -626,7 +633,11 @@ def _note_other_points(study: Study, log) -> None:
     fits and figures are this study's alone, and those points stay where they are."""
     mine = {os.path.basename(p.out) for p in study.points}
     root = os.path.join(study.out, "points")
-    other = sorted(name for name in os.listdir(root) if name not in mine
+    try:
+        names = os.listdir(root)
+    except OSError as exc:
+        raise OutputError(f"cannot read {root!r}: {exc.strerror or exc}") from None
+    other = sorted(name for name in names if name not in mine
                    and os.path.exists(os.path.join(root, name, "result.json")))
     if other:
         log(f"note: {len(other)} finished point(s) in {root} are not in this study (first: "

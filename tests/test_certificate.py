@@ -231,7 +231,8 @@ def test_a_cluster_of_nearly_parallel_pairs_is_never_certified_wrong(tmp_path, m
 
 
 @pytest.mark.parametrize("tol, status", [("1e-2", "certified"), ("1e-5", "not_converged")])
-def test_a_cluster_is_certified_by_a_tight_cholesky_bracket_alone(tmp_path, tol, status):
+def test_a_cluster_is_certified_by_a_tight_cholesky_bracket_alone(tmp_path, capsys, tol,
+                                                                 status):
     """The cluster guard withholds the solver's certificate; a proved bracket that meets
     the tolerance gives it back, one that does not leaves the value uncertified."""
     rng = np.random.default_rng(1)
@@ -248,12 +249,15 @@ def test_a_cluster_is_certified_by_a_tight_cholesky_bracket_alone(tmp_path, tol,
     assert r["status"] == status and r["certify"]["status"] == "proved"
     assert any("pairs of nearly parallel rows" in n for n in r["notes"])
     lo, hi = r["lambda_min_interval"]
-    assert r["certify"]["lower"] <= lo <= ref <= hi <= r["certify"]["upper"]
+    assert lo <= r["certify"]["lower"] <= ref <= r["certify"]["upper"] <= hi
     if status == "certified":
-        assert r["converged"] and r["smallest_proved"]
+        assert r["converged"] and r["smallest_proved"] and r["certify"]["certified_value"]
         assert abs(r["lambda_min"] - ref) <= r["abs_error_bound"] <= 1e-2 * r["lambda_min"]
+        assert "(the proved Cholesky bracket)" in capsys.readouterr().out
     else:
         assert r["lambda_min"] is None and not r["converged"]
+        assert [lo, hi] == [r["certify"]["lower"], r["certify"]["upper"]]
+        assert "certified_value" not in r["certify"]
 
 
 def test_repeated_rows_give_exact_zero_at_once(tmp_path):

@@ -90,7 +90,7 @@ def test_a_tiny_sweep_matches_dense_eigenvalues_and_draws_its_figures(tmp_path, 
     assert len(list((out / "points").iterdir())) > len(_rows(out / "results.csv"))
 
 
-@pytest.mark.parametrize("holds", ["run", "junk", "file"])
+@pytest.mark.parametrize("holds", ["run", "junk", "file", "dangling", "points-file"])
 def test_a_sweep_refuses_a_folder_that_is_not_a_study(tmp_path, capsys, holds):
     study = _write(tmp_path, TINY)
     out = tmp_path / "out"
@@ -100,15 +100,21 @@ def test_a_sweep_refuses_a_folder_that_is_not_a_study(tmp_path, capsys, holds):
     elif holds == "junk":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
+    elif holds == "dangling":
+        out.symlink_to(tmp_path / "nowhere")
+    elif holds == "points-file":
+        out.mkdir()
+        (out / "points").write_text("mine")
     else:
         out.write_text("mine")
-    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()
+    listing = lambda: (sorted(p.name for p in out.iterdir()) if out.is_dir()  # noqa: E731
+                       else out.read_text() if out.exists() else os.readlink(out))
+    before = listing()
     capsys.readouterr()
     assert main(["sweep", study, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err, err
-    assert before == (sorted(p.name for p in out.iterdir()) if out.is_dir()
-                      else out.read_text())
+    assert before == listing()
 
 
 def test_zip_and_product_axes_and_labels(tmp_path):
