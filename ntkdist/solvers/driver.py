@@ -232,10 +232,11 @@ def smallest_eigenpairs(matmat, n: int, method: str = "lobpcg", k: int = 1, tol:
                    "with its residuals no longer falling" if r.stalled else
                    f"at its limit (--max-products {max_products}"
                    + (f" or {max_seconds:g} s" if max_seconds else "") + ")")
+            further = not r.at_floor and out.status == "not_converged"
+            other = "davidson" if method == "lobpcg" else "lobpcg"
             out.notes.append(f"{method} stopped after {r.iterations} iterations {how}"
-                             + ("" if r.at_floor else "; --method "
-                                + ("davidson" if method == "lobpcg" else "lobpcg")
-                                + ", a larger --block or --max-products may get further"))
+                             + (f"; --method {other}, a larger --block or --max-products may "
+                                "get further" if further else ""))
         return out
     V = _lanczos(matmat, n, kk, rep, trace, tol, seed, max_products)
     return _finish(matmat, n, k, tol, trace, rep, m, V, None,
