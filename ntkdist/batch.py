@@ -61,6 +61,8 @@ def parse_walltime(value) -> int:
     if isinstance(value, int) and value > 0:
         return 60 * value
     text = str(value).strip() if isinstance(value, str) else ""
+    if not text.isascii():  # '²'.isdigit() is true, int('²') fails
+        text = ""
     if text.isdigit() and int(text) > 0:
         return 60 * int(text)
     m = _WALLTIME.match(text)
@@ -122,7 +124,7 @@ def _count(value, name: str, minimum: int = 1, maximum: int | None = None) -> in
 def parse_adapt(value) -> tuple[int, int]:
     """``"MIN:MAX"`` (or a two-item list) → (MIN, MAX) with 0 <= MIN <= MAX and MAX >= 1."""
     pair = None
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*:\s*\d+\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*:\s*[0-9]+\s*", value):
         pair = tuple(int(x) for x in value.split(":"))
     elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
             isinstance(x, int) and not isinstance(x, bool) for x in value):
@@ -255,11 +257,21 @@ def jobqueue_kwargs(spec) -> dict:
 
 
 def _cluster_class(kind: str):
+    """dask-jobqueue's cluster class for ``kind``. Importing dask-jobqueue replaces the
+    SIGINT handler with one that exits with status 0 (its runner module's); Python's own
+    goes back, so that Ctrl-C stays KeyboardInterrupt: exit 130, "interrupted"."""
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
     try:
         from dask_jobqueue import PBSCluster, SLURMCluster
     except ImportError:
         raise BatchError(f"--cluster {kind} needs dask-jobqueue (pip install "
                          "'ntkdist[hpc]')") from None
+    finally:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not before and before is not None):
+            signal.signal(signal.SIGINT, before)
     return SLURMCluster if kind == "slurm" else PBSCluster
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 
 from .errors import NtkdistError
 
@@ -145,6 +146,30 @@ def _sigint_ignored_by_workers():
         signal.signal(signal.SIGINT, old)
 
 
+def _check_scheduler_file(path: str) -> None:
+    """Refuse (ClusterError, one line) a scheduler file that is missing, unreadable, or not
+    the JSON object with a text ``address`` that ``dask scheduler --scheduler-file`` writes."""
+    import json
+
+    if not os.path.exists(path):
+        raise ClusterError(f"scheduler file {path!r} does not exist")
+    for attempt in range(5):  # a scheduler may be writing it now: a moment to finish
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            break
+        except OSError as exc:
+            raise ClusterError(f"cannot read scheduler file {path!r}: "
+                               f"{exc.strerror or exc}") from None
+        except ValueError:  # JSON's, and a text that is not UTF-8
+            info = None
+            time.sleep(0.4)
+    if not isinstance(info, dict) or not isinstance(info.get("address"), str):
+        raise ClusterError(f"scheduler file {path!r} is not a Dask scheduler file (a JSON "
+                           "object with an 'address', as `dask scheduler --scheduler-file` "
+                           "writes)")
+
+
 @contextlib.contextmanager
 def connect(scheduler: str | None = None, scheduler_file: str | None = None,
             workers: int | None = None, memory_limit: str | None = None,
@@ -163,11 +188,11 @@ def connect(scheduler: str | None = None, scheduler_file: str | None = None,
     if device not in ("cpu", "gpu"):
         raise ClusterError(f"device must be cpu or gpu, got {device!r}")
     if scheduler or scheduler_file:
-        if scheduler_file and not os.path.exists(scheduler_file):
-            raise ClusterError(f"scheduler file {scheduler_file!r} does not exist")
+        if scheduler_file:
+            _check_scheduler_file(scheduler_file)
         try:
             client = Client(address=scheduler, scheduler_file=scheduler_file, timeout="20s")
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError, ValueError, TypeError, KeyError, AssertionError) as exc:
             where = scheduler or scheduler_file
             raise ClusterError(f"cannot reach the Dask scheduler at {where!r} ({exc})") from None
         try:

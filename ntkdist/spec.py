@@ -623,7 +623,7 @@ def parse_size(value, name: str) -> int:
         if not isinstance(value, str) or parse_bytes(value) <= 0:
             raise ValueError
         return int(parse_bytes(value))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise SpecError(f"{name} must be a size such as 4GB or 500MiB, got {value!r}") from None
 
 

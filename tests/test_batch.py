@@ -22,7 +22,7 @@ def test_walltime_parsed(text, seconds):
 
 
 @pytest.mark.parametrize("text", ["10min", "00:00:30", "1:60:00", "", "0", "-5", "1-2", True,
-                                  "00:10", None, 1.5])
+                                  "00:10", None, 1.5, "²", "1:²0:00"])
 def test_bad_walltime_refused(text):
     with pytest.raises(SpecError, match="walltime"):
         parse_walltime(text)
@@ -134,6 +134,9 @@ def test_adapt_spec_expected_workers():
      ["--gpus-per-job"]),
     (["--cluster", "slurm", "--cores", "1", "--memory", "100MB"], ["--memory", "256MiB"]),
     (["--cluster", "slurm", "--cores", "1", "--memory", "lots"], ["--memory", "size"]),
+    (["--cluster", "slurm", "--cores", "1", "--memory", "1e400GB"], ["--memory", "size"]),
+    (["--memory-limit", "1e400GB"], ["--memory-limit", "size"]),
+    (["--cluster", "slurm", "--cores", "1", "--memory", "1GB", "--adapt", "²:3"], ["--adapt"]),
     (["--cluster", "slurm", "--scheduler", "tcp://h:1", "--cores", "1", "--memory", "1GB"],
      ["--cluster slurm", "scheduler"]),
     (["--cluster", "lsf"], ["--cluster", "local, slurm, pbs"]),
@@ -391,3 +394,25 @@ def test_killed_worker_is_not_resumed():
     assert not isinstance(_worker_lost("x", KilledWorker("k", SimpleNamespace(address="tcp://w:1"), 3)),
                           WorkerLostError)
     assert isinstance(_worker_lost("x", None), WorkerLostError)
+
+
+def test_dask_jobqueue_leaves_ctrl_c_alone():
+    """Importing dask-jobqueue installs a SIGINT handler that exits with status 0; the
+    cluster class comes back with Python's, so Ctrl-C stays exit 130 "interrupted"."""
+    import subprocess
+    import sys
+
+    code = ("import signal; from ntkdist.batch import _cluster_class; _cluster_class('slurm'); "
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("text", ["x", "", "[1]", '{"address": 5}', "\xff\xfe"])
+def test_a_bad_scheduler_file_is_one_line(tmp_path, capsys, text):
+    path = tmp_path / "sched.json"
+    path.write_bytes(text.encode("latin-1"))
+    code = main(["run", "--n", "200", "--d", "4", "--depth", "2", "--method", "lobpcg",
+                 "--scheduler-file", str(path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "not a Dask scheduler file" in err, err
+    assert not (tmp_path / "o").exists()
