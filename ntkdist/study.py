@@ -51,6 +51,8 @@ STUDY_KEYS = {"storage": "keep | delete | none", "crossover_fraction": "a number
               "name": "a name"}
 #: Tables whose values may be lists (axes); the cluster is one for the whole study.
 AXIS_TABLES = ("data", "kernel", "solver", "store")
+#: [cluster] keys whose one value may be a list (cli.md): the job script's lines, [MIN, MAX].
+LIST_VALUED_CLUSTER_KEYS = ("job_prologue", "adapt")
 RESULTS_CSV = "results.csv"
 #: A study folder's mark: a sweep goes only into a new or empty folder, or one that holds it.
 STUDY_FILE = "study.json"
@@ -172,6 +174,10 @@ def load_study(path: str, out: str, cluster_flags: dict | None = None) -> Study:
                     axes.append((opt, _width_axis(name, "kernel", value)))
                 else:
                     fixed[opt] = value
+                continue
+            if table == "cluster" and key in LIST_VALUED_CLUSTER_KEYS and isinstance(value,
+                                                                                   list):
+                fixed[opt] = value  # a value that is a list (lines, MIN and MAX), not an axis
                 continue
             if table == "cluster" or not isinstance(value, list):
                 if isinstance(value, (list, dict)):

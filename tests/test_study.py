@@ -14,6 +14,7 @@ import pytest
 from ntkdist.cli import main
 from ntkdist.data import synthetic_rows
 from ntkdist.kernels import ntk
+from ntkdist.errors import SpecError
 from ntkdist.study import crossover, fit_rows, load_study
 
 TINY = """
@@ -341,3 +342,17 @@ def test_auto_takes_the_factor_on_disk_only_where_passes_rebuild_the_tiles(monke
     assert not uses_shift("auto", 50000, 3, finite=True, recompute=True)
     assert not uses_shift("auto", 4000, 3, recompute=True)
     assert not uses_shift("harmonic", 50000, 3, recompute=True)
+
+
+def test_a_study_cluster_takes_its_list_values(tmp_path):
+    """[cluster] job_prologue (lines) and adapt ([MIN, MAX]) are values that are lists, not
+    axes; another [cluster] key given a list is refused."""
+    pytest.importorskip("dask_jobqueue")
+    text = TINY + ('[cluster]\nkind = "slurm"\ncores = 1\nmemory = "1GB"\n'
+                   'job_prologue = ["module load x", "echo ready"]\nadapt = [1, 3]\n')
+    study = load_study(_write(tmp_path, text), str(tmp_path / "out"))
+    assert study.cluster.job_prologue == ("module load x", "echo ready")
+    assert study.cluster.adapt == (1, 3)
+    with pytest.raises(SpecError, match="one value"):
+        load_study(_write(tmp_path, text.replace("cores = 1", "cores = [1, 2]"), "b.toml"),
+                   str(tmp_path / "out"))
