@@ -687,6 +687,13 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         precond.apply = None  # its factor (N × N for the shift and the gram form) goes now
     if unsafe:
         sol.notes.append(unsafe)
+    if (op is not None and op.mode != "recompute"
+            and getattr(getattr(op, "plan", None), "dtype", None) == "float32"):
+        sol.notes.append(
+            "the products read the store's float32-rounded entries: the bound certifies the "
+            "eigenvalue of that rounded K, and the exact kernel's λ_min may differ from it by "
+            "about 1e-7 relative (4.2e-8 measured at N = 10000, docs/accuracy.md); for a tol "
+            "below that, use a float64 store (--dtype float64)")
     for note in sol.notes:
         log(f"note: {note}")
     stored = _bounds_from_store(store, X, log) if store and not kern.finite else None

@@ -173,6 +173,7 @@ def test_store_solve_with_certify(client, tmp_path):
     # about the float64 K: holds although the solver's products were on float32 tiles
     assert r["certify"]["status"] == "proved"
     assert r["lambda_min_lower_certified"] <= lam <= r["lambda_min_upper_certified"]
+    assert any("float32-rounded entries" in note for note in r["notes"])  # what is certified
 
 
 def test_a_failed_certificate_withdraws_the_solvers_claim(tmp_path, monkeypatch):
