@@ -351,6 +351,58 @@ def _jobs_submitted(cluster) -> int:
     return 0
 
 
+#: Seconds between asks to the batch system whether a job whose worker has not connected
+#: is still queued or running.
+JOB_POLL = 5.0
+
+
+def _ended_before_connecting(cluster, kind: str, seen: set) -> str | None:
+    """The id of a job of ``cluster`` that the batch system no longer holds (neither queued
+    nor running) and none of whose workers was ever connected (``seen``: the names seen),
+    or None. Slurm's ``squeue``, PBS's ``qstat``; None whenever they cannot answer."""
+    import subprocess
+
+    jobs = {}
+    with contextlib.suppress(Exception):  # the cluster's own bookkeeping, as it is now
+        jobs = {str(job.job_id): name for name, job in dict(cluster.workers).items()
+                if getattr(job, "job_id", None)}
+    waiting = {i: name for i, name in jobs.items() if not any(
+        str(w) == str(name) or str(w).startswith(f"{name}-") for w in seen if w)}
+    if not waiting:
+        return None
+    ids = sorted(waiting)
+    cmd = (["squeue", "-h", "-o", "%i", "-j", ",".join(ids)] if kind == "slurm"
+           else ["qstat", *ids])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if kind == "slurm":
+        if out.returncode and "Invalid job id" not in out.stderr:
+            return None  # the controller did not answer: not an answer about the jobs
+        alive = set(out.stdout.split())
+        gone = [i for i in ids if i not in alive]
+    else:  # qstat lists the jobs it holds; an ended one is "Unknown Job Id" or state F
+        if out.returncode and "Unknown Job Id" not in out.stderr + out.stdout:
+            return None
+        text = out.stdout + out.stderr
+        gone = [i for i in ids if f"Unknown Job Id {i}" in text or re.search(
+            rf"^{re.escape(i)}\S*\s.*\sF\s", out.stdout, re.M)]
+    return gone[0] if gone else None
+
+
+def _log_tail(logs: str, job_id: str) -> str:
+    """'; its log ends: LINE' from the job's .err (or .out) file in ``logs``, or ''."""
+    for ext in ("err", "out"):
+        path = os.path.join(logs, f"ntkdist-{job_id}.{ext}")
+        with contextlib.suppress(OSError):
+            with open(path, errors="replace") as f:
+                lines = [line.strip() for line in f.read().splitlines()[-50:] if line.strip()]
+            if lines:
+                return f"; its log ends: {lines[-1][:200]}"
+    return ""
+
+
 def wait_for_workers(client, cluster, want: int, timeout: float | None, log, kind: str,
                      logs: str | None, failures: SubmitFailures | None = None) -> None:
     """Block until ``want`` workers are connected, logging the count as it changes; a
@@ -361,12 +413,20 @@ def wait_for_workers(client, cluster, want: int, timeout: float | None, log, kin
     logs = logs or "ntkdist-jobs"
     submit = "sbatch" if kind == "slurm" else "qsub"
     start = time.monotonic()
-    last = None
+    last, seen, polled = None, set(), start
     while True:
         refused = failures.message(submit) if failures is not None else None
         if refused:
             raise BatchError(refused)
-        have = len(client.scheduler_info(n_workers=-1)["workers"])
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        have = len(workers)
+        seen |= {w.get("name") for w in workers.values()}
+        if cluster is not None and have < want and time.monotonic() - polled >= JOB_POLL:
+            polled = time.monotonic()
+            ended = _ended_before_connecting(cluster, kind, seen)
+            if ended:
+                raise BatchError(f"{kind} job {ended} ended before its worker connected"
+                                 f"{_log_tail(logs, ended)}; its log is in {logs}/")
         if have != last:
             jobs = f"{_jobs_submitted(cluster)} {kind} job(s) submitted, " if cluster else ""
             log(f"workers {have}/{want} connected ({jobs}{time.monotonic() - start:.0f} s)")

@@ -171,3 +171,22 @@ def test_a_job_slurm_refuses_is_one_line(tmp_path):
     assert err.startswith("ntkdist: error: sbatch refused the worker job:"), err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_job_that_dies_before_its_worker_connects_stops_the_run_at_once(tmp_path):
+    """A job whose worker cannot start (a --local-directory under a file): one line naming
+    the job and its log's last line, exit 2, within seconds, not at --worker-timeout."""
+    (tmp_path / "afile").write_text("")
+    logs = tmp_path / "jobs"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ntkdist.cli", "run", "--data", "sphere", "--n", "300", "--d",
+         "8", "--depth", "3", "--method", "lobpcg", "--out", str(tmp_path / "r"), *BATCH,
+         "--local-directory", str(tmp_path / "afile" / "sub"), "--job-logs", str(logs)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and err[-1].startswith("ntkdist: error:"), proc.stderr[-2000:]
+    assert "ended before its worker connected" in err[-1] and "Not a directory" in err[-1]
+    assert time.monotonic() - t0 < 100  # --worker-timeout in BATCH is 120 s
+    assert not (tmp_path / "r").exists()
+    _assert_released(logs)
