@@ -1241,6 +1241,14 @@ def compare(a: str, b: str) -> str:
                                                            zip(r[1:], widths[1:])]).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    sa, sb = (r.get("sizes") if isinstance(r.get("sizes"), dict) else {} for r in (ra, rb))
+    differ = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
+    if differ or bool(ra.get("quick")) != bool(rb.get("quick")):
+        lines.append("warning: the reports measured different sizes ("
+                     + ", ".join([f"{k} {sa.get(k)} against {sb.get(k)}" for k in differ]
+                                 + (["--quick against a full run"]
+                                    if bool(ra.get("quick")) != bool(rb.get("quick")) else []))
+                     + "): ratios of sized figures (a pass, the scaling) are not like for like")
     return "\n".join(lines)
 
 

@@ -157,6 +157,13 @@ def test_compare_prints_both_reports(quick, report, tmp_path, capsys):
     assert len(data) > 10
     # aligned columns: every metric row's B/A column ends where the header's B/A ends
     assert all(len(r) == len(lines[2]) for r in data), data
+    assert "warning" not in text
+    doc["sizes"]["n"] *= 2  # a report of another N: said, once, after the table
+    (other / "report.json").write_text(json.dumps(doc))
+    assert main(["bench", "compare", out, str(other / "report.json")]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("warning: the reports measured different sizes (n ") and \
+        "not like for like" in last
 
 
 def test_compare_refuses_what_is_not_a_report(quick, tmp_path, capsys):
