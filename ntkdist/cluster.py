@@ -153,7 +153,7 @@ def _check_scheduler_file(path: str) -> None:
 
     if not os.path.exists(path):
         raise ClusterError(f"scheduler file {path!r} does not exist")
-    for attempt in range(5):  # a scheduler may be writing it now: a moment to finish
+    for _ in range(5):  # a scheduler may be writing it now: a moment to finish
         try:
             with open(path) as f:
                 info = json.load(f)

@@ -20,7 +20,7 @@ from ntkdist.store import KernelStore, open_kernel
 
 
 def test_sigkill_then_rerun_gives_identical_store(client, tmp_path):
-    args = ["--data", "sphere", "--n", "3000", "--d", "16", "--depth", "3", "--seed", "77",
+    args = ["--data", "sphere", "--n", "2000", "--d", "16", "--depth", "3", "--seed", "77",
             "--tile", "100"]
     killed = str(tmp_path / "killed.zarr")
     sigkill_assembly(args, killed, 40, 120)
