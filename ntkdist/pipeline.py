@@ -469,6 +469,12 @@ def _certify_on_gpu(spec, X, sol, err, log):
     return proof, why
 
 
+def _bound_or_inf(cert: dict) -> float:
+    """λ_min's absolute error bound from a certificate (None there: no finite bound)."""
+    bound = cert["abs_error_bound"][0]
+    return np.inf if bound is None else float(bound)
+
+
 def _certified_by_bracket(sol, proof, tol: float, log) -> bool:
     """Certify λ_min (k = 1) on the Cholesky bracket alone where the solver could not (a
     cluster of nearly parallel rows, a solve stopped short) and the bracket is tight
@@ -726,7 +732,8 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
         proof = _certify_cholesky(spec, X, sol, cert, log,
                                   dense_matrix() if in_process else None, device)
         cap = proof.get("upper_from_failure")
-        below = cap is not None and cap < lam - cert["abs_error_bound"][0]
+        low = lam - _bound_or_inf(cert)
+        below = cap is not None and cap < low
         if (proof["status"] == "failed" or below) and sol.status in (
                 "certified", "not_converged"):
             sol.status, sol.converged = "missed", False
@@ -737,7 +744,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
                              f"--certify cholesky: the float64 Cholesky of K − σI failed at "
                              f"σ = {sigma:.10g}, which proves λ_min ≤ {cap:.10g} (Demmel; "
                              f"Higham, Theorem 10.7), below the lower end "
-                             f"{lam - cert['abs_error_bound'][0]:.10g} of the solver's "
+                             f"{low:.10g} of the solver's "
                              f"value {lam:.10g}: the solver missed a smaller eigenvalue")
             cert = sol.certificate()
         elif _certified_by_bracket(sol, proof, s.tol, log):
@@ -751,7 +758,7 @@ def _solve_and_write(spec, X, check, out, matmat, dense_matrix, op, t0, log, sto
     elif shown[0] is None:
         # θ, a Rayleigh quotient from a fresh product, is ≥ λ_min up to its rounding, which
         # both the bound and the resolution exceed
-        err = min(cert["abs_error_bound"][0] or np.inf, sol.resolution)
+        err = min(_bound_or_inf(cert), sol.resolution)
         below = lam + err if sol.status in ("below_resolution", "not_converged") else top
         interval = [0.0, min(max(below, 0.0), top)]
     else:
