@@ -25,12 +25,22 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import ntkdist  # noqa: E402
 from ntkdist.bounds import lambda_min_bounds  # noqa: E402
 from ntkdist.cli import main  # noqa: E402
+from ntkdist.data import NEAR_PARALLEL_DISTANCE, check_rows, near_parallel_pairs  # noqa: E402
 
 
 def _scaled_reference(X, depth):
     norms = np.linalg.norm(X, axis=1)
     L = np.linalg.cholesky(ntkdist.ntk(X / norms[:, None], depth=depth))
     return 1.0 / np.linalg.norm(np.linalg.solve(L, np.diag(1.0 / norms)), 2) ** 2
+
+
+def _moved_pairs():
+    """500 rows of norm 4 in d = 16 and a copy of each moved by 1e-7, or by 1e-5."""
+    crng = np.random.default_rng(1)
+    base = crng.standard_normal((500, 16))
+    base *= 4 / np.linalg.norm(base, axis=1, keepdims=True)
+    return {s: np.vstack([base, base + s * crng.standard_normal(base.shape)])
+            for s in (1e-7, 1e-5)}
 
 
 def cases(rng):
@@ -43,11 +53,7 @@ def cases(rng):
     dup = rng.standard_normal((1500, 8))
     dup[5], dup[700] = dup[3], dup[10]
     eig = lambda X: np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))[0]  # noqa: E731
-    crng = np.random.default_rng(1)  # 500 rows of norm 4 in d = 16 and a copy of each, moved
-    base = crng.standard_normal((500, 16))
-    base *= 4 / np.linalg.norm(base, axis=1, keepdims=True)
-    moved = {s: np.vstack([base, base + s * crng.standard_normal(base.shape)])
-             for s in (1e-7, 1e-5)}
+    moved = _moved_pairs()
     cluster = [
         ("500 pairs moved by 1e-7, N = 1000", moved[1e-7], ["--method", "lobpcg", "--tol", "1e-6"]),
         ("500 pairs moved by 1e-7, N = 1000", moved[1e-7],
@@ -95,7 +101,8 @@ def run_case(folder, name, X, extra, reference, index):
     method = r["method"].split(" (")[0].split(":")[0]
     shown = "null" if value is None else f"{value:.6g}"
     print(f"| {name} | {' '.join(extra) or '(default)'} | {code} | {method} | {r['status']} | "
-          f"{shown} | {r['eigenvalues_computed'][k - 1]:.6g} | {ref:.6g} | {_sci(None if err is None else err / max(abs(ref), 1e-300))}"
+          f"{shown} | {r['eigenvalues_computed'][k - 1]:.6g} | {ref:.6g} | "
+          f"{_sci(None if err is None else err / max(abs(ref), 1e-300))}"
           f" | {_sci(r['accuracy']['rel_error_bound'][k - 1])}"
           f" | {holds} | {r['passes'] if r['passes'] is not None else '-'} | {seconds:.1f} |",
           flush=True)
@@ -114,6 +121,19 @@ def main_():
     b = lambda_min_bounds(X, 1000, "ntk")
     print(f"\nlower-bound chain, N = 200, d = 8, depth 1000: {time.perf_counter() - t0:.1f} s "
           f"(lower = {b['lower']:.4g})")
+    for s, X in _moved_pairs().items():
+        w = np.linalg.eigvalsh(ntkdist.ntk(X, depth=3))
+        print(f"500 pairs moved by {s:g}: {len(check_rows(X).near_pairs)} found within "
+              f"{NEAR_PARALLEL_DISTANCE:g}; {int(np.sum(w < 2 * w[0]))} eigenvalues below "
+              f"2·λ_min, λ_2 {w[1] / w[0] - 1:.1%} above λ_min")
+    prng = np.random.default_rng(2)
+    for n, d in ((300000, 64), (200000, 784)):
+        U = prng.standard_normal((n, d))
+        U /= np.linalg.norm(U, axis=1, keepdims=True)
+        t0 = time.perf_counter()
+        near_parallel_pairs(U)
+        print(f"nearly parallel pair scan, N = {n}, d = {d}: {time.perf_counter() - t0:.2f} s")
+        del U
 
 
 if __name__ == "__main__":
