@@ -328,6 +328,7 @@ def test_a_solve_stopped_short_is_not_called_below_resolution(tmp_path, capsys, 
     lo, hi = r["lambda_min_interval"]
     assert lo == 0 <= ref <= hi <= r["lambda_min_computed"] + r["resolution"]
     assert any(f"{method} stopped after" in n and "--max-products 3" in n for n in r["notes"])
+    assert r["passes"] <= 3 + 1  # the cap, and the fresh product that judges (cli.md)
     said = capsys.readouterr().out
     assert f"λ_min not certified: the {method} solver stopped at" in said
     assert "below what float64 resolves" not in said
