@@ -111,8 +111,8 @@ MAX_SCALE = 1e150
 MIN_SQUARED_NORM = 1e-290
 #: Unit rows within this Euclidean distance of each other are nearly parallel: each such
 #: pair gives a near-null vector that starts the iterative solvers, and two or more withhold
-#: an iterative certificate (:func:`ntkdist.solvers.driver.smallest_eigenpairs`). Every
-#: such pair is found (:func:`near_parallel_pairs`), the closest first.
+#: an iterative certificate (:func:`ntkdist.solvers.driver.smallest_eigenpairs`). Such
+#: pairs are found up to the scan's caps (:func:`near_parallel_pairs`), the closest first.
 NEAR_PARALLEL_DISTANCE = 4e-6
 #: Unit rows equal after rounding at this many decimals count as parallel.
 PARALLEL_DECIMALS = 12
